@@ -1,0 +1,44 @@
+# Everything starts from a fresh clone: `make demo` and `make test` set up .venv themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+
+.PHONY: setup demo test lint unit fuzz bench completions clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, the exact CPU build on this machine's disk; a bare `torch` pulls a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash demo/run.sh
+
+lint: setup
+	$(BIN)/ruff check adapterctl tests benchmarks demo
+	$(BIN)/ruff format --check adapterctl tests benchmarks demo
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest
+
+test: lint unit
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/properties -q
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+completions: setup
+	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -1,0 +1,32 @@
+"""adapterctl: manage LoRA-family adapters in the Hugging Face PEFT format.
+
+Importing the package is light: the public API is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LoraConfig": "adapterctl.format.config",
+    "inspect_adapter": "adapterctl.ops.inspect",
+    "select_adapters": "adapterctl.ops.select",
+    "AdapterctlError": "adapterctl.errors",
+}
+
+if TYPE_CHECKING:
+    from adapterctl.errors import AdapterctlError
+    from adapterctl.format.config import LoraConfig
+    from adapterctl.ops.inspect import inspect_adapter
+    from adapterctl.ops.select import select_adapters
+
+__all__ = ["AdapterctlError", "LoraConfig", "__version__", "inspect_adapter", "select_adapters"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'adapterctl' has no attribute {name!r}")

@@ -1,0 +1,6 @@
+"""`python -m adapterctl`."""
+
+from adapterctl.cli.main import main
+
+if __name__ == "__main__":
+    main()

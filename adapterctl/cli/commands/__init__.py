@@ -1,0 +1,1 @@
+"""One module per command; each is registered in `adapterctl.cli.main`."""

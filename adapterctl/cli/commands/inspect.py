@@ -1,0 +1,39 @@
+"""`adapterctl inspect`: tensors, shapes, dtypes, config and problems, from headers alone."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from adapterctl.cli import output
+from adapterctl.cli.options import JsonOpt, SourceArg
+from adapterctl.errors import ExitCode
+
+
+def inspect_cmd(
+    source: SourceArg,
+    adapter: Annotated[
+        Optional[str],  # noqa: UP045 - Typer reads this annotation at run time
+        typer.Option("--adapter", "-a", help="Only this adapter of a multi-adapter directory."),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Exit 1 when the report finds an error (after printing it)."),
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Show what an adapter holds: tensors, shapes, dtypes, config and problems.
+
+    Reads adapter_config.json and the safetensors header only (never the tensor data), so it is
+    instant on any size of adapter and never imports torch.
+    """
+    from adapterctl.ops.inspect import inspect_adapter
+
+    report = inspect_adapter(source, adapter)
+    if json_:
+        output.emit_json(report.to_dict())
+    else:
+        output.render_inspect(report)
+    if check and report.has_errors:
+        raise typer.Exit(int(ExitCode.FAILURE))

@@ -1,0 +1,55 @@
+"""The one error boundary: every command is wrapped in it at registration.
+
+AdapterctlError -> `error:`/`hint:` (or a JSON object under --json) and its exit code (1);
+KeyboardInterrupt -> 130; anything else is a bug -> exit 3 with a hint to rerun with
+ADAPTERCTL_DEBUG=1, which re-raises so the traceback shows.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from adapterctl.cli import output
+from adapterctl.errors import AdapterctlError, ExitCode
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _debug() -> bool:
+    return os.environ.get("ADAPTERCTL_DEBUG", "") not in ("", "0")
+
+
+def error_boundary(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        json_mode = bool(kwargs.get("json_", False))
+        output.route_library_warnings()
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):  # both subclass RuntimeError: let them through first
+            raise
+        except AdapterctlError as e:
+            if _debug():
+                raise
+            output.error(e.message, e.hint, type_name=e.type_name, json_mode=json_mode)
+            raise typer.Exit(int(e.exit_code)) from None
+        except KeyboardInterrupt:
+            output.error("interrupted", None, type_name="Interrupted", json_mode=json_mode)
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except Exception as e:
+            if _debug():
+                raise
+            output.error(
+                f"internal error: {type(e).__name__}: {e}",
+                "rerun with ADAPTERCTL_DEBUG=1 to see the traceback, and report it",
+                type_name="InternalError",
+                json_mode=json_mode,
+            )
+            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,47 @@
+"""The Typer app: the root callback (--version) and every command, registered in one place."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from adapterctl import __version__
+from adapterctl.cli.commands.inspect import inspect_cmd
+from adapterctl.cli.commands.select import select_cmd
+from adapterctl.cli.errors import error_boundary
+
+app = typer.Typer(
+    name="adapterctl",
+    help="Manage LoRA adapters in the Hugging Face PEFT format.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"adapterctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Manage LoRA adapters in the Hugging Face PEFT format."""
+
+
+app.command("inspect")(error_boundary(inspect_cmd))
+app.command("select")(error_boundary(select_cmd))
+
+
+def main() -> None:
+    app(prog_name="adapterctl")

@@ -1,0 +1,25 @@
+"""Option and argument types shared by the commands (one alias per concept)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document on stdout (errors as JSON on stderr).")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace OUTPUT if it exists (swapped in only once complete).")
+]
+SourceArg = Annotated[
+    Path,
+    typer.Argument(
+        help="An adapter directory, a multi-adapter directory, or a .safetensors/.bin file.",
+        show_default=False,
+    ),
+]
+OutputArg = Annotated[
+    Path, typer.Argument(help="The directory to write (must not exist unless --force).", show_default=False)
+]

@@ -1,0 +1,195 @@
+"""The only module that writes to the terminal: JSON, rich tables, warnings, errors, progress.
+
+Data goes to stdout; warnings, errors and progress bars go to stderr. rich is imported inside the
+functions that draw tables or bars, so `--help` and `--json` never load it. NO_COLOR is honoured
+(by rich, and by our own plain lines, which carry no colour).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adapterctl.ops.inspect import AdapterReport, InspectReport
+    from adapterctl.ops.select import SelectionResult
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document on stdout, indented only for a person at a terminal."""
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def warning(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def error(message: str, hint: str | None, *, type_name: str, json_mode: bool) -> None:
+    """One `error:` line (and at most one `hint:` line), or one JSON object under --json."""
+    message = " ".join(message.split())  # always a single line
+    if json_mode:
+        payload = {"error": {"type": type_name, "message": message, "hint": hint}}
+        sys.stderr.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    else:
+        sys.stderr.write(f"error: {message}\n")
+        if hint:
+            sys.stderr.write(f"hint: {' '.join(hint.split())}\n")
+    sys.stderr.flush()
+
+
+def result_line(message: str) -> None:
+    """A short "✓ wrote ..." line: the result of a command that writes files."""
+    sys.stdout.write(f"{message}\n")
+
+
+class _WarningHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        warning(record.getMessage())
+
+
+def route_library_warnings() -> None:
+    """Show the library's logged warnings as `warning:` lines on stderr."""
+    logger = logging.getLogger("adapterctl")
+    if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
+        handler = _WarningHandler(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+@contextlib.contextmanager
+def progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar on stderr (drawn only when stderr is a terminal)."""
+    if not sys.stderr.isatty():
+        yield lambda advance, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with bar:
+        task = bar.add_task(description, total=None)
+
+        def update(advance: int, total: int) -> None:
+            bar.update(task, advance=advance, total=total)
+
+        yield update
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}"
+
+
+def render_inspect(report: InspectReport) -> None:
+    """Per adapter: a summary, a table of its tensors, and its problems."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=False)
+    for i, adapter in enumerate(report.adapters):
+        if i:
+            console.print()
+        _render_summary(console, adapter)
+        table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
+        for col, justify in (
+            ("module", "left"),
+            ("kind", "left"),
+            ("shape", "right"),
+            ("dtype", "left"),
+            ("size", "right"),
+        ):
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        from adapterctl.format.keys import classify
+
+        mts = adapter.config.modules_to_save or [] if adapter.config else []
+        for t in adapter.tensors:
+            info = classify(t.name, mts)
+            shape = "×".join(str(d) for d in t.shape) or "scalar"
+            table.add_row(info.module or t.name, info.kind, shape, t.dtype, _size(t.nbytes))
+        console.print(table)
+        _render_modules(console, adapter)
+        for p in adapter.problems:
+            console.print(f"{p.severity}: {p.message}", markup=False)
+
+
+def _render_summary(console: Any, a: AdapterReport) -> None:
+    s = a.summary()
+    console.print(f"adapter {a.name}  ({a.path}, {a.format})", markup=False, style="bold")
+    rows: list[tuple[str, str]] = [
+        ("peft type", str(s["peft_type"] or "-")),
+        ("task type", str(s["task_type"] or "-")),
+        ("base model", str(s["base_model"] or "-")),
+    ]
+    if a.config is not None:
+        rank = _num(s["r"])
+        if s["ranks"] and s["ranks"] != [s["r"]]:
+            rank += f" (stored: {', '.join(str(r) for r in s['ranks'])})"
+        scal = ", ".join(_num(x) for x in s["scalings"]) or "-"
+        rows += [
+            ("r", rank),
+            ("alpha", _num(s["lora_alpha"])),
+            ("scaling", scal),
+            ("rslora", "yes" if s["use_rslora"] else "no"),
+            ("dora", "yes" if s["use_dora"] else "no"),
+            ("bias", str(s["bias"])),
+            ("init", json.dumps(s["init_lora_weights"])),
+            ("target modules", str(s["target_modules"])),
+            ("modules to save", ", ".join(s["modules_to_save"] or []) or "-"),
+        ]
+    mix = ", ".join(f"{k} {_size(v)}" for k, v in a.dtype_mix.items()) or "-"
+    rows += [
+        ("lora modules", str(s["lora_modules"])),
+        ("tensors", str(len(a.tensors))),
+        ("parameters", f"{a.num_parameters:,}"),
+        ("size", _size(a.total_bytes)),
+        ("dtypes", mix),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        console.print(f"  {key.ljust(width)}  {value}", markup=False)
+    console.print()
+
+
+def _render_modules(console: Any, a: AdapterReport) -> None:
+    """Per-module rank/alpha/scaling, shown only where they differ from module to module."""
+    lora = [m for m in a.modules if m.r is not None]
+    if len({(m.r, m.alpha, m.scaling) for m in lora}) <= 1:
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("module", "r", "alpha", "scaling"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in lora:
+        table.add_row(m.path, str(m.r), _num(m.alpha), _num(m.scaling))
+    console.print()
+    console.print(table)
+
+
+def render_selection(result: SelectionResult) -> None:
+    for a in result.adapters:
+        where = f"{result.output}/{a.path}" if a.path else result.output
+        renamed = f" (was {a.source_name})" if a.source_name != a.name else ""
+        result_line(f"✓ {a.name}{renamed} -> {where} ({_size(a.nbytes)})")

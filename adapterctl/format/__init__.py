@@ -1,0 +1,1 @@
+"""The files: adapter_config.json, safetensors, key names and directory layouts. No torch here."""

@@ -1,0 +1,285 @@
+"""adapter_config.json: read, validate, and write it back as PEFT 0.21.2 writes it.
+
+`LoraConfig` keeps every key it was given, including keys a newer PEFT wrote that this version does
+not know, and writes them back verbatim. Output is PEFT's serialization (`indent=2`, sorted keys, no
+trailing newline, all 41 fields) with the lists PEFT keeps as sets (target_modules,
+exclude_modules) written sorted, so the same config always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+from adapterctl.errors import AdapterNotFoundError, ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+PEFT_VERSION = "0.21.2"
+
+#: Every field LoraConfig writes in PEFT 0.21.2, with its default.
+DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_alpha": 8,
+    "lora_bias": False,
+    "lora_dropout": 0.0,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "monteclora_config": None,
+    "peft_type": "LORA",
+    "peft_version": PEFT_VERSION,
+    "qalora_group_size": 16,
+    "r": 8,
+    "rank_pattern": {},
+    "revision": None,
+    "target_modules": None,
+    "target_parameters": None,
+    "task_type": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "use_rslora": False,
+    "velora_config": None,
+}
+
+TASK_TYPES = frozenset(
+    {"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
+)
+BIAS_VALUES = ("none", "all", "lora_only")
+#: Fields PEFT holds as sets: written in arbitrary order by PEFT, sorted by us.
+SET_FIELDS = ("target_modules", "exclude_modules")
+#: init_lora_weights values that rewrite the base model when PEFT builds the layer (Trap T9).
+RESIDUAL_INITS = ("pissa", "olora", "corda")
+_BOOL_FIELDS = ("fan_in_fan_out", "inference_mode", "lora_bias", "use_rslora", "use_dora")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _compile(regex: str, what: str, label: str) -> re.Pattern[str]:
+    try:
+        return re.compile(regex)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ConfigError(f"`{label}`: {what} is not a valid regular expression: {e}") from None
+
+
+def pattern_regex(key: str) -> str:
+    """The regex PEFT builds from a rank_pattern/alpha_pattern key: a dot-aligned suffix match."""
+    return r"(.*\.)?(" + key + r")$"
+
+
+def validate(data: dict[str, Any], label: str) -> None:
+    """Raise ConfigError naming `label` and the field for anything PEFT would reject or misread."""
+
+    def fail(field: str, problem: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"`{label}`: `{field}` {problem}", hint=hint)
+
+    if "peft_type" not in data:
+        raise fail("peft_type", "is missing", 'an adapter config needs `"peft_type": "LORA"`')
+    if data["peft_type"] != "LORA":
+        raise fail(
+            "peft_type",
+            f"is {json.dumps(data['peft_type'])}; only LoRA adapters are supported",
+            'PEFT spells it exactly `"LORA"` (upper case)',
+        )
+    r = data.get("r", DEFAULTS["r"])
+    if not _is_int(r) or r <= 0:
+        raise fail("r", f"must be a positive integer, not {json.dumps(r)}")
+    alpha = data.get("lora_alpha", DEFAULTS["lora_alpha"])
+    if not _is_number(alpha):
+        raise fail("lora_alpha", f"must be a number, not {json.dumps(alpha)}")
+    dropout = data.get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise fail("lora_dropout", f"must be a number in [0, 1), not {json.dumps(dropout)}")
+    for field in _BOOL_FIELDS:
+        if field in data and not isinstance(data[field], bool):
+            raise fail(field, f"must be true or false, not {json.dumps(data[field])}")
+    bias = data.get("bias", "none")
+    if bias not in BIAS_VALUES:
+        raise fail("bias", f"must be one of {', '.join(BIAS_VALUES)}, not {json.dumps(bias)}")
+    task = data.get("task_type")
+    if task is not None and task not in TASK_TYPES:
+        raise fail("task_type", f"is {json.dumps(task)}, not one of {', '.join(sorted(TASK_TYPES))}")
+    init = data.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        raise fail("init_lora_weights", f"must be true, false or a string, not {json.dumps(init)}")
+    for field in ("base_model_name_or_path", "revision"):
+        if data.get(field) is not None and not isinstance(data[field], str):
+            raise fail(field, f"must be a string or null, not {json.dumps(data[field])}")
+    for field in SET_FIELDS:
+        value = data.get(field)
+        if isinstance(value, str):
+            _compile(value, f"`{field}`", label)
+        elif value is not None and not _is_str_list(value):
+            raise fail(field, "must be a list of module names, a regex string or null")
+    mts = data.get("modules_to_save")
+    if mts is not None and not _is_str_list(mts):
+        raise fail("modules_to_save", "must be a list of module names or null")
+    for field, check, kind in (
+        ("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("alpha_pattern", _is_number, "a number"),
+    ):
+        patterns = data.get(field, {})
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise fail(field, "must be an object mapping module patterns to values")
+        for key, value in patterns.items():
+            if not check(value):
+                raise fail(field, f"value for {json.dumps(key)} must be {kind}, not {json.dumps(value)}")
+            _compile(pattern_regex(key), f"`{field}` key {json.dumps(key)}", label)
+    ltt = data.get("layers_to_transform")
+    if ltt is not None and not _is_int(ltt) and not (
+        isinstance(ltt, list) and all(_is_int(x) for x in ltt)
+    ):
+        raise fail("layers_to_transform", "must be an integer, a list of integers or null")
+    lp = data.get("layers_pattern")
+    if lp is not None and not isinstance(lp, str) and not _is_str_list(lp):
+        raise fail("layers_pattern", "must be a string, a list of strings or null")
+    if lp and ltt is None:
+        raise fail("layers_pattern", "is set but `layers_to_transform` is not", "PEFT refuses this too")
+    if isinstance(data.get("target_modules"), str) and (ltt is not None or lp):
+        raise fail(
+            "layers_to_transform",
+            "cannot be combined with a regex `target_modules`",
+            "PEFT refuses this too; put the layer index into the regex instead",
+        )
+
+
+class LoraConfig:
+    """A LoRA adapter config, kept losslessly.
+
+    Attribute access returns the value in the file, or PEFT's default where the file has none
+    (`config.r`, `config.lora_alpha`, ...). Unknown keys are kept and written back verbatim.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, **fields: Any) -> None:
+        fields.setdefault("peft_type", "LORA")
+        validate(fields, "LoraConfig")
+        self._data = fields
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, label: str = CONFIG_NAME) -> LoraConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"`{label}` does not hold a JSON object")
+        validate(data, label)
+        obj = cls.__new__(cls)
+        obj._data = dict(data)
+        return obj
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, label: str = CONFIG_NAME) -> LoraConfig:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"`{label}` is not valid JSON: {e}") from None
+        return cls.from_dict(data, label=label)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> LoraConfig:
+        label = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise AdapterNotFoundError(f"`{label}` does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read `{label}`: {e.strerror}") from None
+        return cls.from_json(text, label=label)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        data = object.__getattribute__(self, "_data")
+        if name in data:
+            return data[name]
+        if name in DEFAULTS:
+            return DEFAULTS[name]
+        raise AttributeError(f"LoraConfig has no field `{name}`")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LoraConfig) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __repr__(self) -> str:
+        return f"LoraConfig({', '.join(f'{k}={v!r}' for k, v in sorted(self._data.items()))})"
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The keys as given or as read, nothing filled in."""
+        return dict(self._data)
+
+    @property
+    def unknown_keys(self) -> list[str]:
+        """Keys that PEFT 0.21.2 does not know (it drops them with a warning when loading)."""
+        return sorted(k for k in self._data if k not in DEFAULTS)
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        return LoraConfig.from_dict({**self._data, **changes}, label="LoraConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All 41 PEFT fields (defaults filled in), unknown keys kept, set-like lists sorted."""
+        out = {**DEFAULTS, **self._data}
+        out["inference_mode"] = True
+        for field in SET_FIELDS:
+            if isinstance(out[field], list):
+                out[field] = sorted(set(out[field]))
+        return out
+
+    def to_json(self) -> str:
+        """PEFT's serialization: indent 2, sorted keys, no trailing newline."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # --- per-module rank, alpha and scaling (peft-format.md 3.1) -------------------------------
+
+    def matching_patterns(self, field: str, module: str) -> list[str]:
+        """The keys of `rank_pattern` / `alpha_pattern` that match `module`, in file order."""
+        patterns = getattr(self, field) or {}
+        return [k for k in patterns if re.match(pattern_regex(k), module)]
+
+    def rank_for(self, module: str) -> int:
+        keys = self.matching_patterns("rank_pattern", module)
+        return int(self.rank_pattern[keys[0]]) if keys else int(self.r)
+
+    def alpha_for(self, module: str) -> float:
+        keys = self.matching_patterns("alpha_pattern", module)
+        value = self.alpha_pattern[keys[0]] if keys else self.lora_alpha
+        return value  # type: ignore[no-any-return]
+
+    def scaling(self, alpha: float, r: int) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r

@@ -1,0 +1,200 @@
+"""The safetensors header, read with the standard library only.
+
+Accepts exactly what safetensors 0.8 accepts (any key order, any JSON whitespace, extra fields in a
+tensor entry, the data covered contiguously with no gaps or overlaps, every dtype it defines, the
+100 MB header cap), with one deliberate exception: a key repeated anywhere in the header is
+rejected (safetensors tolerates an identical repeat of a tensor entry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from adapterctl.errors import AdapterFormatError
+from adapterctl.format.dtypes import DTYPES, Dtype
+
+MAX_HEADER_SIZE = 100_000_000
+_U64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: Dtype
+    shape: tuple[int, ...]
+    start: int  # offset of the first byte, relative to the start of the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]  # in the order the header lists them
+    metadata: dict[str, str] | None
+    data_start: int  # absolute file offset of the data section
+    header_bytes: bytes  # the raw JSON (with any padding), as stored
+
+    @property
+    def data_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+class _HeaderError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _HeaderError(f"key `{k}` appears more than once")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise _HeaderError(f"`{name}` is not valid JSON")
+
+
+def _is_uint(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= _U64_MAX
+
+
+def _check_str(s: str, what: str) -> None:
+    # JSON may spell a lone surrogate (\ud800) that Python accepts but no UTF-8 string can hold.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _HeaderError(f"{what} is not valid UTF-8") from None
+
+
+def _tensor_info(name: str, entry: Any) -> TensorInfo:
+    _check_str(name, "a tensor name")
+    if not isinstance(entry, dict):
+        raise _HeaderError(f"entry for tensor `{name}` is not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise _HeaderError(f"tensor `{name}` has no `{field}`")
+    code = entry["dtype"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise _HeaderError(f"tensor `{name}` has unknown dtype {json.dumps(code)}")
+    dtype = DTYPES[code]
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise _HeaderError(f"tensor `{name}` has an invalid shape {json.dumps(shape)}")
+    offsets = entry["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+        raise _HeaderError(f"tensor `{name}` has invalid data_offsets {json.dumps(offsets)}")
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _expected_nbytes(t: TensorInfo) -> int:
+    # Same arithmetic as safetensors: element count folded left in u64, then bits, then bytes.
+    n = 1
+    for d in t.shape:
+        n *= d
+        if n > _U64_MAX:
+            raise _HeaderError(f"tensor `{t.name}`: shape {list(t.shape)} overflows")
+    bits = n * t.dtype.bits
+    if bits > _U64_MAX:
+        raise _HeaderError(f"tensor `{t.name}`: shape {list(t.shape)} overflows")
+    if bits % 8:
+        raise _HeaderError(f"tensor `{t.name}`: {t.dtype.code} data does not end on a byte boundary")
+    return bits // 8
+
+
+def parse_header(raw: bytes, data_size: int) -> Header:
+    """Parse and validate a header's JSON bytes against a data section of `data_size` bytes.
+
+    Raises ValueError (with a message naming the problem) when safetensors would reject it.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _HeaderError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _HeaderError:
+        raise
+    except json.JSONDecodeError as e:
+        raise _HeaderError(f"header is not valid JSON ({e.msg} at character {e.pos})") from None
+    except ValueError as e:  # e.g. an integer literal with more digits than Python converts
+        raise _HeaderError(f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise _HeaderError("header JSON is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise _HeaderError("header is not a JSON object")
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in metadata.values()
+        ):
+            raise _HeaderError("`__metadata__` is not a map of strings to strings")
+        for k, v in metadata.items():
+            _check_str(k, "a metadata key")
+            _check_str(v, "a metadata value")
+    tensors = {name: _tensor_info(name, entry) for name, entry in obj.items()}
+    end = 0
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if t.start != end or t.end < t.start:
+            raise _HeaderError(
+                f"tensor `{t.name}` has data_offsets [{t.start}, {t.end}]: "
+                "tensor data must follow each other with no gap or overlap"
+            )
+        expected = _expected_nbytes(t)
+        if t.nbytes != expected:
+            raise _HeaderError(
+                f"tensor `{t.name}` spans {t.nbytes} bytes but {t.dtype.code}{list(t.shape)} "
+                f"needs {expected}"
+            )
+        end = t.end
+    if end != data_size:
+        raise _HeaderError(
+            f"the header describes {end} bytes of tensor data but the file holds {data_size}"
+        )
+    return Header(tensors, metadata, 8 + len(raw), raw)
+
+
+def read_header_from(f: BinaryIO, size: int, label: str) -> Header:
+    """Read and validate the header of an open file of `size` bytes; `label` names it in errors."""
+    try:
+        if size < 8:
+            raise _HeaderError(f"file is {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_SIZE:
+            raise _HeaderError(f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit")
+        if 8 + n > size:
+            raise _HeaderError(f"header length {n} runs past the end of the {size}-byte file")
+        raw = f.read(n)
+        if len(raw) != n:
+            raise _HeaderError("file was truncated while reading")
+        return parse_header(raw, size - 8 - n)
+    except _HeaderError as e:
+        raise AdapterFormatError(
+            f"`{label}` is not a valid safetensors file: {e}",
+            hint="the file may be truncated or corrupted; re-save or re-download it",
+        ) from None
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of the safetensors file at `path`."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return read_header_from(f, size, os.fspath(path))
+    except OSError as e:
+        raise AdapterFormatError(f"cannot read `{os.fspath(path)}`: {e.strerror}") from None

@@ -1,0 +1,145 @@
+"""Where adapters live on disk: directories, multi-adapter layouts and single files.
+
+PEFT saves the adapter named `default` at the root of a directory and every other adapter `X` in
+the subfolder `X/`, each with its own adapter_config.json and weights file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterctl.errors import AdapterFormatError, AdapterNotFoundError, SelectionError
+from adapterctl.format.config import CONFIG_NAME
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+README_NAME = "README.md"
+DEFAULT_ADAPTER = "default"
+
+
+def validate_adapter_name(name: str) -> str:
+    """Adapter names become folder names: no separators, no `..`, not empty."""
+    bad = (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name != name.strip()
+        or name.startswith(".")
+    )
+    if bad:
+        raise SelectionError(
+            f"invalid adapter name {name!r}",
+            hint="adapter names are folder names: no path separators, no leading dot, not empty",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """One adapter found on disk."""
+
+    name: str
+    directory: Path | None  # None for a bare weights file
+    config_path: Path | None  # None when a bare .safetensors file has no adapter_config.json beside it
+    weights_path: Path
+    format: str  # "safetensors" | "bin"
+    warnings: tuple[str, ...] = ()
+
+
+def _weights_in(directory: Path) -> tuple[Path, str, tuple[str, ...]] | None:
+    st, binp = directory / SAFETENSORS_NAME, directory / BIN_NAME
+    if st.is_file():
+        warns: tuple[str, ...] = ()
+        if binp.is_file():
+            warns = (f"both `{st.name}` and `{binp.name}` are in `{directory}`; using safetensors, as PEFT does",)
+        return st, "safetensors", warns
+    if binp.is_file():
+        return binp, "bin", ()
+    return None
+
+
+def _adapter_in(directory: Path, name: str) -> AdapterFiles | None:
+    config = directory / CONFIG_NAME
+    if not config.is_file():
+        return None
+    found = _weights_in(directory)
+    if found is None:
+        raise AdapterFormatError(
+            f"`{directory}` has `{CONFIG_NAME}` but no `{SAFETENSORS_NAME}` or `{BIN_NAME}`"
+        )
+    weights, fmt, warns = found
+    return AdapterFiles(name, directory, config, weights, fmt, warns)
+
+
+def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
+    """All adapters at `source`: the root adapter (`default`) first, then subfolders by name.
+
+    `source` may be an adapter directory, a multi-adapter directory, or a single weights file
+    (whose sibling adapter_config.json, if any, is its config).
+    """
+    path = Path(source)
+    if not path.exists():
+        raise AdapterNotFoundError(f"`{path}` does not exist")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".bin"):
+            raise AdapterFormatError(
+                f"`{path}` is not a `.safetensors` or `.bin` file",
+                hint="pass an adapter directory or its weights file",
+            )
+        config = path.parent / CONFIG_NAME
+        fmt = "safetensors" if path.suffix == ".safetensors" else "bin"
+        return [AdapterFiles(DEFAULT_ADAPTER, None, config if config.is_file() else None, path, fmt)]
+    if not path.is_dir():
+        raise AdapterFormatError(f"`{path}` is neither a file nor a directory")
+    adapters = []
+    root = _adapter_in(path, DEFAULT_ADAPTER)
+    if root is not None:
+        adapters.append(root)
+    try:
+        children = sorted(p for p in path.iterdir() if p.is_dir())
+    except OSError as e:
+        raise AdapterFormatError(f"cannot list `{path}`: {e.strerror}") from None
+    for child in children:
+        if child.name.startswith("."):
+            continue  # temp siblings and hidden folders are never adapters
+        found = _adapter_in(child, child.name)
+        if found is not None:
+            if root is not None and child.name == DEFAULT_ADAPTER:
+                log.warning("ignoring `%s`: the root adapter is already named `default`", child)
+                continue
+            adapters.append(found)
+    if not adapters:
+        hint = None
+        if (path / SAFETENSORS_NAME).is_file() or (path / BIN_NAME).is_file():
+            hint = f"`{CONFIG_NAME}` is missing; pass the weights file itself to read it without one"
+        raise AdapterNotFoundError(
+            f"no adapter in `{path}`: no `{CONFIG_NAME}` at its root or in its subfolders",
+            hint=hint,
+        )
+    return adapters
+
+
+def pick_adapters(adapters: list[AdapterFiles], names: list[str], source: object) -> list[AdapterFiles]:
+    """The adapters named, in the order named; unknown names are an error listing what exists."""
+    by_name = {a.name: a for a in adapters}
+    picked = []
+    for name in names:
+        if name not in by_name:
+            raise SelectionError(
+                f"no adapter named `{name}` in `{source}`",
+                hint=f"adapters there: {', '.join(sorted(by_name))}",
+            )
+        picked.append(by_name[name])
+    return picked
+
+
+def adapter_subdir(name: str) -> str:
+    """Where PEFT puts adapter `name` inside a save directory ("" for the root)."""
+    return "" if name == DEFAULT_ADAPTER else validate_adapter_name(name)

@@ -1,0 +1,201 @@
+"""Tensor data as raw bytes: a streaming safetensors reader and writer, and the one `.bin` reader.
+
+Tensors are read one at a time (as bytes or as numpy views of those bytes; bfloat16 and float8 come
+out as raw unsigned integers) and written one at a time, so memory stays bounded by the largest
+tensor. Only `load_bin` imports torch, and only through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from adapterctl.errors import AdapterFormatError, MissingDependencyError
+from adapterctl.format.dtypes import BY_TORCH_NAME, DTYPES, Dtype
+from adapterctl.format.header import Header, TensorInfo, read_header_from
+
+if TYPE_CHECKING:
+    import numpy as np
+
+PT_METADATA = {"format": "pt"}
+_CHUNK = 1 << 20
+
+
+class SafetensorsReader:
+    """An open safetensors file: validated header plus per-tensor reads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
+        except OSError as e:
+            raise AdapterFormatError(f"cannot read `{self.path}`: {e.strerror}") from None
+        try:
+            size = os.fstat(self._f.fileno()).st_size
+            self.header: Header = read_header_from(self._f, size, self.path)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.header.tensors
+
+    def read_bytes(self, name: str) -> bytes:
+        t = self.header.tensors[name]
+        self._f.seek(self.header.data_start + t.start)
+        data = self._f.read(t.nbytes)
+        if len(data) != t.nbytes:
+            raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
+        return data
+
+    def array(self, name: str) -> np.ndarray[Any, Any]:
+        """The tensor as a numpy array over its raw bytes (bfloat16/float8 as uint16/uint8)."""
+        import numpy as np
+
+        t = self.header.tensors[name]
+        data = self.read_bytes(name)
+        if t.dtype.numpy_name is None:  # sub-byte dtypes: the packed bytes
+            return np.frombuffer(data, dtype=np.uint8)
+        return np.frombuffer(data, dtype=np.dtype(t.dtype.numpy_name)).reshape(t.shape)
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """One tensor to write: its name, dtype, shape and a callable giving its bytes when needed."""
+
+    name: str
+    dtype: Dtype
+    shape: tuple[int, ...]
+    data: Callable[[], bytes | bytearray | memoryview]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.bits
+        for d in self.shape:
+            n *= d
+        return n // 8
+
+
+def _serialize_header(sources: list[TensorSource], metadata: dict[str, str] | None) -> bytes:
+    # safetensors' own layout: tensors sorted by dtype (larger first, in the format's dtype order)
+    # and then by name, compact JSON, padded with spaces to a multiple of 8 bytes.
+    order = list(DTYPES)
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for s in sources:
+        header[s.name] = {
+            "dtype": s.dtype.code,
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + s.nbytes],
+        }
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return raw
+
+
+def sort_for_writing(sources: Iterable[TensorSource]) -> list[TensorSource]:
+    order = {code: i for i, code in enumerate(DTYPES)}
+    return sorted(sources, key=lambda s: (-order[s.dtype.code], s.name.encode("utf-8")))
+
+
+def write_safetensors(
+    f: BinaryIO,
+    sources: Iterable[TensorSource],
+    metadata: dict[str, str] | None = PT_METADATA,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Stream tensors into `f` in safetensors' own order; returns the bytes written."""
+    ordered = sort_for_writing(sources)
+    names = [s.name for s in ordered]
+    if len(set(names)) != len(names):
+        raise AdapterFormatError("two tensors to write have the same name")
+    raw = _serialize_header(ordered, metadata)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    total = 8 + len(raw)
+    for s in ordered:
+        data = memoryview(s.data()).cast("B")
+        if len(data) != s.nbytes:
+            raise AdapterFormatError(
+                f"tensor `{s.name}` has {len(data)} bytes, expected {s.nbytes} for "
+                f"{s.dtype.code}{list(s.shape)}"
+            )
+        f.write(data)
+        total += len(data)
+        if progress is not None:
+            progress(len(data))
+    return total
+
+
+def copy_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None) -> int:
+    """Copy a file's bytes in fixed-size chunks (memory does not grow with the file)."""
+    total = 0
+    while chunk := src.read(_CHUNK):
+        dst.write(chunk)
+        total += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return total
+
+
+@dataclass(frozen=True)
+class BinTensor:
+    name: str
+    dtype_name: str  # torch's name, e.g. "float32"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a `.bin` state dict with `torch.load(weights_only=True)`: plain tensors only.
+
+    Anything that would run code or import a module when unpickled is refused, as is any value
+    that is not a tensor.
+    """
+    label = os.fspath(path)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a declared dependency
+        raise MissingDependencyError(
+            f"reading `{label}` needs torch", hint="pip install torch, or convert to safetensors"
+        ) from None
+    try:
+        obj = torch.load(label, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterFormatError(
+            f"`{label}` is not a plain tensor checkpoint: {first}",
+            hint="adapterctl only reads .bin files that hold plain tensors (weights_only)",
+        ) from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise AdapterFormatError(f"`{label}` does not hold a mapping of names to tensors")
+    return obj
+
+
+def bin_tensors(path: str | os.PathLike[str]) -> Iterator[BinTensor]:
+    for name, t in load_bin(path).items():
+        dtype_name = str(t.dtype).removeprefix("torch.")
+        yield BinTensor(name, dtype_name, tuple(t.shape), t.numel() * t.element_size())
+
+
+def dtype_for_torch_name(name: str) -> Dtype | None:
+    return BY_TORCH_NAME.get(name)

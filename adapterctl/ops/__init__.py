@@ -1,0 +1,1 @@
+"""File-level operations: they take paths, return result dataclasses, and never import torch."""

@@ -1,0 +1,242 @@
+"""What a file says about its modules, and what is wrong with it (`inspect --check`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapterctl.format.config import RESIDUAL_INITS, LoraConfig
+from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, KeyInfo, classify
+
+# Config fields that switch on a LoRA variant whose semantics differ from plain LoRA/DoRA.
+_VARIANT_FIELDS = (
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "arrow_config",
+    "velora_config",
+    "kasa_config",
+    "monteclora_config",
+    "use_qalora",
+    "layer_replication",
+    "megatron_config",
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "error" | "warning"
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"severity": self.severity, "message": self.message}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    path: str
+    kinds: tuple[str, ...]
+    r: int | None
+    alpha: float | None
+    scaling: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kinds": list(self.kinds),
+            "r": self.r,
+            "alpha": self.alpha,
+            "scaling": self.scaling,
+        }
+
+
+@dataclass
+class _Module:
+    keys: dict[str, tuple[KeyInfo, TensorEntry]] = field(default_factory=dict)
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def analyse(
+    tensors: Sequence[TensorEntry], config: LoraConfig | None
+) -> tuple[list[ModuleEntry], list[Problem]]:
+    """Group tensors by module, work out r/alpha/scaling, and list the file's problems."""
+    problems: list[Problem] = []
+
+    def error(msg: str) -> None:
+        problems.append(Problem("error", msg))
+
+    def warn(msg: str) -> None:
+        problems.append(Problem("warning", msg))
+
+    mts = list(config.modules_to_save or []) if config is not None else []
+    modules: dict[str, _Module] = {}
+    infos = []
+    for t in tensors:
+        info = classify(t.name, mts)
+        infos.append((info, t))
+        if not info.prefixed:
+            error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
+        if info.kind == "unknown":
+            warn(f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)")
+        modules.setdefault(info.module, _Module()).keys[info.kind] = (info, t)
+
+    if not tensors:
+        error("the weights file holds no tensors")
+    if config is None:
+        warn("no `adapter_config.json` beside the weights: r, alpha and scaling are unknown")
+    else:
+        _config_warnings(config, warn)
+
+    entries = []
+    for path in sorted(modules):
+        m = modules[path].keys
+        entries.append(_module_entry(path, m, config, error, warn))
+    if config is not None:
+        lora_paths = [e.path for e in entries if e.r is not None]
+        _pattern_warnings(config, lora_paths, warn)
+        if mts and not any(info.kind == "modules_to_save" for info, _ in infos):
+            error(
+                f"`modules_to_save` lists {', '.join(mts)} but no tensor for them is stored; "
+                "PEFT fails to load this adapter (KeyError)"
+            )
+    for info, t in infos:
+        last = info.module.rsplit(".", 1)[-1]
+        if info.kind in ("embedding", "base_layer") and (
+            info.kind == "embedding" or last in EMBEDDING_NAMES
+        ):
+            warn(
+                f"full embedding `{t.name}` {list(t.shape)} is saved ({_size(t.nbytes)}): loading "
+                "overwrites the base model's embedding and needs a base of the same vocabulary size"
+            )
+    return entries, problems
+
+
+def _config_warnings(config: LoraConfig, warn: Any) -> None:
+    init = config.init_lora_weights
+    if isinstance(init, str) and (init in RESIDUAL_INITS or init.startswith("pissa_niter_")):
+        warn(
+            f"`init_lora_weights` is {init!r}: loading this adapter makes PEFT re-decompose the base "
+            "model (and fail for corda); convert it to plain LoRA with `adapterctl convert`"
+        )
+    if init == "mica":
+        warn("`init_lora_weights` is 'mica', a LoRA variant with different semantics")
+    for name in _VARIANT_FIELDS:
+        value = getattr(config, name)
+        if value not in (None, False, {}, []):
+            warn(f"`{name}` is set: a LoRA variant whose semantics differ from plain LoRA")
+    if config.unknown_keys:
+        warn(
+            f"keys unknown to PEFT 0.21.2 (it ignores them): {', '.join(config.unknown_keys)}"
+        )
+
+
+def _module_entry(
+    path: str,
+    m: dict[str, tuple[KeyInfo, TensorEntry]],
+    config: LoraConfig | None,
+    error: Any,
+    warn: Any,
+) -> ModuleEntry:
+    kinds = tuple(sorted(m))
+    pairs = [("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")]
+    r: int | None = None
+    out_dim: int | None = None
+    for a_kind, b_kind in pairs:
+        a, b = m.get(a_kind), m.get(b_kind)
+        if (a is None) != (b is None):
+            have, lack = (a_kind, b_kind) if a is not None else (b_kind, a_kind)
+            error(f"`{path}` has {have} but no {lack}")
+        if a is None or b is None:
+            continue
+        at, bt = a[1], b[1]
+        if len(at.shape) != 2 or len(bt.shape) != 2:
+            error(f"`{path}`: {a_kind} {list(at.shape)} and {b_kind} {list(bt.shape)} must be 2-D")
+            continue
+        if at.shape[0] != bt.shape[1]:
+            error(
+                f"`{path}`: {a_kind} has {at.shape[0]} rows but {b_kind} has {bt.shape[1]} "
+                "columns; they must both equal the rank"
+            )
+        r, out_dim = at.shape[0], bt.shape[0]
+    for kind in ("lora_magnitude_vector", "lora_B.bias"):
+        if kind in m and out_dim is not None:
+            t = m[kind][1]
+            if t.shape != (out_dim,):
+                error(f"`{path}`: {kind} has shape {list(t.shape)}, expected [{out_dim}]")
+    if r is None:
+        for kind in ("lora_magnitude_vector", "lora_B.bias"):
+            if kind in m:
+                error(f"`{path}` has {kind} but no LoRA factors")
+        return ModuleEntry(path, kinds, None, None, None)
+    if config is None:
+        return ModuleEntry(path, kinds, r, None, None)
+    expected = config.rank_for(path)
+    # target_parameters on 3-D expert tensors stores r * num_experts rows (peft-format.md 3.5)
+    if r != expected and not (config.target_parameters and r % expected == 0):
+        keys = config.matching_patterns("rank_pattern", path)
+        source = f"rank_pattern key {keys[0]!r}" if keys else "`r`"
+        error(
+            f"`{path}`: the config gives rank {expected} ({source}) but the stored factors have "
+            f"rank {r}; PEFT cannot load this adapter (size mismatch)"
+        )
+    if config.use_dora and "lora_magnitude_vector" not in m:
+        error(f"`{path}`: `use_dora` is true but no lora_magnitude_vector is stored")
+    if not config.use_dora and "lora_magnitude_vector" in m:
+        error(f"`{path}`: a lora_magnitude_vector is stored but `use_dora` is false")
+    if config.lora_bias and "lora_B" in m and "lora_B.bias" not in m:
+        warn(f"`{path}`: `lora_bias` is true but no lora_B.bias is stored")
+    if not config.lora_bias and "lora_B.bias" in m:
+        warn(f"`{path}`: a lora_B.bias is stored but `lora_bias` is false; PEFT ignores it")
+    alpha = config.alpha_for(path)
+    return ModuleEntry(path, kinds, r, alpha, config.scaling(alpha, r))
+
+
+def _pattern_warnings(config: LoraConfig, modules: list[str], warn: Any) -> None:
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name) or {}
+        used: set[str] = set()
+        for path in modules:
+            keys = config.matching_patterns(field_name, path)
+            used.update(keys)
+            if len(keys) > 1:
+                values = [patterns[k] for k in keys]
+                warn(
+                    f"`{path}` is matched by several {field_name} keys {keys} (values {values}); "
+                    f"PEFT uses the first in file order, {keys[0]!r}, which may not be the one "
+                    "meant in training (Trap T1)"
+                )
+        for key in patterns:
+            if key not in used and modules:
+                warn(f"{field_name} key {key!r} matches no module in the file; PEFT ignores it")
+
+
+def target_summary(config: LoraConfig) -> str:
+    tm = config.target_modules
+    if tm is None:
+        return "(architecture default)"
+    if isinstance(tm, str):
+        return f"regex {tm}"
+    return ", ".join(sorted(set(tm)))

@@ -1,0 +1,141 @@
+"""inspect_adapter(): what an adapter file holds and what is wrong with it, from headers alone."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from adapterctl.format.config import LoraConfig
+from adapterctl.format.header import read_header
+from adapterctl.format.layout import AdapterFiles, find_adapters, pick_adapters
+from adapterctl.format.tensors import bin_tensors
+from adapterctl.ops.checks import ModuleEntry, Problem, TensorEntry, analyse, target_summary
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    name: str
+    path: str
+    format: str
+    config: LoraConfig | None
+    tensors: tuple[TensorEntry, ...]  # sorted by name
+    modules: tuple[ModuleEntry, ...]
+    problems: tuple[Problem, ...]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def dtype_mix(self) -> dict[str, int]:
+        """Bytes per dtype."""
+        mix: Counter[str] = Counter()
+        for t in self.tensors:
+            mix[t.dtype] += t.nbytes
+        return dict(sorted(mix.items()))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def summary(self) -> dict[str, Any]:
+        """The human-facing summary fields (config values with PEFT's defaults filled in)."""
+        c = self.config
+        lora = [m for m in self.modules if m.r is not None]
+        ranks = sorted({m.r for m in lora if m.r is not None})
+        scalings = sorted({m.scaling for m in lora if m.scaling is not None})
+        return {
+            "peft_type": c.peft_type if c else None,
+            "task_type": c.task_type if c else None,
+            "base_model": c.base_model_name_or_path if c else None,
+            "r": c.r if c else None,
+            "lora_alpha": c.lora_alpha if c else None,
+            "ranks": ranks,
+            "scalings": scalings,
+            "use_rslora": c.use_rslora if c else None,
+            "use_dora": c.use_dora if c else None,
+            "bias": c.bias if c else None,
+            "init_lora_weights": c.init_lora_weights if c else None,
+            "target_modules": target_summary(c) if c else None,
+            "modules_to_save": c.modules_to_save if c else None,
+            "lora_modules": len(lora),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "format": self.format,
+            "config": self.config.raw if self.config else None,
+            "tensors": [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "nbytes": t.nbytes}
+                for t in self.tensors
+            ],
+            "modules": [m.to_dict() for m in self.modules],
+            "num_parameters": self.num_parameters,
+            "total_bytes": self.total_bytes,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    source: str
+    adapters: tuple[AdapterReport, ...]
+
+    @property
+    def has_errors(self) -> bool:
+        return any(a.errors for a in self.adapters)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "source": self.source,
+            "adapters": [a.to_dict() for a in self.adapters],
+        }
+
+
+def _tensor_entries(files: AdapterFiles) -> list[TensorEntry]:
+    if files.format == "bin":
+        return [TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes) for t in bin_tensors(files.weights_path)]
+    header = read_header(files.weights_path)
+    return [
+        TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes) for t in header.tensors.values()
+    ]
+
+
+def report_adapter(files: AdapterFiles) -> AdapterReport:
+    """Read one adapter's config and header and check them."""
+    config = LoraConfig.from_file(files.config_path) if files.config_path else None
+    tensors = sorted(_tensor_entries(files), key=lambda t: t.name)
+    modules, problems = analyse(tensors, config)
+    problems = [Problem("warning", w) for w in files.warnings] + problems
+    return AdapterReport(
+        name=files.name,
+        path=os.fspath(files.weights_path.parent if files.directory is None else files.directory),
+        format=files.format,
+        config=config,
+        tensors=tuple(tensors),
+        modules=tuple(modules),
+        problems=tuple(problems),
+    )
+
+
+def inspect_adapter(source: str | os.PathLike[str], adapter: str | None = None) -> InspectReport:
+    """Report every adapter at `source` (or only `adapter`): tensors, modules and problems.
+
+    Reads adapter_config.json and the safetensors header only; a `.bin` file is read with
+    `torch.load(weights_only=True)`, the one path that imports torch.
+    """
+    found = find_adapters(source)
+    if adapter is not None:
+        found = pick_adapters(found, [adapter], source)
+    return InspectReport(os.fspath(source), tuple(report_adapter(f) for f in found))
