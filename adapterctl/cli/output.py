@@ -131,7 +131,7 @@ def render_inspect(report: InspectReport) -> None:
         console.print(table)
         _render_modules(console, adapter)
         for p in adapter.problems:
-            console.print(f"{p.severity}: {p.message}", markup=False)
+            console.print(f"{p.severity}: {p.message}", markup=False, soft_wrap=True)
 
 
 def _render_summary(console: Any, a: AdapterReport) -> None:

@@ -1,0 +1,183 @@
+"""Session fixtures: real adapters written by PEFT (the oracle) on tiny random transformers models."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _quiet(fn: Callable[[], Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def tiny_llama(**overrides: Any) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2() -> Any:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    ).eval()
+
+
+def tiny_bert() -> Any:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=64,
+            max_position_embeddings=64,
+            num_labels=3,
+        )
+    ).eval()
+
+
+def _randomize_lora(model: Any) -> None:
+    """Give every adapter tensor non-trivial values, as training would."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def peft_save(
+    model_fn: Callable[[], Any],
+    out: Path,
+    configs: dict[str, dict[str, Any]],
+    **save_kwargs: Any,
+) -> Path:
+    """Wrap a fresh model with PEFT, add one adapter per entry of `configs`, and save them all."""
+
+    def run() -> Path:
+        from peft import LoraConfig, get_peft_model
+
+        model = model_fn()
+        names = list(configs)
+        peft_model = get_peft_model(model, LoraConfig(**configs[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.add_adapter(name, LoraConfig(**configs[name]))
+        _randomize_lora(peft_model)
+        peft_model.save_pretrained(str(out), **save_kwargs)
+        return out
+
+    result: Path = _quiet(run)
+    return result
+
+
+#: name -> (model builder, {adapter name: LoraConfig kwargs})
+CASES: dict[str, tuple[Callable[[], Any], dict[str, dict[str, Any]]]] = {
+    "llama_basic": (tiny_llama, {"default": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}),
+    "llama_dora_patterns": (
+        tiny_llama,
+        {
+            "default": {
+                "r": 4,
+                "lora_alpha": 8,
+                "use_dora": True,
+                "target_modules": ["q_proj", "v_proj", "down_proj"],
+                "rank_pattern": {"down_proj": 6, "layers.1.self_attn.q_proj": 2},
+                "alpha_pattern": {"v_proj": 16},
+                "modules_to_save": ["lm_head"],
+                "task_type": "CAUSAL_LM",
+            }
+        },
+    ),
+    "llama_embed": (
+        tiny_llama,
+        {"default": {"r": 4, "target_modules": ["embed_tokens", "q_proj"], "use_rslora": True}},
+    ),
+    "llama_bias": (
+        lambda: tiny_llama(attention_bias=True),
+        {
+            "default": {
+                "r": 4,
+                "target_modules": ["q_proj", "k_proj"],
+                "bias": "lora_only",
+                "lora_bias": True,
+            }
+        },
+    ),
+    "gpt2_conv1d": (
+        tiny_gpt2,
+        {"default": {"r": 4, "target_modules": ["c_attn", "c_proj"], "use_dora": True}},
+    ),
+    "bert_seq_cls": (
+        tiny_bert,
+        {"default": {"r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}},
+    ),
+    "multi": (
+        tiny_llama,
+        {
+            "default": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "alpha": {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj"], "use_dora": True},
+            "beta": {"r": 8, "target_modules": "model.*(up|gate)_proj", "use_rslora": True},
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every CASES adapter saved by PEFT, plus a bf16 one and a `.bin` one."""
+    root = tmp_path_factory.mktemp("peft")
+    out = {name: peft_save(fn, root / name, cfgs) for name, (fn, cfgs) in CASES.items()}
+
+    def bf16() -> Any:
+        import torch
+
+        return tiny_llama(torch_dtype=torch.bfloat16)
+
+    def run_bf16() -> Path:
+        from peft import LoraConfig, get_peft_model
+
+        model = bf16()
+        pm = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_proj"]), autocast_adapter_dtype=False
+        )
+        _randomize_lora(pm)
+        pm.save_pretrained(str(root / "llama_bf16"))
+        return root / "llama_bf16"
+
+    out["llama_bf16"] = _quiet(run_bf16)
+    out["llama_bin"] = peft_save(
+        tiny_llama,
+        root / "llama_bin",
+        {"default": {"r": 4, "target_modules": ["q_proj"]}},
+        safe_serialization=False,
+    )
+    return out
