@@ -21,15 +21,15 @@ def tiny_llama(**overrides: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
+    cfg = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+        "max_position_embeddings": 64,
+    }
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
@@ -41,7 +41,13 @@ def tiny_gpt2() -> Any:
     torch.manual_seed(0)
     return GPT2LMHeadModel(
         GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=64,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
         )
     ).eval()
 
@@ -160,7 +166,7 @@ def peft_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     def bf16() -> Any:
         import torch
 
-        return tiny_llama(torch_dtype=torch.bfloat16)
+        return tiny_llama().to(torch.bfloat16)
 
     def run_bf16() -> Path:
         from peft import LoraConfig, get_peft_model

@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document on stdout (errors as JSON on stderr).")
+    bool,
+    typer.Option("--json", help="Print one JSON document on stdout (errors as JSON on stderr)."),
 ]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Replace OUTPUT if it exists (swapped in only once complete).")
+    bool,
+    typer.Option("--force", help="Replace OUTPUT if it exists (swapped in only once complete)."),
 ]
 SourceArg = Annotated[
     Path,
@@ -21,5 +23,8 @@ SourceArg = Annotated[
     ),
 ]
 OutputArg = Annotated[
-    Path, typer.Argument(help="The directory to write (must not exist unless --force).", show_default=False)
+    Path,
+    typer.Argument(
+        help="The directory to write (must not exist unless --force).", show_default=False
+    ),
 ]

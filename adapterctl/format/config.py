@@ -130,7 +130,9 @@ def validate(data: dict[str, Any], label: str) -> None:
         raise fail("bias", f"must be one of {', '.join(BIAS_VALUES)}, not {json.dumps(bias)}")
     task = data.get("task_type")
     if task is not None and task not in TASK_TYPES:
-        raise fail("task_type", f"is {json.dumps(task)}, not one of {', '.join(sorted(TASK_TYPES))}")
+        raise fail(
+            "task_type", f"is {json.dumps(task)}, not one of {', '.join(sorted(TASK_TYPES))}"
+        )
     init = data.get("init_lora_weights", True)
     if not isinstance(init, (bool, str)):
         raise fail("init_lora_weights", f"must be true, false or a string, not {json.dumps(init)}")
@@ -157,18 +159,24 @@ def validate(data: dict[str, Any], label: str) -> None:
             raise fail(field, "must be an object mapping module patterns to values")
         for key, value in patterns.items():
             if not check(value):
-                raise fail(field, f"value for {json.dumps(key)} must be {kind}, not {json.dumps(value)}")
+                raise fail(
+                    field, f"value for {json.dumps(key)} must be {kind}, not {json.dumps(value)}"
+                )
             _compile(pattern_regex(key), f"`{field}` key {json.dumps(key)}", label)
     ltt = data.get("layers_to_transform")
-    if ltt is not None and not _is_int(ltt) and not (
-        isinstance(ltt, list) and all(_is_int(x) for x in ltt)
+    if (
+        ltt is not None
+        and not _is_int(ltt)
+        and not (isinstance(ltt, list) and all(_is_int(x) for x in ltt))
     ):
         raise fail("layers_to_transform", "must be an integer, a list of integers or null")
     lp = data.get("layers_pattern")
     if lp is not None and not isinstance(lp, str) and not _is_str_list(lp):
         raise fail("layers_pattern", "must be a string, a list of strings or null")
     if lp and ltt is None:
-        raise fail("layers_pattern", "is set but `layers_to_transform` is not", "PEFT refuses this too")
+        raise fail(
+            "layers_pattern", "is set but `layers_to_transform` is not", "PEFT refuses this too"
+        )
     if isinstance(data.get("target_modules"), str) and (ltt is not None or lp):
         raise fail(
             "layers_to_transform",

@@ -113,7 +113,9 @@ def _expected_nbytes(t: TensorInfo) -> int:
     if bits > _U64_MAX:
         raise _HeaderError(f"tensor `{t.name}`: shape {list(t.shape)} overflows")
     if bits % 8:
-        raise _HeaderError(f"tensor `{t.name}`: {t.dtype.code} data does not end on a byte boundary")
+        raise _HeaderError(
+            f"tensor `{t.name}`: {t.dtype.code} data does not end on a byte boundary"
+        )
     return bits // 8
 
 
@@ -140,9 +142,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         raise _HeaderError("header is not a JSON object")
     metadata = obj.pop("__metadata__", None)
     if metadata is not None:
-        if not isinstance(metadata, dict) or not all(
-            isinstance(v, str) for v in metadata.values()
-        ):
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise _HeaderError("`__metadata__` is not a map of strings to strings")
         for k, v in metadata.items():
             _check_str(k, "a metadata key")

@@ -47,7 +47,9 @@ class AdapterFiles:
 
     name: str
     directory: Path | None  # None for a bare weights file
-    config_path: Path | None  # None when a bare .safetensors file has no adapter_config.json beside it
+    config_path: (
+        Path | None
+    )  # None when a bare .safetensors file has no adapter_config.json beside it
     weights_path: Path
     format: str  # "safetensors" | "bin"
     warnings: tuple[str, ...] = ()
@@ -58,7 +60,9 @@ def _weights_in(directory: Path) -> tuple[Path, str, tuple[str, ...]] | None:
     if st.is_file():
         warns: tuple[str, ...] = ()
         if binp.is_file():
-            warns = (f"both `{st.name}` and `{binp.name}` are in `{directory}`; using safetensors, as PEFT does",)
+            warns = (
+                f"both `{st.name}` and `{binp.name}` are in `{directory}`; using safetensors, as PEFT does",
+            )
         return st, "safetensors", warns
     if binp.is_file():
         return binp, "bin", ()
@@ -95,7 +99,9 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
             )
         config = path.parent / CONFIG_NAME
         fmt = "safetensors" if path.suffix == ".safetensors" else "bin"
-        return [AdapterFiles(DEFAULT_ADAPTER, None, config if config.is_file() else None, path, fmt)]
+        return [
+            AdapterFiles(DEFAULT_ADAPTER, None, config if config.is_file() else None, path, fmt)
+        ]
     if not path.is_dir():
         raise AdapterFormatError(f"`{path}` is neither a file nor a directory")
     adapters = []
@@ -118,7 +124,9 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     if not adapters:
         hint = None
         if (path / SAFETENSORS_NAME).is_file() or (path / BIN_NAME).is_file():
-            hint = f"`{CONFIG_NAME}` is missing; pass the weights file itself to read it without one"
+            hint = (
+                f"`{CONFIG_NAME}` is missing; pass the weights file itself to read it without one"
+            )
         raise AdapterNotFoundError(
             f"no adapter in `{path}`: no `{CONFIG_NAME}` at its root or in its subfolders",
             hint=hint,
@@ -126,7 +134,9 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     return adapters
 
 
-def pick_adapters(adapters: list[AdapterFiles], names: list[str], source: object) -> list[AdapterFiles]:
+def pick_adapters(
+    adapters: list[AdapterFiles], names: list[str], source: object
+) -> list[AdapterFiles]:
     """The adapters named, in the order named; unknown names are an error listing what exists."""
     by_name = {a.name: a for a in adapters}
     picked = []

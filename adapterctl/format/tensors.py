@@ -93,7 +93,6 @@ class TensorSource:
 def _serialize_header(sources: list[TensorSource], metadata: dict[str, str] | None) -> bytes:
     # safetensors' own layout: tensors sorted by dtype (larger first, in the format's dtype order)
     # and then by name, compact JSON, padded with spaces to a multiple of 8 bytes.
-    order = list(DTYPES)
     header: dict[str, Any] = {}
     if metadata is not None:
         header["__metadata__"] = metadata

@@ -100,7 +100,9 @@ def analyse(
         if not info.prefixed:
             error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
         if info.kind == "unknown":
-            warn(f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)")
+            warn(
+                f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
+            )
         modules.setdefault(info.module, _Module()).keys[info.kind] = (info, t)
 
     if not tensors:
@@ -148,9 +150,7 @@ def _config_warnings(config: LoraConfig, warn: Any) -> None:
         if value not in (None, False, {}, []):
             warn(f"`{name}` is set: a LoRA variant whose semantics differ from plain LoRA")
     if config.unknown_keys:
-        warn(
-            f"keys unknown to PEFT 0.21.2 (it ignores them): {', '.join(config.unknown_keys)}"
-        )
+        warn(f"keys unknown to PEFT 0.21.2 (it ignores them): {', '.join(config.unknown_keys)}")
 
 
 def _module_entry(

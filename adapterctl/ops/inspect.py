@@ -105,10 +105,14 @@ class InspectReport:
 
 def _tensor_entries(files: AdapterFiles) -> list[TensorEntry]:
     if files.format == "bin":
-        return [TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes) for t in bin_tensors(files.weights_path)]
+        return [
+            TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes)
+            for t in bin_tensors(files.weights_path)
+        ]
     header = read_header(files.weights_path)
     return [
-        TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes) for t in header.tensors.values()
+        TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes)
+        for t in header.tensors.values()
     ]
 
 

@@ -65,7 +65,9 @@ def parse_renames(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         old, sep, new = pair.partition("=")
         if not sep or not old or not new:
-            raise SelectionError(f"invalid rename {pair!r}", hint="write it as OLD=NEW")
+            raise SelectionError(
+                f"invalid rename {pair!r}: expected OLD=NEW", hint="e.g. --rename alpha=default"
+            )
         if old in renames:
             raise SelectionError(f"adapter `{old}` is renamed twice")
         renames[old] = new
@@ -107,9 +109,7 @@ def select_adapters(
         raise SelectionError("an adapter is chosen more than once")
     for old in renames:
         if old not in adapters:
-            raise SelectionError(
-                f"`{old}` is renamed but not chosen", hint=f"add --adapter {old}"
-            )
+            raise SelectionError(f"`{old}` is renamed but not chosen", hint=f"add --adapter {old}")
     picked = pick_adapters(find_adapters(source), list(adapters), source)
     new_names = [validate_adapter_name(renames.get(a.name, a.name)) for a in picked]
     if len(set(new_names)) != len(new_names):
@@ -129,7 +129,7 @@ def select_adapters(
         root = Path(source)
         if root.is_dir() and (root / README_NAME).is_file():
             shutil.copyfile(root / README_NAME, tmp / README_NAME)
-        for files, new in zip(picked, new_names):
+        for files, new in zip(picked, new_names, strict=True):
             sub = adapter_subdir(new)
             target = tmp / sub if sub else tmp
             target.mkdir(exist_ok=True)

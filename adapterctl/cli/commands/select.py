@@ -15,7 +15,9 @@ def select_cmd(
     output_dir: OutputArg,
     adapter: Annotated[
         list[str],
-        typer.Option("--adapter", "-a", help="An adapter to keep (repeat for several).", show_default=False),
+        typer.Option(
+            "--adapter", "-a", help="An adapter to keep (repeat for several).", show_default=False
+        ),
     ],
     rename: Annotated[
         Optional[list[str]],  # noqa: UP045 - Typer reads this annotation at run time

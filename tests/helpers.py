@@ -1,0 +1,62 @@
+"""Small adapters written with adapterctl's own format layer (no torch), for tests that need exact bytes."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapterctl.format.config import LoraConfig
+from adapterctl.format.dtypes import DTYPES
+from adapterctl.format.tensors import TensorSource, write_safetensors
+
+P = "base_model.model."
+Q = "model.layers.0.self_attn.q_proj"
+V = "model.layers.0.self_attn.v_proj"
+
+_NP_CODES = {"float32": "F32", "float16": "F16", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
+
+
+def lora_tensors(module: str = Q, r: int = 4, d_in: int = 8, d_out: int = 8) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    return {
+        f"{P}{module}.lora_A.weight": rng.standard_normal((r, d_in)).astype(np.float32),
+        f"{P}{module}.lora_B.weight": rng.standard_normal((d_out, r)).astype(np.float32),
+    }
+
+
+def write_tensors(path: Path, tensors: dict[str, Any]) -> Path:
+    sources = [
+        TensorSource(name, DTYPES[_NP_CODES[a.dtype.name]], tuple(a.shape), a.tobytes)
+        for name, a in tensors.items()
+    ]
+    with open(path, "wb") as f:
+        write_safetensors(f, sources)
+    return path
+
+
+def write_adapter(
+    directory: Path,
+    tensors: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    *,
+    raw_config: str | None = None,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    if raw_config is not None:
+        (directory / "adapter_config.json").write_text(raw_config)
+    else:
+        cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **(config or {})}
+        (directory / "adapter_config.json").write_text(LoraConfig(**cfg).to_json())
+    write_tensors(
+        directory / "adapter_model.safetensors", lora_tensors() if tensors is None else tensors
+    )
+    return directory
+
+
+def raw_safetensors(header: Any, data: bytes = b"", *, raw: bytes | None = None) -> bytes:
+    body = raw if raw is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + data

@@ -1,0 +1,201 @@
+"""select_adapters: PEFT's layout, bytes copied as they are, and PEFT computes the same thing."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from adapterctl.errors import OutputError, SelectionError
+from adapterctl.ops.inspect import inspect_adapter
+from adapterctl.ops.select import parse_renames, select_adapters
+from tests.fixtures import tiny_llama
+from tests.helpers import write_adapter
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _logits(adapter_dir: Path) -> object:
+    import torch
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(tiny_llama(), str(adapter_dir)).eval()
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.slow
+def test_renamed_to_root_loads_identically_in_peft(
+    peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    src = peft_adapters["multi"]
+    out = tmp_path / "out"
+    result = select_adapters(src, out, ["alpha"], {"alpha": "default"})
+    assert _files(out) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (src / "alpha" / name).read_bytes()
+    assert (out / "README.md").read_bytes() == (src / "README.md").read_bytes()
+    assert [(a.name, a.source_name, a.path) for a in result.adapters] == [("default", "alpha", "")]
+    expected, got = _logits(src / "alpha"), _logits(out)
+    assert torch.equal(expected, got)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_layout_follows_peft(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
+    src = peft_adapters["multi"]
+    select_adapters(src, tmp_path / "two", ["beta", "default"])
+    assert _files(tmp_path / "two") == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "beta/adapter_config.json",
+        "beta/adapter_model.safetensors",
+    ]
+    select_adapters(src, tmp_path / "subs", ["beta", "alpha"], {"beta": "b2"})
+    assert _files(tmp_path / "subs") == [
+        "README.md",
+        "alpha/adapter_config.json",
+        "alpha/adapter_model.safetensors",
+        "b2/adapter_config.json",
+        "b2/adapter_model.safetensors",
+    ]
+    assert [a.name for a in inspect_adapter(tmp_path / "subs").adapters] == ["alpha", "b2"]
+    # selecting again from the output is idempotent
+    select_adapters(tmp_path / "subs", tmp_path / "again", ["alpha", "b2"])
+    for f in _files(tmp_path / "subs"):
+        assert (tmp_path / "again" / f).read_bytes() == (tmp_path / "subs" / f).read_bytes()
+
+
+@pytest.mark.slow
+def test_bin_adapter_is_copied(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
+    select_adapters(peft_adapters["llama_bin"], tmp_path / "o", ["default"])
+    assert _files(tmp_path / "o") == ["README.md", "adapter_config.json", "adapter_model.bin"]
+
+
+def test_single_file_source(tmp_path: Path) -> None:
+    d = write_adapter(tmp_path / "a")
+    select_adapters(d / "adapter_model.safetensors", tmp_path / "o", ["default"])
+    assert _files(tmp_path / "o") == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("adapters", "renames", "message"),
+    [
+        ([], {}, "no adapter chosen"),
+        (["default", "default"], {}, "more than once"),
+        (["nope"], {}, "no adapter named `nope`"),
+        (["default"], {"other": "x"}, "renamed but not chosen"),
+        (["default"], {"default": "../x"}, "invalid adapter name"),
+        (["default"], {"default": ".hidden"}, "invalid adapter name"),
+        (["default", "b"], {"b": "default"}, "would both be named"),
+    ],
+)
+def test_bad_requests(tmp_path: Path, adapters: list[str], renames: dict, message: str) -> None:
+    src = write_adapter(tmp_path / "src")
+    write_adapter(src / "b")
+    with pytest.raises(SelectionError, match=message):
+        select_adapters(src, tmp_path / "out", adapters, renames)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_renames() -> None:
+    assert parse_renames(["a=b", "c=default"]) == {"a": "b", "c": "default"}
+    for bad in (["a"], ["=b"], ["a="]):
+        with pytest.raises(SelectionError, match="OLD=NEW"):
+            parse_renames(bad)
+    with pytest.raises(SelectionError, match="renamed twice"):
+        parse_renames(["a=b", "a=c"])
+
+
+def test_existing_output_needs_force_and_is_swapped_whole(tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(OutputError, match="already exists"):
+        select_adapters(src, out, ["default"])
+    assert _files(out) == ["keep.txt"]
+    select_adapters(src, out, ["default"], force=True)
+    assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_symlink_output_is_refused(tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src")
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(OutputError, match="symlink"):
+        select_adapters(src, tmp_path / "link", ["default"], force=True)
+    assert list(real.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_parent(tmp_path: Path) -> None:  # pragma: no cover - CI runs as root
+    src = write_adapter(tmp_path / "src")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(OutputError, match="cannot write"):
+        select_adapters(src, ro / "out", ["default"])
+
+
+def test_failure_midway_leaves_nothing(tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src")
+    write_adapter(src / "b")
+    (src / "b" / "adapter_model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    from adapterctl.errors import AdapterFormatError
+
+    with pytest.raises(AdapterFormatError, match=r"b/adapter_model\.safetensors"):
+        select_adapters(src, tmp_path / "out", ["default", "b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_interrupted_copy_leaves_nothing(tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src")
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        select_adapters(src, tmp_path / "out", ["default"], progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_stale_temp_sibling_is_cleaned_and_aside_copy_restored(tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src")
+    stale = tmp_path / ".out.adapterctl-tmp-99999-deadbeef"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"partial")
+    aside = tmp_path / ".old.adapterctl-old-99999-deadbeef"
+    aside.mkdir()
+    (aside / "adapter_config.json").write_text("{}")
+    select_adapters(src, tmp_path / "out", ["default"])
+    assert not stale.exists()
+    # an aside copy whose destination is missing is an interrupted swap: it is put back
+    with pytest.raises(OutputError, match="already exists"):
+        select_adapters(src, tmp_path / "old", ["default"])
+    assert (tmp_path / "old" / "adapter_config.json").read_text() == "{}"
+
+
+def test_live_temp_sibling_is_left_alone(tmp_path: Path) -> None:
+    import fcntl
+
+    src = write_adapter(tmp_path / "src")
+    live = tmp_path / ".out.adapterctl-tmp-1-cafe"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        select_adapters(src, tmp_path / "out", ["default"])
+        assert live.exists()
+    finally:
+        os.close(fd)
