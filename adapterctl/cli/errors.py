@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,6 +23,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _debug() -> bool:
     return os.environ.get("ADAPTERCTL_DEBUG", "") not in ("", "0")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def error_boundary(func: F) -> F:
@@ -38,6 +48,10 @@ def error_boundary(func: F) -> F:
                 raise
             output.error(e.message, e.hint, type_name=e.type_name, json_mode=json_mode)
             raise typer.Exit(int(e.exit_code)) from None
+        except BrokenPipeError:
+            # the reader went away (`adapterctl inspect --json | head`): nothing left to tell it
+            _silence_stdout()
+            raise typer.Exit(int(ExitCode.FAILURE)) from None
         except KeyboardInterrupt:
             output.error("interrupted", None, type_name="Interrupted", json_mode=json_mode)
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None

@@ -226,7 +226,7 @@ def _pattern_warnings(config: LoraConfig, modules: list[str], warn: Any) -> None
                 warn(
                     f"`{path}` is matched by several {field_name} keys {keys} (values {values}); "
                     f"PEFT uses the first in file order, {keys[0]!r}, which may not be the one "
-                    "meant in training (Trap T1)"
+                    "meant in training"
                 )
         for key in patterns:
             if key not in used and modules:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The demo: real adapterctl commands on an example checkpoint written by the format layer.
+# No network: Hugging Face libraries are told to stay offline before anything imports them.
+set -euo pipefail
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+export HF_HOME="$(mktemp -d)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work" "$HF_HOME"' EXIT
+cd "$(dirname "$0")/.."
+
+run() { printf '\n$ %s\n' "$*"; "$@"; }
+
+python demo/make_example.py "$work/checkpoint"
+
+run adapterctl --version
+# a multi-adapter checkpoint: default at the root, math/ and code/ in subfolders
+run adapterctl inspect "$work/checkpoint" --adapter math
+# the code adapter has overlapping alpha_pattern keys: inspect says which one PEFT will use
+run adapterctl inspect "$work/checkpoint" --adapter code --check
+# JSON for scripts: per-module rank, alpha and scaling
+printf '\n$ adapterctl inspect %s --json | (per-module scaling)\n' "$work/checkpoint"
+adapterctl inspect "$work/checkpoint" --json | python demo/show_scaling.py
+# pick the math adapter out and make it the root adapter of a new directory
+run adapterctl select "$work/checkpoint" "$work/math-only" --adapter math --rename math=default
+run ls -R "$work/math-only"
+printf '\n$ adapterctl inspect %s --check --json > /dev/null\n' "$work/math-only"
+adapterctl inspect "$work/math-only" --check --json > /dev/null && echo "(exit 0: no errors)"
+# an existing output is never overwritten without --force
+printf '\n$ adapterctl select ... (again, without --force)\n'
+if adapterctl select "$work/checkpoint" "$work/math-only" --adapter math; then exit 1; fi
+run adapterctl select "$work/checkpoint" "$work/math-only" --adapter math --adapter code --force --json
+# a damaged file: one clear error line, exit 1
+head -c 100 "$work/checkpoint/adapter_model.safetensors" > "$work/broken.safetensors"
+printf '\n$ adapterctl inspect broken.safetensors\n'
+if adapterctl inspect "$work/broken.safetensors"; then exit 1; else echo "(exit $?)"; fi
+printf '\ndemo finished\n'
