@@ -18,6 +18,7 @@ ForceOpt = Annotated[
 SourceArg = Annotated[
     Path,
     typer.Argument(
+        metavar="SOURCE",
         help="An adapter directory, a multi-adapter directory, or a .safetensors/.bin file.",
         show_default=False,
     ),
@@ -25,6 +26,8 @@ SourceArg = Annotated[
 OutputArg = Annotated[
     Path,
     typer.Argument(
-        help="The directory to write (must not exist unless --force).", show_default=False
+        metavar="OUTPUT",
+        help="The directory to write (must not exist unless --force).",
+        show_default=False,
     ),
 ]

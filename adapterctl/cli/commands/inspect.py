@@ -15,7 +15,12 @@ def inspect_cmd(
     source: SourceArg,
     adapter: Annotated[
         Optional[str],  # noqa: UP045 - Typer reads this annotation at run time
-        typer.Option("--adapter", "-a", help="Only this adapter of a multi-adapter directory."),
+        typer.Option(
+            "--adapter",
+            "-a",
+            metavar="NAME",
+            help="Only this adapter of a multi-adapter directory.",
+        ),
     ] = None,
     check: Annotated[
         bool,

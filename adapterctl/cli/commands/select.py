@@ -16,13 +16,18 @@ def select_cmd(
     adapter: Annotated[
         list[str],
         typer.Option(
-            "--adapter", "-a", help="An adapter to keep (repeat for several).", show_default=False
+            "--adapter",
+            "-a",
+            metavar="NAME",
+            help="An adapter to keep (repeat for several).",
+            show_default=False,
         ),
     ],
     rename: Annotated[
         Optional[list[str]],  # noqa: UP045 - Typer reads this annotation at run time
         typer.Option(
             "--rename",
+            metavar="OLD=NEW",
             help="OLD=NEW: give a kept adapter a new name; NEW=default puts it at the root.",
             show_default=False,
         ),
