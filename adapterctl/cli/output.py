@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from adapterctl.ops.checks import human_size
+
 if TYPE_CHECKING:
     from adapterctl.ops.inspect import AdapterReport, InspectReport
     from adapterctl.ops.select import SelectionResult
@@ -87,15 +89,6 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def _size(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError  # pragma: no cover
-
-
 def _num(value: float | None) -> str:
     if value is None:
         return "-"
@@ -107,7 +100,7 @@ def render_inspect(report: InspectReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False, soft_wrap=True)
     for i, adapter in enumerate(report.adapters):
         if i:
             console.print()
@@ -127,7 +120,7 @@ def render_inspect(report: InspectReport) -> None:
         for t in adapter.tensors:
             info = classify(t.name, mts)
             shape = "×".join(str(d) for d in t.shape) or "scalar"
-            table.add_row(info.module or t.name, info.kind, shape, t.dtype, _size(t.nbytes))
+            table.add_row(info.module or t.name, info.kind, shape, t.dtype, human_size(t.nbytes))
         console.print(table)
         _render_modules(console, adapter)
         for p in adapter.problems:
@@ -158,12 +151,12 @@ def _render_summary(console: Any, a: AdapterReport) -> None:
             ("target modules", str(s["target_modules"])),
             ("modules to save", ", ".join(s["modules_to_save"] or []) or "-"),
         ]
-    mix = ", ".join(f"{k} {_size(v)}" for k, v in a.dtype_mix.items()) or "-"
+    mix = ", ".join(f"{k} {human_size(v)}" for k, v in a.dtype_mix.items()) or "-"
     rows += [
         ("lora modules", str(s["lora_modules"])),
         ("tensors", str(len(a.tensors))),
         ("parameters", f"{a.num_parameters:,}"),
-        ("size", _size(a.total_bytes)),
+        ("size", human_size(a.total_bytes)),
         ("dtypes", mix),
     ]
     width = max(len(k) for k, _ in rows)
@@ -192,4 +185,4 @@ def render_selection(result: SelectionResult) -> None:
     for a in result.adapters:
         where = f"{result.output}/{a.path}" if a.path else result.output
         renamed = f" (was {a.source_name})" if a.source_name != a.name else ""
-        result_line(f"✓ {a.name}{renamed} -> {where} ({_size(a.nbytes)})")
+        result_line(f"✓ {a.name}{renamed} -> {where} ({human_size(a.nbytes)})")

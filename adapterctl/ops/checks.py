@@ -70,11 +70,12 @@ class _Module:
     keys: dict[str, tuple[KeyInfo, TensorEntry]] = field(default_factory=dict)
 
 
-def _size(nbytes: int) -> str:
+def human_size(nbytes: int) -> str:
+    """1536 -> "1.5 KiB" (bytes below 1 KiB as a plain count)."""
     value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError  # pragma: no cover
 
@@ -130,7 +131,7 @@ def analyse(
             info.kind == "embedding" or last in EMBEDDING_NAMES
         ):
             warn(
-                f"full embedding `{t.name}` {list(t.shape)} is saved ({_size(t.nbytes)}): loading "
+                f"full embedding `{t.name}` {list(t.shape)} is saved ({human_size(t.nbytes)}): loading "
                 "overwrites the base model's embedding and needs a base of the same vocabulary size"
             )
     return entries, problems
