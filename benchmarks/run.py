@@ -6,7 +6,8 @@ Every measured command runs in a fresh interpreter. Its peak RSS comes from GNU 
 child's own ru_maxrss): a Python parent would leak its own high-water mark into the child's
 ru_maxrss through the vfork+exec that subprocess uses, so the parent never measures that way
 when /usr/bin/time exists. The benchmark adapters are built once, in a subprocess (this process
-never imports torch), and cached under benchmarks/out/adapters/.
+never imports torch), and cached under benchmarks/out/adapters/. Children keep their bytecode
+under benchmarks/out/pycache (see `child_env`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ SPEC: dict[str, Any] = {
 }
 
 # --------------------------------------------------------------------------------------------
-# Building the adapters (runs in a child process: `run.py --build-only`)
+# Building the adapters (in a child process: `run.py --build-into TMP`, from build_adapters)
 
 
 def _build(dest: Path) -> None:
@@ -77,7 +78,9 @@ def _build(dest: Path) -> None:
     t0 = time.perf_counter()
     base = LlamaForCausalLM(LlamaConfig(**SPEC["llama"])).eval()
     base_params = sum(p.numel() for p in base.parameters())
-    print(f"built base Llama: {base_params / 1e6:.1f}M parameters ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"built base Llama: {base_params / 1e6:.1f}M parameters ({time.perf_counter() - t0:.1f} s)"
+    )
     manifest: dict[str, Any] = {"spec": SPEC, "base_parameters": base_params, "adapters": {}}
     for folder, (rank, names) in SPEC["adapters"].items():
         t0 = time.perf_counter()
@@ -181,76 +184,100 @@ class Case:
         return statistics.median(self.peak_mib)
 
 
+def _select(folder: str) -> list[str]:
+    source, output = ADAPTERS / f"multi-{folder}", OUT / f"select-{folder}"
+    rename = ["--adapter", "other", "--rename", "other=default", "--force"]
+    return [ADAPTERCTL, "select", str(source), str(output), *rename]
+
+
 def cases() -> list[Case]:
     single = ADAPTERS / "r64"
     weights = single / "adapter_model.safetensors"
-    sel = ["select", "--adapter", "other", "--rename", "other=default", "--force"]
     return [
         Case("python", "python -c pass (interpreter floor)", [PYTHON, "-c", "pass"]),
-        Case("raw", "raw listing: safe_open(np) + get_slice", [PYTHON, "-c", RAW_LISTING, str(weights)]),
-        Case("peft", "PEFT: PeftConfig + load_peft_weights", [PYTHON, "-c", PEFT_LOAD, str(single)]),
+        Case(
+            "raw",
+            "raw listing: safe_open(np) + get_slice",
+            [PYTHON, "-c", RAW_LISTING, str(weights)],
+        ),
+        Case(
+            "peft", "PEFT: PeftConfig + load_peft_weights", [PYTHON, "-c", PEFT_LOAD, str(single)]
+        ),
         Case("help", "adapterctl --help", [ADAPTERCTL, "--help"]),
-        Case("json", "adapterctl inspect DIR --json", [ADAPTERCTL, "inspect", str(single), "--json"]),
+        Case(
+            "json", "adapterctl inspect DIR --json", [ADAPTERCTL, "inspect", str(single), "--json"]
+        ),
         Case("table", "adapterctl inspect DIR (table)", [ADAPTERCTL, "inspect", str(single)]),
-        Case(
-            "select_small",
-            "adapterctl select (r=64 multi)",
-            [ADAPTERCTL, sel[0], str(ADAPTERS / "multi-r64"), str(OUT / "select-r64"), *sel[1:]],
-        ),
-        Case(
-            "select_big",
-            "adapterctl select (r=256 multi)",
-            [ADAPTERCTL, sel[0], str(ADAPTERS / "multi-r256"), str(OUT / "select-r256"), *sel[1:]],
-        ),
+        Case("select_small", "adapterctl select (r=64, 40 MB)", _select("r64")),
+        Case("select_big", "adapterctl select (r=256, 161 MB)", _select("r256")),
     ]
 
 
-def run_once(argv: list[str], *, capture: bool = False) -> tuple[float, float, str]:
+def child_env(bytecode_cache: bool) -> dict[str, str]:
+    """The measured commands' environment.
+
+    With `bytecode_cache`, every child reads and writes .pyc files under benchmarks/out/pycache
+    (PYTHONPYCACHEPREFIX), as an installed package would have them, even where
+    PYTHONDONTWRITEBYTECODE=1 is set: an editable checkout has no .pyc for adapterctl otherwise,
+    and compiling its modules on every run would be counted against it (site-packages ship theirs).
+    """
+    env = dict(os.environ)
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(OUT / "pycache")
+    return env
+
+
+def run_once(
+    argv: list[str], env: dict[str, str], *, capture: bool = False
+) -> tuple[float, float, str]:
     """Run `argv` cold; returns (wall seconds, peak RSS MiB, stdout if `capture`)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as d:
         rss_file, out_file, err_file = (Path(d) / n for n in ("rss", "stdout", "stderr"))
         cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv] if GNU_TIME else argv
         with open(err_file, "wb") as err, open(out_file if capture else os.devnull, "wb") as out:
             start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             stderr = err_file.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{argv[0]} exited {proc.returncode}:\n{stderr}")
-        if GNU_TIME:
-            peak_kib = int(rss_file.read_text().split()[-1])
-        else:  # includes this process's own high-water mark (a floor of ~10 MiB)
-            peak_kib = usage.ru_maxrss
+        # Without GNU time, ru_maxrss includes this process's own high-water mark (~10 MiB).
+        peak_kib = int(rss_file.read_text().split()[-1]) if GNU_TIME else usage.ru_maxrss
         stdout = out_file.read_text() if capture else ""
     return wall, peak_kib / 1024, stdout
 
 
-def check_outputs(all_cases: list[Case], manifest: dict[str, Any]) -> None:
-    """One warm-up run of each command (fills the page cache and __pycache__), checked."""
-    by_key = {c.key: c for c in all_cases}
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise RuntimeError(f"benchmark sanity check failed: {message}")
+
+
+def check_outputs(all_cases: list[Case], manifest: dict[str, Any], env: dict[str, str]) -> None:
+    """One warm-up run of each command (fills the page and bytecode caches), checked."""
     expected = manifest["adapters"]["r64"]["default"]["tensors"]
     for case in all_cases:
-        _, _, stdout = run_once(case.argv, capture=True)
+        _, _, stdout = run_once(case.argv, env, capture=True)
         if case.key == "json":
-            tensors = json.loads(stdout)["adapters"][0]["tensors"]
-            assert len(tensors) == expected, f"inspect --json listed {len(tensors)} tensors"
+            listed = len(json.loads(stdout)["adapters"][0]["tensors"])
+            _expect(listed == expected, f"inspect --json listed {listed} tensors, not {expected}")
         elif case.key == "raw":
-            assert len(stdout.splitlines()) == expected, "raw listing disagrees"
+            _expect(len(stdout.splitlines()) == expected, f"raw listing printed:\n{stdout}")
         elif case.key == "peft":
-            assert stdout.split() == ["LORA", str(expected)], stdout
-    for key, folder in (("select_small", "multi-r64"), ("select_big", "multi-r256")):
-        src = ADAPTERS / folder / "other" / "adapter_model.safetensors"
-        dst = Path(by_key[key].argv[3]) / "adapter_model.safetensors"
-        assert dst.read_bytes() == src.read_bytes(), f"{key}: output differs from `other`"
+            _expect(stdout.split() == ["LORA", str(expected)], f"PEFT printed {stdout!r}")
+    for folder in ("r64", "r256"):
+        src = ADAPTERS / f"multi-{folder}" / "other" / "adapter_model.safetensors"
+        dst = OUT / f"select-{folder}" / "adapter_model.safetensors"
+        _expect(dst.read_bytes() == src.read_bytes(), f"select wrote `{dst}` unlike `{src}`")
 
 
-def measure(all_cases: list[Case], runs: int) -> None:
+def measure(all_cases: list[Case], runs: int, env: dict[str, str]) -> None:
     """Interleaved: run i of every case, then run i + 1, so drift hits all cases alike."""
     for i in range(runs):
         for case in all_cases:
-            wall, peak, _ = run_once(case.argv)
+            wall, peak, _ = run_once(case.argv, env)
             case.wall_s.append(wall)
             case.peak_mib.append(peak)
         print(f"  run {i + 1}/{runs} done", file=sys.stderr)
@@ -303,10 +330,18 @@ def targets(c: dict[str, Case]) -> list[Target]:
             f"{table.wall:.3f} s / {raw.wall:.3f} s",
         ),
         Target(
-            "inspect --json / PEFT", json_.wall / peft.wall, "x", 0.05, f"{json_.wall:.3f} s / {peft.wall:.3f} s"
+            "inspect --json / PEFT",
+            json_.wall / peft.wall,
+            "x",
+            0.05,
+            f"{json_.wall:.3f} s / {peft.wall:.3f} s",
         ),
         Target(
-            "inspect table / PEFT", table.wall / peft.wall, "x", 0.05, f"{table.wall:.3f} s / {peft.wall:.3f} s"
+            "inspect table / PEFT",
+            table.wall / peft.wall,
+            "x",
+            0.05,
+            f"{table.wall:.3f} s / {peft.wall:.3f} s",
         ),
         Target("inspect --json peak RSS", json_.peak, "MiB", 40.0, "absolute"),
         Target("inspect table peak RSS", table.peak, "MiB", 40.0, "absolute"),
@@ -318,6 +353,14 @@ def targets(c: dict[str, Case]) -> list[Target]:
             f"{big.peak:.1f} MiB vs {small.peak:.1f} MiB",
         ),
     ]
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "x":
+        return f"{value:.3g}x"
+    if unit == "s":
+        return f"{value:.3f} s"
+    return f"{round(value, 1) + 0.0:.1f} {unit}"  # + 0.0: no "-0.0"
 
 
 def print_report(all_cases: list[Case], goals: list[Target], manifest: dict[str, Any]) -> None:
@@ -337,11 +380,11 @@ def print_report(all_cases: list[Case], goals: list[Target], manifest: dict[str,
         )
     print()
     w = max(len(t.name) for t in goals)
-    print(f"{'target'.ljust(w)}  {'value':>8}  {'limit':>8}  {'status':<7}  detail")
+    print(f"{'target'.ljust(w)}  {'value':>10}  {'limit':>11}  {'status':<7}  detail")
     for t in goals:
-        value, limit = f"{t.value:.3f}{t.unit}", f"<={t.limit:g}{t.unit}"
+        value, limit = _fmt(t.value, t.unit), "<= " + _fmt(t.limit, t.unit)
         status = "met" if t.met else "NOT MET"
-        print(f"{t.name.ljust(w)}  {value:>8}  {limit:>8}  {status:<7}  {t.detail}")
+        print(f"{t.name.ljust(w)}  {value:>10}  {limit:>11}  {status:<7}  {t.detail}")
 
 
 def _versions() -> dict[str, str | None]:
@@ -359,6 +402,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7, help="timed runs per command (median)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached adapters")
     parser.add_argument("--build-only", action="store_true", help="build the adapters and exit")
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="run the commands with the environment as it is (no PYTHONPYCACHEPREFIX)",
+    )
     parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_into:
@@ -370,11 +418,18 @@ def main() -> None:
     if args.build_only:
         return
     if GNU_TIME is None:
-        print("warning: /usr/bin/time not found; peak RSS includes this process's own", file=sys.stderr)
+        print(
+            "warning: /usr/bin/time not found; peak RSS includes this process's own",
+            file=sys.stderr,
+        )
     all_cases = cases()
-    print(f"checking each command once, then {args.runs} interleaved cold runs ...", file=sys.stderr)
-    check_outputs(all_cases, manifest)
-    measure(all_cases, args.runs)
+    load_before = os.getloadavg()
+    print(
+        f"checking each command once, then {args.runs} interleaved cold runs ...", file=sys.stderr
+    )
+    env = child_env(not args.no_bytecode_cache)
+    check_outputs(all_cases, manifest, env)
+    measure(all_cases, args.runs, env)
     goals = targets({c.key: c for c in all_cases})
     print_report(all_cases, goals, manifest)
     results = {
@@ -382,10 +437,14 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": args.runs,
         "rss_method": "GNU time %M" if GNU_TIME else "os.wait4 ru_maxrss",
+        "bytecode_cache": env.get("PYTHONPYCACHEPREFIX"),
+        "pythondontwritebytecode": env.get("PYTHONDONTWRITEBYTECODE"),
         "machine": {
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "loadavg_1m_before": round(load_before[0], 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
         },
         "versions": _versions(),
         "adapters": manifest["adapters"],

@@ -10,6 +10,7 @@ from adapterctl import __version__
 from adapterctl.cli.commands.inspect import inspect_cmd
 from adapterctl.cli.commands.select import select_cmd
 from adapterctl.cli.errors import error_boundary
+from adapterctl.cli.plainparams import PlainCommand, PlainGroup
 
 app = typer.Typer(
     name="adapterctl",
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
     rich_markup_mode=None,
+    cls=PlainGroup,
 )
 
 
@@ -39,8 +41,8 @@ def root(
     """Manage LoRA adapters in the Hugging Face PEFT format."""
 
 
-app.command("inspect")(error_boundary(inspect_cmd))
-app.command("select")(error_boundary(select_cmd))
+app.command("inspect", cls=PlainCommand)(error_boundary(inspect_cmd))
+app.command("select", cls=PlainCommand)(error_boundary(select_cmd))
 
 
 def main() -> None:

@@ -80,7 +80,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    if _is_int(v):
+        return bool(abs(v) < 2**1023)  # larger ones overflow any float arithmetic
+    return isinstance(v, float) and math.isfinite(v)
 
 
 def _is_str_list(v: Any) -> bool:
@@ -92,6 +94,10 @@ def _compile(regex: str, what: str, label: str) -> re.Pattern[str]:
         return re.compile(regex)
     except (re.error, RecursionError, OverflowError) as e:
         raise ConfigError(f"`{label}`: {what} is not a valid regular expression: {e}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"`{name}` is not a JSON value")
 
 
 def pattern_regex(key: str) -> str:
@@ -129,13 +135,27 @@ def validate(data: dict[str, Any], label: str) -> None:
     if bias not in BIAS_VALUES:
         raise fail("bias", f"must be one of {', '.join(BIAS_VALUES)}, not {json.dumps(bias)}")
     task = data.get("task_type")
-    if task is not None and task not in TASK_TYPES:
+    if task is not None and (not isinstance(task, str) or task not in TASK_TYPES):
         raise fail(
             "task_type", f"is {json.dumps(task)}, not one of {', '.join(sorted(TASK_TYPES))}"
         )
     init = data.get("init_lora_weights", True)
     if not isinstance(init, (bool, str)):
         raise fail("init_lora_weights", f"must be true, false or a string, not {json.dumps(init)}")
+    # combinations PEFT 0.21.2 refuses when it builds the config
+    if data.get("lora_bias") and data.get("use_dora"):
+        raise fail("lora_bias", "cannot be combined with `use_dora`", "PEFT refuses this too")
+    if data.get("lora_bias") and isinstance(init, str):
+        raise fail(
+            "lora_bias",
+            f"cannot be combined with `init_lora_weights` {init!r}",
+            "PEFT refuses this too",
+        )
+    if data.get("use_dora") and data.get("megatron_config"):
+        raise fail("use_dora", "cannot be combined with `megatron_config`", "PEFT refuses this too")
+    tp = data.get("target_parameters")
+    if tp is not None and not _is_str_list(tp):
+        raise fail("target_parameters", "must be a list of parameter names or null")
     for field in ("base_model_name_or_path", "revision"):
         if data.get(field) is not None and not isinstance(data[field], str):
             raise fail(field, f"must be a string or null, not {json.dumps(data[field])}")
@@ -211,7 +231,7 @@ class LoraConfig:
     @classmethod
     def from_json(cls, text: str | bytes, *, label: str = CONFIG_NAME) -> LoraConfig:
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:
             raise ConfigError(f"`{label}` is not valid JSON: {e}") from None
         return cls.from_dict(data, label=label)
@@ -239,7 +259,8 @@ class LoraConfig:
         raise AttributeError(f"LoraConfig has no field `{name}`")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LoraConfig) and self.to_dict() == other.to_dict()
+        # equal when they write the same bytes (so 16 and 16.0 differ, as their files do)
+        return isinstance(other, LoraConfig) and self.to_json() == other.to_json()
 
     def __hash__(self) -> int:
         return hash(self.to_json())

@@ -9,6 +9,7 @@ rejected (safetensors tolerates an identical repeat of a tensor entry).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -70,6 +71,50 @@ def _reject_constant(name: str) -> Any:
     raise _HeaderError(f"`{name}` is not valid JSON")
 
 
+class _NegativeZero(int):
+    """`-0`: serde reads it as a float, so it is no size or offset (but fine in ignored fields)."""
+
+
+def _parse_int(literal: str) -> int:
+    value = int(literal)
+    if literal == "-0":
+        return _NegativeZero(0)
+    if abs(value) > _U64_MAX:
+        try:
+            float(value)  # serde reads such a literal as a float: fine unless out of range
+        except OverflowError:
+            raise _HeaderError(f"number {literal[:20]}... is out of range") from None
+    return value
+
+
+def _parse_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise _HeaderError(f"number {literal[:20]} is out of range")
+    return value
+
+
+_MAX_DEPTH = 127  # serde_json's recursion limit, as safetensors parses the header
+
+
+def _check_values(obj: Any) -> None:
+    """Every string valid UTF-8 (no lone surrogates), nesting within serde_json's limit."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_str(value, "a string")
+        elif isinstance(value, (dict, list)):
+            if depth > _MAX_DEPTH:
+                raise _HeaderError(f"header JSON is nested more than {_MAX_DEPTH} levels deep")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _check_str(k, "a key")
+                    stack.append((v, depth + 1))
+            else:
+                stack.extend((v, depth + 1) for v in value)
+
+
 def _is_uint(v: Any) -> bool:
     return type(v) is int and 0 <= v <= _U64_MAX
 
@@ -129,7 +174,13 @@ def parse_header(raw: bytes, data_size: int) -> Header:
     except UnicodeDecodeError as e:
         raise _HeaderError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
     except _HeaderError:
         raise
     except json.JSONDecodeError as e:
@@ -140,6 +191,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         raise _HeaderError("header JSON is nested too deeply") from None
     if not isinstance(obj, dict):
         raise _HeaderError("header is not a JSON object")
+    _check_values(obj)
     metadata = obj.pop("__metadata__", None)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

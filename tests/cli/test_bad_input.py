@@ -158,7 +158,8 @@ def test_bad_input(
     assert result.exit_code == 1, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert lines[0].startswith("error: ")
-    assert len(lines) <= 2 and all(line.startswith("hint: ") for line in lines[1:])
+    assert len(lines) <= 2
+    assert all(line.startswith("hint: ") for line in lines[1:])
     assert str(culprit) in lines[0]
     assert problem in lines[0]
     assert "Traceback" not in result.stdout + result.stderr

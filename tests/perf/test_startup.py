@@ -20,7 +20,8 @@ from adapterctl.format.dtypes import DTYPES
 from adapterctl.format.tensors import TensorSource, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy")
+# pydantic: Typer 0.29 would import it to convert every argument (0.18 s); see cli/plainparams.py
+HEAVY = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy", "pydantic")
 MARKER = "MODULES:"
 
 _CHILD = f"""\
