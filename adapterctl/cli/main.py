@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -45,5 +46,11 @@ app.command("inspect", cls=PlainCommand)(error_boundary(inspect_cmd))
 app.command("select", cls=PlainCommand)(error_boundary(select_cmd))
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so temp outputs are removed on the way out (exit 130)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="adapterctl")

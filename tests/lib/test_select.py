@@ -199,3 +199,51 @@ def test_live_temp_sibling_is_left_alone(tmp_path: Path) -> None:
         assert live.exists()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_mid_copy_cleans_up(tmp_path: Path, sig: str) -> None:
+    """A real process, stopped by a signal in the middle of a copy: exit 130, nothing left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = write_adapter(tmp_path / "src")
+    marker = tmp_path / "paused"
+    # the child pauses after its first file is copied, at a point the test can see
+    script = (
+        "import sys, time\n"
+        "marker = sys.argv[3]\n"
+        "import adapterctl.ops.select as s\n"
+        "copy = s.copy_stream\n"
+        "def paused(src, dst, progress=None):\n"
+        "    n = copy(src, dst, progress)\n"
+        "    dst.flush()\n"
+        "    open(marker, 'w').close()\n"
+        "    time.sleep(60)\n"
+        "    return n\n"
+        "s.copy_stream = paused\n"
+        "sys.argv = ['adapterctl', 'select', sys.argv[1], sys.argv[2], '-a', 'default']\n"
+        "from adapterctl.cli.main import main\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(src), str(tmp_path / "out"), str(marker)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the copy never started"
+            time.sleep(0.02)
+        assert list(tmp_path.glob(".out.adapterctl-tmp-*"))  # mid-write: the temp sibling exists
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "error: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paused", "src"]
