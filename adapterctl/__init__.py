@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AdapterModel": "adapterctl.engine.model",
+    "get_adapter_model": "adapterctl.engine.model",
     "LoraConfig": "adapterctl.format.config",
     "inspect_adapter": "adapterctl.ops.inspect",
     "select_adapters": "adapterctl.ops.select",
@@ -18,12 +20,21 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from adapterctl.engine.model import AdapterModel, get_adapter_model
     from adapterctl.errors import AdapterctlError
     from adapterctl.format.config import LoraConfig
     from adapterctl.ops.inspect import inspect_adapter
     from adapterctl.ops.select import select_adapters
 
-__all__ = ["AdapterctlError", "LoraConfig", "__version__", "inspect_adapter", "select_adapters"]
+__all__ = [
+    "AdapterModel",
+    "AdapterctlError",
+    "LoraConfig",
+    "__version__",
+    "get_adapter_model",
+    "inspect_adapter",
+    "select_adapters",
+]
 
 
 def __getattr__(name: str) -> Any:

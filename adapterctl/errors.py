@@ -44,6 +44,10 @@ class ConfigError(AdapterFormatError):
     """adapter_config.json is missing a field, has a wrong type or an invalid value."""
 
 
+class IncompatibleModelError(AdapterctlError):
+    """The adapter does not fit the base model: no target matches, shapes differ, unsupported layer."""
+
+
 class OutputError(AdapterctlError):
     """The output cannot be written: it exists, is a symlink, or is not writable."""
 

@@ -146,6 +146,46 @@ CASES: dict[str, tuple[Callable[[], Any], dict[str, dict[str, Any]]]] = {
         tiny_bert,
         {"default": {"r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}},
     ),
+    "llama_layers": (
+        tiny_llama,
+        {
+            "default": {
+                "r": 4,
+                "target_modules": ["q_proj", "v_proj"],
+                "layers_to_transform": [1],
+                "layers_pattern": "layers",
+            }
+        },
+    ),
+    "llama_regex_exclude": (
+        tiny_llama,
+        {
+            "default": {
+                "r": 2,
+                "target_modules": r".*\.(q_proj|o_proj|up_proj)",
+                "exclude_modules": ["model.layers.0.self_attn.q_proj"],
+            }
+        },
+    ),
+    "llama_all_linear": (
+        tiny_llama,
+        {"default": {"r": 4, "target_modules": "all-linear", "lora_dropout": 0.1}},
+    ),
+    "llama_embed_dora": (
+        tiny_llama,
+        {"default": {"r": 4, "target_modules": ["embed_tokens", "lm_head"], "use_dora": True}},
+    ),
+    "gpt2_bias_all": (
+        tiny_gpt2,
+        {
+            "default": {
+                "r": 4,
+                "target_modules": ["c_attn"],
+                "bias": "all",
+                "modules_to_save": ["ln_f"],
+            }
+        },
+    ),
     "multi": (
         tiny_llama,
         {

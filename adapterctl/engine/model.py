@@ -1,0 +1,427 @@
+"""AdapterModel: PEFT's PeftModel persistence and runtime API on adapterctl's own LoRA layers.
+
+The nesting mirrors PEFT's (`AdapterModel.base_model` is the LoRA model, whose `.model` is the
+transformers model), so `state_dict()` keys are PEFT's keys exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterctl.engine.layers import LoraLayer, ModulesToSaveWrapper, param, supported
+from adapterctl.engine.targets import is_target, resolve_target_modules
+from adapterctl.engine.weights import (
+    LoadResult,
+    adapter_dir,
+    apply_key_mapping,
+    check_kwargs,
+    load_into,
+    memory_keys,
+    read_weights,
+    warn_missing,
+)
+from adapterctl.errors import AdapterctlError, IncompatibleModelError
+from adapterctl.format.config import LoraConfig
+from adapterctl.format.keys import PREFIX
+from adapterctl.format.layout import validate_adapter_name
+
+_ADAPTER_PARAMS = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+)
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    owner, _, name = path.rpartition(".")
+    return (root.get_submodule(owner) if owner else root), name
+
+
+class LoraModel(nn.Module):
+    """The transformers model with LoRA layers injected (PEFT's `LoraModel`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def inject(self, config: LoraConfig, name: str, *, meta: bool = False) -> list[str]:
+        """Add adapter `name` to every module the config targets; returns their paths."""
+        if config.target_parameters:
+            raise AdapterctlError(
+                "adapters with `target_parameters` are not supported",
+                hint="load this adapter with PEFT",
+            )
+        model = self.model
+        targets = resolve_target_modules(config, model)
+        inside = [
+            p + "."
+            for p, m in model.named_modules()
+            if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+        ]
+        keys = [
+            k for k, _ in model.named_modules() if k and not any(k.startswith(p) for p in inside)
+        ]
+        injected = []
+        for key in keys:
+            if not is_target(config, key, targets):
+                continue
+            module = model.get_submodule(key)
+            if not isinstance(module, LoraLayer):
+                if not supported(module):
+                    raise IncompatibleModelError(
+                        f"target module `{key}` is a {type(module).__name__}; adapterctl supports "
+                        "nn.Linear, transformers' Conv1D and nn.Embedding",
+                    )
+                parent, child = _parent(model, key)
+                module = LoraLayer(module)
+                setattr(parent, child, module)
+            module.add_adapter(
+                name,
+                config.rank_for(key),
+                config.alpha_for(key),
+                use_rslora=config.use_rslora,
+                dropout=config.lora_dropout,
+                use_dora=config.use_dora,
+                lora_bias=config.lora_bias,
+                device="meta" if meta else None,
+            )
+            injected.append(key)
+        if not injected:
+            raise IncompatibleModelError(
+                f"no module of the {type(model).__name__} matches the adapter's target_modules "
+                f"{config.target_modules!r}",
+                hint="the adapter was made for a different base model",
+            )
+        self._add_modules_to_save(config, name)
+        return injected
+
+    def _add_modules_to_save(self, config: LoraConfig, name: str) -> None:
+        names = list(config.modules_to_save or [])
+        if config.task_type == "SEQ_CLS":
+            names += [n for n in ("classifier", "score") if n not in names]
+        if not names:
+            return
+        model = self.model
+        keys = [k for k, _ in model.named_modules(remove_duplicate=False)]
+        for key in keys:
+            if not any(key.endswith(n) for n in names):
+                continue
+            try:
+                module = model.get_submodule(key)
+            except AttributeError:
+                continue  # inside a wrapper made earlier in this loop
+            parent, child = _parent(model, key)
+            if isinstance(parent, (ModulesToSaveWrapper, nn.ModuleDict)):
+                continue
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                setattr(parent, child, module)
+            module.add_adapter(name)
+
+    def set_adapter(self, name: str) -> None:
+        for _, layer in self.lora_layers():
+            layer.active_adapters = [name]
+        for _, w in self.wrappers():
+            w.active_adapter = name if name in w.modules_to_save else None
+
+    def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        for key, p in self.named_parameters():
+            parts = key.split(".")
+            if (any(c in parts for c in _ADAPTER_PARAMS) and name in parts) or (
+                "modules_to_save" in parts and name in parts
+            ):
+                yield key, p
+
+
+class AdapterModel(nn.Module):
+    """A transformers model with LoRA adapters, API-compatible with PEFT's `PeftModel`."""
+
+    last_load: LoadResult | None = None  # what the last from_pretrained loaded
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = LoraModel(model)
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter = adapter_name
+        self._add(config, adapter_name)
+
+    # --- construction ---------------------------------------------------------------------------
+
+    def _add(self, config: LoraConfig, name: str, *, meta: bool = False) -> list[str]:
+        validate_adapter_name(name)
+        if name in self.peft_config:
+            raise AdapterctlError(f"an adapter named `{name}` is already loaded")
+        bias_users = [n for n, c in self.peft_config.items() if c.bias != "none"]
+        if config.bias != "none" and bias_users:
+            raise AdapterctlError(
+                f"only one adapter may train biases; `{bias_users[0]}` already does",
+                hint="PEFT has the same limit",
+            )
+        injected = self.base_model.inject(config, name, meta=meta)
+        self.peft_config[name] = config
+        return injected
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> AdapterModel:
+        """Inject an adapter saved in `model_id` into `model` (in place) and load its weights."""
+        check_kwargs(kwargs)
+        _refuse_ephemeral(ephemeral_gpu_offload)
+        directory = adapter_dir(model_id, kwargs.get("subfolder"))
+        if config is None:
+            config = LoraConfig.from_file(directory / "adapter_config.json")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.base_model = LoraModel(model)
+        self.peft_config = {}
+        self.active_adapter = adapter_name
+        self._add(config, adapter_name, meta=low_cpu_mem_usage)
+        result = self._load_weights(
+            directory, adapter_name, is_trainable, autocast_adapter_dtype, low_cpu_mem_usage,
+            key_mapping, kwargs.get("torch_device"),
+        )  # fmt: skip
+        warn_missing(result)
+        self.last_load = result
+        return self
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> LoadResult:
+        """Load another adapter next to the loaded ones; it is not activated (as in PEFT)."""
+        check_kwargs(kwargs)
+        _refuse_ephemeral(ephemeral_gpu_offload)
+        directory = adapter_dir(model_id, kwargs.get("subfolder"))
+        config = LoraConfig.from_file(directory / "adapter_config.json")
+        active = self.active_adapter
+        self._add(config, adapter_name, meta=low_cpu_mem_usage)
+        self.base_model.set_adapter(active)
+        return self._load_weights(
+            directory, adapter_name, is_trainable, autocast_adapter_dtype, low_cpu_mem_usage,
+            key_mapping, torch_device,
+        )  # fmt: skip
+
+    def _load_weights(
+        self,
+        directory: Any,
+        name: str,
+        is_trainable: bool,
+        autocast: bool,
+        low_cpu_mem_usage: bool,
+        key_mapping: dict[str, str] | None,
+        torch_device: str | None,
+    ) -> LoadResult:
+        config = self.peft_config[name]
+        sd = read_weights(directory, torch_device or "cpu")
+        if key_mapping is None:
+            key_mapping = getattr(self.base_model.model, "_checkpoint_conversion_mapping", None)
+        sd = apply_key_mapping(sd, key_mapping)
+        wrappers = [p for p, _ in self.base_model.wrappers()]
+        sd = memory_keys(sd, name, config, wrappers)
+        device_of = self._adapter_devices(name) if low_cpu_mem_usage else None
+        result = load_into(self, sd, name, assign=low_cpu_mem_usage, device_of=device_of)
+        self._cast_adapter(name, autocast)
+        self._set_trainable(name, is_trainable)
+        return result
+
+    def _adapter_devices(self, name: str) -> dict[str, torch.device]:
+        """Where each adapter tensor goes: the device of the layer it wraps."""
+        out: dict[str, torch.device] = {}
+        for path, layer in self.base_model.lora_layers():
+            device = param(layer.base_layer).device
+            for key, _ in layer.named_parameters():
+                out[f"{PREFIX}{path}.{key}"] = device
+        return out
+
+    def _cast_adapter(self, name: str, autocast: bool) -> None:
+        """Adapter tensors in their layer's dtype, then fp32 for half-precision layers (autocast)."""
+        for _, layer in self.base_model.lora_layers():
+            base_dtype = param(layer.base_layer).dtype
+            for container in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+                if name in container:
+                    for p in container[name].parameters():
+                        if p.is_floating_point() and not p.is_meta:
+                            target = (
+                                torch.float32
+                                if autocast and base_dtype in (torch.float16, torch.bfloat16)
+                                else base_dtype
+                            )
+                            p.data = p.data.to(target)
+            for pdict in (layer.lora_embedding_A, layer.lora_embedding_B):
+                if name in pdict and not pdict[name].is_meta:
+                    target = (
+                        torch.float32
+                        if autocast and base_dtype in (torch.float16, torch.bfloat16)
+                        else base_dtype
+                    )
+                    pdict[name].data = pdict[name].data.to(target)
+
+    def _set_trainable(self, name: str, is_trainable: bool) -> None:
+        config = self.peft_config[name]
+        if not is_trainable:
+            for p in self.parameters():
+                p.requires_grad_(False)
+            self.eval()
+            return
+        for p in self.base_model.model.parameters():
+            p.requires_grad_(False)
+        for _, p in self.base_model.adapter_parameters(name):
+            p.requires_grad_(True)
+        if config.bias == "all":
+            for key, p in self.base_model.model.named_parameters():
+                if key.endswith(".bias") and ".original_module." not in key:
+                    p.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for _, layer in self.base_model.lora_layers():
+                bias = getattr(layer.base_layer, "bias", None)
+                if bias is not None:
+                    bias.requires_grad_(True)
+
+    # --- runtime ------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterctlError(f"no adapter named `{adapter_name}` is loaded")
+        self.base_model.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterctlError(f"no adapter named `{adapter_name}` is loaded")
+        for _, layer in self.base_model.lora_layers():
+            layer.delete_adapter(adapter_name)
+        for _, w in self.base_model.wrappers():
+            if adapter_name in w.modules_to_save:
+                del w.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        layers: list[Any] = [m for _, m in self.base_model.lora_layers()]
+        layers += [m for _, m in self.base_model.wrappers()]
+        before = [m.disabled for m in layers]
+        for m in layers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m, was in zip(layers, before, strict=True):
+                m.disabled = was
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    # --- merging ------------------------------------------------------------------------------
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge adapters into the base weights and return the plain transformers model."""
+        return self._unload(merge=True, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain transformers model."""
+        return self._unload(merge=False, adapter_names=None)
+
+    def _unload(self, merge: bool, adapter_names: list[str] | None) -> nn.Module:
+        model = self.base_model.model
+        for path, layer in list(self.base_model.lora_layers()):
+            base = layer.base_layer
+            if merge:
+                names = adapter_names or [a for a in layer.active_adapters if a in layer.r]
+                weight, bias = layer.merged_weight(names)
+                with torch.no_grad():
+                    param(base).data = weight
+                    if bias is not None:
+                        param(base, "bias").data = bias
+            parent, child = _parent(model, path)
+            setattr(parent, child, base)
+        for path, wrapper in list(self.base_model.wrappers()):
+            new = wrapper.original_module
+            active = wrapper.active_adapter
+            if merge and active is not None and active in wrapper.modules_to_save:
+                new = wrapper.modules_to_save[active]
+            parent, child = _parent(model, path)
+            setattr(parent, child, new)
+        self.peft_config = {}
+        return model
+
+
+def _refuse_ephemeral(flag: bool) -> None:
+    if flag:
+        raise AdapterctlError(
+            "ephemeral_gpu_offload is not supported by adapterctl",
+            hint="load the base onto the GPU (device_map) instead",
+        )
+
+
+def get_adapter_model(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default"
+) -> AdapterModel:
+    """A fresh adapter on `model` (layers initialised as LoRA's default: random A, zero B)."""
+    from adapterctl.engine.init import init_default
+
+    wrapped = AdapterModel(model, config, adapter_name)
+    init_default(wrapped, adapter_name, config)
+    return wrapped

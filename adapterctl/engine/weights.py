@@ -1,0 +1,173 @@
+"""Adapter files into a live model: locate, read, rename keys, check shapes, assign (peft-format.md 6)."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterctl.errors import AdapterNotFoundError, IncompatibleModelError
+from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.keys import PREFIX, classify, to_memory_key
+from adapterctl.format.layout import BIN_NAME, SAFETENSORS_NAME
+from adapterctl.format.tensors import load_bin
+
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "torch_device")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What loading one adapter's weights did: PEFT's missing/unexpected keys, as lists."""
+
+    adapter_name: str
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    loaded_keys: list[str] = field(default_factory=list)
+
+
+def adapter_dir(model_id: str | os.PathLike[str], subfolder: str | None = None) -> Path:
+    """The local directory holding the adapter; anything else is a clear error (no Hub yet)."""
+    path = Path(model_id)
+    if subfolder:
+        path = path / subfolder
+    if not path.is_dir():
+        raise AdapterNotFoundError(
+            f"`{path}` is not a local adapter directory",
+            hint="Hugging Face Hub ids are not supported yet; download the adapter first",
+        )
+    if not (path / CONFIG_NAME).is_file():
+        raise AdapterNotFoundError(f"`{path}` has no `{CONFIG_NAME}`")
+    return path
+
+
+def read_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors (preferred, as in PEFT) or adapter_model.bin (weights_only)."""
+    st = directory / SAFETENSORS_NAME
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        from adapterctl.format.header import read_header
+
+        read_header(st)  # our validation first: a bad file is one clear error
+        return load_file(str(st), device=str(device))
+    binp = directory / BIN_NAME
+    if binp.is_file():
+        return {k: v.to(device) for k, v in load_bin(binp).items()}
+    raise AdapterNotFoundError(f"`{directory}` has no `{SAFETENSORS_NAME}` or `{BIN_NAME}`")
+
+
+def apply_key_mapping(
+    sd: dict[str, torch.Tensor], key_mapping: dict[str, str] | None
+) -> dict[str, torch.Tensor]:
+    """PEFT's key_mapping: regex renames on the key without its prefix; the first that applies wins."""
+    if not key_mapping:
+        return sd
+    out = {}
+    for key, value in sd.items():
+        prefixed = key.startswith(PREFIX)
+        rest = key[len(PREFIX) :] if prefixed else key
+        for pattern, repl in key_mapping.items():
+            new, n = re.subn(pattern, repl, rest)
+            if n:
+                rest = new
+                break
+        out[(PREFIX if prefixed else "") + rest] = value
+    return out
+
+
+def memory_keys(
+    sd: dict[str, torch.Tensor], adapter_name: str, config: LoraConfig, wrappers: list[str]
+) -> dict[str, torch.Tensor]:
+    """Stored keys -> the model's own keys (PEFT's names: `base_model.model.` + path)."""
+    out = {}
+    mts = config.modules_to_save or []
+    for key, value in sd.items():
+        info = classify(key, mts)
+        if info.prefixed and info.is_lora:
+            out[to_memory_key(key, adapter_name)] = value
+            continue
+        if info.prefixed and info.kind == "modules_to_save":
+            owner = max(
+                (w for w in wrappers if info.base_key.startswith(w + ".")), key=len, default=None
+            )
+            if owner is not None:
+                rest = info.base_key[len(owner) + 1 :]
+                out[f"{PREFIX}{owner}.modules_to_save.{adapter_name}.{rest}"] = value
+                continue
+        out[key] = value  # biases, saved embeddings: straight into the base model's own keys
+    return out
+
+
+def _is_adapter_key(key: str, adapter_name: str) -> bool:
+    return "lora_" in key and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))
+
+
+def _set(root: nn.Module, key: str, value: torch.Tensor, assign: bool) -> None:
+    owner_path, _, attr = key.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    current = getattr(owner, attr)
+    with torch.no_grad():
+        if assign or current.is_meta:
+            new = value.to(dtype=current.dtype)
+            if isinstance(current, nn.Parameter):
+                setattr(owner, attr, nn.Parameter(new, requires_grad=current.requires_grad))
+            else:
+                setattr(owner, attr, new)
+        else:
+            current.copy_(value.to(device=current.device, dtype=current.dtype))
+
+
+def load_into(
+    root: nn.Module,
+    sd: dict[str, torch.Tensor],
+    adapter_name: str,
+    *,
+    assign: bool = False,
+    device_of: dict[str, torch.device] | None = None,
+) -> LoadResult:
+    """Assign `sd` (model keys) into `root`; missing adapter keys warn, a shape mismatch raises."""
+    own = dict(root.state_dict(keep_vars=True))
+    loaded, unexpected = [], []
+    for key, value in sd.items():
+        target = own.get(key)
+        if target is None:
+            unexpected.append(key)
+            continue
+        if tuple(target.shape) != tuple(value.shape):
+            module = key.rsplit(".", 2)[0].removeprefix(PREFIX)
+            raise IncompatibleModelError(
+                f"size mismatch for `{key}` (module `{module}`): the model expects "
+                f"{list(target.shape)} but the file has {list(value.shape)}",
+                hint="the adapter was trained for a different base model",
+            )
+    for key, value in sd.items():
+        if key in own:
+            if assign and device_of is not None and key in device_of:
+                value = value.to(device_of[key])
+            _set(root, key, value, assign)
+            loaded.append(key)
+    missing = [k for k in own if _is_adapter_key(k, adapter_name) and k not in sd]
+    return LoadResult(adapter_name, missing, unexpected, loaded)
+
+
+def warn_missing(result: LoadResult) -> None:
+    if result.missing_keys:
+        warnings.warn(
+            f"Found missing adapter keys while loading the checkpoint: {result.missing_keys}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_kwargs(kwargs: dict[str, Any]) -> None:
+    """Only the Hub kwargs PEFT takes; for a local directory revision/cache_dir/token do nothing,
+    as in PEFT."""
+    unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
