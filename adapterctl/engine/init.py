@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from adapterctl.engine.layers import param
+from adapterctl.engine.layers import LoraLayer, param
 
 if TYPE_CHECKING:
     from adapterctl.engine.model import AdapterModel
@@ -22,9 +22,10 @@ def init_default(model: AdapterModel, name: str, config: LoraConfig) -> None:
     at the row norm of W + sBA.
     """
     init = config.init_lora_weights
+    residual = init in RESIDUAL_METHODS  # A0, B0 were set from the base by `decompose`
     with torch.no_grad():
         for _, layer in model.base_model.lora_layers():
-            if name not in layer.r:
+            if name not in layer.r or (residual and layer.kind != "embedding"):
                 continue
             if layer.kind == "embedding":
                 a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
@@ -53,3 +54,82 @@ def init_default(model: AdapterModel, name: str, config: LoraConfig) -> None:
                 else:
                     norm = layer._dora_norm(name, layer.base_weight_out_in().to(a.dtype))
                 layer.magnitude(name).copy_(norm)
+
+
+#: init_lora_weights values with no effect on the base model when an adapter is loaded.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+#: values that rewrite the base into a residual when the layer is built (peft-format.md 7.1).
+RESIDUAL_METHODS = ("pissa", "olora")
+
+
+def check_init(config: LoraConfig) -> str | None:
+    """The residual method a config asks for (pissa/olora), None for plain inits; else an error."""
+    from adapterctl.errors import AdapterctlError
+
+    init = config.init_lora_weights
+    if init in PLAIN_INITS:
+        return None
+    if init in RESIDUAL_METHODS:
+        return str(init)
+    convert_hint = "convert it to plain LoRA with `adapterctl convert`, then load the result"
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        raise AdapterctlError(
+            f"`init_lora_weights` is {init!r}: PEFT re-decomposes the base with a randomized SVD "
+            "when loading it, so the result depends on the random state",
+            hint=convert_hint,
+        )
+    if init == "corda":
+        raise AdapterctlError(
+            "`init_lora_weights` is 'corda': the residual base depends on calibration data that "
+            "the adapter files do not hold (PEFT cannot load it either)",
+            hint=convert_hint,
+        )
+    raise AdapterctlError(f"`init_lora_weights` {init!r} is not supported by adapterctl")
+
+
+def decompose(layer: LoraLayer, name: str, method: str) -> None:
+    """PiSSA / OLoRA: set A0, B0 from the base weight and replace the base by the residual.
+
+    PiSSA: W = U S Vh (full SVD of the (out, in) weight), A0 = sqrt(S_r/s) Vh_r,
+    B0 = U_r sqrt(S_r/s). OLoRA: W = QR of the weight as stored, A0 = R_r, B0 = Q_r.
+    Either way W_res = W - s B0 A0, written back in the weight's dtype and orientation.
+    """
+    from adapterctl.errors import IncompatibleModelError
+
+    base = param(layer.base_layer)
+    dtype = base.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise IncompatibleModelError(f"{method} needs a float32/16 or bfloat16 base, not {dtype}")
+    r, s = layer.r[name], layer.scaling[name]
+    if method == "pissa":
+        w = layer.base_weight_out_in().to(torch.float32)
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(sv[:r] / s)
+        a0 = torch.diag(root) @ vh[:r]
+        b0 = u[:, :r] @ torch.diag(root)
+    else:
+        if layer.kind != "linear":
+            raise IncompatibleModelError(
+                "OLoRA on a transformers Conv1D layer is not supported (PEFT decomposes the "
+                "wrong orientation there)",
+                hint="convert the adapter to plain LoRA with `adapterctl convert`",
+            )
+        w = base.to(torch.float32)
+        q, rr = torch.linalg.qr(w)
+        a0, b0 = rr[:r].contiguous(), q[:, :r].contiguous()
+    residual = w - s * (b0 @ a0)
+    with torch.no_grad():
+        param(layer.lora_A[name]).copy_(a0)
+        param(layer.lora_B[name]).copy_(b0)
+        stored = residual if layer.kind == "linear" else residual.T
+        base.data = stored.to(dtype).contiguous()
+
+
+def residual_init(model: AdapterModel, name: str, method: str) -> list[str]:
+    """Run `decompose` on every Linear/Conv1D layer of adapter `name`; returns their paths."""
+    done = []
+    for path, layer in model.base_model.lora_layers():
+        if name in layer.r and layer.kind != "embedding":
+            decompose(layer, name, method)
+            done.append(path)
+    return done

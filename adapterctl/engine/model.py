@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -164,12 +165,22 @@ class AdapterModel(nn.Module):
         self.base_model = LoraModel(model)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter = adapter_name
-        self._add(config, adapter_name)
+        self._add(config, adapter_name, loading=False)
 
     # --- construction ---------------------------------------------------------------------------
 
-    def _add(self, config: LoraConfig, name: str, *, meta: bool = False) -> list[str]:
+    def _add(
+        self, config: LoraConfig, name: str, *, meta: bool = False, loading: bool = True
+    ) -> list[str]:
+        from adapterctl.engine.init import check_init, residual_init
+
         validate_adapter_name(name)
+        method = check_init(config)
+        if method is not None and meta:
+            raise AdapterctlError(
+                f"`init_lora_weights` is {method!r}, which needs the real base weights; "
+                "it cannot be combined with low_cpu_mem_usage"
+            )
         if name in self.peft_config:
             raise AdapterctlError(f"an adapter named `{name}` is already loaded")
         bias_users = [n for n, c in self.peft_config.items() if c.bias != "none"]
@@ -178,8 +189,19 @@ class AdapterModel(nn.Module):
                 f"only one adapter may train biases; `{bias_users[0]}` already does",
                 hint="PEFT has the same limit",
             )
+        _refuse_unsupported_base(self.base_model.model)
         injected = self.base_model.inject(config, name, meta=meta)
         self.peft_config[name] = config
+        if method is not None:
+            residual_init(self, name, method)
+        if method is not None and loading:
+            warnings.warn(
+                f"`init_lora_weights` is {method!r}: the targeted base weights were replaced by "
+                "their residual, as PEFT does when loading such an adapter; convert it to plain "
+                "LoRA with `adapterctl convert` to load it on an unmodified base",
+                UserWarning,
+                stacklevel=3,
+            )
         return injected
 
     @classmethod
@@ -406,6 +428,26 @@ class AdapterModel(nn.Module):
             setattr(parent, child, new)
         self.peft_config = {}
         return model
+
+
+def _refuse_unsupported_base(model: nn.Module) -> None:
+    """Quantized bases and architectures whose adapter keys transformers v5 rewrites (Trap T18)."""
+    config = getattr(model, "config", None)
+    if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None):
+        raise IncompatibleModelError(
+            "quantized base models (bitsandbytes and others) are not supported",
+            hint="load the base in float32, float16 or bfloat16",
+        )
+    model_type = getattr(config, "model_type", None)
+    if model_type:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        if get_checkpoint_conversion_mapping(model_type) is not None:  # type: ignore[no-untyped-call]
+            raise IncompatibleModelError(
+                f"transformers rewrites the weight names of `{model_type}` models when loading, "
+                "and PEFT rewrites their adapter keys to match; adapterctl does not do this yet",
+                hint="load this adapter with PEFT",
+            )
 
 
 def _refuse_ephemeral(flag: bool) -> None:

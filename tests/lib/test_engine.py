@@ -249,3 +249,64 @@ def test_gpt2_conv1d_and_llama_bases_differ() -> None:
 def test_peft_save_helper_writes_subfolders(tmp_path: Path) -> None:
     out = peft_save(tiny_llama, tmp_path / "x", {"a": {"r": 2, "target_modules": ["q_proj"]}})
     assert (out / "a" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_inits_redecompose_like_peft(tmp_path: Path, init: str) -> None:
+    out = peft_save(
+        tiny_llama,
+        tmp_path / init,
+        {
+            "default": {
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj", "v_proj"],
+                "init_lora_weights": init,
+            }
+        },
+    )
+    ref = _peft(tiny_llama, out)
+    with pytest.warns(UserWarning, match="replaced by their residual"):
+        ours = _ours(tiny_llama, out)
+    assert (_logits(ref) - _logits(ours)).abs().max().item() <= 1e-5
+    base_ref = ref.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    base_ours = ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert (base_ref - base_ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda"])
+def test_random_or_data_dependent_inits_are_refused(tmp_path: Path, init: str) -> None:
+    from tests.helpers import write_adapter
+
+    d = write_adapter(tmp_path / "a", config={"init_lora_weights": init})
+    with pytest.raises(AdapterctlError, match=f"'{init}'") as e:
+        _ours(tiny_llama, d)
+    assert "adapterctl convert" in (e.value.hint or "")
+
+
+def test_pissa_on_gpt2_conv1d(tmp_path: Path) -> None:
+    out = peft_save(
+        tiny_gpt2,
+        tmp_path / "g",
+        {"default": {"r": 4, "target_modules": ["c_attn"], "init_lora_weights": "pissa"}},
+    )
+    ref = _peft(tiny_gpt2, out)
+    with pytest.warns(UserWarning, match="residual"):
+        ours = _ours(tiny_gpt2, out)
+    assert (_logits(ref) - _logits(ours)).abs().max().item() <= 1e-5
+
+
+def test_architectures_with_key_conversion_are_refused(tmp_path: Path) -> None:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tests.helpers import write_adapter
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, num_local_experts=2,
+    )  # fmt: skip
+    d = write_adapter(tmp_path / "a")
+    with pytest.raises(IncompatibleModelError, match="`mixtral`"):
+        _ours(lambda: MixtralForCausalLM(config), d)
