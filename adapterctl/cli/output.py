@@ -92,6 +92,8 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
 def _num(value: float | None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return str(value)
     return f"{value:g}"
 
 

@@ -51,10 +51,34 @@ def _lock(directory: Path, *, wait: bool) -> int | None:
     return fd
 
 
+def _owner_alive(path: Path, marker: str) -> bool:
+    """Whether the process named in a sibling's name (`.NAME<marker>PID-RANDOM`) still runs."""
+    try:
+        pid = int(path.name.rsplit(marker, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but is not ours to signal
+    return True
+
+
+def _stale(path: Path, marker: str) -> int | None:
+    """A lock on a sibling that is stale: its process is gone and nobody holds its lock."""
+    if _owner_alive(path, marker):
+        return None  # covers the moment between a sibling's mkdir and its flock
+    return _lock(path, wait=False)
+
+
 def recover(dest: Path) -> None:
     """Undo what an interrupted earlier run left next to `dest`: stale temps, an aside copy."""
     for old in _siblings(dest, _OLD):
-        fd = _lock(old, wait=False)
+        fd = _stale(old, _OLD)
         if fd is None:
             continue
         try:
@@ -63,10 +87,12 @@ def recover(dest: Path) -> None:
                 log.warning("restored `%s` from an interrupted swap", dest)
             else:
                 shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            log.warning("could not clean up `%s`: %s", old, e.strerror)
         finally:
             os.close(fd)
     for tmp in _siblings(dest, _TMP):
-        fd = _lock(tmp, wait=False)
+        fd = _stale(tmp, _TMP)
         if fd is None:
             continue  # another live process is writing it
         try:
@@ -148,7 +174,7 @@ def _swap_in(tmp: Path, dest: Path, force: bool) -> None:
             os.rename(dest, aside)
             try:
                 os.rename(tmp, dest)
-            except OSError:
+            except BaseException:  # an interrupt here too: put the old output back first
                 os.rename(aside, dest)
                 raise
             _fsync_dir(dest.parent)

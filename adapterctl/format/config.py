@@ -120,14 +120,14 @@ def validate(data: dict[str, Any], label: str) -> None:
             'PEFT spells it exactly `"LORA"` (upper case)',
         )
     r = data.get("r", DEFAULTS["r"])
-    if not _is_int(r) or r <= 0:
-        raise fail("r", f"must be a positive integer, not {json.dumps(r)}")
+    if not _is_int(r) or not 0 < r <= 2**32:
+        raise fail("r", f"must be a positive integer up to 2**32, not {json.dumps(r)}")
     alpha = data.get("lora_alpha", DEFAULTS["lora_alpha"])
     if not _is_number(alpha):
         raise fail("lora_alpha", f"must be a number, not {json.dumps(alpha)}")
     dropout = data.get("lora_dropout", 0.0)
-    if not _is_number(dropout) or not 0 <= dropout < 1:
-        raise fail("lora_dropout", f"must be a number in [0, 1), not {json.dumps(dropout)}")
+    if not _is_number(dropout) or not 0 <= dropout <= 1:
+        raise fail("lora_dropout", f"must be a number in [0, 1], not {json.dumps(dropout)}")
     for field in _BOOL_FIELDS:
         if field in data and not isinstance(data[field], bool):
             raise fail(field, f"must be true or false, not {json.dumps(data[field])}")
@@ -169,7 +169,7 @@ def validate(data: dict[str, Any], label: str) -> None:
     if mts is not None and not _is_str_list(mts):
         raise fail("modules_to_save", "must be a list of module names or null")
     for field, check, kind in (
-        ("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("rank_pattern", lambda v: _is_int(v) and 0 < v <= 2**32, "a positive integer"),
         ("alpha_pattern", _is_number, "a number"),
     ):
         patterns = data.get(field, {})

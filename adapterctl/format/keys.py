@@ -7,7 +7,6 @@ it (ParameterDict entries such as `lora_embedding_A.default`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -70,8 +69,10 @@ def _strip_base_layers(path: str) -> tuple[str, int]:
 
 
 def module_matches(name: str, module: str) -> bool:
-    """PEFT's rule for `modules_to_save` names: `name` is the module or one of its ancestors."""
-    return re.fullmatch(rf"(^|.*\.){re.escape(name)}($|\..*)", module) is not None
+    """PEFT's rule for `modules_to_save` names: the module, or one of its ancestors, has a path that
+    ends with `name` (a plain string suffix, as PEFT matches: "layernorm" saves `input_layernorm`)."""
+    parts = module.split(".")
+    return any(".".join(parts[:i]).endswith(name) for i in range(1, len(parts) + 1))
 
 
 def classify(key: str, modules_to_save: Iterable[str] = ()) -> KeyInfo:

@@ -32,6 +32,7 @@ def validate_adapter_name(name: str) -> str:
         or "\0" in name
         or name != name.strip()
         or name.startswith(".")
+        or name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, README_NAME)
     )
     if bad:
         raise SelectionError(
@@ -55,23 +56,31 @@ class AdapterFiles:
     warnings: tuple[str, ...] = ()
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with unreadable places as a clear error instead of an OSError."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
+
+
 def _weights_in(directory: Path) -> tuple[Path, str, tuple[str, ...]] | None:
     st, binp = directory / SAFETENSORS_NAME, directory / BIN_NAME
-    if st.is_file():
+    if _is_file(st):
         warns: tuple[str, ...] = ()
-        if binp.is_file():
+        if _is_file(binp):
             warns = (
                 f"both `{st.name}` and `{binp.name}` are in `{directory}`; using safetensors, as PEFT does",
             )
         return st, "safetensors", warns
-    if binp.is_file():
+    if _is_file(binp):
         return binp, "bin", ()
     return None
 
 
 def _adapter_in(directory: Path, name: str) -> AdapterFiles | None:
     config = directory / CONFIG_NAME
-    if not config.is_file():
+    if not _is_file(config):
         return None
     found = _weights_in(directory)
     if found is None:
@@ -89,9 +98,13 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     (whose sibling adapter_config.json, if any, is its config).
     """
     path = Path(source)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a parent folder that may not be searched
+        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
+    if not exists:
         raise AdapterNotFoundError(f"`{path}` does not exist")
-    if path.is_file():
+    if _is_file(path):
         if path.suffix not in (".safetensors", ".bin"):
             raise AdapterFormatError(
                 f"`{path}` is not a `.safetensors` or `.bin` file",
@@ -104,23 +117,34 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
         ]
     if not path.is_dir():
         raise AdapterFormatError(f"`{path}` is neither a file nor a directory")
-    adapters = []
-    root = _adapter_in(path, DEFAULT_ADAPTER)
+    adapters: list[AdapterFiles] = []
+    broken: list[AdapterFormatError] = []
+
+    def probe(directory: Path, name: str) -> AdapterFiles | None:
+        try:
+            return _adapter_in(directory, name)
+        except AdapterFormatError as e:  # one broken folder does not hide the others
+            broken.append(e)
+            return None
+
+    root = probe(path, DEFAULT_ADAPTER)
     if root is not None:
         adapters.append(root)
     try:
-        children = sorted(p for p in path.iterdir() if p.is_dir())
+        children = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir())
     except OSError as e:
         raise AdapterFormatError(f"cannot list `{path}`: {e.strerror}") from None
-    for child in children:
-        if child.name.startswith("."):
-            continue  # temp siblings and hidden folders are never adapters
-        found = _adapter_in(child, child.name)
+    for child in children:  # temp siblings and hidden folders are never adapters
+        found = probe(child, child.name)
         if found is not None:
             if root is not None and child.name == DEFAULT_ADAPTER:
                 log.warning("ignoring `%s`: the root adapter is already named `default`", child)
                 continue
             adapters.append(found)
+    if broken and not adapters:
+        raise broken[0]
+    for problem in broken:
+        log.warning("skipping: %s", problem.message)
     if not adapters:
         hint = None
         if (path / SAFETENSORS_NAME).is_file() or (path / BIN_NAME).is_file():

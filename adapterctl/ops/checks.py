@@ -104,7 +104,9 @@ def analyse(
             warn(
                 f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
             )
-        modules.setdefault(info.module, _Module()).keys[info.kind] = (info, t)
+        # nested target_parameters wrappers of one module are separate LoRA modules
+        path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
+        modules.setdefault(path, _Module()).keys[info.kind] = (info, t)
 
     if not tensors:
         error("the weights file holds no tensors")
@@ -118,12 +120,12 @@ def analyse(
         m = modules[path].keys
         entries.append(_module_entry(path, m, config, error, warn))
     if config is not None:
-        lora_paths = [e.path for e in entries if e.r is not None]
+        lora_paths = sorted({e.path.replace(".base_layer", "") for e in entries if e.r is not None})
         _pattern_warnings(config, lora_paths, warn)
         if mts and not any(info.kind == "modules_to_save" for info, _ in infos):
-            error(
+            warn(
                 f"`modules_to_save` lists {', '.join(mts)} but no tensor for them is stored; "
-                "PEFT fails to load this adapter (KeyError)"
+                "PEFT fails to load this adapter (KeyError) on a base that has such a module"
             )
     for info, t in infos:
         last = info.module.rsplit(".", 1)[-1]
@@ -173,8 +175,14 @@ def _module_entry(
         if a is None or b is None:
             continue
         at, bt = a[1], b[1]
-        if len(at.shape) != 2 or len(bt.shape) != 2:
-            error(f"`{path}`: {a_kind} {list(at.shape)} and {b_kind} {list(bt.shape)} must be 2-D")
+        # 2-D for Linear/Conv1D/Embedding; convolutions store (r, in, k...) and (out, r, 1...)
+        if len(at.shape) < 2 or len(bt.shape) < 2 or len(at.shape) != len(bt.shape):
+            error(
+                f"`{path}`: {a_kind} {list(at.shape)} and {b_kind} {list(bt.shape)} are not LoRA factors"
+            )
+            continue
+        if at.shape[0] == 0:
+            error(f"`{path}`: {a_kind} has rank 0")
             continue
         if at.shape[0] != bt.shape[1]:
             error(
@@ -194,10 +202,12 @@ def _module_entry(
         return ModuleEntry(path, kinds, None, None, None)
     if config is None:
         return ModuleEntry(path, kinds, r, None, None)
-    expected = config.rank_for(path)
-    # target_parameters on 3-D expert tensors stores r * num_experts rows (peft-format.md 3.5)
-    if r != expected and not (config.target_parameters and r % expected == 0):
-        keys = config.matching_patterns("rank_pattern", path)
+    module = path.replace(".base_layer", "")
+    expected = config.rank_for(module)
+    if config.target_parameters and r != expected and r % expected == 0:
+        r = expected  # 3-D expert tensors store r * num_experts rows (peft-format.md 3.5)
+    if r != expected:
+        keys = config.matching_patterns("rank_pattern", module)
         source = f"rank_pattern key {keys[0]!r}" if keys else "`r`"
         error(
             f"`{path}`: the config gives rank {expected} ({source}) but the stored factors have "
@@ -211,7 +221,7 @@ def _module_entry(
         warn(f"`{path}`: `lora_bias` is true but no lora_B.bias is stored")
     if not config.lora_bias and "lora_B.bias" in m:
         warn(f"`{path}`: a lora_B.bias is stored but `lora_bias` is false; PEFT ignores it")
-    alpha = config.alpha_for(path)
+    alpha = config.alpha_for(module)
     return ModuleEntry(path, kinds, r, alpha, config.scaling(alpha, r))
 
 

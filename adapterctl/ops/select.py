@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterFormatError, SelectionError
+from adapterctl.errors import AdapterFormatError, OutputError, SelectionError
 from adapterctl.format.atomic import atomic_directory, check_output
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.header import read_header
@@ -24,6 +25,8 @@ from adapterctl.format.layout import (
     validate_adapter_name,
 )
 from adapterctl.format.tensors import copy_stream, load_bin
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,16 @@ def select_adapters(
         raise SelectionError(f"two chosen adapters would both be named {sorted(new_names)}")
     out = Path(output)
     check_output(Path(os.path.abspath(out)), force)
+    real_out, real_src = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+    if real_out == real_src or real_out in real_src.parents:
+        raise OutputError(
+            f"output `{out}` is the source or a folder that holds it",
+            hint="write the selection to a new directory",
+        )
     for files in picked:
         _validate(files)
+        for message in files.warnings:
+            log.warning("%s", message)
     total = sum(os.path.getsize(p) for f in picked for p in (f.config_path, f.weights_path) if p)
 
     def advance(n: int) -> None:

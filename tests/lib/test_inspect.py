@@ -6,6 +6,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adapterctl.errors import AdapterNotFoundError, SelectionError
@@ -168,7 +169,14 @@ def test_overlapping_patterns_warn_and_resolve_in_file_order(tmp_path: Path) -> 
         ({"r": 8}, None, "the config gives rank 8"),
         ({"rank_pattern": {"q_proj": 2}}, None, "rank_pattern key 'q_proj'"),
         ({"use_dora": True}, None, "no lora_magnitude_vector"),
-        ({"modules_to_save": ["lm_head"]}, None, "no tensor for them is stored"),
+        (
+            {},
+            {
+                f"{P}{Q}.lora_A.weight": np.zeros((0, 8), "float32"),
+                f"{P}{Q}.lora_B.weight": np.zeros((8, 0), "float32"),
+            },
+            "rank 0",
+        ),
         ({}, {f"{P}{Q}.lora_A.weight": lora_tensors()[f"{P}{Q}.lora_A.weight"]}, "no lora_B"),
         (
             {},
@@ -203,3 +211,63 @@ def test_unknown_keys_and_kinds_warn(tmp_path: Path) -> None:
     assert any("some_future_option" in m for m in msgs)
     assert any("model.norm.weight` is of no known kind" in m for m in msgs)
     assert a.to_dict()["config"]["some_future_option"] == {"x": 1}
+
+
+def test_modules_to_save_listed_but_absent_is_a_warning(tmp_path: Path) -> None:
+    # PEFT saves and reloads this when the base has no such module (e.g. "classifier" on Llama)
+    (a,) = inspect_adapter(
+        write_adapter(tmp_path / "a", None, {"modules_to_save": ["classifier"]})
+    ).adapters
+    assert a.errors == []
+    assert any("no tensor for them is stored" in p.message for p in a.problems)
+
+
+@pytest.mark.slow
+def test_modules_to_save_matched_as_peft_matches(tmp_path: Path) -> None:
+    from tests.fixtures import peft_save, tiny_llama
+
+    d = peft_save(
+        tiny_llama,
+        tmp_path / "ln",
+        {"default": {"r": 2, "target_modules": ["q_proj"], "modules_to_save": ["layernorm"]}},
+    )
+    (a,) = inspect_adapter(d).adapters
+    assert a.problems == ()
+    saved = [m.path for m in a.modules if m.kinds == ("modules_to_save",)]
+    assert "model.layers.0.input_layernorm" in saved
+
+
+def test_conv_factors_and_nested_wrappers(tmp_path: Path) -> None:
+    conv = {
+        f"{P}conv.lora_A.weight": np.zeros((2, 3, 3, 3), "float32"),
+        f"{P}conv.lora_B.weight": np.zeros((8, 2, 1, 1), "float32"),
+    }
+    (a,) = inspect_adapter(
+        write_adapter(tmp_path / "c", conv, {"r": 2, "target_modules": ["conv"]})
+    ).adapters
+    assert a.errors == []
+    assert [m.r for m in a.modules] == [2]
+    experts = {
+        f"{P}m.experts.base_layer.lora_A.weight": np.zeros((6, 16), "float32"),
+        f"{P}m.experts.base_layer.lora_B.weight": np.zeros((32, 6), "float32"),
+        f"{P}m.experts.lora_A.weight": np.zeros((6, 32), "float32"),
+    }
+    cfg = {
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": None,
+        "target_parameters": ["experts.a", "experts.b"],
+    }
+    (a,) = inspect_adapter(write_adapter(tmp_path / "e", experts, cfg)).adapters
+    assert {m.path: (m.r, m.scaling) for m in a.modules} == {
+        "m.experts": (None, None),
+        "m.experts.base_layer": (2, 2.0),
+    }
+    assert any("`m.experts` has lora_A but no lora_B" in p.message for p in a.errors)
+
+
+def test_a_broken_subfolder_does_not_hide_the_others(tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src")
+    (src / "checkpoint-10").mkdir()
+    (src / "checkpoint-10" / "adapter_config.json").write_text("{}")
+    assert [a.name for a in inspect_adapter(src).adapters] == ["default"]

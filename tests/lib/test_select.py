@@ -96,6 +96,8 @@ def test_single_file_source(tmp_path: Path) -> None:
         (["default"], {"other": "x"}, "renamed but not chosen"),
         (["default"], {"default": "../x"}, "invalid adapter name"),
         (["default"], {"default": ".hidden"}, "invalid adapter name"),
+        (["b"], {"b": "adapter_config.json"}, "invalid adapter name"),
+        (["b"], {"b": "README.md"}, "invalid adapter name"),
         (["default", "b"], {"b": "default"}, "would both be named"),
     ],
 )
@@ -139,13 +141,35 @@ def test_symlink_output_is_refused(tmp_path: Path) -> None:
     assert list(real.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_parent(tmp_path: Path) -> None:  # pragma: no cover - CI runs as root
-    src = write_adapter(tmp_path / "src")
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o500)
-    with pytest.raises(OutputError, match="cannot write"):
-        select_adapters(src, ro / "out", ["default"])
+def test_unwritable_parent(tmp_path: Path) -> None:
+    """As an unprivileged user (root writes anywhere): exit 1, one error line, nothing written."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp root is private to root
+    top.chmod(0o755)
+    src = write_adapter(top / "src")
+    ro = top / "ro"
+    ro.mkdir(mode=0o555)
+    cmd = [sys.executable, "-m", "adapterctl", "select", str(src), str(ro / "out"), "-a", "default"]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv to drop root")
+        drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = subprocess.run(
+            [*drop, sys.executable, "-c", "import adapterctl"], capture_output=True, check=False
+        )
+        if probe.returncode != 0:
+            pytest.skip("an unprivileged user cannot import this checkout")
+        cmd = [*drop, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot write `{ro / 'out'}`: Permission denied")
+    assert list(ro.iterdir()) == []
+    shutil.rmtree(top)
 
 
 def test_failure_midway_leaves_nothing(tmp_path: Path) -> None:
@@ -213,7 +237,8 @@ def test_signal_mid_copy_cleans_up(tmp_path: Path, sig: str) -> None:
     marker = tmp_path / "paused"
     # the child pauses after its first file is copied, at a point the test can see
     script = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # even if started ignoring it
         "marker = sys.argv[3]\n"
         "import adapterctl.ops.select as s\n"
         "copy = s.copy_stream\n"
@@ -247,3 +272,97 @@ def test_signal_mid_copy_cleans_up(tmp_path: Path, sig: str) -> None:
     assert proc.returncode == 130, err
     assert err == "error: interrupted\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paused", "src"]
+
+
+def test_output_that_holds_the_source_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_adapter(run)
+    write_adapter(run / "b")
+    (run / "notes.txt").write_text("keep me")
+    for out in (run, tmp_path, run / "b"):
+        with pytest.raises(OutputError, match="the source or a folder that holds it"):
+            select_adapters(run / "b" if out == run / "b" else run, out, ["default"], force=True)
+    assert (run / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupt_between_the_renames_puts_the_old_output_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adapterctl.format.atomic as atomic
+
+    src = write_adapter(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_rename = os.rename
+    calls = []
+
+    def rename(a: object, b: object) -> None:
+        calls.append((a, b))
+        if len(calls) == 2:  # dest -> aside done; now the new one would be renamed in
+            raise KeyboardInterrupt
+        real_rename(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        select_adapters(src, out, ["default"], force=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert (out / "old.txt").read_text() == "old"
+
+
+def test_two_writers_of_one_output_one_wins(tmp_path: Path) -> None:
+    """Both held mid-write, without --force: exactly one exits 0, the other 1 with an error."""
+    import subprocess
+    import sys
+    import time
+
+    src = write_adapter(tmp_path / "src")
+    go = tmp_path / "go"
+    script = (
+        "import signal, sys, time, os\n"
+        "marker, go = sys.argv[3], sys.argv[4]\n"
+        "import adapterctl.ops.select as s\n"
+        "copy = s.copy_stream\n"
+        "def held(src, dst, progress=None):\n"
+        "    n = copy(src, dst, progress)\n"
+        "    open(marker, 'w').close()\n"
+        "    while not os.path.exists(go): time.sleep(0.01)\n"
+        "    return n\n"
+        "s.copy_stream = held\n"
+        "sys.argv = ['adapterctl', 'select', sys.argv[1], sys.argv[2], '-a', 'default']\n"
+        "from adapterctl.cli.main import main\n"
+        "main()\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(src),
+                str(tmp_path / "out"),
+                str(tmp_path / f"m{i}"),
+                str(go),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"m{i}").exists() for i in range(2)):
+            assert time.monotonic() < deadline, "the writers never got going"
+            time.sleep(0.02)
+        go.touch()
+        results = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], results
+    loser = next(err for p, (_, err) in zip(procs, results, strict=True) if p.returncode == 1)
+    assert loser.startswith(f"error: output `{tmp_path / 'out'}` already exists")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

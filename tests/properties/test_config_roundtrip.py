@@ -189,7 +189,7 @@ INVALID = [
     ({"rank_pattern": {"(": 4}}, "rank_pattern"),
     ({"rank_pattern": []}, "rank_pattern"),
     ({"alpha_pattern": {"q_proj": "16"}}, "alpha_pattern"),
-    ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"lora_dropout": 1.5}, "lora_dropout"),
     ({"use_dora": "yes"}, "use_dora"),
     ({"use_rslora": 1}, "use_rslora"),
     ({"bias": "some"}, "bias"),
