@@ -29,6 +29,14 @@ adapterctl inspect "$work/math-only" --check --json > /dev/null && echo "(exit 0
 printf '\n$ adapterctl select ... (again, without --force)\n'
 if adapterctl select "$work/checkpoint" "$work/math-only" --adapter math; then exit 1; fi
 run adapterctl select "$work/checkpoint" "$work/math-only" --adapter math --adapter code --force --json
+# a real (tiny, random) base model: load an adapter onto it, generate, merge
+python demo/make_base.py "$work/base"
+run adapterctl load "$work/base" "$work/checkpoint" --prompt "the tiny llama loads" --max-new-tokens 6 --compare-base
+run adapterctl load "$work/base" "$work/math-only/math" --adapter-name math --merge-to "$work/merged" --json
+run ls "$work/merged"
+# the wrong model class: the base checkpoint lacks weights the class needs, so nothing loads
+printf "\n$ adapterctl load base checkpoint/code --model-class seq-cls\n"
+if adapterctl load "$work/base" "$work/checkpoint/code" --model-class seq-cls; then exit 1; else echo "(exit $?)"; fi
 # a damaged file: one clear error line, exit 1
 head -c 100 "$work/checkpoint/adapter_model.safetensors" > "$work/broken.safetensors"
 printf '\n$ adapterctl inspect broken.safetensors\n'

@@ -41,7 +41,7 @@ def error_boundary(func: F) -> F:
         output.route_library_warnings()
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort):  # both subclass RuntimeError: let them through first
+        except (typer.Exit, typer.Abort, typer.BadParameter):  # Typer renders these itself (exit 2)
             raise
         except AdapterctlError as e:
             if _debug():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from adapterctl.ops.checks import human_size
 
 if TYPE_CHECKING:
+    from adapterctl.engine.session import LoadReport
     from adapterctl.ops.inspect import AdapterReport, InspectReport
     from adapterctl.ops.select import SelectionResult
 
@@ -188,3 +189,47 @@ def render_selection(result: SelectionResult) -> None:
         where = f"{result.output}/{a.path}" if a.path else result.output
         renamed = f" (was {a.source_name})" if a.source_name != a.name else ""
         result_line(f"✓ {a.name}{renamed} -> {where} ({human_size(a.nbytes)})")
+
+
+@contextlib.contextmanager
+def status() -> Iterator[Callable[[str], None]]:
+    """A one-line spinner on stderr naming the current step (drawn only on a terminal)."""
+    if not sys.stderr.isatty():
+        yield lambda message: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status("starting") as spinner:
+        yield lambda message: spinner.update(message)
+
+
+def render_load(r: LoadReport) -> None:
+    """The `load` report: base, adapter, keys, timings, and any generated text."""
+    injected = ", ".join(f"{n} {kind}" for kind, n in r.injected.items()) or "-"
+    rows = [
+        ("base", f"{r.base} ({r.base_class}, from {r.class_source})"),
+        ("parameters", f"{r.base_parameters:,}"),
+        ("device", f"{r.device}, {r.dtype}"),
+        ("adapter", f"{r.adapter} as `{r.adapter_name}`"),
+        ("injected", injected),
+        ("adapter params", f"{r.adapter_parameters:,} ({r.trainable_parameters:,} trainable)"),
+        ("keys", "all loaded: none missing, none unexpected"),
+        ("load time", f"base {r.base_load_s:.2f} s, adapter {r.adapter_load_s:.3f} s"),
+        (
+            "peak memory",
+            f"{r.peak_rss_mib:.0f} MiB RSS"
+            + (f", {r.cuda_peak_mib:.0f} MiB CUDA" if r.cuda_peak_mib is not None else ""),
+        ),
+    ]
+    if r.merged_to:
+        rows.append(("merged to", r.merged_to))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        sys.stdout.write(f"{key.ljust(width)}  {value}\n")
+    if r.generation is not None:
+        g = r.generation
+        sys.stdout.write(f"\nprompt: {g.prompt}\nadapter: {g.text}\n")
+        if g.base_text is not None:
+            sys.stdout.write(f"base: {g.base_text}\n")
+    for message in r.warnings:
+        warning(message)

@@ -7,6 +7,7 @@ The attribute names and nesting follow PEFT's, so the in-memory state-dict keys 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -24,6 +25,16 @@ def param(module: nn.Module, name: str = "weight") -> torch.Tensor:
     value = getattr(module, name)
     assert isinstance(value, torch.Tensor)
     return value
+
+
+def onloaded(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """Inside the block the module's weights are real tensors, also when accelerate offloaded
+    them (to the CPU or disk; a dispatched model keeps them on `meta` between forwards)."""
+    if getattr(module, "_hf_hook", None) is None or not any(p.is_meta for p in module.parameters()):
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)  # type: ignore[no-any-return]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -190,17 +201,18 @@ class LoraLayer(nn.Module):
                 result = result + lora_b(lora_a(dropout(xa))) * s
                 continue
             # DoRA: y = (m / ||W + sBA||) * (W x + s B A x) + bias, the norm a constant
-            weight = self.base_weight_out_in()
-            norm = self._dora_norm(name, weight.to(xa.dtype)).detach()
+            with onloaded(self.base_layer):
+                weight = self.base_weight_out_in()
+                norm = self._dora_norm(name, weight.to(xa.dtype)).detach()
+                if isinstance(dropout, nn.Identity) or not self.training:
+                    base = result
+                    bias = getattr(self.base_layer, "bias", None)
+                    if isinstance(bias, torch.Tensor):
+                        base = base - bias.to(base.device)
+                else:
+                    xa = dropout(xa)
+                    base = F.linear(xa, weight.to(xa.dtype))
             scale = (self.magnitude(name) / norm).view(1, -1)
-            if isinstance(dropout, nn.Identity) or not self.training:
-                base = result
-                bias = getattr(self.base_layer, "bias", None)
-                if isinstance(bias, torch.Tensor):
-                    base = base - bias
-            else:
-                xa = dropout(xa)
-                base = F.linear(xa, weight.to(xa.dtype))
             lora = lora_b(lora_a(xa))  # no lora_bias with DoRA: the config refuses it
             result = result + (scale - 1) * base.to(scale.dtype) + scale * lora * s
         final: torch.Tensor = result.to(out_dtype)
@@ -227,9 +239,10 @@ class LoraLayer(nn.Module):
             if not self.use_dora[name]:
                 result = result + delta
                 continue
-            weight = base.weight  # (vocab, dim)
-            total = weight + self.delta_out_in(name).T.to(weight.dtype)
-            norm = torch.linalg.norm(total, dim=0).detach()  # over the vocab, per embedding dim
+            with onloaded(base):
+                weight = param(base)  # (vocab, dim)
+                total = weight + self.delta_out_in(name).T.to(weight.dtype)
+                norm = torch.linalg.norm(total, dim=0).detach()  # over the vocab, per embedding dim
             scale = (self.magnitude(name) / norm).view(1, -1)
             result = scale * (result + delta)
         final: torch.Tensor = result.to(out_dtype)

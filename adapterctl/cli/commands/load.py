@@ -1,0 +1,121 @@
+"""`adapterctl load`: a base model with an adapter, reported; optionally generate or merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from adapterctl.cli import output
+from adapterctl.cli.options import ForceOpt, JsonOpt
+
+
+def load_cmd(
+    base: Annotated[
+        Path,
+        typer.Argument(metavar="BASE", help="A transformers model directory.", show_default=False),
+    ],
+    adapter: Annotated[
+        Path,
+        typer.Argument(metavar="ADAPTER", help="An adapter directory.", show_default=False),
+    ],
+    adapter_name: Annotated[
+        str, typer.Option("--adapter-name", metavar="NAME", help="Name to load the adapter under.")
+    ] = "default",
+    model_class: Annotated[
+        str,
+        typer.Option(
+            "--model-class",
+            metavar="CLASS",
+            help="auto, causal-lm, seq-cls, token-cls, seq2seq-lm, question-ans or "
+            "feature-extraction (auto: the adapter's task_type, then the base's architectures).",
+        ),
+    ] = "auto",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", metavar="DEVICE", help="auto (GPU when there is one), cpu, cuda, cuda:N."
+        ),
+    ] = "auto",
+    device_map: Annotated[
+        Optional[str],  # noqa: UP045 - Typer reads this annotation at run time
+        typer.Option(
+            "--device-map",
+            metavar="MAP",
+            help="auto: spread the base over the devices (accelerate).",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", metavar="DTYPE", help="auto, float32, bfloat16 or float16."),
+    ] = "auto",
+    trainable: Annotated[
+        bool, typer.Option("--trainable", help="Leave the adapter trainable (train mode).")
+    ] = False,
+    autocast: Annotated[
+        bool,
+        typer.Option(
+            "--autocast-adapter-dtype/--no-autocast-adapter-dtype",
+            help="Keep adapter weights in float32 on a half-precision base, as PEFT does.",
+        ),
+    ] = True,
+    low_cpu_mem_usage: Annotated[
+        bool,
+        typer.Option(
+            "--low-cpu-mem-usage", help="Create adapter tensors on the meta device first."
+        ),
+    ] = False,
+    prompt: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--prompt", metavar="TEXT", help="Generate from this prompt with the adapter."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", metavar="N", min=1, help="Tokens to generate.")
+    ] = 20,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also generate with the adapter disabled.")
+    ] = False,
+    merge_to: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--merge-to", metavar="DIR", help="Write the merged model here (transformers format)."
+        ),
+    ] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Load a base model with an adapter and report what was injected and loaded.
+
+    Any adapter key missing from the file, or any key in the file that matches nothing in the
+    model, is an error: an adapter never loads and silently does nothing.
+    """
+    from adapterctl.engine.session import load_session
+
+    if compare_base and prompt is None:
+        raise typer.BadParameter("--compare-base needs --prompt", param_hint="--compare-base")
+    with output.status() as step:
+        report = load_session(
+            base,
+            adapter,
+            adapter_name=adapter_name,
+            model_class=model_class,
+            device=device,
+            device_map=device_map,
+            dtype=dtype,
+            is_trainable=trainable,
+            autocast_adapter_dtype=autocast,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            compare_base=compare_base,
+            merge_to=merge_to,
+            force=force,
+            on_step=step,
+        )
+    if json_:
+        output.emit_json(report.to_dict())
+    else:
+        output.render_load(report)
