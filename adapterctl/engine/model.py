@@ -41,6 +41,16 @@ _ADAPTER_PARAMS = (
 )
 
 
+def _outer_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without the insides of LoRA layers and modules_to_save wrappers, so that a
+    new adapter never targets another adapter's internals (and the walk does not grow with them)."""
+    yield prefix, root
+    if isinstance(root, (LoraLayer, ModulesToSaveWrapper)):
+        return
+    for name, child in root.named_children():
+        yield from _outer_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     owner, _, name = path.rpartition(".")
     return (root.get_submodule(owner) if owner else root), name
@@ -57,12 +67,12 @@ class LoraModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        for name, module in self.model.named_modules():
+        for name, module in _outer_modules(self.model):
             if isinstance(module, LoraLayer):
                 yield name, module
 
     def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
+        for name, module in _outer_modules(self.model):
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
@@ -139,6 +149,20 @@ class LoraModel(nn.Module):
                 module = ModulesToSaveWrapper(module)
                 setattr(parent, child, module)
             module.add_adapter(name)
+
+    def lora_keys(self, name: str) -> Iterator[str]:
+        """The model keys of adapter `name`'s LoRA tensors (what a file must provide)."""
+        for path, layer in self.lora_layers():
+            if name not in layer.r:
+                continue
+            for container in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                module = getattr(layer, container)
+                if name in module:
+                    for pname, _ in module[name].named_parameters():
+                        yield f"{path}.{container}.{name}.{pname}"
+            for container in ("lora_embedding_A", "lora_embedding_B"):
+                if name in getattr(layer, container):
+                    yield f"{path}.{container}.{name}"
 
     def set_adapter(self, name: str) -> None:
         for _, layer in self.lora_layers():
@@ -281,7 +305,10 @@ class AdapterModel(nn.Module):
         wrappers = [p for p, _ in self.base_model.wrappers()]
         sd = memory_keys(sd, name, config, wrappers)
         device_of = self._adapter_devices(name) if low_cpu_mem_usage else None
-        result = load_into(self, sd, name, assign=low_cpu_mem_usage, device_of=device_of)
+        expected = [f"base_model.model.{k}" for k in self.base_model.lora_keys(name)]
+        result = load_into(
+            self, sd, name, expected=expected, assign=low_cpu_mem_usage, device_of=device_of
+        )
         self._cast_adapter(name, autocast)
         self._set_trainable(name, is_trainable)
         return result

@@ -104,10 +104,6 @@ def memory_keys(
     return out
 
 
-def _is_adapter_key(key: str, adapter_name: str) -> bool:
-    return "lora_" in key and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))
-
-
 def _set(root: nn.Module, key: str, value: torch.Tensor, assign: bool) -> None:
     owner_path, _, attr = key.rpartition(".")
     owner = root.get_submodule(owner_path) if owner_path else root
@@ -123,16 +119,32 @@ def _set(root: nn.Module, key: str, value: torch.Tensor, assign: bool) -> None:
             current.copy_(value.to(device=current.device, dtype=current.dtype))
 
 
+def _lookup(root: nn.Module, key: str) -> torch.Tensor | None:
+    """The parameter or buffer at `key`, without building a whole state dict."""
+    owner_path, _, attr = key.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_path) if owner_path else root
+    except AttributeError:
+        return None
+    if attr in owner._parameters:
+        return owner._parameters[attr]
+    if attr in owner._buffers:
+        return owner._buffers[attr]
+    return None
+
+
 def load_into(
     root: nn.Module,
     sd: dict[str, torch.Tensor],
     adapter_name: str,
     *,
+    expected: list[str],
     assign: bool = False,
     device_of: dict[str, torch.device] | None = None,
 ) -> LoadResult:
-    """Assign `sd` (model keys) into `root`; missing adapter keys warn, a shape mismatch raises."""
-    own = dict(root.state_dict(keep_vars=True))
+    """Assign `sd` (model keys) into `root`; `expected` are the adapter's own keys (missing ones
+    are reported, as PEFT does); keys that match nothing are returned; a shape mismatch raises."""
+    own = {k: t for k in sd if (t := _lookup(root, k)) is not None}
     loaded, unexpected = [], []
     for key, value in sd.items():
         target = own.get(key)
@@ -152,7 +164,7 @@ def load_into(
                 value = value.to(device_of[key])
             _set(root, key, value, assign)
             loaded.append(key)
-    missing = [k for k in own if _is_adapter_key(k, adapter_name) and k not in sd]
+    missing = [k for k in expected if k not in sd]
     return LoadResult(adapter_name, missing, unexpected, loaded)
 
 
