@@ -88,6 +88,10 @@ def memory_keys(
     out = {}
     mts = config.modules_to_save or []
     for key, value in sd.items():
+        if ".original_module." in key or ".modules_to_save." in key:
+            # PEFT's bias="all" also saves the wrapper's internal copies of a modules_to_save
+            # bias (the trained one is stored under its own name too): nothing to load
+            continue
         info = classify(key, mts)
         if info.prefixed and info.is_lora:
             out[to_memory_key(key, adapter_name)] = value

@@ -236,3 +236,85 @@ def test_cpu_device_map_with_disk_offload(
     with torch.no_grad():
         expected, got = plain(input_ids=ids).logits, ours(input_ids=ids).logits
     assert (expected - got).abs().max().item() <= 1e-5
+
+
+def test_bias_all_with_modules_to_save_loads(
+    bases: dict[str, Path], peft_adapters: dict[str, Path]
+) -> None:
+    # PEFT's bias="all" also stores `ln_f.modules_to_save.bias` / `ln_f.original_module.bias`
+    result = invoke(bases["gpt2"], peft_adapters["gpt2_bias_all"], "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["adapter"]["injected"] == {"conv1d": 2, "modules_to_save": 1}
+
+
+def test_key_mapping_renames_before_loading(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from adapterctl.engine.model import AdapterModel
+
+    src = peft_adapters["llama_basic"]
+    d = tmp_path / "renamed"
+    d.mkdir()
+    (d / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    sd = load_file(str(src / "adapter_model.safetensors"))
+    sd = {k.replace(".layers.", ".blocks."): v for k, v in sd.items()}
+    save_file(sd, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    plain = AdapterModel.from_pretrained(tiny_llama(), src)
+    mapped = AdapterModel.from_pretrained(
+        tiny_llama(), d, key_mapping={r"^model\.blocks\.": "model.layers."}
+    )
+    assert mapped.last_load.missing_keys == []
+    for (k1, p1), (k2, p2) in zip(plain.named_parameters(), mapped.named_parameters(), strict=True):
+        assert k1 == k2
+        assert bool((p1 == p2).all()), k1
+
+
+@pytest.mark.gpu
+def test_gpu_load_equals_cpu(bases: dict[str, Path], peft_adapters: dict[str, Path]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapterctl.engine.model import AdapterModel
+
+    ids = torch.arange(12).reshape(2, 6) % 64
+    cpu = AdapterModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(bases["llama"])),
+        peft_adapters["llama_dora_patterns"],
+    )
+    gpu = AdapterModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(bases["llama"])).to("cuda"),
+        peft_adapters["llama_dora_patterns"],
+    )
+    assert {p.device.type for n, p in gpu.named_parameters() if "lora_" in n} == {"cuda"}
+    with torch.no_grad():
+        a, b = cpu(input_ids=ids).logits, gpu(input_ids=ids.cuda()).logits.cpu()
+    assert (a - b).abs().max().item() <= 1e-4
+    result = invoke(bases["llama"], peft_adapters["llama_basic"], "--json")
+    assert json.loads(result.stdout)["base"]["device"].startswith("cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_device_map_cpu_cuda_disk(
+    bases: dict[str, Path], peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapterctl.engine.model import AdapterModel
+
+    ids = torch.arange(12).reshape(2, 6) % 64
+    plain = AdapterModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(bases["llama"])),
+        peft_adapters["llama_dora_patterns"],
+    )
+    device_map = {
+        "model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": "disk",
+        "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0,
+    }  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(
+        str(bases["llama"]), device_map=device_map, offload_folder=str(tmp_path / "off")
+    )
+    ours = AdapterModel.from_pretrained(base, peft_adapters["llama_dora_patterns"])
+    with torch.no_grad():
+        a, b = plain(input_ids=ids).logits, ours(input_ids=ids.cuda()).logits.cpu()
+    assert (a - b).abs().max().item() <= 1e-4
