@@ -94,6 +94,7 @@ def load_base(
         )
     if dtype not in DTYPES:
         raise AdapterctlError(f"unknown dtype {dtype!r}", hint=f"one of: {', '.join(DTYPES)}")
+    target = resolve_device(device) if device_map is None else None  # refuse before loading
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -125,8 +126,8 @@ def load_base(
             f"in the checkpoint (they would be random): {shown}",
             hint="the adapter was made for another architecture, or pass --model-class",
         )
-    if device_map is None:
-        model = model.to(resolve_device(device))
+    if target is not None:
+        model = model.to(target)
     return model.eval()
 
 

@@ -318,3 +318,35 @@ def test_gpu_device_map_cpu_cuda_disk(
     with torch.no_grad():
         a, b = plain(input_ids=ids).logits, ours(input_ids=ids.cuda()).logits.cpu()
     assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("args", "dtype"),
+    [
+        (["--dtype", "bfloat16"], "bfloat16"),
+        (["--dtype", "bfloat16", "--no-autocast-adapter-dtype"], "bfloat16"),
+        (["--device-map", "auto"], "float32"),
+        (["--low-cpu-mem-usage", "--device", "cpu"], "float32"),
+    ],
+)
+def test_dtype_device_map_and_meta_options(
+    bases: dict[str, Path], peft_adapters: dict[str, Path], args: list[str], dtype: str
+) -> None:
+    result = invoke(bases["llama"], peft_adapters["llama_dora_patterns"], *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["base"]["dtype"] == dtype
+    assert doc["base"]["device"] == "cpu"
+    assert doc["adapter"]["missing_keys"] == []
+
+
+def test_cuda_device_without_cuda_is_an_error(
+    bases: dict[str, Path], peft_adapters: dict[str, Path]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    result = invoke(bases["llama"], peft_adapters["llama_basic"], "--device", "cuda")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: --device cuda: CUDA is not available here")
