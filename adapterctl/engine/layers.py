@@ -253,6 +253,7 @@ class LoraLayer(nn.Module):
     def merged_weight(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight (and bias) with `names` merged in, in the base's storage orientation."""
         weight = param(self.base_layer).detach()
+        original = weight  # DoRA norms use the unmerged weight, as its forward does (and PEFT)
         raw_bias = getattr(self.base_layer, "bias", None)
         bias = raw_bias.detach() if isinstance(raw_bias, torch.Tensor) else None
         for name in names:
@@ -260,24 +261,25 @@ class LoraLayer(nn.Module):
                 continue
             delta = self.delta_out_in(name)
             if self.kind == "embedding":
+                d = delta.T.to(weight.dtype)
                 if self.use_dora[name]:
-                    total = weight + delta.T.to(weight.dtype)
-                    norm = torch.linalg.norm(total, dim=0)
-                    weight = (self.magnitude(name) / norm).view(1, -1) * total
+                    norm = torch.linalg.norm(original + d, dim=0)
+                    weight = (self.magnitude(name) / norm).view(1, -1) * (weight + d)
                 else:
-                    weight = weight + delta.T.to(weight.dtype)
+                    weight = weight + d
+                continue
+            w = weight if self.kind == "linear" else weight.T
+            w0 = original if self.kind == "linear" else original.T
+            d = delta.to(w.dtype)
+            if self.use_dora[name]:
+                norm = torch.linalg.norm(w0 + d, dim=1)
+                w = (self.magnitude(name) / norm).view(-1, 1) * (w + d)
             else:
-                w = weight if self.kind == "linear" else weight.T
-                if self.use_dora[name]:
-                    total = w + delta.to(w.dtype)
-                    norm = torch.linalg.norm(total, dim=1)
-                    w = (self.magnitude(name) / norm).view(-1, 1) * total
-                else:
-                    w = w + delta.to(w.dtype)
-                weight = w if self.kind == "linear" else w.T
-                lora_bias = getattr(self.lora_B[name], "bias", None)
-                if isinstance(lora_bias, torch.Tensor) and bias is not None:
-                    bias = bias + (lora_bias * self.scaling[name]).to(bias.dtype)
+                w = w + d
+            weight = w if self.kind == "linear" else w.T
+            lora_bias = getattr(self.lora_B[name], "bias", None)
+            if isinstance(lora_bias, torch.Tensor) and bias is not None:
+                bias = bias + (lora_bias * self.scaling[name]).to(bias.dtype)
         return weight.to(param(self.base_layer).dtype), bias
 
 

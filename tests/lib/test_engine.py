@@ -310,3 +310,45 @@ def test_architectures_with_key_conversion_are_refused(tmp_path: Path) -> None:
     d = write_adapter(tmp_path / "a")
     with pytest.raises(IncompatibleModelError, match="`mixtral`"):
         _ours(lambda: MixtralForCausalLM(config), d)
+
+
+def test_merge_named_adapters_like_peft(peft_adapters: dict[str, Path]) -> None:
+    src = peft_adapters["multi"]
+    ref, ours = _peft(tiny_llama, src), _ours(tiny_llama, src)
+    for name in ("alpha", "beta"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref.load_adapter(str(src / name), adapter_name=name)
+        ours.load_adapter(src / name, adapter_name=name)
+    # beta (plain) first, then alpha (DoRA): its norm is taken on the unmerged weight
+    merged_ref = ref.merge_and_unload(adapter_names=["beta", "alpha"])
+    merged_ours = ours.merge_and_unload(adapter_names=["beta", "alpha"])
+    a, b = merged_ref.state_dict(), merged_ours.state_dict()
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_target_parameters_are_refused(tmp_path: Path) -> None:
+    from tests.helpers import write_adapter
+
+    d = write_adapter(
+        tmp_path / "a", config={"target_modules": None, "target_parameters": ["q_proj.weight"]}
+    )
+    with pytest.raises(AdapterctlError, match="target_parameters"):
+        _ours(tiny_llama, d)
+
+
+def test_merging_dora_after_another_adapter_on_one_layer(tmp_path: Path) -> None:
+    cfgs = {
+        "default": {"r": 4, "target_modules": ["q_proj"]},
+        "d": {"r": 2, "target_modules": ["q_proj"], "use_dora": True},
+    }
+    src = peft_save(tiny_llama, tmp_path / "two", cfgs)
+    ref, ours = _peft(tiny_llama, src), _ours(tiny_llama, src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.load_adapter(str(src / "d"), adapter_name="d")
+    ours.load_adapter(src / "d", adapter_name="d")
+    a = ref.merge_and_unload(adapter_names=["default", "d"]).state_dict()
+    b = ours.merge_and_unload(adapter_names=["default", "d"]).state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
