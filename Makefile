@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load completions clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,9 @@ fuzz: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+bench-load: setup
+	$(BIN)/python benchmarks/load.py
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q

@@ -210,18 +210,22 @@ def _child_multi(engine: str, logits_path: str | None, profile_path: str | None)
     loaded = sorted(model.peft_config)
     if loaded != [multi_name(i) for i in range(N_MULTI)]:
         raise RuntimeError(f"{engine}: loaded adapters are {loaded}")
-    out: dict[str, Any] = {"base_load_s": base_s, "from_pretrained_s": first_s, "load_s": times}
+    # After the timed loads, in every child (so that every child's peak RSS includes a forward):
+    # a05's logits, and how far they are from a00's (the correctness check is not vacuous).
+    ids = torch.arange(CHECK_TOKENS)[None]
+    with torch.no_grad():
+        model.set_adapter(multi_name(0))
+        other = model(input_ids=ids).logits.float()
+        model.set_adapter(CHECK_ADAPTER)
+        logits = model(input_ids=ids).logits.float()
     if logits_path is not None:
-        ids = torch.arange(CHECK_TOKENS)[None]
-        with torch.no_grad():
-            model.set_adapter(multi_name(0))
-            other = model(input_ids=ids).logits.float()
-            model.set_adapter(CHECK_ADAPTER)
-            logits = model(input_ids=ids).logits.float()
         Path(logits_path).write_bytes(logits.contiguous().numpy().tobytes())
-        # the check is not vacuous: a05 and a00 give different logits
-        out["a05_vs_a00_max_abs"] = (logits - other).abs().max().item()
-    return out
+    return {
+        "base_load_s": base_s,
+        "from_pretrained_s": first_s,
+        "load_s": times,
+        "a05_vs_a00_max_abs": (logits - other).abs().max().item(),
+    }
 
 
 def _child_single(engine: str, repeats: int, profile_path: str | None) -> dict[str, Any]:
@@ -507,6 +511,25 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+def _git() -> dict[str, Any]:
+    """The commit measured (adapterctl is an editable checkout), and whether the tree was dirty."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=HERE.parent, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--", "adapterctl")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "adapterctl_dirty": bool(status) if status is not None else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="children per engine and measurement")
@@ -546,6 +569,7 @@ def main() -> None:
             file=sys.stderr,
         )
     env = child_env()
+    git_before = _git()
     warm_page_cache()
     load_before = os.getloadavg()
     multi: dict[str, list[dict[str, Any]]] = {e: [] for e in ENGINES}
@@ -561,7 +585,7 @@ def main() -> None:
                     argv += ["--logits-out", str(logits[e])]
                 report, wall, peak = run_child(argv, env)
                 if rnd == 0:
-                    extra[f"{e}_a05_vs_a00_max_abs"] = report.pop("a05_vs_a00_max_abs")
+                    extra[f"{e}_a05_vs_a00_max_abs"] = report["a05_vs_a00_max_abs"]
                 multi[e].append({**report, "wall_s": wall, "peak_mib": peak})
             for e in order:
                 argv = ["--child", "single", "--engine", e, "--repeats", str(args.repeats)]
@@ -573,6 +597,10 @@ def main() -> None:
         f"correctness: {CHECK_ADAPTER} logits, max |adapterctl - PEFT| = {diff:.3e} "
         f"(a05 vs a00 differ by up to {extra['adapterctl_a05_vs_a00_max_abs']:.3e} in adapterctl, "
         f"{extra['peft_a05_vs_a00_max_abs']:.3e} in PEFT)"
+    )
+    commit = (git_before["commit"] or "?")[:12]
+    print(
+        f"adapterctl at {commit}{' (uncommitted changes)' if git_before['adapterctl_dirty'] else ''}"
     )
     m, s = summarize(multi, single)
     goals = targets(m, s, diff)
@@ -592,6 +620,7 @@ def main() -> None:
             "loadavg_1m_after": round(os.getloadavg()[0], 2),
         },
         "versions": _versions(),
+        "git": git_before,
         "manifest": manifest,
         "correctness": {"max_abs_diff": diff, **extra},
         "multi": {"summary": m, "runs": multi},

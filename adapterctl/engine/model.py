@@ -85,14 +85,7 @@ class LoraModel(nn.Module):
             )
         model = self.model
         targets = resolve_target_modules(config, model)
-        inside = [
-            p + "."
-            for p, m in model.named_modules()
-            if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
-        ]
-        keys = [
-            k for k, _ in model.named_modules() if k and not any(k.startswith(p) for p in inside)
-        ]
+        keys = [k for k, _ in _outer_modules(model) if k]
         injected = []
         for key in keys:
             if not is_target(config, key, targets):
@@ -163,6 +156,27 @@ class LoraModel(nn.Module):
             for container in ("lora_embedding_A", "lora_embedding_B"):
                 if name in getattr(layer, container):
                     yield f"{path}.{container}.{name}"
+
+    def adapter_modules(self, name: str) -> Iterator[nn.Module]:
+        """The modules adapter `name` added (its factors, dropout, magnitudes, saved copies)."""
+        for _, layer in self.lora_layers():
+            if name in layer.r:
+                layer.training = False  # the wrapper itself; its other children are not ours
+                for container in (
+                    layer.lora_A,
+                    layer.lora_B,
+                    layer.lora_dropout,
+                    layer.lora_magnitude_vector,
+                ):
+                    if name in container:
+                        yield container[name]
+                for pdict in (layer.lora_embedding_A, layer.lora_embedding_B):
+                    if name in pdict:
+                        pdict[name].requires_grad_(False)
+        for _, wrapper in self.wrappers():
+            if name in wrapper.modules_to_save:
+                wrapper.training = False
+                yield wrapper.modules_to_save[name]
 
     def set_adapter(self, name: str) -> None:
         for _, layer in self.lora_layers():
@@ -348,9 +362,17 @@ class AdapterModel(nn.Module):
     def _set_trainable(self, name: str, is_trainable: bool) -> None:
         config = self.peft_config[name]
         if not is_trainable:
-            for p in self.parameters():
-                p.requires_grad_(False)
-            self.eval()
+            if len(self.peft_config) == 1 or self.training:
+                for p in self.parameters():
+                    p.requires_grad_(False)
+                self.eval()
+                return
+            # the rest is frozen and in eval mode already: touch only what this adapter added,
+            # so that loading the 24th adapter costs what loading the 2nd did
+            for module in self.base_model.adapter_modules(name):
+                module.train(False)
+                for p in module.parameters():
+                    p.requires_grad_(False)
             return
         for p in self.base_model.model.parameters():
             p.requires_grad_(False)
