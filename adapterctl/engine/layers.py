@@ -46,17 +46,20 @@ def supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
 
 
+class _FactorLinear(nn.Linear):
+    """nn.Linear without the random init: adapter factors are loaded from a file, or set by
+    `engine.init`, right after they are made (the init was half the cost of loading)."""
+
+    def reset_parameters(self) -> None:
+        return
+
+
 def _zero_linear(n_in: int, n_out: int, bias: bool, device: Any, dtype: Any) -> nn.Linear:
-    """An nn.Linear with zero weights, made without nn.Linear's random init: adapter weights are
-    loaded from a file or initialised by `engine.init` right after, and a random init of every
-    factor was half the cost of loading an adapter."""
-    layer = nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)
-    if str(device) == "meta":
-        return layer
-    layer = layer.to_empty(device=device)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.zero_()
+    layer = _FactorLinear(n_in, n_out, bias=bias, device=device, dtype=dtype)
+    if str(device) != "meta":
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.zero_()
     return layer
 
 
@@ -136,12 +139,8 @@ class LoraLayer(nn.Module):
                 torch.zeros(self.out_features, r, device=device, dtype=dtype)
             )
         else:
-            self.lora_A[name] = nn.Linear(
-                self.in_features, r, bias=False, device=device, dtype=dtype
-            )
-            self.lora_B[name] = nn.Linear(
-                r, self.out_features, bias=lora_bias, device=device, dtype=dtype
-            )
+            self.lora_A[name] = _zero_linear(self.in_features, r, False, device, dtype)
+            self.lora_B[name] = _zero_linear(r, self.out_features, lora_bias, device, dtype)
         if use_dora:
             self.lora_magnitude_vector[name] = DoraMagnitude(self.out_features, device, dtype)
         if not self.active_adapters:
