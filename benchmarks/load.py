@@ -30,10 +30,10 @@ import sys
 import tempfile
 import time
 from array import array
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from common import Target, versions  # benchmarks/ is on sys.path when run as a script
 
 # Before anything from Hugging Face is imported, here or in any child: no network, no telemetry.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -336,29 +336,6 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(abs(p - q) for p, q in zip(x, y, strict=True))
 
 
-@dataclass
-class Target:
-    name: str
-    value: float
-    unit: str
-    limit: float
-    detail: str
-
-    @property
-    def met(self) -> bool:
-        return self.value <= self.limit
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": self.value,
-            "unit": self.unit,
-            "target_max": self.limit,
-            "met": self.met,
-            "detail": self.detail,
-        }
-
-
 def _med(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -501,16 +478,6 @@ def profile(env: dict[str, str], repeats: int) -> dict[str, str]:
     return texts
 
 
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for dist in ("adapterctl", "peft", "safetensors", "torch", "transformers"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
-
-
 def _git() -> dict[str, Any]:
     """The commit measured (adapterctl is an editable checkout), and whether the tree was dirty."""
 
@@ -619,7 +586,7 @@ def main() -> None:
             "loadavg_1m_before": round(load_before[0], 2),
             "loadavg_1m_after": round(os.getloadavg()[0], 2),
         },
-        "versions": _versions(),
+        "versions": versions(),
         "git": git_before,
         "manifest": manifest,
         "correctness": {"max_abs_diff": diff, **extra},

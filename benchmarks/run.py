@@ -23,9 +23,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from common import Target, versions  # benchmarks/ is on sys.path when run as a script
 
 # Before anything from Hugging Face is imported, here or in any child: no network, no telemetry.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -287,29 +288,6 @@ def measure(all_cases: list[Case], runs: int, env: dict[str, str]) -> None:
 # Reporting
 
 
-@dataclass
-class Target:
-    name: str
-    value: float
-    unit: str
-    limit: float
-    detail: str
-
-    @property
-    def met(self) -> bool:
-        return self.value <= self.limit
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": round(self.value, 4),
-            "unit": self.unit,
-            "target_max": self.limit,
-            "met": self.met,
-            "detail": self.detail,
-        }
-
-
 def targets(c: dict[str, Case]) -> list[Target]:
     json_, table, raw, peft = c["json"], c["table"], c["raw"], c["peft"]
     small, big = c["select_small"], c["select_big"]
@@ -387,16 +365,6 @@ def print_report(all_cases: list[Case], goals: list[Target], manifest: dict[str,
         print(f"{t.name.ljust(w)}  {value:>10}  {limit:>11}  {status:<7}  {t.detail}")
 
 
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for dist in ("adapterctl", "peft", "safetensors", "torch", "transformers", "typer", "rich"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per command (median)")
@@ -446,7 +414,7 @@ def main() -> None:
             "loadavg_1m_before": round(load_before[0], 2),
             "loadavg_1m_after": round(os.getloadavg()[0], 2),
         },
-        "versions": _versions(),
+        "versions": versions(),
         "adapters": manifest["adapters"],
         "base_parameters": manifest["base_parameters"],
         "cases": {

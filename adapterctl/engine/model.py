@@ -157,26 +157,28 @@ class LoraModel(nn.Module):
                 if name in getattr(layer, container):
                     yield f"{path}.{container}.{name}"
 
-    def adapter_modules(self, name: str) -> Iterator[nn.Module]:
-        """The modules adapter `name` added (its factors, dropout, magnitudes, saved copies)."""
+    def freeze_adapter(self, name: str) -> None:
+        """Eval mode and no gradients for what adapter `name` added, and nothing else: its
+        factors, dropout, magnitudes and saved copies, and the wrappers holding them."""
         for _, layer in self.lora_layers():
-            if name in layer.r:
-                layer.training = False  # the wrapper itself; its other children are not ours
-                for container in (
-                    layer.lora_A,
-                    layer.lora_B,
-                    layer.lora_dropout,
-                    layer.lora_magnitude_vector,
-                ):
-                    if name in container:
-                        yield container[name]
-                for pdict in (layer.lora_embedding_A, layer.lora_embedding_B):
-                    if name in pdict:
-                        pdict[name].requires_grad_(False)
+            if name not in layer.r:
+                continue
+            layer.training = False  # the wrapper itself (its other children are other adapters')
+            for container in (
+                layer.lora_A,
+                layer.lora_B,
+                layer.lora_dropout,
+                layer.lora_magnitude_vector,
+            ):
+                if name in container:
+                    container[name].requires_grad_(False).train(False)
+            for pdict in (layer.lora_embedding_A, layer.lora_embedding_B):
+                if name in pdict:
+                    pdict[name].requires_grad_(False)
         for _, wrapper in self.wrappers():
             if name in wrapper.modules_to_save:
                 wrapper.training = False
-                yield wrapper.modules_to_save[name]
+                wrapper.modules_to_save[name].requires_grad_(False).train(False)
 
     def set_adapter(self, name: str) -> None:
         for _, layer in self.lora_layers():
@@ -369,10 +371,7 @@ class AdapterModel(nn.Module):
                 return
             # the rest is frozen and in eval mode already: touch only what this adapter added,
             # so that loading the 24th adapter costs what loading the 2nd did
-            for module in self.base_model.adapter_modules(name):
-                module.train(False)
-                for p in module.parameters():
-                    p.requires_grad_(False)
+            self.base_model.freeze_adapter(name)
             return
         for p in self.base_model.model.parameters():
             p.requires_grad_(False)

@@ -88,6 +88,8 @@ def test_several_adapters_switch_like_peft(peft_adapters: dict[str, Path]) -> No
         assert result.missing_keys == []
         assert result.unexpected_keys == []
     assert ours.active_adapter == "default"  # loading does not activate (as in PEFT)
+    assert not any(p.requires_grad for p in ours.parameters())  # loaded frozen, as PEFT does
+    assert not any(m.training for m in ours.modules())
     for name in ("default", "alpha", "beta", "default"):
         ref.set_adapter(name)
         ours.set_adapter(name)
