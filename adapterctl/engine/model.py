@@ -163,13 +163,15 @@ class LoraModel(nn.Module):
         for _, layer in self.lora_layers():
             if name not in layer.r:
                 continue
-            layer.training = False  # the wrapper itself (its other children are other adapters')
-            for container in (
-                layer.lora_A,
-                layer.lora_B,
-                layer.lora_dropout,
-                layer.lora_magnitude_vector,
-            ):
+            # the wrapper and its containers themselves (not recursively: the containers also
+            # hold the other adapters, which are frozen already)
+            containers = (
+                layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector,
+                layer.lora_embedding_A, layer.lora_embedding_B,
+            )  # fmt: skip
+            for module in (layer, *containers):
+                module.training = False
+            for container in containers[:4]:
                 if name in container:
                     container[name].requires_grad_(False).train(False)
             for pdict in (layer.lora_embedding_A, layer.lora_embedding_B):
