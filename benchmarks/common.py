@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+OUT = Path(__file__).resolve().parent / "out"
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+#: The 170M-parameter Llama both benchmarks build (random init).
+LLAMA_170M = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 32000,
+}
 
 DISTRIBUTIONS = ("adapterctl", "peft", "safetensors", "torch", "transformers", "typer", "rich")
 
@@ -42,3 +60,44 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[dist] = None
     return found
+
+
+def child_env(bytecode_cache: bool = True) -> dict[str, str]:
+    """The measured commands' environment.
+
+    With `bytecode_cache`, every child reads and writes .pyc files under benchmarks/out/pycache
+    (PYTHONPYCACHEPREFIX), as an installed package would have them, even where
+    PYTHONDONTWRITEBYTECODE=1 is set: an editable checkout has no .pyc for adapterctl otherwise,
+    and compiling its modules on every run would be counted against it (site-packages ship theirs).
+    """
+    env = dict(os.environ)
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(OUT / "pycache")
+    return env
+
+
+def run_measured(
+    argv: list[str], env: dict[str, str], *, capture: bool = False
+) -> tuple[float, float, str]:
+    """Run `argv` in a fresh process; returns (wall seconds, peak RSS MiB, stdout if `capture`).
+
+    Peak RSS comes from GNU time (`%M`, the child's own ru_maxrss): a Python parent would leak its
+    own high-water mark into the child's ru_maxrss through the vfork+exec subprocess uses.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-") as d:
+        rss_file, out_file, err_file = (Path(d) / n for n in ("rss", "stdout", "stderr"))
+        cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv] if GNU_TIME else argv
+        with open(err_file, "wb") as err, open(out_file if capture else os.devnull, "wb") as out:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            stderr = err_file.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{' '.join(argv[:3])} exited {code}:\n{stderr}")
+        # Without GNU time, ru_maxrss includes this process's own high-water mark (~10 MiB).
+        peak_kib = int(rss_file.read_text().split()[-1]) if GNU_TIME else usage.ru_maxrss
+        stdout = out_file.read_text() if capture else ""
+    return wall, peak_kib / 1024, stdout

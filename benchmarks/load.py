@@ -33,21 +33,27 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from common import Target, versions  # benchmarks/ is on sys.path when run as a script
+from common import (  # benchmarks/ is on sys.path when run as a script
+    GNU_TIME,
+    LLAMA_170M,
+    OUT,
+    Target,
+    child_env,
+    run_measured,
+    versions,
+)
 
 # Before anything from Hugging Face is imported, here or in any child: no network, no telemetry.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
 BASE = OUT / "load-base"
 MULTI = OUT / "load-adapters"
 SINGLE = OUT / "load-r64"
 MANIFEST = OUT / "load-manifest.json"
 RESULTS = OUT / "load-results.json"
 PYTHON = sys.executable
-GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 ENGINES = ("adapterctl", "peft")
 N_MULTI = 24
 CHECK_ADAPTER = "a05"
@@ -57,14 +63,7 @@ CHECK_TOKENS = 16
 SPEC: dict[str, Any] = {
     "version": 1,
     "seed": 0,
-    "llama": {
-        "hidden_size": 1024,
-        "intermediate_size": 2816,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "vocab_size": 32000,
-    },
+    "llama": LLAMA_170M,
     # a00..a23: rank 8 + (i % 17), on these modules
     "multi": {"count": N_MULTI, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     "single": {
@@ -288,32 +287,11 @@ def build(*, force: bool) -> dict[str, Any]:
     return result
 
 
-def child_env() -> dict[str, str]:
-    """As in run.py: children share a bytecode cache under benchmarks/out/pycache."""
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(OUT / "pycache")
-    return env
-
-
 def run_child(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float, float]:
     """One measuring child; returns (its JSON report, its wall seconds, its peak RSS MiB)."""
-    argv = [PYTHON, __file__, *args]
-    with tempfile.TemporaryDirectory(prefix="bench-load-") as d:
-        rss_file, out_file, err_file = (Path(d) / n for n in ("rss", "stdout", "stderr"))
-        cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv] if GNU_TIME else argv
-        with open(out_file, "wb") as out, open(err_file, "wb") as err:
-            start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            stderr = err_file.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"child {' '.join(args)} exited {code}:\n{stderr}")
-        peak_kib = int(rss_file.read_text().split()[-1]) if GNU_TIME else usage.ru_maxrss
-        report: dict[str, Any] = json.loads(out_file.read_text().splitlines()[-1])
-    return report, wall, peak_kib / 1024
+    wall, peak, stdout = run_measured([PYTHON, __file__, *args], env, capture=True)
+    report: dict[str, Any] = json.loads(stdout.splitlines()[-1])
+    return report, wall, peak
 
 
 def warm_page_cache() -> None:

@@ -26,33 +26,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Target, versions  # benchmarks/ is on sys.path when run as a script
+from common import (  # benchmarks/ is on sys.path when run as a script
+    GNU_TIME,
+    LLAMA_170M,
+    OUT,
+    Target,
+    child_env,
+    run_measured,
+    versions,
+)
 
 # Before anything from Hugging Face is imported, here or in any child: no network, no telemetry.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
 ADAPTERS = OUT / "adapters"
 MANIFEST = ADAPTERS / "manifest.json"
 PYTHON = sys.executable
 ADAPTERCTL = shutil.which("adapterctl", path=str(Path(PYTHON).parent)) or "adapterctl"
-GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 MIB = 1024 * 1024
 
 # What gets built. Changing it invalidates the cache (the manifest records it).
 SPEC: dict[str, Any] = {
     "version": 1,
     "seed": 0,
-    "llama": {
-        "hidden_size": 1024,
-        "intermediate_size": 2816,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "vocab_size": 32000,
-    },
+    "llama": LLAMA_170M,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     # folder -> (rank, adapter names saved; `default` goes to the root, the others to subfolders)
     "adapters": {
@@ -214,43 +213,6 @@ def cases() -> list[Case]:
     ]
 
 
-def child_env(bytecode_cache: bool) -> dict[str, str]:
-    """The measured commands' environment.
-
-    With `bytecode_cache`, every child reads and writes .pyc files under benchmarks/out/pycache
-    (PYTHONPYCACHEPREFIX), as an installed package would have them, even where
-    PYTHONDONTWRITEBYTECODE=1 is set: an editable checkout has no .pyc for adapterctl otherwise,
-    and compiling its modules on every run would be counted against it (site-packages ship theirs).
-    """
-    env = dict(os.environ)
-    if bytecode_cache:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(OUT / "pycache")
-    return env
-
-
-def run_once(
-    argv: list[str], env: dict[str, str], *, capture: bool = False
-) -> tuple[float, float, str]:
-    """Run `argv` cold; returns (wall seconds, peak RSS MiB, stdout if `capture`)."""
-    with tempfile.TemporaryDirectory(prefix="bench-") as d:
-        rss_file, out_file, err_file = (Path(d) / n for n in ("rss", "stdout", "stderr"))
-        cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv] if GNU_TIME else argv
-        with open(err_file, "wb") as err, open(out_file if capture else os.devnull, "wb") as out:
-            start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            stderr = err_file.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{argv[0]} exited {proc.returncode}:\n{stderr}")
-        # Without GNU time, ru_maxrss includes this process's own high-water mark (~10 MiB).
-        peak_kib = int(rss_file.read_text().split()[-1]) if GNU_TIME else usage.ru_maxrss
-        stdout = out_file.read_text() if capture else ""
-    return wall, peak_kib / 1024, stdout
-
-
 def _expect(ok: bool, message: str) -> None:
     if not ok:
         raise RuntimeError(f"benchmark sanity check failed: {message}")
@@ -260,7 +222,7 @@ def check_outputs(all_cases: list[Case], manifest: dict[str, Any], env: dict[str
     """One warm-up run of each command (fills the page and bytecode caches), checked."""
     expected = manifest["adapters"]["r64"]["default"]["tensors"]
     for case in all_cases:
-        _, _, stdout = run_once(case.argv, env, capture=True)
+        _, _, stdout = run_measured(case.argv, env, capture=True)
         if case.key == "json":
             listed = len(json.loads(stdout)["adapters"][0]["tensors"])
             _expect(listed == expected, f"inspect --json listed {listed} tensors, not {expected}")
@@ -278,7 +240,7 @@ def measure(all_cases: list[Case], runs: int, env: dict[str, str]) -> None:
     """Interleaved: run i of every case, then run i + 1, so drift hits all cases alike."""
     for i in range(runs):
         for case in all_cases:
-            wall, peak, _ = run_once(case.argv, env)
+            wall, peak, _ = run_measured(case.argv, env)
             case.wall_s.append(wall)
             case.peak_mib.append(peak)
         print(f"  run {i + 1}/{runs} done", file=sys.stderr)
