@@ -446,6 +446,28 @@ class AdapterModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
+    # --- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write the adapters as PEFT does: `default` at the root, the others in subfolders."""
+        from adapterctl.engine.save import save_pretrained
+
+        unknown = sorted(set(kwargs) - {"state_dict"})
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
+        save_pretrained(
+            self, save_directory, safe_serialization, selected_adapters, save_embedding_layers,
+            is_main_process, kwargs.get("state_dict"),
+        )  # fmt: skip
+
     # --- merging ------------------------------------------------------------------------------
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:

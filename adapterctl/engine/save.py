@@ -1,0 +1,236 @@
+"""save_pretrained: an adapter's tensors and config, written as PEFT 0.21.2 writes them.
+
+Keys come from the one key module (`format.keys`), bytes from the one safetensors writer
+(`format.tensors`); each file is written atomically into the (possibly existing) directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from adapterctl.engine.layers import LoraLayer, param
+from adapterctl.errors import AdapterctlError
+from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.dtypes import BY_TORCH_NAME
+from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, stored_key
+from adapterctl.format.layout import BIN_NAME, SAFETENSORS_NAME, adapter_subdir
+from adapterctl.format.tensors import PT_METADATA, TensorSource, write_safetensors
+
+if TYPE_CHECKING:
+    from adapterctl.engine.model import AdapterModel
+
+
+def _layer_tensors(path: str, layer: LoraLayer, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if layer.kind == "embedding":
+        yield stored_key(path, "lora_embedding_A"), layer.lora_embedding_A[name]
+        yield stored_key(path, "lora_embedding_B"), layer.lora_embedding_B[name]
+    else:
+        yield stored_key(path, "lora_A"), param(layer.lora_A[name])
+        yield stored_key(path, "lora_B"), param(layer.lora_B[name])
+        if getattr(layer.lora_B[name], "bias", None) is not None:
+            yield stored_key(path, "lora_B.bias"), param(layer.lora_B[name], "bias")
+    if name in layer.lora_magnitude_vector:
+        yield stored_key(path, "lora_magnitude_vector"), layer.magnitude(name)
+
+
+def embedding_targeted(config: LoraConfig, module_names: list[str]) -> bool:
+    """PEFT's test for "an embedding layer is in target_modules" (peft-format.md 2.4)."""
+    import re
+
+    tm = config.target_modules
+    if isinstance(tm, str):
+        if tm == "all-linear":
+            return False
+        return any(
+            re.fullmatch(tm, n) for n in module_names if n.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+        )
+    return any(e in (tm or []) for e in EMBEDDING_NAMES)
+
+
+def _save_embeddings(model: AdapterModel, config: LoraConfig, choice: str | bool) -> bool:
+    if choice is True or choice is False:
+        return choice
+    if choice != "auto":
+        raise AdapterctlError(
+            f"save_embedding_layers must be 'auto', True or False, not {choice!r}"
+        )
+    names = [n for n, _ in model.base_model.model.named_modules()]
+    tokens = config.peft_type == "TRAINABLE_TOKENS" or config.trainable_token_indices
+    if embedding_targeted(config, names) and not tokens:
+        warnings.warn(
+            "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return True
+    return False
+
+
+def adapter_state_dict(
+    model: AdapterModel, name: str, save_embedding_layers: str | bool = "auto"
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of adapter `name` (PEFT's keys: `base_model.model.` + path + suffix)."""
+    config = model.peft_config[name]
+    inner = model.base_model
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in inner.lora_layers():
+        if name in layer.r:
+            out.update(_layer_tensors(path, layer, name))
+    if config.bias == "all":
+        for key, p in inner.model.named_parameters():
+            if (
+                key.endswith(".bias")
+                and ".lora_" not in key
+                and ".modules_to_save." not in key
+                and ".original_module." not in key
+            ):
+                out[PREFIX + key] = p
+    elif config.bias == "lora_only":
+        for path, layer in inner.lora_layers():
+            bias = getattr(layer.base_layer, "bias", None)
+            if name in layer.r and isinstance(bias, torch.Tensor):
+                out[f"{PREFIX}{path}.base_layer.bias"] = bias
+    for path, wrapper in inner.wrappers():
+        if name in wrapper.modules_to_save:
+            for key, p in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{key}"] = p
+    if _save_embeddings(model, config, save_embedding_layers):
+        modules = dict(inner.model.named_modules())
+        targeted = embedding_targeted(config, list(modules))
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            emb = getattr(inner.model, getter, lambda: None)()
+            if emb is None:
+                continue
+            found = next((p for p, m in modules.items() if m is emb), None)
+            if found is None:
+                continue
+            path = found
+            owner, _, last = path.rpartition(".")
+            wrapped = modules.get(owner) if last == "base_layer" else None
+            if isinstance(wrapped, LoraLayer):
+                out[f"{PREFIX}{owner}.base_layer.weight"] = param(wrapped.base_layer)
+            elif isinstance(emb, LoraLayer):
+                out[f"{PREFIX}{path}.base_layer.weight"] = param(emb.base_layer)
+            elif not targeted:  # with embeddings in target_modules, PEFT saves only wrapped ones
+                out[f"{PREFIX}{path}.weight"] = param(emb)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _untied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: clone all but the first of each group (Trap T13)."""
+    seen: set[tuple[str, int, int]] = set()
+    out = {}
+    for key, t in sd.items():
+        storage = t.untyped_storage()
+        ident = (str(t.device), storage.data_ptr(), storage.nbytes())
+        if ident in seen and storage.nbytes() > 0:
+            t = t.clone()
+        seen.add(ident)
+        out[key] = t.contiguous()
+    return out
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same directory, then os.replace (other files untouched)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _sources(sd: dict[str, torch.Tensor]) -> list[TensorSource]:
+    sources = []
+    for key, t in sd.items():
+        dtype = BY_TORCH_NAME.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise AdapterctlError(f"cannot save `{key}`: dtype {t.dtype} has no safetensors code")
+
+        def data(t: torch.Tensor = t) -> bytes:
+            raw: bytes = (
+                t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            )
+            return raw
+
+        sources.append(TensorSource(key, dtype, tuple(t.shape), data))
+    return sources
+
+
+def saved_config(model: AdapterModel, name: str) -> LoraConfig:
+    """The config as PEFT writes it: base_model_name_or_path and auto_mapping filled in."""
+    config = model.peft_config[name]
+    changes: dict[str, Any] = {}
+    inner = model.base_model.model
+    if config.base_model_name_or_path is None:
+        name_or_path = getattr(inner, "name_or_path", None) or getattr(
+            getattr(inner, "config", None), "_name_or_path", None
+        )
+        changes["base_model_name_or_path"] = name_or_path or None
+    if config.task_type is None and config.auto_mapping is None:
+        changes["auto_mapping"] = {
+            "base_model_class": type(inner).__name__,
+            "parent_library": type(inner).__module__,
+        }
+    return config.replace(**changes) if changes else config
+
+
+def save_pretrained(
+    model: AdapterModel,
+    save_directory: str | os.PathLike[str],
+    safe_serialization: bool = True,
+    selected_adapters: list[str] | None = None,
+    save_embedding_layers: str | bool = "auto",
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> list[Path]:
+    """Write the adapters; returns the files written."""
+    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in model.peft_config]
+    if unknown:
+        raise AdapterctlError(f"no adapter named {', '.join(f'`{n}`' for n in unknown)} is loaded")
+    if not is_main_process:
+        return []
+    root = Path(save_directory)
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise AdapterctlError(f"`{root}` is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        sd = (
+            state_dict
+            if state_dict is not None
+            else adapter_state_dict(model, name, save_embedding_layers)
+        )
+        sub = adapter_subdir(name)
+        target = root / sub if sub else root
+        target.mkdir(exist_ok=True)
+        if safe_serialization:
+            sources = _sources(_untied(sd))
+            _atomic_write(
+                target / SAFETENSORS_NAME, lambda f, s=sources: write_safetensors(f, s, PT_METADATA)
+            )
+            written.append(target / SAFETENSORS_NAME)
+        else:
+            _atomic_write(
+                target / BIN_NAME,
+                lambda f, sd=sd: torch.save({k: v.contiguous() for k, v in sd.items()}, f),
+            )
+            written.append(target / BIN_NAME)
+        text = saved_config(model, name).to_json().encode()
+        _atomic_write(target / CONFIG_NAME, lambda f, text=text: f.write(text))
+        written.append(target / CONFIG_NAME)
+    return written

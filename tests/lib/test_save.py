@@ -1,0 +1,129 @@
+"""save_pretrained against PEFT: the same files for the same adapters, and PEFT loads ours."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures import CASES
+
+pytestmark = pytest.mark.slow
+
+# PEFT's bias="all" also writes the modules_to_save wrapper's internal copies of a bias; we do not
+PEFT_ONLY = {
+    "base_model.model.transformer.ln_f.original_module.bias",
+    "base_model.model.transformer.ln_f.modules_to_save.bias",
+}
+
+
+def _tensors(root: Path) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+    from safetensors import safe_open
+
+    out = {}
+    for p in sorted(root.rglob("adapter_model.safetensors")):
+        with safe_open(str(p), "pt") as f:
+            out[str(p.relative_to(root))] = {
+                k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                for k in f.keys()  # noqa: SIM118
+            }
+    return out
+
+
+def _config(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    return {k: sorted(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
+def _resave(case: str, src: Path, out: Path) -> Any:
+    from adapterctl.engine.model import AdapterModel
+
+    fn, cfgs = CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AdapterModel.from_pretrained(fn(), src)
+        for name in cfgs:
+            if name != "default":
+                model.load_adapter(src / name, adapter_name=name)
+        model.save_pretrained(out)
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_files_as_peft(peft_adapters: dict[str, Path], tmp_path: Path, case: str) -> None:
+    src, out = peft_adapters[case], tmp_path / case
+    _resave(case, src, out)
+    theirs, ours = _tensors(src), _tensors(out)
+    assert theirs.keys() == ours.keys()
+    for f in theirs:
+        assert {k: v for k, v in theirs[f].items() if k not in PEFT_ONLY} == ours[f]
+    for cfg in src.rglob("adapter_config.json"):
+        assert _config(out / cfg.relative_to(src)) == _config(cfg)
+        text = (out / cfg.relative_to(src)).read_text()
+        assert not text.endswith("\n")
+        assert text == json.dumps(json.loads(text), indent=2, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "case", ["llama_dora_patterns", "llama_embed", "gpt2_conv1d", "bert_seq_cls"]
+)
+def test_peft_loads_ours_with_equal_outputs(
+    peft_adapters: dict[str, Path], tmp_path: Path, case: str
+) -> None:
+    import torch
+    from peft import PeftModel
+
+    fn, _ = CASES[case]
+    ours = _resave(case, peft_adapters[case], tmp_path / case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = PeftModel.from_pretrained(fn(), str(tmp_path / case)).eval()
+    ids = torch.arange(12).reshape(2, 6) % 64
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, ours(input_ids=ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_saving_is_deterministic_and_selective(
+    peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _resave("multi", peft_adapters["multi"], tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    for f in sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    ):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    model.save_pretrained(tmp_path / "c", selected_adapters=["beta"])
+    assert sorted(
+        str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*") if p.is_file()
+    ) == [
+        "beta/adapter_config.json",
+        "beta/adapter_model.safetensors",
+    ]
+    model.save_pretrained(tmp_path / "d", is_main_process=False)
+    assert not (tmp_path / "d").exists()
+    from adapterctl.errors import AdapterctlError
+
+    with pytest.raises(AdapterctlError, match="no adapter named `nope`"):
+        model.save_pretrained(tmp_path / "e", selected_adapters=["nope"])
+
+
+def test_writes_into_an_existing_directory_leaving_other_files(
+    peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "trainer_state.json").write_text("{}")
+    model = _resave("llama_basic", peft_adapters["llama_basic"], out)
+    model.save_pretrained(out, safe_serialization=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.bin", "adapter_model.safetensors", "trainer_state.json",
+    ]  # fmt: skip
+    assert (out / "trainer_state.json").read_text() == "{}"
+    import torch
+
+    sd = torch.load(out / "adapter_model.bin", weights_only=True)
+    assert set(sd) == set(_tensors(out)["adapter_model.safetensors"])
