@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from adapterctl.version import __version__
 
 _LAZY = {
     "AdapterModel": "adapterctl.engine.model",

@@ -233,4 +233,12 @@ def save_pretrained(
         text = saved_config(model, name).to_json().encode()
         _atomic_write(target / CONFIG_NAME, lambda f, text=text: f.write(text))
         written.append(target / CONFIG_NAME)
+    if names:  # the card goes to the root only, as PEFT writes it
+        from adapterctl.ops.card import card_text, read_card
+
+        config = saved_config(model, names[0])
+        tags = getattr(model.base_model.model, "model_tags", None)
+        card = card_text(config, read_card(root), list(tags) if tags else None).encode("utf-8")
+        _atomic_write(root / "README.md", lambda f: f.write(card))
+        written.append(root / "README.md")
     return written

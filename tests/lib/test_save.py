@@ -100,6 +100,7 @@ def test_saving_is_deterministic_and_selective(
     assert sorted(
         str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*") if p.is_file()
     ) == [
+        "README.md",  # at the root even when the root adapter is not saved, as PEFT does
         "beta/adapter_config.json",
         "beta/adapter_model.safetensors",
     ]
@@ -120,10 +121,44 @@ def test_writes_into_an_existing_directory_leaving_other_files(
     model = _resave("llama_basic", peft_adapters["llama_basic"], out)
     model.save_pretrained(out, safe_serialization=False)
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.bin", "adapter_model.safetensors", "trainer_state.json",
+        "README.md", "adapter_config.json", "adapter_model.bin", "adapter_model.safetensors",
+        "trainer_state.json",
     ]  # fmt: skip
     assert (out / "trainer_state.json").read_text() == "{}"
     import torch
 
     sd = torch.load(out / "adapter_model.bin", weights_only=True)
     assert set(sd) == set(_tensors(out)["adapter_model.safetensors"])
+
+
+def test_model_card(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    from adapterctl.format.config import LoraConfig
+    from adapterctl.ops.card import card_text
+
+    out = tmp_path / "card"
+    model = _resave("llama_dora_patterns", peft_adapters["llama_dora_patterns"], out)
+    data = ModelCard.load(out / "README.md").data.to_dict()
+    assert data["library_name"] == "peft"
+    assert data["pipeline_tag"] == "text-generation"
+    assert "base_model" not in data  # the base was built from a config: no Hub id to name
+    assert data["tags"] == ["lora", "transformers"]
+    (out / "README.md").write_text("---\nlicense: mit\ntags:\n- mytag\n---\n# Mine\n")
+    model.save_pretrained(out)
+    model.save_pretrained(out)
+    text = (out / "README.md").read_text()
+    data = ModelCard(text).data.to_dict()
+    assert data["license"] == "mit"
+    assert data["tags"] == ["lora", "mytag", "transformers"]  # kept, unlike PEFT (Trap T15)
+    assert text.count("### Framework versions") == 1
+    assert "# Mine" in text
+    hub = card_text(
+        LoraConfig(r=4, base_model_name_or_path="org/base-7b", task_type="SEQ_CLS"), None
+    )
+    data = ModelCard(hub).data.to_dict()
+    assert data["base_model"] == "org/base-7b"
+    assert "base_model:adapter:org/base-7b" in data["tags"]
+    assert "pipeline_tag" not in data
+    local = card_text(LoraConfig(r=4, base_model_name_or_path=str(tmp_path)), None)
+    assert "base_model" not in ModelCard(local).data.to_dict()

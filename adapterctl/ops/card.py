@@ -1,0 +1,74 @@
+"""The model card (README.md) written with an adapter (peft-format.md section 9), and kept by push.
+
+Front matter as PEFT writes it (`library_name: peft`, `base_model`, tags, `pipeline_tag` for causal
+LMs), with two differences: `base_model` is written only when it is a Hub id (a local path means
+nothing on the Hub), and tags already in an existing card are kept (PEFT replaces them: Trap T15).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from adapterctl.format.config import LoraConfig
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FRAMEWORK = "### Framework versions"
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it looks like a Hub repo id and is not a local path; else None."""
+    if not name or os.path.exists(name) or not _HUB_ID.match(name) or ".." in name:
+        return None
+    return name
+
+
+def _default_text(config: LoraConfig, base: str | None) -> str:
+    about = (
+        f"a LoRA adapter for [{base}](https://huggingface.co/{base})" if base else "a LoRA adapter"
+    )
+    return (
+        f"# Model card\n\nThis repository holds {about} in the PEFT format "
+        f"(r={config.r}, lora_alpha={config.lora_alpha}).\n"
+    )
+
+
+def card_text(config: LoraConfig, existing: str | None, model_tags: list[str] | None = None) -> str:
+    """The README.md to write: `existing` (a card already there) updated, or a new one."""
+    from huggingface_hub import ModelCard
+
+    base = hub_id(config.base_model_name_or_path)
+    body = existing if existing is not None else _default_text(config, base)
+    if not body.startswith("---"):  # no front matter yet: start one
+        body = f"---\nlibrary_name: peft\n---\n{body}"
+    card = ModelCard(body)
+    data: Any = card.data  # a CardData: fields are plain attributes
+    data.library_name = "peft"
+    if base:
+        data.base_model = base
+    tags = set(data.tags or []) | set(model_tags or []) | {"lora", "transformers"}
+    if base:
+        tags.add(f"base_model:adapter:{base}")
+    data.tags = sorted(tags)
+    if config.task_type == "CAUSAL_LM" and not getattr(data, "pipeline_tag", None):
+        data.pipeline_tag = "text-generation"
+    text = str(card)
+    if _FRAMEWORK not in text:
+        from adapterctl.format.config import PEFT_VERSION
+        from adapterctl.version import __version__
+
+        text = (
+            text.rstrip("\n")
+            + f"\n{_FRAMEWORK}\n\n- PEFT {PEFT_VERSION} (format)\n- adapterctl {__version__}\n"
+        )
+    return text
+
+
+def read_card(directory: Path) -> str | None:
+    path = directory / "README.md"
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
