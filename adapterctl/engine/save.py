@@ -55,18 +55,46 @@ def embedding_targeted(config: LoraConfig, module_names: list[str]) -> bool:
     return any(e in (tm or []) for e in EMBEDDING_NAMES)
 
 
-def _save_embeddings(model: AdapterModel, config: LoraConfig, choice: str | bool) -> bool:
+def _base_vocab_size(config: LoraConfig) -> int | None:
+    """vocab_size in the base's config.json, when the base is a local directory (no network)."""
+    import json
+
+    base = config.base_model_name_or_path
+    if not base or not os.path.isfile(os.path.join(base, "config.json")):
+        return None
+    try:
+        with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("vocab_size")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _save_embeddings(model: AdapterModel, name: str, choice: str | bool) -> bool:
+    """PEFT's save_embedding_layers rule (Trap T5): explicit, or "auto" when an embedding is a
+    target (without trainable tokens) or the vocabulary was resized against the base's config."""
     if choice is True or choice is False:
         return choice
     if choice != "auto":
         raise AdapterctlError(
             f"save_embedding_layers must be 'auto', True or False, not {choice!r}"
         )
+    config = model.peft_config[name]
     names = [n for n, _ in model.base_model.model.named_modules()]
     tokens = config.peft_type == "TRAINABLE_TOKENS" or config.trainable_token_indices
     if embedding_targeted(config, names) and not tokens:
         warnings.warn(
             "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return True
+    current = getattr(getattr(model.base_model.model, "config", None), "vocab_size", None)
+    original = _base_vocab_size(saved_config(model, name))
+    if original is not None and current is not None and original != current:
+        warnings.warn(
+            "Setting `save_embedding_layers` to `True`: the embedding layer has been resized "
+            f"during finetuning ({original} -> {current} tokens).",
             UserWarning,
             stacklevel=4,
         )
@@ -102,7 +130,8 @@ def adapter_state_dict(
         if name in wrapper.modules_to_save:
             for key, p in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
                 out[f"{PREFIX}{path}.{key}"] = p
-    if _save_embeddings(model, config, save_embedding_layers):
+    before_embeddings = set(out)
+    if _save_embeddings(model, name, save_embedding_layers):
         modules = dict(inner.model.named_modules())
         targeted = embedding_targeted(config, list(modules))
         for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -121,6 +150,15 @@ def adapter_state_dict(
                 out[f"{PREFIX}{path}.base_layer.weight"] = param(emb.base_layer)
             elif not targeted:  # with embeddings in target_modules, PEFT saves only wrapped ones
                 out[f"{PREFIX}{path}.weight"] = param(emb)
+    embeddings = [k for k in out if k not in before_embeddings]
+    if embeddings:
+        size = sum(out[k].numel() * out[k].element_size() for k in embeddings)
+        warnings.warn(
+            f"saving {len(embeddings)} full embedding matrices with the adapter "
+            f"({size / 2**20:.1f} MiB): {', '.join(k.removeprefix(PREFIX) for k in embeddings)}",
+            UserWarning,
+            stacklevel=3,
+        )
     return {k: v.detach() for k, v in out.items()}
 
 

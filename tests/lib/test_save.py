@@ -162,3 +162,26 @@ def test_model_card(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
     assert "pipeline_tag" not in data
     local = card_text(LoraConfig(r=4, base_model_name_or_path=str(tmp_path)), None)
     assert "base_model" not in ModelCard(local).data.to_dict()
+
+
+def test_resized_vocabulary_saves_the_embeddings(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from adapterctl.engine.model import get_adapter_model
+    from adapterctl.format.config import LoraConfig
+    from tests.fixtures import tiny_llama
+
+    tiny_llama().save_pretrained(str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    base.resize_token_embeddings(72)
+    model = get_adapter_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="embedding") as record:
+        model.save_pretrained(tmp_path / "out")
+    messages = [str(w.message) for w in record]
+    assert any("resized during finetuning (64 -> 72 tokens)" in m for m in messages)
+    assert any("saving 2 full embedding matrices" in m and "MiB" in m for m in messages)
+    shapes = {k: v[0] for k, v in _tensors(tmp_path / "out")["adapter_model.safetensors"].items()}
+    assert shapes["base_model.model.model.embed_tokens.weight"] == (72, 32)
+    assert shapes["base_model.model.lm_head.weight"] == (72, 32)
+    model.save_pretrained(tmp_path / "lean", save_embedding_layers=False)
+    assert not any("embed" in k for k in _tensors(tmp_path / "lean")["adapter_model.safetensors"])
