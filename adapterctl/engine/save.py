@@ -18,7 +18,7 @@ import torch
 
 from adapterctl.engine.layers import LoraLayer, param
 from adapterctl.errors import AdapterctlError
-from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.config import CONFIG_NAME, LoraConfig, reload_drift
 from adapterctl.format.dtypes import BY_TORCH_NAME
 from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, stored_key
 from adapterctl.format.layout import BIN_NAME, SAFETENSORS_NAME, adapter_subdir
@@ -248,6 +248,15 @@ def save_pretrained(
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names:
+        targets = [p for p, layer in model.base_model.lora_layers() if name in layer.r]
+        drift = reload_drift(model.peft_config[name], targets)
+        if drift:
+            warnings.warn(
+                f"adapter `{name}` has overlapping rank/alpha patterns that resolve differently "
+                f"after a reload (PEFT tries them in sorted order): {'; '.join(drift[:3])}",
+                UserWarning,
+                stacklevel=3,
+            )
         sd = (
             state_dict
             if state_dict is not None

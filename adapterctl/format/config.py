@@ -312,3 +312,25 @@ class LoraConfig:
 
     def scaling(self, alpha: float, r: int) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def reload_drift(config: LoraConfig, modules: list[str]) -> list[str]:
+    """Trap T1: modules whose rank or alpha would change once the config is written and read back.
+
+    In memory PEFT tries pattern keys in insertion order; the file is written with sorted keys, and
+    a reader tries them in that order. Where overlapping keys resolve differently, the reloaded
+    adapter means something else (PEFT then fails on a rank, or silently changes a scaling).
+    """
+    problems = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns: dict[str, Any] = getattr(config, field) or {}
+        resorted = {k: patterns[k] for k in sorted(patterns)}
+        for module in modules:
+            now = [k for k in patterns if re.match(pattern_regex(k), module)]
+            later = [k for k in resorted if re.match(pattern_regex(k), module)]
+            if now and later and patterns[now[0]] != patterns[later[0]]:
+                problems.append(
+                    f"`{module}`: {field} gives {patterns[now[0]]} (key {now[0]!r}) now but "
+                    f"{patterns[later[0]]} (key {later[0]!r}) once saved and reloaded"
+                )
+    return problems

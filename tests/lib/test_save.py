@@ -185,3 +185,29 @@ def test_resized_vocabulary_saves_the_embeddings(tmp_path: Path) -> None:
     assert shapes["base_model.model.lm_head.weight"] == (72, 32)
     model.save_pretrained(tmp_path / "lean", save_embedding_layers=False)
     assert not any("embed" in k for k in _tensors(tmp_path / "lean")["adapter_model.safetensors"])
+
+
+def test_patterns_whose_meaning_changes_on_reload_warn(tmp_path: Path) -> None:
+    from adapterctl.engine.model import get_adapter_model
+    from adapterctl.format.config import LoraConfig
+    from tests.fixtures import tiny_llama
+
+    # in memory "q_proj" is tried first (alpha 16); sorted, "layers.1..." comes first (alpha 32)
+    config = LoraConfig(
+        r=2,
+        target_modules=["q_proj"],
+        alpha_pattern={"q_proj": 16, "layers.1.self_attn.q_proj": 32},
+    )
+    model = get_adapter_model(tiny_llama(), config)
+    with pytest.warns(
+        UserWarning, match=r"model.layers.1.self_attn.q_proj`: alpha_pattern gives 16"
+    ):
+        model.save_pretrained(tmp_path / "a")
+    fine = LoraConfig(
+        r=2,
+        target_modules=["q_proj"],
+        alpha_pattern={"layers.1.self_attn.q_proj": 32, "q_proj": 16},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_adapter_model(tiny_llama(), fine).save_pretrained(tmp_path / "b")
