@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +23,8 @@ def init_default(model: AdapterModel, name: str, config: LoraConfig) -> None:
     at the row norm of W + sBA.
     """
     init = config.init_lora_weights
-    residual = init in RESIDUAL_METHODS  # A0, B0 were set from the base by `decompose`
+    # pissa/olora: A0, B0 were set from the base by `decompose`
+    residual = init in RESIDUAL_METHODS or str(init).startswith("pissa_niter_")
     with torch.no_grad():
         for _, layer in model.base_model.lora_layers():
             if name not in layer.r or (residual and layer.kind != "embedding"):
@@ -62,8 +64,9 @@ PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 RESIDUAL_METHODS = ("pissa", "olora")
 
 
-def check_init(config: LoraConfig) -> str | None:
-    """The residual method a config asks for (pissa/olora), None for plain inits; else an error."""
+def check_init(config: LoraConfig, *, loading: bool = True) -> str | None:
+    """The residual method a config asks for (pissa/olora, and pissa_niter_K when creating a new
+    adapter), None for plain inits; else an error."""
     from adapterctl.errors import AdapterctlError
 
     init = config.init_lora_weights
@@ -71,6 +74,8 @@ def check_init(config: LoraConfig) -> str | None:
         return None
     if init in RESIDUAL_METHODS:
         return str(init)
+    if not loading and isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
+        return init
     convert_hint = "convert it to plain LoRA with `adapterctl convert`, then load the result"
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         raise AdapterctlError(
@@ -91,7 +96,8 @@ def decompose(layer: LoraLayer, name: str, method: str) -> None:
     """PiSSA / OLoRA: set A0, B0 from the base weight and replace the base by the residual.
 
     PiSSA: W = U S Vh (full SVD of the (out, in) weight), A0 = sqrt(S_r/s) Vh_r,
-    B0 = U_r sqrt(S_r/s). OLoRA: W = QR of the weight as stored, A0 = R_r, B0 = Q_r.
+    B0 = U_r sqrt(S_r/s); pissa_niter_K the same from a randomized SVD (torch.svd_lowrank, K
+    iterations). OLoRA: W = QR, A0 = R_r, B0 = Q_r.
     Either way W_res = W - s B0 A0, written back in the weight's dtype and orientation.
     """
     from adapterctl.errors import IncompatibleModelError
@@ -101,20 +107,20 @@ def decompose(layer: LoraLayer, name: str, method: str) -> None:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise IncompatibleModelError(f"{method} needs a float32/16 or bfloat16 base, not {dtype}")
     r, s = layer.r[name], layer.scaling[name]
+    # every method works on the (out, in) weight; PEFT's OLoRA takes a Conv1D weight as stored,
+    # (in, out), which is the wrong orientation (it then fails to load its own adapter)
+    w = layer.base_weight_out_in().to(torch.float32)
     if method == "pissa":
-        w = layer.base_weight_out_in().to(torch.float32)
         u, sv, vh = torch.linalg.svd(w, full_matrices=False)
         root = torch.sqrt(sv[:r] / s)
         a0 = torch.diag(root) @ vh[:r]
         b0 = u[:, :r] @ torch.diag(root)
+    elif method.startswith("pissa_niter_"):
+        u, sv, v = torch.svd_lowrank(w, q=r, niter=int(method.removeprefix("pissa_niter_")))
+        root = torch.sqrt(sv / s)
+        a0 = torch.diag(root) @ v.T
+        b0 = u @ torch.diag(root)
     else:
-        if layer.kind != "linear":
-            raise IncompatibleModelError(
-                "OLoRA on a transformers Conv1D layer is not supported (PEFT decomposes the "
-                "wrong orientation there)",
-                hint="convert the adapter to plain LoRA with `adapterctl convert`",
-            )
-        w = base.to(torch.float32)
         q, rr = torch.linalg.qr(w)
         a0, b0 = rr[:r].contiguous(), q[:, :r].contiguous()
     residual = w - s * (b0 @ a0)

@@ -217,7 +217,7 @@ class AdapterModel(nn.Module):
         from adapterctl.engine.init import check_init, residual_init
 
         validate_adapter_name(name)
-        method = check_init(config)
+        method = check_init(config, loading=loading)
         if method is not None and meta:
             raise AdapterctlError(
                 f"`init_lora_weights` is {method!r}, which needs the real base weights; "
