@@ -56,5 +56,9 @@ class SelectionError(AdapterctlError):
     """A `select` request that names adapters or renames that do not fit the source."""
 
 
+class ConversionError(AdapterctlError):
+    """A trained/initial adapter pair that cannot be converted to plain LoRA (says what differs)."""
+
+
 class MissingDependencyError(AdapterctlError):
     """An optional dependency needed for this input is not installed."""

@@ -1,0 +1,138 @@
+"""PiSSA/OLoRA to plain LoRA from the files alone, against PEFT's own conversion and the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapterctl.format.config import LoraConfig
+from adapterctl.format.tensors import SafetensorsReader, TensorSource, write_safetensors
+from adapterctl.ops.conversion import RawTensor, convert_tensors, converted_config
+from tests.fixtures import tiny_llama
+
+pytestmark = pytest.mark.slow
+
+
+def _read(path: Path) -> dict[str, RawTensor]:
+    with SafetensorsReader(path) as f:
+        return {k: RawTensor(t.dtype, t.shape, f.array(k)) for k, t in f.tensors.items()}
+
+
+def _write(directory: Path, tensors: dict[str, RawTensor], config: LoraConfig) -> Path:
+    directory.mkdir(parents=True)
+    sources = [TensorSource(k, t.dtype, t.shape, t.data.tobytes) for k, t in tensors.items()]
+    with open(directory / "adapter_model.safetensors", "wb") as f:
+        write_safetensors(f, sources)
+    (directory / "adapter_config.json").write_text(config.to_json())
+    return directory
+
+
+def _pissa_pair(tmp_path: Path, **config: Any) -> tuple[Any, Path, Path, Path]:
+    """PEFT: a PiSSA adapter, its initial save, a 'trained' save and PEFT's own conversion."""
+    import torch
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(tiny_llama(), PeftConfig(init_lora_weights="pissa", **config))
+        pm.peft_config["default"].init_lora_weights = True
+        pm.save_pretrained(str(tmp_path / "init"))
+        pm.peft_config["default"].init_lora_weights = "pissa"
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(str(tmp_path / "trained"))
+        with contextlib.suppress(ValueError):  # PEFT refuses rslora with patterns; we do not
+            pm.save_pretrained(
+                str(tmp_path / "peft"),
+                path_initial_model_for_weight_conversion=str(tmp_path / "init"),
+            )
+    return pm.eval(), tmp_path / "init", tmp_path / "trained", tmp_path / "peft"
+
+
+def _convert(init: Path, trained: Path, out: Path) -> Path:
+    tc = LoraConfig.from_file(trained / "adapter_config.json")
+    ic = LoraConfig.from_file(init / "adapter_config.json")
+    tensors = convert_tensors(
+        _read(trained / "adapter_model.safetensors"),
+        _read(init / "adapter_model.safetensors"),
+        tc,
+        ic,
+    )
+    return _write(out, tensors, converted_config(tc, ic))
+
+
+def _logits(model: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.arange(12).reshape(2, 6) % 64).logits
+
+
+def test_equal_to_peft_and_nothing_lost(tmp_path: Path) -> None:
+    from adapterctl.engine.model import AdapterModel
+
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+           "rank_pattern": {"v_proj": 6}, "alpha_pattern": {"down_proj": 12}, "modules_to_save": ["lm_head"]}  # fmt: skip
+    trained_model, init, trained, peft_dir = _pissa_pair(tmp_path, **cfg)
+    ours = _convert(init, trained, tmp_path / "ours")
+    theirs = _read(peft_dir / "adapter_model.safetensors")
+    mine = _read(ours / "adapter_model.safetensors")
+    for key, t in theirs.items():  # every factor PEFT writes, bit for bit
+        assert mine[key].shape == t.shape
+        assert mine[key].data.tobytes() == t.data.tobytes(), key
+    assert set(mine) - set(theirs) == {"base_model.model.lm_head.weight"}  # PEFT drops it (Trap T7)
+    pc, mc = (
+        LoraConfig.from_file(peft_dir / "adapter_config.json"),
+        LoraConfig.from_file(ours / "adapter_config.json"),
+    )
+    for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights"):
+        assert getattr(mc, field) == getattr(pc, field), field
+    # the converted adapter on the ORIGINAL base computes what the trained PiSSA model computes
+    loaded = AdapterModel.from_pretrained(tiny_llama(), ours)
+    assert (_logits(loaded) - _logits(trained_model)).abs().max().item() <= 1e-5
+
+
+def test_rslora_with_patterns_converts_exactly(tmp_path: Path) -> None:
+    from adapterctl.engine.model import AdapterModel
+
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_rslora": True,
+           "rank_pattern": {"v_proj": 6}, "alpha_pattern": {"q_proj": 12}}  # fmt: skip
+    trained_model, init, trained, _ = _pissa_pair(tmp_path, **cfg)
+    ours = _convert(init, trained, tmp_path / "ours")
+    loaded = AdapterModel.from_pretrained(tiny_llama(), ours)
+    assert (_logits(loaded) - _logits(trained_model)).abs().max().item() <= 1e-5
+
+
+def test_mismatched_pair_is_refused(tmp_path: Path) -> None:
+    from adapterctl.errors import ConversionError
+
+    _, init, trained, _ = _pissa_pair(tmp_path, r=4, target_modules=["q_proj"])
+    tc = LoraConfig.from_file(trained / "adapter_config.json")
+    t, i = _read(trained / "adapter_model.safetensors"), _read(init / "adapter_model.safetensors")
+    i.pop(next(k for k in i if k.endswith("lora_B.weight")))
+    with pytest.raises(ConversionError, match="not in the initial one"):
+        convert_tensors(t, i, tc, tc)
+
+
+def test_bf16_round_trip_matches_torch() -> None:
+    import numpy as np
+    import torch
+
+    from adapterctl.format.dtypes import DTYPES
+    from adapterctl.ops.conversion import from_float32, to_float32
+
+    values = torch.randn(4096, dtype=torch.float32) * 10
+    values[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    like = RawTensor(DTYPES["BF16"], (4096,), np.zeros(4096, dtype=np.uint16))
+    ours = from_float32(values.numpy(), like).data
+    theirs = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.isnan(to_float32(RawTensor(DTYPES["BF16"], (4096,), ours))[0])
+    assert (ours[1:] == theirs[1:]).all()
