@@ -455,9 +455,13 @@ class AdapterModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write the adapters as PEFT does: `default` at the root, the others in subfolders."""
+        """Write the adapters as PEFT does: `default` at the root, the others in subfolders.
+
+        `state_dict=` is the one extra keyword (as PEFT takes it); anything else is an error.
+        """
         from adapterctl.engine.save import save_pretrained
 
         unknown = sorted(set(kwargs) - {"state_dict"})
@@ -465,7 +469,7 @@ class AdapterModel(nn.Module):
             raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
         save_pretrained(
             self, save_directory, safe_serialization, selected_adapters, save_embedding_layers,
-            is_main_process, kwargs.get("state_dict"),
+            is_main_process, kwargs.get("state_dict"), path_initial_model_for_weight_conversion,
         )  # fmt: skip
 
     # --- merging ------------------------------------------------------------------------------

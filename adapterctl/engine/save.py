@@ -226,6 +226,33 @@ def saved_config(model: AdapterModel, name: str) -> LoraConfig:
     return config.replace(**changes) if changes else config
 
 
+def _converted(
+    sd: dict[str, torch.Tensor], config: LoraConfig, initial_dir: Path
+) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The one conversion `adapterctl convert` uses, applied to the live adapter's tensors."""
+    import numpy as np
+
+    from adapterctl.format.tensors import SafetensorsReader
+    from adapterctl.ops.conversion import RawTensor, convert_tensors, converted_config
+
+    initial_config = LoraConfig.from_file(initial_dir / CONFIG_NAME)
+    with SafetensorsReader(initial_dir / SAFETENSORS_NAME) as f:
+        initial = {k: RawTensor(t.dtype, t.shape, f.array(k)) for k, t in f.tensors.items()}
+    trained = {}
+    for key, t in sd.items():
+        dtype = BY_TORCH_NAME[str(t.dtype).removeprefix("torch.")]
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        trained[key] = RawTensor(dtype, tuple(t.shape), raw.view(np.dtype(dtype.numpy_name)))
+    out = convert_tensors(trained, initial, config, initial_config)
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v.data).reshape(-1).view(np.uint8).copy())
+        .view(getattr(torch, v.dtype.torch_name or ""))
+        .reshape(v.shape)
+        for k, v in out.items()
+    }
+    return tensors, converted_config(config, initial_config)
+
+
 def save_pretrained(
     model: AdapterModel,
     save_directory: str | os.PathLike[str],
@@ -234,9 +261,17 @@ def save_pretrained(
     save_embedding_layers: str | bool = "auto",
     is_main_process: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
+    path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """Write the adapters; returns the files written."""
+    """Write the adapters; returns the files written. With
+    `path_initial_model_for_weight_conversion` (the initial adapter of a PiSSA/OLoRA/CorDA
+    adapter, saved before training), write it converted to plain LoRA instead."""
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    if path_initial_model_for_weight_conversion is not None and len(names) != 1:
+        raise AdapterctlError(
+            "converting needs exactly one adapter to save: one initial adapter fits one trained one",
+            hint="pass selected_adapters=[name]",
+        )
     unknown = [n for n in names if n not in model.peft_config]
     if unknown:
         raise AdapterctlError(f"no adapter named {', '.join(f'`{n}`' for n in unknown)} is loaded")
@@ -265,6 +300,9 @@ def save_pretrained(
         sub = adapter_subdir(name)
         target = root / sub if sub else root
         target.mkdir(exist_ok=True)
+        config = saved_config(model, name)
+        if path_initial_model_for_weight_conversion is not None:
+            sd, config = _converted(sd, config, Path(path_initial_model_for_weight_conversion))
         if safe_serialization:
             sources = _sources(_untied(sd))
             _atomic_write(
@@ -277,7 +315,7 @@ def save_pretrained(
                 lambda f, sd=sd: torch.save({k: v.contiguous() for k, v in sd.items()}, f),
             )
             written.append(target / BIN_NAME)
-        text = saved_config(model, name).to_json().encode()
+        text = config.to_json().encode()
         _atomic_write(target / CONFIG_NAME, lambda f, text=text: f.write(text))
         written.append(target / CONFIG_NAME)
     if names:  # the card goes to the root only, as PEFT writes it

@@ -136,3 +136,26 @@ def test_bf16_round_trip_matches_torch() -> None:
     theirs = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.isnan(to_float32(RawTensor(DTYPES["BF16"], (4096,), ours))[0])
     assert (ours[1:] == theirs[1:]).all()
+
+
+def test_save_pretrained_converts_with_the_same_function(tmp_path: Path) -> None:
+    """The live adapter saved with path_initial_model_for_weight_conversion: the same file as the
+    conversion from the two saved adapters, and the original base computes the trained model."""
+    import torch
+
+    from adapterctl.engine.model import AdapterModel
+
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}
+    trained_model, init, trained, _ = _pissa_pair(tmp_path, **cfg)
+    from_files = _convert(init, trained, tmp_path / "from_files")
+    # our engine holding the trained PiSSA adapter (it re-decomposes the base, as PEFT does)
+    with pytest.warns(UserWarning, match="residual"):
+        live = AdapterModel.from_pretrained(tiny_llama(), trained)
+    assert (_logits(live) - _logits(trained_model)).abs().max().item() <= 1e-5
+    live.save_pretrained(tmp_path / "live", path_initial_model_for_weight_conversion=init)
+    a = (tmp_path / "live" / "adapter_model.safetensors").read_bytes()
+    b = (from_files / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    loaded = AdapterModel.from_pretrained(tiny_llama(), tmp_path / "live")
+    with torch.no_grad():
+        assert (_logits(loaded) - _logits(trained_model)).abs().max().item() <= 1e-5
