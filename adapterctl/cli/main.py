@@ -10,6 +10,7 @@ import typer
 from adapterctl import __version__
 from adapterctl.cli.commands.inspect import inspect_cmd
 from adapterctl.cli.commands.load import load_cmd
+from adapterctl.cli.commands.save import save_cmd
 from adapterctl.cli.commands.select import select_cmd
 from adapterctl.cli.errors import error_boundary
 from adapterctl.cli.plainparams import PlainCommand, PlainGroup
@@ -46,6 +47,7 @@ def root(
 app.command("inspect", cls=PlainCommand)(error_boundary(inspect_cmd))
 app.command("select", cls=PlainCommand)(error_boundary(select_cmd))
 app.command("load", cls=PlainCommand)(error_boundary(load_cmd))
+app.command("save", cls=PlainCommand)(error_boundary(save_cmd))
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,17 @@ def load_tokenizer(base: Path) -> Any:
             f"`{base}` has no usable tokenizer: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
             hint="--prompt needs the tokenizer files next to the base model",
         ) from None
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars or load reports: the caller shows its own steps."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]

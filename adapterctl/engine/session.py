@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterctl.engine.base import quiet_transformers
 from adapterctl.errors import AdapterctlError, AdapterNotFoundError, IncompatibleModelError
 
 SCHEMA_VERSION = 1
@@ -105,20 +105,6 @@ def _generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> s
     return text
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No transformers progress bars or load reports: the caller shows its own steps."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
-
-
 def load_session(
     base: str | Path,
     adapter: str | Path,
@@ -139,7 +125,7 @@ def load_session(
     on_step: Callable[[str], None] | None = None,
 ) -> LoadReport:
     """Load `base`, inject and load `adapter`, and report; refuse any missing or unexpected key."""
-    with _quiet_transformers():
+    with quiet_transformers():
         return _load_session(
             base, adapter, adapter_name=adapter_name, model_class=model_class, device=device,
             device_map=device_map, dtype=dtype, is_trainable=is_trainable,

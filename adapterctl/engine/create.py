@@ -1,0 +1,149 @@
+"""`adapterctl save` as one library call: a new adapter on a base model, written as PEFT writes it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterctl.errors import AdapterctlError
+
+SCHEMA_VERSION = 1
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "added_tokens.json",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    output: str
+    adapter_name: str
+    base: str
+    base_class: str
+    init: str | bool
+    modules: int
+    parameters: int
+    files: list[str]
+    residual_out: str | None
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "output": self.output,
+            "adapter_name": self.adapter_name,
+            "base": self.base,
+            "base_class": self.base_class,
+            "init_lora_weights": self.init,
+            "modules": self.modules,
+            "parameters": self.parameters,
+            "files": self.files,
+            "residual_out": self.residual_out,
+            "seconds": round(self.seconds, 4),
+            "warnings": self.warnings,
+        }
+
+
+def create_adapter(
+    base: str | Path, output: str | Path, config_fields: dict[str, Any], **kwargs: Any
+) -> SaveReport:
+    """Load `base`, create an adapter from `config_fields`, and write it (and a residual base);
+    keyword arguments as `_create`'s. transformers' own progress bars stay off."""
+    from adapterctl.engine.base import quiet_transformers
+
+    with quiet_transformers():
+        return _create(base, output, config_fields, **kwargs)
+
+
+def _create(
+    base: str | Path,
+    output: str | Path,
+    config_fields: dict[str, Any],
+    *,
+    adapter_name: str = "default",
+    residual_out: str | Path | None = None,
+    save_embedding_layers: str | bool = "auto",
+    safe_serialization: bool = True,
+    dtype: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+) -> SaveReport:
+    """Load `base`, create an adapter from `config_fields`, and write it (and a residual base)."""
+    import torch
+
+    from adapterctl.engine.base import load_base, model_class_for
+    from adapterctl.engine.model import get_adapter_model
+    from adapterctl.format.atomic import atomic_directory, check_output
+    from adapterctl.format.config import LoraConfig, reload_drift
+
+    start = time.perf_counter()
+    base, output = Path(base), Path(output)
+    config = LoraConfig(**config_fields)
+    init = config.init_lora_weights
+    residual = isinstance(init, str) and (
+        init in ("pissa", "olora") or init.startswith("pissa_niter_")
+    )
+    if residual and residual_out is None:
+        raise AdapterctlError(
+            f"--init {init} turns the base into a residual model: pass --residual-out DIR to keep it",
+            hint="train on the residual base with this adapter, then `adapterctl convert`",
+        )
+    check_output(output.absolute(), force)
+    if residual_out is not None:
+        check_output(Path(residual_out).absolute(), force)
+    cls, _ = model_class_for(base, config, "auto")
+    model = load_base(base, cls, device=device, dtype=dtype)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = get_adapter_model(model, config, adapter_name)
+        targets = [p for p, layer in wrapped.base_model.lora_layers() if adapter_name in layer.r]
+        parameters = sum(
+            t.numel()
+            for _, layer in wrapped.base_model.lora_layers()
+            if adapter_name in layer.r
+            for t in layer.factors(adapter_name)
+        )
+        drift = reload_drift(config, targets)
+        if drift:
+            raise AdapterctlError(
+                f"overlapping rank/alpha patterns would mean something else once saved: {drift[0]}",
+                hint="use patterns that do not overlap, or order them so that sorted order agrees",
+            )
+        if residual:
+            # PEFT's documented workflow: the saved adapter says `true`, so loading it on the
+            # residual base does not decompose again
+            wrapped.peft_config[adapter_name] = config.replace(init_lora_weights=True)
+        with atomic_directory(output, force=force) as tmp:
+            wrapped.save_pretrained(
+                tmp,
+                safe_serialization=safe_serialization,
+                save_embedding_layers=save_embedding_layers,
+            )
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        if residual_out is not None:
+            plain: Any = wrapped.unload()  # the base layers hold the residual weights now
+            with atomic_directory(residual_out, force=force) as tmp:
+                plain.save_pretrained(str(tmp))
+                for name in _TOKENIZER_FILES:
+                    if (base / name).is_file():
+                        shutil.copyfile(base / name, tmp / name)
+    return SaveReport(
+        output=str(output),
+        adapter_name=adapter_name,
+        base=str(base),
+        base_class=type(model).__name__,
+        init=init,
+        modules=len(targets),
+        parameters=parameters,
+        files=files,
+        residual_out=None if residual_out is None else str(residual_out),
+        seconds=time.perf_counter() - start,
+        warnings=[str(w.message) for w in caught],
+    )
