@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adapterctl.engine.layers import LoraLayer, ModulesToSaveWrapper, param, supported
-from adapterctl.engine.targets import is_target, resolve_target_modules
+from adapterctl.engine.targets import is_target, resolve_target_modules, stored_target_modules
 from adapterctl.engine.weights import (
     LoadResult,
     adapter_dir,
@@ -59,6 +59,8 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 class LoraModel(nn.Module):
     """The transformers model with LoRA layers injected (PEFT's `LoraModel`)."""
 
+    stored_targets: Any = None  # target_modules of the last injection, as PEFT stores them
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -86,6 +88,7 @@ class LoraModel(nn.Module):
         model = self.model
         targets = resolve_target_modules(config, model)
         keys = [k for k, _ in _outer_modules(model) if k]
+        self.stored_targets = stored_target_modules(config, keys, targets)
         injected = []
         for key in keys:
             if not is_target(config, key, targets):
@@ -233,6 +236,9 @@ class AdapterModel(nn.Module):
             )
         _refuse_unsupported_base(self.base_model.model)
         injected = self.base_model.inject(config, name, meta=meta)
+        stored = self.base_model.stored_targets
+        if stored != config.target_modules:  # all-linear expanded, long lists condensed (as PEFT)
+            config = config.replace(target_modules=stored)
         self.peft_config[name] = config
         if method is not None:
             residual_init(self, name, method)

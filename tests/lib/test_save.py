@@ -211,3 +211,42 @@ def test_patterns_whose_meaning_changes_on_reload_warn(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_adapter_model(tiny_llama(), fine).save_pretrained(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    ("layers", "targets"),
+    [
+        (2, "all-linear"),  # expanded to 14 full paths
+        (4, "all-linear"),  # 28 paths: condensed to the 7 short names
+        (2, None),  # the architecture's default
+        (
+            4,
+            [
+                f"model.layers.{i}.self_attn.{m}"
+                for i in range(4)
+                for m in ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")
+            ],
+        ),
+    ],
+)
+def test_fresh_save_stores_target_modules_as_peft(
+    tmp_path: Path, layers: int, targets: Any
+) -> None:
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    from adapterctl.engine.model import get_adapter_model
+    from adapterctl.format.config import LoraConfig
+    from tests.fixtures import tiny_llama
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(
+            tiny_llama(num_hidden_layers=layers), PeftConfig(r=2, target_modules=targets)
+        ).save_pretrained(str(tmp_path / "peft"))
+        get_adapter_model(
+            tiny_llama(num_hidden_layers=layers), LoraConfig(r=2, target_modules=targets)
+        ).save_pretrained(tmp_path / "ours")
+    assert _config(tmp_path / "ours" / "adapter_config.json") == _config(
+        tmp_path / "peft" / "adapter_config.json"
+    )
