@@ -236,9 +236,23 @@ class AdapterModel(nn.Module):
             )
         _refuse_unsupported_base(self.base_model.model)
         injected = self.base_model.inject(config, name, meta=meta)
+        # what PEFT writes back into the config after injecting: all-linear expanded, long lists
+        # condensed, fan_in_fan_out as the (last) targeted layer needs it, SEQ_CLS heads saved
+        changes: dict[str, Any] = {}
         stored = self.base_model.stored_targets
-        if stored != config.target_modules:  # all-linear expanded, long lists condensed (as PEFT)
-            config = config.replace(target_modules=stored)
+        if stored != config.target_modules:
+            changes["target_modules"] = stored
+        kinds = [self.base_model.model.get_submodule(k).kind for k in injected]
+        linear = [k for k in kinds if k in ("linear", "conv1d")]
+        if linear and config.fan_in_fan_out != (linear[-1] == "conv1d"):
+            changes["fan_in_fan_out"] = linear[-1] == "conv1d"
+        if config.task_type == "SEQ_CLS":
+            heads = list(config.modules_to_save or [])
+            missing = [h for h in ("classifier", "score") if h not in heads]
+            if missing:
+                changes["modules_to_save"] = heads + missing
+        if changes:
+            config = config.replace(**changes)
         self.peft_config[name] = config
         if method is not None:
             residual_init(self, name, method)

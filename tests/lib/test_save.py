@@ -216,6 +216,8 @@ def test_patterns_whose_meaning_changes_on_reload_warn(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("layers", "targets"),
     [
+        (0, ["c_attn", "c_proj"]),  # GPT-2: fan_in_fan_out set for Conv1D
+        (-1, ["query", "value"]),  # BERT SEQ_CLS: classifier/score added to modules_to_save
         (2, "all-linear"),  # expanded to 14 full paths
         (4, "all-linear"),  # 28 paths: condensed to the 7 short names
         (2, None),  # the architecture's default
@@ -237,16 +239,20 @@ def test_fresh_save_stores_target_modules_as_peft(
 
     from adapterctl.engine.model import get_adapter_model
     from adapterctl.format.config import LoraConfig
-    from tests.fixtures import tiny_llama
+    from tests.fixtures import tiny_bert, tiny_gpt2, tiny_llama
 
+    def build() -> Any:
+        return {0: tiny_gpt2, -1: tiny_bert}.get(
+            layers, lambda: tiny_llama(num_hidden_layers=layers)
+        )()
+
+    task = "SEQ_CLS" if layers == -1 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        get_peft_model(
-            tiny_llama(num_hidden_layers=layers), PeftConfig(r=2, target_modules=targets)
-        ).save_pretrained(str(tmp_path / "peft"))
-        get_adapter_model(
-            tiny_llama(num_hidden_layers=layers), LoraConfig(r=2, target_modules=targets)
-        ).save_pretrained(tmp_path / "ours")
+        peft = get_peft_model(build(), PeftConfig(r=2, target_modules=targets, task_type=task))
+        peft.save_pretrained(str(tmp_path / "peft"))
+        ours = get_adapter_model(build(), LoraConfig(r=2, target_modules=targets, task_type=task))
+        ours.save_pretrained(tmp_path / "ours")
     assert _config(tmp_path / "ours" / "adapter_config.json") == _config(
         tmp_path / "peft" / "adapter_config.json"
     )
