@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save completions clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ bench: setup
 
 bench-load: setup
 	$(BIN)/python benchmarks/load.py
+
+bench-save: setup
+	$(BIN)/python benchmarks/save.py
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q

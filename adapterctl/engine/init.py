@@ -123,12 +123,19 @@ def decompose(layer: LoraLayer, name: str, method: str) -> None:
     else:
         q, rr = torch.linalg.qr(w)
         a0, b0 = rr[:r].contiguous(), q[:, :r].contiguous()
-    residual = w - s * (b0 @ a0)
     with torch.no_grad():
         param(layer.lora_A[name]).copy_(a0)
         param(layer.lora_B[name]).copy_(b0)
-        stored = residual if layer.kind == "linear" else residual.T
-        base.data = stored.to(dtype).contiguous()
+        if dtype == torch.float32:
+            # in place, with no full-size temporary: W -= s B0 A0 (Conv1D stores Wᵀ)
+            if layer.kind == "linear":
+                base.addmm_(b0, a0, alpha=-s)
+            else:
+                base.addmm_(a0.T, b0.T, alpha=-s)
+        else:
+            residual = w.addmm(b0, a0, alpha=-s)
+            stored = residual if layer.kind == "linear" else residual.T
+            base.data = stored.to(dtype).contiguous()
 
 
 def residual_init(model: AdapterModel, name: str, method: str) -> list[str]:

@@ -1,0 +1,131 @@
+"""Benchmark for `save`: PiSSA (pissa_niter_4, r=16, all 7 linear layers) decomposition + save on the
+170M Llama, adapterctl against PEFT, each in fresh children (median wall time, peak RSS).
+
+Run with `make bench-save` (or `.venv/bin/python benchmarks/save.py [--runs N]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from common import LLAMA_170M, OUT, Target, child_env, run_measured, versions
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+BASE = OUT / "save-base"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIG = {
+    "r": 16,
+    "lora_alpha": 16,
+    "target_modules": TARGETS,
+    "init_lora_weights": "pissa_niter_4",
+}
+
+
+def _child(engine: str, out: str) -> None:
+    """Load the base, create the PiSSA adapter, save it; prints the timed part as JSON."""
+    import warnings
+
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    warnings.simplefilter("ignore")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(str(BASE))
+    start = time.perf_counter()
+    if engine == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        wrapped = get_peft_model(model, LoraConfig(**CONFIG))
+    else:
+        from adapterctl import LoraConfig, get_adapter_model
+
+        wrapped = get_adapter_model(model, LoraConfig(**CONFIG))
+    decomposed = time.perf_counter()
+    wrapped.save_pretrained(out)
+    done = time.perf_counter()
+    print(json.dumps({"decompose_s": decomposed - start, "total_s": done - start}))
+
+
+def _build() -> None:
+    if (BASE / "config.json").is_file():
+        return
+    code = (
+        "import torch, sys\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "torch.manual_seed(0)\n"
+        f"LlamaForCausalLM(LlamaConfig(**{LLAMA_170M!r})).save_pretrained(sys.argv[1])\n"
+    )
+    run_measured([sys.executable, "-c", code, str(BASE)], child_env())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="children per engine (median)")
+    parser.add_argument("--child", nargs=2, metavar=("ENGINE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child)
+        return
+    _build()
+    env = child_env()
+    results: dict[str, list[dict[str, float]]] = {"adapterctl": [], "peft": []}
+    for i in range(args.runs):
+        for engine in ("adapterctl", "peft") if i % 2 == 0 else ("peft", "adapterctl"):
+            out = tempfile.mkdtemp(prefix="bench-save-")
+            try:
+                _, peak, stdout = run_measured(
+                    [sys.executable, __file__, "--child", engine, out], env, capture=True
+                )
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            results[engine].append({**json.loads(stdout.splitlines()[-1]), "peak_mib": peak})
+        print(f"  run {i + 1}/{args.runs} done", flush=True)
+    med = {
+        e: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for e, runs in results.items()
+    }
+    a, p = med["adapterctl"], med["peft"]
+    goals = [
+        Target("decomposition + save time / PEFT", a["total_s"] / p["total_s"], "x", 1.0,
+               f"{a['total_s']:.2f} s / {p['total_s']:.2f} s"),
+        Target("peak RSS / PEFT", a["peak_mib"] / p["peak_mib"], "x", 1.0,
+               f"{a['peak_mib']:.0f} MiB / {p['peak_mib']:.0f} MiB"),
+    ]  # fmt: skip
+    print(f"\n{'':28}{'adapterctl':>12}{'PEFT':>12}")
+    for key in ("decompose_s", "total_s", "peak_mib"):
+        print(f"{key:28}{a[key]:12.3f}{p[key]:12.3f}")
+    print()
+    for g in goals:
+        print(
+            f"{g.name:36} {g.value:8.3f}x  <= {g.limit}x  {'met' if g.met else 'NOT MET'}  {g.detail}"
+        )
+    path = OUT / "save-results.json"
+    path.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "runs": results,
+                "medians": med,
+                "versions": versions(),
+                "targets": [g.to_dict() for g in goals],
+            },
+            indent=1,
+        )
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
