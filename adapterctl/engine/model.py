@@ -555,11 +555,17 @@ def _refuse_ephemeral(flag: bool) -> None:
 
 
 def get_adapter_model(
-    model: nn.Module, config: LoraConfig, adapter_name: str = "default"
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
 ) -> AdapterModel:
-    """A fresh adapter on `model` (layers initialised as LoRA's default: random A, zero B)."""
+    """A fresh adapter on `model`, initialised as the config says (LoRA's default: random A,
+    zero B), its tensors in float32 on a half-precision base unless `autocast_adapter_dtype` is
+    off (PEFT's rule, peft-format.md 6.4)."""
     from adapterctl.engine.init import init_default
 
     wrapped = AdapterModel(model, config, adapter_name)
     init_default(wrapped, adapter_name, config)
+    wrapped._cast_adapter(adapter_name, autocast_adapter_dtype)
     return wrapped

@@ -256,3 +256,59 @@ def test_fresh_save_stores_target_modules_as_peft(
     assert _config(tmp_path / "ours" / "adapter_config.json") == _config(
         tmp_path / "peft" / "adapter_config.json"
     )
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_base_adapter_dtype_follows_peft(tmp_path: Path, autocast: bool) -> None:
+    import torch
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    from adapterctl.engine.model import get_adapter_model
+    from adapterctl.format.config import LoraConfig
+    from tests.fixtures import tiny_llama
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(
+            tiny_llama().to(torch.bfloat16), PeftConfig(r=2, target_modules=["q_proj"]),
+            autocast_adapter_dtype=autocast,
+        ).save_pretrained(str(tmp_path / "peft"))  # fmt: skip
+        get_adapter_model(
+            tiny_llama().to(torch.bfloat16), LoraConfig(r=2, target_modules=["q_proj"]),
+            autocast_adapter_dtype=autocast,
+        ).save_pretrained(tmp_path / "ours")  # fmt: skip
+    assert _tensors(tmp_path / "ours") == _tensors(tmp_path / "peft")
+    assert {d for _, d in _tensors(tmp_path / "ours")["adapter_model.safetensors"].values()} == {
+        "F32" if autocast else "BF16"
+    }
+
+
+def test_tied_embeddings_are_both_saved_untied(tmp_path: Path) -> None:
+    from adapterctl.engine.model import get_adapter_model
+    from adapterctl.format.config import LoraConfig
+    from tests.fixtures import tiny_llama
+
+    model = get_adapter_model(
+        tiny_llama(tie_word_embeddings=True), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    with pytest.warns(UserWarning, match="saving 2 full embedding matrices"):
+        model.save_pretrained(tmp_path / "t", save_embedding_layers=True)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "t" / "adapter_model.safetensors"))
+    a, b = sd["base_model.model.model.embed_tokens.weight"], sd["base_model.model.lm_head.weight"]
+    assert bool((a == b).all())
+
+
+def test_state_dict_kwarg_is_written_as_given(
+    tmp_path: Path, peft_adapters: dict[str, Path]
+) -> None:
+    import torch
+
+    model = _resave("llama_basic", peft_adapters["llama_basic"], tmp_path / "x")
+    custom = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32)}
+    model.save_pretrained(tmp_path / "custom", state_dict=custom)
+    assert list(_tensors(tmp_path / "custom")["adapter_model.safetensors"]) == list(custom)
+    with pytest.raises(TypeError, match="unexpected keyword arguments: bogus"):
+        model.save_pretrained(tmp_path / "y", bogus=1)
