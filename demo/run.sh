@@ -34,6 +34,10 @@ python demo/make_base.py "$work/base"
 run adapterctl load "$work/base" "$work/checkpoint" --prompt "the tiny llama loads" --max-new-tokens 6 --compare-base
 run adapterctl load "$work/base" "$work/math-only/math" --adapter-name math --merge-to "$work/merged" --json
 run ls "$work/merged"
+# create new adapters on that base, written as PEFT writes them
+run adapterctl save "$work/base" "$work/fresh" --r 8 --alpha 16 --target q_proj,v_proj --use-dora --task-type CAUSAL_LM --base-model demo/tiny-llama --seed 1
+run adapterctl inspect "$work/fresh" --check
+run adapterctl save "$work/base" "$work/pissa" --r 4 --target all-linear --init pissa --residual-out "$work/residual" --json
 # the wrong model class: the base checkpoint lacks weights the class needs, so nothing loads
 printf "\n$ adapterctl load base checkpoint/code --model-class seq-cls\n"
 if adapterctl load "$work/base" "$work/checkpoint/code" --model-class seq-cls; then exit 1; else echo "(exit $?)"; fi
