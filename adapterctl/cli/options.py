@@ -31,3 +31,21 @@ OutputArg = Annotated[
         show_default=False,
     ),
 ]
+AdapterNameOpt = Annotated[
+    str, typer.Option("--adapter-name", metavar="NAME", help="The adapter's name in the model.")
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", metavar="DEVICE", help="auto (the GPU when there is one), cpu, cuda or cuda:N."
+    ),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype", metavar="DTYPE", help="The base's dtype: auto, float32, bfloat16 or float16."
+    ),
+]
+BasePathArg = Annotated[
+    Path, typer.Argument(metavar="BASE", help="A transformers model directory.", show_default=False)
+]

@@ -8,21 +8,23 @@ from typing import Annotated, Optional
 import typer
 
 from adapterctl.cli import output
-from adapterctl.cli.options import ForceOpt, JsonOpt
+from adapterctl.cli.options import (
+    AdapterNameOpt,
+    BasePathArg,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+)
 
 
 def load_cmd(
-    base: Annotated[
-        Path,
-        typer.Argument(metavar="BASE", help="A transformers model directory.", show_default=False),
-    ],
+    base: BasePathArg,
     adapter: Annotated[
         Path,
         typer.Argument(metavar="ADAPTER", help="An adapter directory.", show_default=False),
     ],
-    adapter_name: Annotated[
-        str, typer.Option("--adapter-name", metavar="NAME", help="Name to load the adapter under.")
-    ] = "default",
+    adapter_name: AdapterNameOpt = "default",
     model_class: Annotated[
         str,
         typer.Option(
@@ -32,12 +34,7 @@ def load_cmd(
             "feature-extraction (auto: the adapter's task_type, then the base's architectures).",
         ),
     ] = "auto",
-    device: Annotated[
-        str,
-        typer.Option(
-            "--device", metavar="DEVICE", help="auto (GPU when there is one), cpu, cuda, cuda:N."
-        ),
-    ] = "auto",
+    device: DeviceOpt = "auto",
     device_map: Annotated[
         Optional[str],  # noqa: UP045 - Typer reads this annotation at run time
         typer.Option(
@@ -46,10 +43,7 @@ def load_cmd(
             help="auto: spread the base over the devices (accelerate).",
         ),
     ] = None,
-    dtype: Annotated[
-        str,
-        typer.Option("--dtype", metavar="DTYPE", help="auto, float32, bfloat16 or float16."),
-    ] = "auto",
+    dtype: DtypeOpt = "auto",
     trainable: Annotated[
         bool, typer.Option("--trainable", help="Leave the adapter trainable (train mode).")
     ] = False,

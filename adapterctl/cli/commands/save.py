@@ -8,7 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from adapterctl.cli import output
-from adapterctl.cli.options import ForceOpt, JsonOpt
+from adapterctl.cli.options import (
+    AdapterNameOpt,
+    BasePathArg,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+)
 
 _TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "QUESTION_ANS")
 
@@ -34,10 +41,7 @@ def _number(text: str) -> int | float:
 
 
 def save_cmd(
-    base: Annotated[
-        Path,
-        typer.Argument(metavar="BASE", help="A transformers model directory.", show_default=False),
-    ],
+    base: BasePathArg,
     output_dir: Annotated[
         Path,
         typer.Argument(
@@ -111,9 +115,7 @@ def save_cmd(
     task_type: Annotated[
         str | None, typer.Option("--task-type", metavar="TASK", help=", ".join(_TASKS))
     ] = None,
-    adapter_name: Annotated[
-        str, typer.Option("--adapter-name", metavar="NAME", help="The adapter's name.")
-    ] = "default",
+    adapter_name: AdapterNameOpt = "default",
     save_embedding_layers: Annotated[
         str, typer.Option("--save-embedding-layers", metavar="WHEN", help="auto, true or false.")
     ] = "auto",
@@ -124,15 +126,8 @@ def save_cmd(
             help="safetensors (default) or adapter_model.bin.",
         ),
     ] = True,
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype", metavar="DTYPE", help="auto, float32, bfloat16 or float16: the base's dtype."
-        ),
-    ] = "auto",
-    device: Annotated[
-        str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")
-    ] = "auto",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     seed: Annotated[
         int, typer.Option("--seed", metavar="N", help="Seed of the random initialisation.")
     ] = 0,
