@@ -45,6 +45,18 @@ def _ours(fn: Callable[[], Any], path: Path, **kwargs: Any) -> Any:
     return AdapterModel.from_pretrained(fn(), path, **kwargs)
 
 
+def _multi_loaded(src: Path) -> tuple[Any, Any, list[Any]]:
+    """PEFT and us, each with the multi fixture's default loaded and alpha, beta added."""
+    ref, ours = _peft(tiny_llama, src), _ours(tiny_llama, src)
+    results = []
+    for name in ("alpha", "beta"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref.load_adapter(str(src / name), adapter_name=name)
+        results.append(ours.load_adapter(src / name, adapter_name=name))
+    return ref, ours, results
+
+
 @pytest.mark.parametrize("case", SINGLE)
 def test_logits_equal_peft(peft_adapters: dict[str, Path], case: str) -> None:
     fn, _ = CASES[case]
@@ -78,13 +90,8 @@ def test_merge_equals_peft_merge(peft_adapters: dict[str, Path], case: str) -> N
 
 
 def test_several_adapters_switch_like_peft(peft_adapters: dict[str, Path]) -> None:
-    src = peft_adapters["multi"]
-    ref, ours = _peft(tiny_llama, src), _ours(tiny_llama, src)
-    for name in ("alpha", "beta"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref.load_adapter(str(src / name), adapter_name=name)
-        result = ours.load_adapter(src / name, adapter_name=name)
+    ref, ours, results = _multi_loaded(peft_adapters["multi"])
+    for result in results:
         assert result.missing_keys == []
         assert result.unexpected_keys == []
     assert ours.active_adapter == "default"  # loading does not activate (as in PEFT)
@@ -315,13 +322,7 @@ def test_architectures_with_key_conversion_are_refused(tmp_path: Path) -> None:
 
 
 def test_merge_named_adapters_like_peft(peft_adapters: dict[str, Path]) -> None:
-    src = peft_adapters["multi"]
-    ref, ours = _peft(tiny_llama, src), _ours(tiny_llama, src)
-    for name in ("alpha", "beta"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref.load_adapter(str(src / name), adapter_name=name)
-        ours.load_adapter(src / name, adapter_name=name)
+    ref, ours, _ = _multi_loaded(peft_adapters["multi"])
     # beta (plain) first, then alpha (DoRA): its norm is taken on the unmerged weight
     merged_ref = ref.merge_and_unload(adapter_names=["beta", "alpha"])
     merged_ours = ours.merge_and_unload(adapter_names=["beta", "alpha"])
