@@ -233,7 +233,8 @@ def _converted(
     import numpy as np
 
     from adapterctl.format.tensors import SafetensorsReader
-    from adapterctl.ops.conversion import RawTensor, convert_tensors, converted_config
+    from adapterctl.ops.conversion import convert_tensors, converted_config
+    from adapterctl.ops.rawtensor import RawTensor
 
     initial_config = LoraConfig.from_file(initial_dir / CONFIG_NAME)
     with SafetensorsReader(initial_dir / SAFETENSORS_NAME) as f:

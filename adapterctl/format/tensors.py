@@ -2,7 +2,7 @@
 
 Tensors are read one at a time (as bytes or as numpy views of those bytes; bfloat16 and float8 come
 out as raw unsigned integers) and written one at a time, so memory stays bounded by the largest
-tensor. Only `load_bin` imports torch, and only through `torch.load(weights_only=True)`.
+tensor. Only the `.bin` readers import torch, and only through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -194,6 +194,21 @@ def bin_tensors(path: str | os.PathLike[str]) -> Iterator[BinTensor]:
     for name, t in load_bin(path).items():
         dtype_name = str(t.dtype).removeprefix("torch.")
         yield BinTensor(name, dtype_name, tuple(t.shape), t.numel() * t.element_size())
+
+
+def bin_arrays(path: str | os.PathLike[str]) -> dict[str, tuple[Dtype, tuple[int, ...], Any]]:
+    """A `.bin` state dict as (dtype, shape, numpy array over the raw bytes) per tensor."""
+    import numpy as np
+    import torch
+
+    arrays = {}
+    for name, t in load_bin(path).items():
+        dtype = BY_TORCH_NAME.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None or dtype.numpy_name is None:
+            raise AdapterFormatError(f"`{os.fspath(path)}`: tensor `{name}` has dtype {t.dtype}")
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        arrays[name] = (dtype, tuple(t.shape), raw.view(np.dtype(dtype.numpy_name)))
+    return arrays
 
 
 def dtype_for_torch_name(name: str) -> Dtype | None:

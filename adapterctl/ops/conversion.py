@@ -1,86 +1,122 @@
-"""PiSSA / OLoRA / CorDA adapters to plain LoRA, from the trained and the initial adapter alone.
+"""Adapter tensors transformed one module at a time: PiSSA/OLoRA/CorDA to plain LoRA, dtype casts
+and rank reduction, planned from the headers and computed when the writer asks for each tensor.
 
-W_res + s·B·A = W_orig − s·B0·A0 + s·B·A = W_orig + s'·[B | −B0]·[A ; A0] with r' = 2r and the
-scaling kept (α' = 2α, or √2·α with rslora), peft-format.md 7.2. Unlike PEFT nothing is dropped:
-DoRA magnitudes, modules_to_save, biases and saved embeddings are carried over, embedding LoRA is
-concatenated like A/B, and a saved `<mod>.base_layer.weight` of a module that also has factors
-(the RESIDUAL weight) is rebuilt as W_res + s0·B0·A0. Tensors stay raw bytes (numpy views): no
-torch, and every value that is only copied or negated is bit-exact.
+PiSSA to LoRA (peft-format.md 7.2): W_res + s·B·A = W_orig − s·B0·A0 + s·B·A
+= W_orig + s'·[B | −B0]·[A ; A0] with r' = 2r and the scaling kept (α' = 2α, or √2·α with rslora).
+Unlike PEFT nothing is dropped: DoRA magnitudes, modules_to_save, biases, lora_bias and saved
+embeddings are carried over, embedding LoRA is concatenated like A/B, and a saved
+`<mod>.base_layer.weight` of a module that also has factors (the RESIDUAL weight) is rebuilt as
+W_res + s0·B0·A0. Rank reduction replaces s·B·A by its best rank-k approximation from a factored
+SVD, with the scaling folded into the factors (α = r per module). Every value that is only copied
+or negated keeps its bits; casts round as torch's `.to()` does.
+
+`convert_tensors` (the library's `save_pretrained(path_initial_model_for_weight_conversion=...)`)
+and `adapterctl convert` both run `Plan`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapterctl.errors import ConversionError
-from adapterctl.format.config import LoraConfig
-from adapterctl.format.dtypes import Dtype
+from adapterctl.format.config import LoraConfig, reload_drift
+from adapterctl.format.dtypes import DTYPES, Dtype
 from adapterctl.format.keys import classify
+from adapterctl.ops.initial import RESIDUAL_INITS, Factors, Initial, SavedInitial
+from adapterctl.ops.lowrank import spectrum
+from adapterctl.ops.rawtensor import (
+    FLOAT_CODES,
+    DictStore,
+    RawTensor,
+    TensorStore,
+    cast,
+    concat,
+    from_float,
+    negate,
+    to_float64,
+)
 
-if TYPE_CHECKING:
-    import numpy as np
+#: LoRA kind -> the axis the rank runs along (A: rows, B: columns)
+_RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+#: configuration fields the trained adapter and its initial adapter must agree on
+PAIR_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
 
 
 @dataclass(frozen=True)
-class RawTensor:
-    """A tensor as its bytes: `data` is a numpy array of the dtype's raw storage type."""
+class Options:
+    initial: Initial | None = None
+    dtype: str | None = None  # a safetensors code: F32, BF16, F16
+    rank: int | None = None
+    energy: float | None = None
 
+    @property
+    def reduce(self) -> bool:
+        return self.rank is not None or self.energy is not None
+
+
+@dataclass
+class ModuleReport:
+    module: str
+    actions: list[str]
+    r_in: int
+    alpha_in: float
+    r: int
+    alpha: float
+    energy: float | None = None  # kept fraction of the spectral energy (rank reduction)
+    relative_error: float | None = None  # ||dropped|| / ||delta||
+    dropped_norm: float = 0.0  # the absolute Frobenius norm of what the reduction dropped
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "actions": self.actions,
+            "r_in": self.r_in,
+            "alpha_in": self.alpha_in,
+            "r": self.r,
+            "alpha": self.alpha,
+            "energy": self.energy,
+            "relative_error": self.relative_error,
+        }
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
     dtype: Dtype
     shape: tuple[int, ...]
-    data: np.ndarray[Any, Any]
+    produce: Callable[[], RawTensor]
+    computed: bool  # values were cast or computed (elementwise checks allow rounding)
 
 
-_SIGN = {16: 0x8000, 32: 0x80000000, 64: 0x8000000000000000}
-_FLOATS = ("F16", "BF16", "F32", "F64")
+@dataclass
+class _Module:
+    factors: Factors
+    bias_key: str | None
+    report: ModuleReport
 
 
-def _negate(t: RawTensor) -> RawTensor:
-    """−x by flipping the sign bit: exact for every value, NaN and ±0 included."""
-    import numpy as np
-
-    if t.dtype.code not in _FLOATS:
-        raise ConversionError(f"cannot negate a {t.dtype.code} tensor")
-    bits = t.data.view(np.dtype(f"<u{t.dtype.bits // 8}"))
-    return RawTensor(
-        t.dtype,
-        t.shape,
-        (bits ^ np.array(_SIGN[t.dtype.bits], dtype=bits.dtype)).view(t.data.dtype),
-    )
-
-
-def _concat(a: RawTensor, b: RawTensor, axis: int) -> RawTensor:
-    import numpy as np
-
-    data = np.concatenate([a.data.reshape(a.shape), b.data.reshape(b.shape)], axis=axis)
-    return RawTensor(a.dtype, tuple(data.shape), data)
-
-
-def to_float32(t: RawTensor) -> np.ndarray[Any, Any]:
-    import numpy as np
-
-    raw = t.data.reshape(t.shape)
-    if t.dtype.code == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    if t.dtype.code in ("F16", "F32", "F64"):
-        return raw.astype(np.float32)
-    raise ConversionError(f"cannot compute with a {t.dtype.code} tensor")
-
-
-def from_float32(values: np.ndarray[Any, Any], like: RawTensor) -> RawTensor:
-    """Cast back with round-to-nearest-even (torch's .to()); a NaN stays a NaN."""
-    import numpy as np
-
-    code = like.dtype.code
-    if code == "BF16":
-        bits = values.astype(np.float32).view(np.uint32)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        rounded[np.isnan(values)] = 0x7FC0
-        return RawTensor(like.dtype, like.shape, rounded)
-    numpy_dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[code]
-    return RawTensor(like.dtype, like.shape, values.astype(numpy_dtype))
+def check_pair(trained: LoraConfig, initial: LoraConfig) -> list[str]:
+    """Refuse a pair whose configs differ (a differing base name is returned as a warning)."""
+    for name in PAIR_FIELDS:
+        a, b = getattr(trained, name), getattr(initial, name)
+        if (a or None) != (b or None) if name.endswith("_pattern") else a != b:
+            raise ConversionError(
+                f"the trained and the initial adapter differ in `{name}`: {a!r} vs {b!r}",
+                hint="pass the initial adapter saved right before this adapter was trained",
+            )
+    warnings = []
+    tb, ib = trained.base_model_name_or_path, initial.base_model_name_or_path
+    if tb and ib and tb != ib:
+        warnings.append(
+            f"the trained adapter names base `{tb}`, the initial one `{ib}` (usually the "
+            f"residual base it was trained on); the output names `{ib}`"
+        )
+    return warnings
 
 
 def converted_config(trained: LoraConfig, initial: LoraConfig | None = None) -> LoraConfig:
@@ -99,9 +135,255 @@ def converted_config(trained: LoraConfig, initial: LoraConfig | None = None) -> 
     return trained.replace(**changes)
 
 
-def _pairs() -> dict[str, int]:
-    # LoRA kind -> the axis the rank runs along (A: rows, B: columns)
-    return {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+def reduced_config(config: LoraConfig, ranks: Mapping[str, int]) -> LoraConfig:
+    """Scaling exactly 1 everywhere: r = α = the most common rank, the others by exact-name
+    rank/alpha patterns (no two can match one module, so sorting cannot change them, Trap T1)."""
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else int(config.r)
+    patterns = {re.escape(m): k for m, k in sorted(ranks.items()) if k != common}
+    out = config.replace(
+        r=common,
+        lora_alpha=common,
+        use_rslora=False,
+        rank_pattern=dict(patterns),
+        alpha_pattern=dict(patterns),
+    )
+    if reload_drift(out, list(ranks)):  # pragma: no cover - exact names cannot overlap
+        raise ConversionError("the reduced ranks cannot be written as rank patterns")
+    return out
+
+
+class Plan:
+    """What the output holds (names, dtypes, shapes, known from the headers before anything is
+    computed) and how each tensor is made; `tensors` yields them in any order, each module's
+    factors computed once while its tensors are written."""
+
+    def __init__(self, source: TensorStore, config: LoraConfig, options: Options) -> None:
+        self.source = source
+        self.options = options
+        self.specs = source.specs()
+        self.config_in = config
+        self.warnings: list[str] = []
+        self._cache: tuple[str, dict[str, RawTensor]] | None = None
+        self._check_options(config)
+        self.modules = self._modules(config)
+        self.by_key = {
+            k: m
+            for m in self.modules.values()
+            for k in (m.factors.a_key, m.factors.b_key, m.bias_key)
+            if k
+        }
+        self.config = self._config(config)
+        self.outputs = self._outputs()
+
+    # --- planning ------------------------------------------------------------------------------
+
+    def _check_options(self, config: LoraConfig) -> None:
+        opts = self.options
+        residual = config.init_lora_weights in RESIDUAL_INITS or str(
+            config.init_lora_weights
+        ).startswith("pissa_niter_")
+        if opts.initial is None and opts.reduce and residual:
+            raise ConversionError(
+                f"the adapter's init_lora_weights is {config.init_lora_weights!r}: its factors "
+                "act on a residual base, and a reduced rank would make PEFT decompose it again",
+                hint="convert it to plain LoRA in the same run: add --initial INIT or --base BASE",
+            )
+        if opts.initial is not None and not residual:
+            self.warnings.append(
+                f"the trained adapter's init_lora_weights is {config.init_lora_weights!r}, not "
+                "a PiSSA/OLoRA/CorDA one; converting it as one"
+            )
+        if isinstance(opts.initial, SavedInitial):
+            self.warnings += check_pair(config, opts.initial.config)
+
+    def _modules(self, config: LoraConfig) -> dict[str, _Module]:
+        mts = config.modules_to_save or []
+        groups: dict[str, dict[str, str]] = {}
+        for key in self.specs:
+            info = classify(key, mts)
+            if info.is_lora:
+                prefix = key[: key.rindex(".lora_")]
+                groups.setdefault(prefix, {})[info.kind] = key
+        modules = {}
+        for prefix, kinds in groups.items():
+            embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
+            a_kind, b_kind = (
+                ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+            )
+            if a_kind not in kinds or b_kind not in kinds:
+                have = ", ".join(sorted(kinds))
+                raise ConversionError(f"`{prefix}` has {have} but not both LoRA factors")
+            a_key, b_key = kinds[a_kind], kinds[b_kind]
+            (a_dtype, a_shape), (b_dtype, b_shape) = self.specs[a_key], self.specs[b_key]
+            module = classify(a_key, mts).module
+            if (
+                len(a_shape) != 2
+                or len(b_shape) != 2
+                or a_shape[0] != b_shape[1]
+                or a_dtype != b_dtype
+            ):
+                raise ConversionError(
+                    f"`{module}`: lora_A {a_dtype.code}{list(a_shape)} and lora_B "
+                    f"{b_dtype.code}{list(b_shape)} do not form a LoRA pair"
+                )
+            if a_dtype.code not in FLOAT_CODES:
+                raise ConversionError(f"`{module}`: {a_dtype.code} factors cannot be converted")
+            r = config.rank_for(module)
+            if r != a_shape[0]:
+                raise ConversionError(
+                    f"`{module}`: the config gives rank {r}, lora_A has {a_shape[0]} rows"
+                )
+            alpha = config.alpha_for(module)
+            if "lora_magnitude_vector" in kinds and self.options.reduce:
+                raise ConversionError(
+                    f"`{module}` is a DoRA module: its magnitude is the norm of W + s·B·A, which "
+                    "depends on the base weight, so its rank cannot be reduced from the files",
+                    hint="drop --rank/--energy, or merge the adapter instead",
+                )
+            factors = Factors(
+                module, a_key, b_key, embedding, a_dtype.code, a_shape, b_shape,
+                config.scaling(alpha, r),
+            )  # fmt: skip
+            report = ModuleReport(module, [], r, alpha, r, alpha)
+            modules[prefix] = _Module(factors, kinds.get("lora_B.bias"), report)
+        return modules
+
+    def _target_rank(self, m: _Module) -> int:
+        r = m.factors.rank * (2 if self.options.initial is not None else 1)
+        out_dim, in_dim = m.factors.b_shape[0], m.factors.a_shape[1]
+        full = min(r, out_dim, in_dim)
+        if self.options.rank is not None:
+            return min(self.options.rank, full)
+        return full  # --energy: replaced by the computed rank
+
+    def _config(self, config: LoraConfig) -> LoraConfig:
+        opts = self.options
+        out = config
+        if opts.initial is not None:
+            saved = opts.initial.config if isinstance(opts.initial, SavedInitial) else None
+            out = converted_config(config, saved)
+            for m in self.modules.values():
+                m.report.actions.append(f"{config.init_lora_weights}->lora")
+                m.report.r = out.rank_for(m.report.module)
+                m.report.alpha = out.alpha_for(m.report.module)
+        if opts.reduce:
+            for m in self.modules.values():
+                if opts.energy is not None:  # the rank depends on the spectrum: computed now
+                    self._compute(m)
+                else:
+                    m.report.r = m.report.alpha = self._target_rank(m)
+            out = reduced_config(out, {m.report.module: m.report.r for m in self.modules.values()})
+        return out
+
+    def _outputs(self) -> list[OutputTensor]:
+        mts = self.config_in.modules_to_save or []
+        lora_modules = {m.factors.module for m in self.modules.values()}
+        outputs = []
+        target = self.options.dtype
+        for key, (dtype, shape) in self.specs.items():
+            new_dtype = DTYPES[target] if target and dtype.code in FLOAT_CODES else dtype
+            info = classify(key, mts)
+            m = self.by_key.get(key)
+            if m is not None and key != m.bias_key:
+                r = (
+                    m.report.r
+                    if self.options.reduce
+                    else shape[_RANK_AXIS[info.kind]]
+                    * (2 if self.options.initial is not None else 1)
+                )
+                new_shape = (r, shape[1]) if _RANK_AXIS[info.kind] == 0 else (shape[0], r)
+                outputs.append(OutputTensor(key, new_dtype, new_shape, self._lora(m, key), True))
+                continue
+            residual = (
+                self.options.initial is not None
+                and info.param == "weight"
+                and info.depth > 0
+                and info.module in lora_modules
+                and m is None
+            )
+            if residual:
+                owner = self._owner(info.module)
+                outputs.append(
+                    OutputTensor(key, new_dtype, shape, self._original(key, owner), True)
+                )
+            elif m is not None:  # lora_B.bias
+                outputs.append(OutputTensor(key, new_dtype, shape, self._lora(m, key), True))
+            else:  # DoRA magnitudes, modules_to_save, biases, embeddings: copied (or cast)
+                outputs.append(
+                    OutputTensor(key, new_dtype, shape, self._copy(key), new_dtype != dtype)
+                )
+        return outputs
+
+    def _owner(self, module: str) -> _Module:
+        return next(m for m in self.modules.values() if m.factors.module == module)
+
+    # --- producing -----------------------------------------------------------------------------
+
+    def _copy(self, key: str) -> Callable[[], RawTensor]:
+        def produce() -> RawTensor:
+            t = self.source.get(key)
+            return cast(t, self.options.dtype) if self.options.dtype else t
+
+        return produce
+
+    def _original(self, key: str, owner: _Module) -> Callable[[], RawTensor]:
+        def produce() -> RawTensor:
+            assert self.options.initial is not None
+            t = self.options.initial.original_weight(key, self.source.get(key), owner.factors)
+            return cast(t, self.options.dtype) if self.options.dtype else t
+
+        return produce
+
+    def _lora(self, m: _Module, key: str) -> Callable[[], RawTensor]:
+        def produce() -> RawTensor:
+            prefix = key[: key.rindex(".lora_")]
+            if self._cache is None or self._cache[0] != prefix:
+                self._cache = (prefix, self._compute(m))
+            return self._cache[1][key]
+
+        return produce
+
+    def _compute(self, m: _Module) -> dict[str, RawTensor]:
+        """The module's output tensors: concatenated with the initial factors, reduced, cast."""
+        f, opts, rep = m.factors, self.options, m.report
+        a, b = self.source.get(f.a_key), self.source.get(f.b_key)
+        if opts.initial is not None:
+            a0, b0 = opts.initial.factors(f)
+            a, b = concat(a, a0, 0), concat(b, negate(b0), 1)
+        out: dict[str, RawTensor] = {}
+        code = opts.dtype or f.dtype_code
+        if opts.reduce:
+            spec = spectrum(to_float64(b), to_float64(a), f.scaling)
+            k = self._target_rank(m)
+            if opts.energy is not None:
+                k = spec.rank_for_energy(opts.energy)
+                rep.r = rep.alpha = k
+            new_b, new_a, kept, dropped = spec.truncate(k)
+            total = math.sqrt(spec.energy)
+            rep.energy, rep.dropped_norm = kept, dropped
+            rep.relative_error = dropped / total if total else 0.0
+            label = f"rank {a.shape[0]}->{k}"
+            if label not in rep.actions:
+                rep.actions.append(label)
+            out[f.a_key], out[f.b_key] = from_float(new_a, code), from_float(new_b, code)
+            if m.bias_key:  # the scaling is now 1: the bias carries the old one
+                bias = self.source.get(m.bias_key)
+                out[m.bias_key] = from_float(f.scaling * to_float64(bias), bias.dtype.code)
+        else:
+            out[f.a_key], out[f.b_key] = cast(a, code), cast(b, code)
+            if m.bias_key:
+                out[m.bias_key] = self.source.get(m.bias_key)
+        if m.bias_key and opts.dtype:
+            out[m.bias_key] = cast(out[m.bias_key], opts.dtype)
+        if opts.dtype and opts.dtype != f.dtype_code:
+            label = f"{f.dtype_code}->{opts.dtype}"
+            if label not in rep.actions:
+                rep.actions.append(label)
+        return out
+
+    @property
+    def reports(self) -> list[ModuleReport]:
+        return [m.report for m in self.modules.values()]
 
 
 def convert_tensors(
@@ -110,62 +392,28 @@ def convert_tensors(
     trained_config: LoraConfig,
     initial_config: LoraConfig,
 ) -> dict[str, RawTensor]:
-    """The plain-LoRA tensors; anything the pair disagrees on is a ConversionError saying what."""
-    mts = trained_config.modules_to_save or []
-    axes = _pairs()
-    out: dict[str, RawTensor] = {}
-    lora_modules = {classify(k, mts).module for k in trained if classify(k, mts).is_lora}
-    for key, t in trained.items():
-        info = classify(key, mts)
-        if info.kind in axes:
-            t0 = initial.get(key)
-            if t0 is None:
-                raise ConversionError(
-                    f"`{key}` is in the trained adapter but not in the initial one"
-                )
-            if (t0.shape, t0.dtype.code) != (t.shape, t.dtype.code):
-                raise ConversionError(
-                    f"`{key}` differs between the pair: trained {t.dtype.code}{list(t.shape)}, "
-                    f"initial {t0.dtype.code}{list(t0.shape)}"
-                )
-            axis = axes[info.kind]
-            out[key] = _concat(t, t0 if axis == 0 else _negate(t0), axis)
-        elif info.kind == "lora_B.bias":
-            raise ConversionError(f"`{key}`: lora_bias adapters cannot be converted")
-        elif info.param == "weight" and info.depth and info.module in lora_modules:
-            out[key] = _rebuild_base(key, t, initial, info.module, initial_config)
-        else:  # DoRA magnitudes, modules_to_save, biases, saved embeddings: unchanged
-            out[key] = t
-    missing = [k for k in initial if classify(k, mts).kind in axes and k not in trained]
+    """PiSSA/OLoRA/CorDA to plain LoRA, tensors in memory (what save_pretrained converts)."""
+    plan = Plan(
+        DictStore(trained),
+        trained_config,
+        Options(initial=SavedInitial(DictStore(initial), initial_config)),
+    )
+    missing = missing_from_trained(plan)
     if missing:
         raise ConversionError(
             f"`{missing[0]}` is in the initial adapter but not in the trained one"
         )
-    return out
+    return {o.name: o.produce() for o in plan.outputs}
 
 
-def _rebuild_base(
-    key: str, w_res: RawTensor, initial: Mapping[str, RawTensor], module: str, config: LoraConfig
-) -> RawTensor:
-    """A saved residual base weight back to the original one: W_res + s0·(B0·A0)."""
-    import numpy as np
-
-    prefix = key[: key.rindex(".base_layer.")]
-    embedding = f"{prefix}.lora_embedding_A" in initial
-    a0 = initial.get(f"{prefix}.lora_embedding_A" if embedding else f"{prefix}.lora_A.weight")
-    b0 = initial.get(f"{prefix}.lora_embedding_B" if embedding else f"{prefix}.lora_B.weight")
-    if a0 is None or b0 is None:
-        raise ConversionError(
-            f"`{key}` holds a residual weight but the initial adapter lacks its factors"
-        )
-    r = a0.shape[0]
-    alpha = config.alpha_for(module)
-    s0 = config.scaling(alpha, r)
-    delta = s0 * (to_float32(b0).astype(np.float32) @ to_float32(a0).astype(np.float32))
-    w = to_float32(w_res)
-    delta = delta.T if embedding or delta.shape != w.shape else delta
-    if delta.shape != w.shape:
-        raise ConversionError(
-            f"`{key}` {list(w.shape)} does not fit its factors {list(delta.shape)}"
-        )
-    return from_float32(w + delta, w_res)
+def missing_from_trained(plan: Plan) -> list[str]:
+    """LoRA factors the initial adapter has and the trained one lacks (the pair does not match)."""
+    initial = plan.options.initial
+    if not isinstance(initial, SavedInitial):
+        return []
+    mts = plan.config_in.modules_to_save or []
+    return [
+        k
+        for k in initial.store.specs()
+        if classify(k, mts).kind in _RANK_AXIS and k not in plan.specs
+    ]

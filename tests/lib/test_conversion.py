@@ -11,7 +11,8 @@ import pytest
 
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.tensors import SafetensorsReader, TensorSource, write_safetensors
-from adapterctl.ops.conversion import RawTensor, convert_tensors, converted_config
+from adapterctl.ops.conversion import convert_tensors, converted_config
+from adapterctl.ops.rawtensor import RawTensor
 from tests.fixtures import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -127,12 +128,11 @@ def test_bf16_round_trip_matches_torch() -> None:
     import torch
 
     from adapterctl.format.dtypes import DTYPES
-    from adapterctl.ops.conversion import from_float32, to_float32
+    from adapterctl.ops.rawtensor import from_float, to_float32
 
     values = torch.randn(4096, dtype=torch.float32) * 10
     values[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
-    like = RawTensor(DTYPES["BF16"], (4096,), np.zeros(4096, dtype=np.uint16))
-    ours = from_float32(values.numpy(), like).data
+    ours = from_float(values.numpy(), "BF16").data
     theirs = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.isnan(to_float32(RawTensor(DTYPES["BF16"], (4096,), ours))[0])
     assert (ours[1:] == theirs[1:]).all()

@@ -1,0 +1,180 @@
+"""Tensors as raw bytes (numpy views), the places they are read from, and exact dtype casts.
+
+No torch: a value that is only copied, concatenated or negated keeps its bits, and a cast rounds
+to nearest even exactly as torch's `.to()` does (through float32, as torch casts a float64).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from adapterctl.errors import ConversionError
+from adapterctl.format.dtypes import DTYPES, Dtype
+from adapterctl.format.tensors import SafetensorsReader, bin_arrays
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: the dtypes adapterctl computes with and casts between
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+#: `--dtype` spellings (torch's names) to safetensors codes
+CAST_TARGETS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_SIGN = {16: 0x8000, 32: 0x80000000, 64: 0x8000000000000000}
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as its bytes: `data` is a numpy array of the dtype's raw storage type."""
+
+    dtype: Dtype
+    shape: tuple[int, ...]
+    data: np.ndarray[Any, Any]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.bits
+        for d in self.shape:
+            n *= d
+        return n // 8
+
+    def buffer(self) -> np.ndarray[Any, Any]:
+        """The bytes in C order, for the writer."""
+        import numpy as np
+
+        return np.ascontiguousarray(self.data).reshape(-1).view(np.uint8)
+
+
+class TensorStore(Protocol):
+    """Named tensors whose dtypes and shapes are known before any is read."""
+
+    label: str
+
+    def specs(self) -> Mapping[str, tuple[Dtype, tuple[int, ...]]]: ...
+
+    def get(self, key: str) -> RawTensor: ...
+
+
+class DictStore:
+    """Tensors already in memory."""
+
+    def __init__(self, tensors: Mapping[str, RawTensor], label: str = "<memory>") -> None:
+        self.label = label
+        self._tensors = dict(tensors)
+
+    def specs(self) -> dict[str, tuple[Dtype, tuple[int, ...]]]:
+        return {k: (t.dtype, t.shape) for k, t in self._tensors.items()}
+
+    def get(self, key: str) -> RawTensor:
+        return self._tensors[key]
+
+
+class FileStore:
+    """A safetensors file: the header now, each tensor when it is asked for."""
+
+    def __init__(self, reader: SafetensorsReader) -> None:
+        self.label = reader.path
+        self._reader = reader
+
+    def specs(self) -> dict[str, tuple[Dtype, tuple[int, ...]]]:
+        return {k: (t.dtype, t.shape) for k, t in self._reader.tensors.items()}
+
+    def get(self, key: str) -> RawTensor:
+        t = self._reader.tensors[key]
+        return RawTensor(t.dtype, t.shape, self._reader.array(key))
+
+
+class _Closing(Protocol):
+    def close(self) -> None: ...
+
+
+class OpenStore:
+    """`with OpenStore(path) as store:` a safetensors or `.bin` weights file as a TensorStore."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: str) -> None:
+        self._path = path
+        self._fmt = fmt
+        self._reader: SafetensorsReader | None = None
+
+    def __enter__(self) -> TensorStore:
+        if self._fmt == "bin":  # torch.load(weights_only=True): plain tensors only
+            arrays = {k: RawTensor(*v) for k, v in bin_arrays(self._path).items()}
+            return DictStore(arrays, os.fspath(self._path))
+        self._reader = SafetensorsReader(self._path)
+        return FileStore(self._reader)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def negate(t: RawTensor) -> RawTensor:
+    """−x by flipping the sign bit: exact for every value, NaN and ±0 included."""
+    import numpy as np
+
+    if t.dtype.code not in FLOAT_CODES:
+        raise ConversionError(f"cannot negate a {t.dtype.code} tensor")
+    bits = t.data.view(np.dtype(f"<u{t.dtype.bits // 8}"))
+    flipped = bits ^ np.array(_SIGN[t.dtype.bits], dtype=bits.dtype)
+    return RawTensor(t.dtype, t.shape, flipped.view(t.data.dtype))
+
+
+def concat(a: RawTensor, b: RawTensor, axis: int) -> RawTensor:
+    import numpy as np
+
+    data = np.concatenate([a.data.reshape(a.shape), b.data.reshape(b.shape)], axis=axis)
+    return RawTensor(a.dtype, tuple(data.shape), data)
+
+
+def to_float32(t: RawTensor) -> np.ndarray[Any, Any]:
+    import numpy as np
+
+    raw = t.data.reshape(t.shape)
+    if t.dtype.code == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if t.dtype.code in FLOAT_CODES:
+        return raw.astype(np.float32)
+    raise ConversionError(f"cannot compute with a {t.dtype.code} tensor")
+
+
+def to_float64(t: RawTensor) -> np.ndarray[Any, Any]:
+    import numpy as np
+
+    if t.dtype.code == "F64":
+        return t.data.reshape(t.shape).astype(np.float64)
+    return to_float32(t).astype(np.float64)
+
+
+def from_float(values: np.ndarray[Any, Any], code: str) -> RawTensor:
+    """float32/float64 values as a `code` tensor, rounded to nearest even as torch's `.to()`
+    rounds (a float64 goes through float32 first, as torch casts it); a NaN stays a NaN."""
+    import numpy as np
+
+    dtype = DTYPES[code]
+    shape = tuple(values.shape)
+    if code == "F64":
+        return RawTensor(dtype, shape, values.astype(np.float64))
+    f32 = np.ascontiguousarray(values, dtype=np.float32)
+    if code == "BF16":
+        bits = f32.view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        rounded[np.isnan(f32)] = 0x7FC0
+        return RawTensor(dtype, shape, rounded)
+    if code == "F16":
+        return RawTensor(dtype, shape, f32.astype(np.float16))
+    if code == "F32":
+        return RawTensor(dtype, shape, f32)
+    raise ConversionError(f"cannot write a {code} tensor from computed values")
+
+
+def cast(t: RawTensor, code: str) -> RawTensor:
+    """`t` as dtype `code`; the same tensor when it already is one, or is not a float tensor."""
+    if t.dtype.code == code or t.dtype.code not in FLOAT_CODES:
+        return t
+    if t.dtype.code == "F64" and code != "F64":
+        import numpy as np
+
+        return from_float(t.data.reshape(t.shape).astype(np.float32), code)
+    return from_float(to_float32(t), code)
