@@ -227,3 +227,59 @@ def peft_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         safe_serialization=False,
     )
     return out
+
+
+def residual_pair(
+    out: Path,
+    init: str = "pissa",
+    model_fn: Callable[[], Any] = tiny_llama,
+    corda: str | None = None,
+    **config: Any,
+) -> tuple[Any, Path, Path, Path | None]:
+    """PEFT: a PiSSA/OLoRA/CorDA adapter on `model_fn()`, its initial save, a "trained" save and
+    PEFT's own conversion (None where PEFT refuses to convert). Returns the trained model too."""
+
+    def run() -> tuple[Any, Path, Path, Path | None]:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        base = model_fn()
+        if corda is not None:
+            from peft.tuners.lora.config import CordaConfig
+            from peft.tuners.lora.corda import preprocess_corda
+
+            cfg = LoraConfig(
+                init_lora_weights="corda", corda_config=CordaConfig(corda_method=corda), **config
+            )
+            g = torch.Generator().manual_seed(7)
+            calibration = [torch.randint(0, 64, (1, 16), generator=g) for _ in range(6)]
+
+            def run_model() -> None:
+                for x in calibration:
+                    base(input_ids=x)
+
+            preprocess_corda(base, cfg, run_model=run_model)
+        else:
+            cfg = LoraConfig(init_lora_weights=init, **config)
+        pm = get_peft_model(base, cfg)
+        method = cfg.init_lora_weights
+        pm.peft_config["default"].init_lora_weights = True
+        pm.save_pretrained(str(out / "init"))
+        pm.peft_config["default"].init_lora_weights = method
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(str(out / "trained"))
+        converted: Path | None = out / "peft"
+        try:
+            pm.save_pretrained(
+                str(out / "peft"), path_initial_model_for_weight_conversion=str(out / "init")
+            )
+        except ValueError:  # rslora with patterns: PEFT refuses, adapterctl converts
+            converted = None
+        return pm.eval(), out / "init", out / "trained", converted
+
+    result: tuple[Any, Path, Path, Path | None] = _quiet(run)
+    return result

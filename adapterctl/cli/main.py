@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from adapterctl import __version__
+from adapterctl.cli.commands.convert import convert_cmd
 from adapterctl.cli.commands.inspect import inspect_cmd
 from adapterctl.cli.commands.load import load_cmd
 from adapterctl.cli.commands.save import save_cmd
@@ -46,6 +47,7 @@ def root(
 
 app.command("inspect", cls=PlainCommand)(error_boundary(inspect_cmd))
 app.command("select", cls=PlainCommand)(error_boundary(select_cmd))
+app.command("convert", cls=PlainCommand)(error_boundary(convert_cmd))
 app.command("load", cls=PlainCommand)(error_boundary(load_cmd))
 app.command("save", cls=PlainCommand)(error_boundary(save_cmd))
 

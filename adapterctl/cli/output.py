@@ -18,6 +18,7 @@ from adapterctl.ops.checks import human_size
 
 if TYPE_CHECKING:
     from adapterctl.engine.session import LoadReport
+    from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.inspect import AdapterReport, InspectReport
     from adapterctl.ops.select import SelectionResult
 
@@ -182,6 +183,33 @@ def _render_modules(console: Any, a: AdapterReport) -> None:
         table.add_row(m.path, str(m.r), _num(m.alpha), _num(m.scaling))
     console.print()
     console.print(table)
+
+
+def render_conversion(result: ConversionResult) -> None:
+    """Per module: what was done, the new r and alpha; then sizes and the verification."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    reduced = any(m.energy is not None for m in result.modules)
+    columns = ["module", "done", "r", "alpha"] + (["energy", "rel. error"] if reduced else [])
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("module", "done") else "right")
+    for m in result.modules:
+        row = [m.module, ", ".join(m.actions) or "copied", f"{m.r_in} -> {m.r}"]
+        row.append(f"{_num(m.alpha_in)} -> {_num(m.alpha)}")
+        if reduced:
+            row += [f"{m.energy:.4f}" if m.energy is not None else "-", _num(m.relative_error)]
+        table.add_row(*row)
+    console.print(table)
+    sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
+    v = result.verification
+    if v is not None and v.worst is not None:
+        checked = f"; verified {v.checked} checks, worst {v.worst.name} {v.worst.error:.2g}"
+    else:
+        checked = ""
+    result_line(f"✓ {result.output} ({len(result.modules)} modules, {sizes}{checked})")
 
 
 def render_selection(result: SelectionResult) -> None:

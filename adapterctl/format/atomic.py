@@ -135,6 +135,19 @@ def check_output(dest: Path, force: bool) -> None:
         raise OutputError(f"output `{dest}` exists and is not a directory")
 
 
+def check_not_inside(dest: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]) -> None:
+    """Refuse an output that is one of the inputs or a folder holding one (replacing it would
+    destroy what is being read)."""
+    real_out = Path(os.path.realpath(dest))
+    for item in inputs:
+        real_in = Path(os.path.realpath(item))
+        if real_out == real_in or real_out in real_in.parents:
+            raise OutputError(
+                f"output `{dest}` is `{item}` or a folder that holds it",
+                hint="write to a new directory",
+            )
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temp directory; on success it becomes `dest`, on failure it disappears."""

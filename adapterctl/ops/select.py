@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterFormatError, OutputError, SelectionError
-from adapterctl.format.atomic import atomic_directory, check_output
+from adapterctl.errors import AdapterFormatError, SelectionError
+from adapterctl.format.atomic import atomic_directory, check_not_inside, check_output
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.header import read_header
 from adapterctl.format.layout import (
@@ -119,12 +119,7 @@ def select_adapters(
         raise SelectionError(f"two chosen adapters would both be named {sorted(new_names)}")
     out = Path(output)
     check_output(Path(os.path.abspath(out)), force)
-    real_out, real_src = Path(os.path.realpath(out)), Path(os.path.realpath(source))
-    if real_out == real_src or real_out in real_src.parents:
-        raise OutputError(
-            f"output `{out}` is the source or a folder that holds it",
-            hint="write the selection to a new directory",
-        )
+    check_not_inside(out, [source])
     for files in picked:
         _validate(files)
         for message in files.warnings:

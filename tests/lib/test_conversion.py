@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ from adapterctl.format.config import LoraConfig
 from adapterctl.format.tensors import SafetensorsReader, TensorSource, write_safetensors
 from adapterctl.ops.conversion import convert_tensors, converted_config
 from adapterctl.ops.rawtensor import RawTensor
-from tests.fixtures import tiny_llama
+from tests.fixtures import residual_pair, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -33,29 +31,8 @@ def _write(directory: Path, tensors: dict[str, RawTensor], config: LoraConfig) -
 
 
 def _pissa_pair(tmp_path: Path, **config: Any) -> tuple[Any, Path, Path, Path]:
-    """PEFT: a PiSSA adapter, its initial save, a 'trained' save and PEFT's own conversion."""
-    import torch
-    from peft import LoraConfig as PeftConfig
-    from peft import get_peft_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(tiny_llama(), PeftConfig(init_lora_weights="pissa", **config))
-        pm.peft_config["default"].init_lora_weights = True
-        pm.save_pretrained(str(tmp_path / "init"))
-        pm.peft_config["default"].init_lora_weights = "pissa"
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_" in n or "modules_to_save" in n:
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-        pm.save_pretrained(str(tmp_path / "trained"))
-        with contextlib.suppress(ValueError):  # PEFT refuses rslora with patterns; we do not
-            pm.save_pretrained(
-                str(tmp_path / "peft"),
-                path_initial_model_for_weight_conversion=str(tmp_path / "init"),
-            )
-    return pm.eval(), tmp_path / "init", tmp_path / "trained", tmp_path / "peft"
+    model, init, trained, converted = residual_pair(tmp_path, "pissa", **config)
+    return model, init, trained, converted or tmp_path / "peft"
 
 
 def _convert(init: Path, trained: Path, out: Path) -> Path:

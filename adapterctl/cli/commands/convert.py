@@ -1,0 +1,111 @@
+"""`adapterctl convert`: PiSSA/OLoRA/CorDA to plain LoRA, dtype, .bin to safetensors, rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from adapterctl.cli import output
+from adapterctl.cli.options import ForceOpt, JsonOpt, OutputArg
+
+
+def convert_cmd(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SOURCE",
+            help="The (trained) adapter: a directory or its .safetensors/.bin file.",
+            show_default=False,
+        ),
+    ],
+    output_dir: OutputArg,
+    initial: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial",
+            metavar="INIT",
+            help="The initial PiSSA/OLoRA/CorDA adapter saved before training: write plain LoRA.",
+            show_default=False,
+        ),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            metavar="BASE",
+            help="The original base model: rebuild the initial adapter from it (pissa, olora).",
+            show_default=False,
+        ),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            metavar="METHOD",
+            help="With --base: pissa or olora, when the config's init_lora_weights is true.",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            metavar="DTYPE",
+            help="Cast every tensor: float32, bfloat16 or float16 (round to nearest even).",
+            show_default=False,
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank", metavar="N", help="Reduce every module to rank N.", show_default=False
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy",
+            metavar="E",
+            help="Reduce each module to the smallest rank keeping fraction E of its energy.",
+            show_default=False,
+        ),
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Check the written files against SOURCE before renaming."),
+    ] = False,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Rewrite an adapter: PiSSA/OLoRA/CorDA to plain LoRA, dtype, .bin to safetensors, rank.
+
+    One streaming pass over the adapter files; no base model is loaded (--base reads only the
+    targeted weights) and torch is not imported unless SOURCE is a .bin file.
+    """
+    from adapterctl.ops.convert import VerificationFailed, convert_adapter
+
+    try:
+        with output.progress("converting") as advance:
+            result = convert_adapter(
+                source,
+                output_dir,
+                initial=initial,
+                base=base,
+                init=init,
+                dtype=dtype,
+                rank=rank,
+                energy=energy,
+                verify_output=verify,
+                force=force,
+                progress=advance,
+            )
+    except VerificationFailed as e:
+        if json_:
+            output.emit_json(e.result.to_dict())
+        raise
+    if json_:
+        output.emit_json(result.to_dict())
+    else:
+        output.render_conversion(result)

@@ -1,0 +1,242 @@
+"""convert_adapter(): one adapter rewritten in a single streaming pass (PiSSA/OLoRA/CorDA to plain
+LoRA, dtype, `.bin` to safetensors, rank), optionally verified before it is renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterctl.errors import AdapterFormatError, ConversionError
+from adapterctl.format.atomic import atomic_directory, check_not_inside, check_output
+from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
+from adapterctl.format.tensors import TensorSource, write_safetensors
+from adapterctl.ops.conversion import (
+    ModuleReport,
+    Options,
+    OutputTensor,
+    Plan,
+    missing_from_trained,
+)
+from adapterctl.ops.initial import Initial, RebuiltInitial, SavedInitial, rebuild_method
+from adapterctl.ops.rawtensor import CAST_TARGETS, OpenStore
+from adapterctl.ops.verify import Verification, verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConversionResult:
+    source: str
+    output: str
+    initial: str | None
+    base: str | None
+    method: str | None  # the init converted from (pissa, olora, corda, ...)
+    dtype: str | None
+    config: LoraConfig
+    bytes_in: int
+    bytes_out: int
+    modules: list[ModuleReport]
+    warnings: list[str] = field(default_factory=list)
+    verification: Verification | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "schema_version": 1,
+            "source": self.source,
+            "output": self.output,
+            "initial": self.initial,
+            "base": self.base,
+            "converted_from": self.method,
+            "dtype": self.dtype,
+            "config": {
+                "r": c.r,
+                "lora_alpha": c.lora_alpha,
+                "use_rslora": c.use_rslora,
+                "rank_pattern": c.rank_pattern or {},
+                "alpha_pattern": c.alpha_pattern or {},
+                "init_lora_weights": c.init_lora_weights,
+            },
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "modules": [m.to_dict() for m in self.modules],
+            "warnings": self.warnings,
+            "verification": self.verification.to_dict() if self.verification else None,
+        }
+
+
+class VerificationFailed(ConversionError):
+    """The written files do not match the source within the thresholds; nothing was renamed."""
+
+    def __init__(self, result: ConversionResult) -> None:
+        worst = result.verification.worst if result.verification else None
+        detail = (
+            f": `{worst.name}` off by {worst.error:.3g} (allowed {worst.threshold:.3g})"
+            if worst
+            else ""
+        )
+        super().__init__(
+            "verification failed" + detail,
+            hint="the output was not written; report this with the adapter's `inspect --json`",
+        )
+        self.result = result
+
+
+def _one_adapter(path: str | os.PathLike[str], what: str) -> AdapterFiles:
+    found = find_adapters(path)
+    if len(found) != 1:
+        raise ConversionError(
+            f"{what} `{path}` holds {len(found)} adapters ({', '.join(a.name for a in found)})",
+            hint="pass one adapter's own folder, e.g. "
+            f"`{Path(path) / found[-1].name}` (or pick it with `adapterctl select`)",
+        )
+    files = found[0]
+    if files.config_path is None:
+        raise AdapterFormatError(
+            f"`{files.weights_path}` has no `{CONFIG_NAME}` beside it; convert needs the config"
+        )
+    for message in files.warnings:
+        log.warning("%s", message)
+    return files
+
+
+def _check_options(
+    initial: object, base: object, init: str | None, dtype: str | None, rank: int | None,
+    energy: float | None,
+) -> str | None:  # fmt: skip
+    if initial is not None and base is not None:
+        raise ConversionError("pass --initial or --base, not both")
+    if init is not None and base is None:
+        raise ConversionError("--init only applies with --base")
+    if rank is not None and energy is not None:
+        raise ConversionError("pass --rank or --energy, not both")
+    if rank is not None and rank < 1:
+        raise ConversionError(f"--rank must be at least 1, not {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ConversionError(
+            f"--energy must be a fraction in (0, 1], not {energy}", hint="e.g. --energy 0.99"
+        )
+    if dtype is None:
+        return None
+    if dtype not in CAST_TARGETS:
+        raise ConversionError(
+            f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(CAST_TARGETS)}"
+        )
+    return CAST_TARGETS[dtype]
+
+
+def convert_adapter(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    initial: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    init: str | None = None,
+    dtype: str | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    verify_output: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ConversionResult:
+    """Write `output`: the adapter at `source` converted; atomically, or not at all."""
+    code = _check_options(initial, base, init, dtype, rank, energy)
+    files = _one_adapter(source, "source")
+    assert files.config_path is not None
+    nothing = (initial, base, code, rank, energy) == (None,) * 5
+    if nothing and files.format == "safetensors":
+        raise ConversionError(
+            "nothing to convert: the source is already safetensors",
+            hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",
+        )
+    out = Path(output)
+    check_output(Path(os.path.abspath(out)), force)
+    check_not_inside(out, [p for p in (source, initial, base) if p is not None])
+    config = LoraConfig.from_file(files.config_path)
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(OpenStore(files.weights_path, files.format))
+        provider: Initial | None = None
+        method = None
+        if initial is not None:
+            init_files = _one_adapter(initial, "initial adapter")
+            assert init_files.config_path is not None
+            init_store = stack.enter_context(OpenStore(init_files.weights_path, init_files.format))
+            provider = SavedInitial(init_store, LoraConfig.from_file(init_files.config_path))
+            method = str(config.init_lora_weights)
+        elif base is not None:
+            from adapterctl.ops.basecheckpoint import BaseCheckpoint
+
+            method = rebuild_method(config, init)
+            checkpoint = stack.enter_context(BaseCheckpoint(base))
+            provider = RebuiltInitial(checkpoint, method, config)
+        plan = Plan(store, config, Options(provider, code, rank, energy))
+        missing = missing_from_trained(plan)
+        if missing:
+            raise ConversionError(
+                f"`{missing[0]}` is in the initial adapter but not in the trained one",
+                hint="pass the initial adapter saved right before this adapter was trained",
+            )
+        for message in plan.warnings:
+            log.warning("%s", message)
+        total = sum(o.dtype.bits * _numel(o.shape) // 8 for o in plan.outputs)
+        result = ConversionResult(
+            source=os.fspath(source),
+            output=os.fspath(output),
+            initial=os.fspath(initial) if initial is not None else None,
+            base=os.fspath(base) if base is not None else None,
+            method=method,
+            dtype=dtype,
+            config=plan.config,
+            bytes_in=os.path.getsize(files.weights_path),
+            bytes_out=0,
+            modules=plan.reports,
+            warnings=list(plan.warnings),
+        )
+        with atomic_directory(out, force=force) as tmp:
+            result.bytes_out = _write(plan, tmp, total, progress)
+            if files.directory is not None and (files.directory / README_NAME).is_file():
+                shutil.copyfile(files.directory / README_NAME, tmp / README_NAME)
+            if verify_output:
+                result.verification = verify(plan, tmp)
+                if not result.verification.passed:
+                    raise VerificationFailed(result)
+    return result
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _write(
+    plan: Plan, directory: Path, total: int, progress: Callable[[int, int], None] | None
+) -> int:
+    def source(o: OutputTensor) -> TensorSource:
+        def data() -> Any:
+            t = o.produce()
+            if (t.dtype, t.shape) != (o.dtype, o.shape):  # pragma: no cover - a planning bug
+                raise ConversionError(
+                    f"`{o.name}` came out {t.dtype.code}{list(t.shape)}, planned "
+                    f"{o.dtype.code}{list(o.shape)}"
+                )
+            return t.buffer()
+
+        return TensorSource(o.name, o.dtype, o.shape, data)
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            progress(n, total)
+
+    with open(directory / SAFETENSORS_NAME, "wb") as f:
+        written = write_safetensors(f, [source(o) for o in plan.outputs], progress=advance)
+    (directory / CONFIG_NAME).write_text(plan.config.to_json())
+    return written
