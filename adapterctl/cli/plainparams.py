@@ -3,16 +3,19 @@
 Typer 0.29 converts every parameter value (even the `--help` flag, whose value is None when it is
 not given) through a pydantic TypeAdapter; importing pydantic and building the adapters costs
 about 0.18 s per run, half of `adapterctl inspect --json`. Our parameters are all plain (`bool`,
-`str`, `Path`, lists of `str`), and for those Typer's own result is simply the value, `Path(value)`
-or `list(value)`. The command and group classes below give such parameters that direct
+`str`, `int`, `float`, `Path`, lists of `str`, or one of those or None), and for those Typer's own
+result is simply the value, `int(value)`, `float(value)`, `Path(value)` or `list(value)`. The command and group classes below give such parameters that direct
 conversion; any other type, or a Typer whose internals differ, keeps Typer's own coercion.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
+from typer import BadParameter
 from typer.core import TyperCommand, TyperGroup
 
 try:  # Typer 0.29 internals; without them, Typer's own coercion is used
@@ -20,16 +23,38 @@ try:  # Typer 0.29 internals; without them, Typer's own coercion is used
 except ImportError:  # pragma: no cover
     RuntimeParam = None  # type: ignore[assignment,misc]
 
-_PLAIN = (bool, str, Path, list[str])
+_BASES = (bool, str, int, float, Path, list[str])
+
+
+def _optional_of(annotation: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _is_plain(annotation: Any) -> bool:
+    return any(_optional_of(annotation) == t for t in _BASES)
 
 
 def _convert(annotation: Any, value: Any) -> Any:
+    annotation = _optional_of(annotation)
+    if value is None:
+        return None
     if annotation is Path:
         return Path(value)
     if annotation == list[str]:
         return [str(v) for v in value]
     if annotation is str:
         return str(value)
+    if annotation in (int, float) and not isinstance(value, annotation):
+        try:
+            return annotation(value)
+        except ValueError:
+            kind = "an integer" if annotation is int else "a number"
+            raise BadParameter(f"{value!r} is not {kind}") from None
     return value
 
 
@@ -48,8 +73,10 @@ def _make_plain(params: list[Any]) -> list[Any]:
         if (
             getattr(p, "_runtime_param", "absent") is None
             and desc is not None
-            and any(desc.annotation == t for t in _PLAIN)
+            and _is_plain(desc.annotation)
             and not desc.parameter_info.parser
+            and getattr(desc.parameter_info, "min", None) is None  # Typer checks the bounds
+            and getattr(desc.parameter_info, "max", None) is None
         ):
             p._runtime_param = _PlainParam(
                 parameter_info=desc.parameter_info, annotation=desc.annotation

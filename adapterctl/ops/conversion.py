@@ -345,6 +345,8 @@ class Plan:
 
     def _compute(self, m: _Module) -> dict[str, RawTensor]:
         """The module's output tensors: concatenated with the initial factors, reduced, cast."""
+        import numpy as np
+
         f, opts, rep = m.factors, self.options, m.report
         a, b = self.source.get(f.a_key), self.source.get(f.b_key)
         if opts.initial is not None:
@@ -353,7 +355,12 @@ class Plan:
         out: dict[str, RawTensor] = {}
         code = opts.dtype or f.dtype_code
         if opts.reduce:
-            spec = spectrum(to_float64(b), to_float64(a), f.scaling)
+            b64, a64 = to_float64(b), to_float64(a)
+            if not (np.isfinite(b64).all() and np.isfinite(a64).all()):
+                raise ConversionError(
+                    f"`{f.module}` holds values that are not finite: its rank cannot be reduced"
+                )
+            spec = spectrum(b64, a64, f.scaling)
             k = self._target_rank(m)
             if opts.energy is not None:
                 k = spec.rank_for_energy(opts.energy)

@@ -123,6 +123,8 @@ class RebuiltInitial:
             return from_float(zeros[0], f.dtype_code), from_float(zeros[1], f.dtype_code)
         raw = self._weight_out_in(f)
         w = to_float32(raw)
+        if not np.isfinite(w).all():
+            raise ConversionError(f"base weight of `{f.module}` holds values that are not finite")
         out_dim = f.b_shape[0]
         # a Conv1D stores (in, out); a square one is told apart by the config's fan_in_fan_out
         if w.shape[0] != out_dim or (w.shape[0] == w.shape[1] and self.config.fan_in_fan_out):

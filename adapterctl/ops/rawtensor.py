@@ -156,14 +156,16 @@ def from_float(values: np.ndarray[Any, Any], code: str) -> RawTensor:
     shape = tuple(values.shape)
     if code == "F64":
         return RawTensor(dtype, shape, values.astype(np.float64))
-    f32 = np.ascontiguousarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        f32 = np.ascontiguousarray(values, dtype=np.float32)
     if code == "BF16":
         bits = f32.view(np.uint32)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
         rounded[np.isnan(f32)] = 0x7FC0
         return RawTensor(dtype, shape, rounded)
     if code == "F16":
-        return RawTensor(dtype, shape, f32.astype(np.float16))
+        with np.errstate(over="ignore"):  # overflow gives ±inf, as in torch
+            return RawTensor(dtype, shape, f32.astype(np.float16))
     if code == "F32":
         return RawTensor(dtype, shape, f32)
     raise ConversionError(f"cannot write a {code} tensor from computed values")

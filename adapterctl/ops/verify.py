@@ -42,7 +42,9 @@ class Check:
         return self.error <= self.threshold
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "error": self.error, "threshold": self.threshold}
+        """JSON has no infinity: an error that is not finite is null."""
+        error = self.error if math.isfinite(self.error) else None
+        return {"name": self.name, "error": error, "threshold": self.threshold}
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) ->
         return Check(f.module, math.inf, EXACT)
     s = config.scaling(config.alpha_for(f.module), r)
     a1, b1 = to_float64(out_a), to_float64(out_b)
+    if not all(np.isfinite(x).all() for x in (a, b, a1, b1, *right, *left)):
+        return Check(f.module, math.inf, EXACT)  # an overflow (or a source that is not finite)
     left.append(-s * b1)
     right.append(a1)
     error = _ratio(product_norm(np.hstack(left), np.vstack(right)), denominator)
@@ -146,6 +150,13 @@ def _expected(plan: Plan, key: str) -> np.ndarray[Any, Any]:
 
 def verify(plan: Plan, directory: Path) -> Verification:
     """Check the adapter written to `directory` against `plan`'s source; memory stays one module."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):  # overflows and NaNs are findings here, not warnings
+        return _verify(plan, directory)
+
+
+def _verify(plan: Plan, directory: Path) -> Verification:
     config = LoraConfig.from_file(directory / CONFIG_NAME)
     checks: list[Check] = []
     with SafetensorsReader(directory / SAFETENSORS_NAME) as reader:

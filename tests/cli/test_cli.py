@@ -137,6 +137,21 @@ def test_usage_error_exits_2() -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["convert", "a", "b", "--rank", "x"], "'x' is not an integer"),
+        (["convert", "a", "b", "--energy", "most"], "'most' is not a number"),
+        (["save", "a", "b", "--r", "0", "--target", "q"], "greater than or equal to 1"),
+    ],
+)
+def test_parameter_types_and_bounds_exit_2(args: list[str], message: str) -> None:
+    """Plain parameters skip Typer's pydantic coercion; bounds (`min=`) still go through it."""
+    result = runner.invoke(app, args, prog_name="adapterctl")
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
 def test_internal_error_exits_3_with_a_hint(adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import adapterctl.ops.inspect as mod
 

@@ -166,3 +166,33 @@ def test_select_is_light(adapter_dir: Path, tmp_path: Path) -> None:
     assert (out / "adapter_model.safetensors").read_bytes() == (
         adapter_dir / "adapter_model.safetensors"
     ).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def pissa(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A PEFT PiSSA pair (made here, in the test process) and the original base."""
+    from tests.fixtures import residual_pair, tiny_llama
+
+    root = tmp_path_factory.mktemp("pissa")
+    _, init, trained, _ = residual_pair(root, "pissa", r=4, target_modules=["q_proj", "v_proj"])
+    tiny_llama().save_pretrained(str(root / "base"))
+    return {"init": init, "trained": trained, "base": root / "base"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["{trained}", "--initial", "{init}"], id="initial"),
+        pytest.param(["{trained}", "--base", "{base}", "--verify"], id="base"),
+        pytest.param(["{trained}", "--initial", "{init}", "--rank", "2"], id="rank"),
+        pytest.param(["{trained}", "--dtype", "bfloat16", "--json"], id="dtype"),
+    ],
+)
+def test_convert_is_light(args: list[str], pissa: dict[str, Path], tmp_path: Path) -> None:
+    """convert computes with numpy (allowed) and never imports torch or the rest."""
+    filled = [a.format(**{k: str(v) for k, v in pissa.items()}) for a in args]
+    proc, modules = run_cli("convert", filled[0], str(tmp_path / "out"), *filled[1:])
+    assert proc.returncode == 0, proc.stderr
+    heavy = [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"]
+    assert not heavy, f"heavy modules imported: {heavy}"
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,123 @@
+"""`adapterctl convert` from the command line: reports, --verify refusing to write, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from adapterctl.cli.main import app
+from tests.helpers import P, Q, V, lora_tensors, write_adapter
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path) -> Any:
+    return runner.invoke(app, ["convert", *[str(a) for a in args]], prog_name="adapterctl")
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> Path:
+    tensors = {**lora_tensors(Q), **lora_tensors(V, r=4, d_in=8, d_out=16)}
+    return write_adapter(tmp_path / "src", tensors, {"target_modules": ["q_proj", "v_proj"]})
+
+
+def test_json_report(adapter: Path, tmp_path: Path) -> None:
+    result = invoke(adapter, tmp_path / "out", "--rank", "2", "--dtype", "bfloat16", "--verify", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema_version"] == 1
+    assert doc["config"] == {
+        "r": 2, "lora_alpha": 2, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "init_lora_weights": True,
+    }  # fmt: skip
+    assert [m["module"] for m in doc["modules"]] == [Q, V]
+    for m in doc["modules"]:
+        assert m["actions"] == ["rank 4->2", "F32->BF16"]
+        assert (m["r_in"], m["r"], m["alpha_in"], m["alpha"]) == (4, 2, 8, 2)
+        assert 0 < m["energy"] < 1
+        assert m["relative_error"] == pytest.approx(np.sqrt(1 - m["energy"]), rel=1e-6)
+    assert doc["bytes_in"] == (adapter / "adapter_model.safetensors").stat().st_size
+    assert doc["bytes_out"] == (tmp_path / "out" / "adapter_model.safetensors").stat().st_size
+    assert doc["verification"]["passed"] is True
+
+
+def test_table_report(adapter: Path, tmp_path: Path) -> None:
+    result = invoke(adapter, tmp_path / "out", "--energy", "0.8")
+    assert result.exit_code == 0, result.stderr
+    assert "energy" in result.stdout
+    assert f"✓ {tmp_path / 'out'} (2 modules" in result.stdout
+
+
+def test_failed_verification_writes_nothing(adapter: Path, tmp_path: Path) -> None:
+    """float16 overflows 1e6: the check catches the inf, exits 1, and the old output stays."""
+    tensors = lora_tensors(Q)
+    tensors[f"{P}{Q}.lora_B.weight"][0, 0] = 1e6
+    src = write_adapter(tmp_path / "big", tensors)
+    out = tmp_path / "out"
+    assert invoke(src, out, "--dtype", "bfloat16").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = invoke(src, out, "--dtype", "float16", "--verify", "--force", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)  # the report still comes out
+    assert doc["verification"]["passed"] is False
+    assert doc["verification"]["worst"]["name"] == Q
+    assert json.loads(result.stderr)["error"]["message"].startswith("verification failed")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rank", "0"], "--rank must be at least 1"),
+        (["--energy", "0"], "--energy must be a fraction"),
+        (["--dtype", "float64"], "unknown dtype"),
+        ([], "nothing to convert"),
+        (["--init", "pissa"], "--init only applies with --base"),
+    ],
+)
+def test_refusals(adapter: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = invoke(adapter, tmp_path / "out", *args)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"error: {message}"), result.stderr
+    assert all(line.startswith(("error:", "hint:")) for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_pair(tmp_path: Path) -> None:
+    both = {"target_modules": ["q_proj", "v_proj"]}
+    tensors = {**lora_tensors(Q), **lora_tensors(V, d_out=16)}
+    trained = write_adapter(tmp_path / "trained", tensors, {**both, "init_lora_weights": "pissa"})
+    fewer = write_adapter(tmp_path / "fewer", lora_tensors(Q), both)
+    result = invoke(trained, tmp_path / "out", "--initial", fewer)
+    assert result.exit_code == 1
+    assert "is in the trained adapter but not in the initial one" in result.stderr
+    smaller = {**lora_tensors(Q, r=2), **lora_tensors(V, d_out=16)}
+    result = invoke(
+        trained, tmp_path / "out", "--initial", write_adapter(tmp_path / "r2", smaller, both)
+    )
+    assert result.exit_code == 1
+    assert "differs between the pair" in result.stderr
+    alpha = write_adapter(tmp_path / "alpha", tensors, {**both, "lora_alpha": 16})
+    result = invoke(trained, tmp_path / "out", "--initial", alpha)
+    assert result.exit_code == 1
+    assert "differ in `lora_alpha`: 8 vs 16" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_multi_adapter_source(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "multi", lora_tensors(Q))
+    write_adapter(tmp_path / "multi" / "other", lora_tensors(Q))
+    result = invoke(tmp_path / "multi", tmp_path / "out", "--dtype", "float16")
+    assert result.exit_code == 1
+    assert "holds 2 adapters" in result.stderr
+    assert "hint: pass one adapter's own folder" in result.stderr
+    assert (
+        invoke(tmp_path / "multi" / "other", tmp_path / "out", "--dtype", "float16").exit_code == 0
+    )
