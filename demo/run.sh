@@ -37,7 +37,19 @@ run ls "$work/merged"
 # create new adapters on that base, written as PEFT writes them
 run adapterctl save "$work/base" "$work/fresh" --r 8 --alpha 16 --target q_proj,v_proj --use-dora --task-type CAUSAL_LM --base-model demo/tiny-llama --seed 1
 run adapterctl inspect "$work/fresh" --check
-run adapterctl save "$work/base" "$work/pissa" --r 4 --target all-linear --init pissa --residual-out "$work/residual" --json
+# the PiSSA story: create on the base, train on the residual base, convert to plain LoRA, use it
+run adapterctl save "$work/base" "$work/pissa" --r 4 --target all-linear --init pissa --residual-out "$work/residual"
+run python demo/train.py "$work/residual" "$work/pissa" "$work/trained"
+run adapterctl convert "$work/trained" "$work/lora" --initial "$work/pissa" --verify
+run adapterctl inspect "$work/lora" --check
+# plain LoRA on the ORIGINAL base generates what was trained
+run adapterctl load "$work/base" "$work/lora" --prompt "the tiny llama" --max-new-tokens 5 --compare-base
+# lost the initial adapter? rebuild it from the original base (pissa's SVD is deterministic)
+printf '\n$ adapterctl convert trained lora-from-base --base base --init pissa --verify --json | (verification)\n'
+adapterctl convert "$work/trained" "$work/lora-from-base" --base "$work/base" --init pissa --verify --json \
+  | python -c 'import json, sys; print(json.load(sys.stdin)["verification"])'
+# smaller: the converted rank-8 adapter cut to rank 4 in bfloat16, with the error each module took
+run adapterctl convert "$work/lora" "$work/lora-r4" --rank 4 --dtype bfloat16 --verify
 # the wrong model class: the base checkpoint lacks weights the class needs, so nothing loads
 printf "\n$ adapterctl load base checkpoint/code --model-class seq-cls\n"
 if adapterctl load "$work/base" "$work/checkpoint/code" --model-class seq-cls; then exit 1; else echo "(exit $?)"; fi

@@ -194,8 +194,9 @@ def render_conversion(result: ConversionResult) -> None:
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     reduced = any(m.energy is not None for m in result.modules)
     columns = ["module", "done", "r", "alpha"] + (["energy", "rel. error"] if reduced else [])
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("module", "done") else "right")
+    for col in columns:  # module paths are never cut: they are what a reader greps for
+        justify = "left" if col in ("module", "done") else "right"
+        table.add_column(col, justify=justify, no_wrap=col != "done")  # type: ignore[arg-type]
     for m in result.modules:
         row = [m.module, ", ".join(m.actions) or "copied", f"{m.r_in} -> {m.r}"]
         row.append(f"{_num(m.alpha_in)} -> {_num(m.alpha)}")

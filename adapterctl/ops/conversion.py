@@ -188,7 +188,8 @@ class Plan:
                 "act on a residual base, and a reduced rank would make PEFT decompose it again",
                 hint="convert it to plain LoRA in the same run: add --initial INIT or --base BASE",
             )
-        if opts.initial is not None and not residual:
+        # `true` is what the PEFT docs (and `adapterctl save`) write before training: no warning
+        if opts.initial is not None and not residual and config.init_lora_weights is not True:
             self.warnings.append(
                 f"the trained adapter's init_lora_weights is {config.init_lora_weights!r}, not "
                 "a PiSSA/OLoRA/CorDA one; converting it as one"
@@ -263,7 +264,8 @@ class Plan:
             saved = opts.initial.config if isinstance(opts.initial, SavedInitial) else None
             out = converted_config(config, saved)
             for m in self.modules.values():
-                m.report.actions.append(f"{config.init_lora_weights}->lora")
+                init = config.init_lora_weights
+                m.report.actions.append(f"{init}->lora" if isinstance(init, str) else "to lora")
                 m.report.r = out.rank_for(m.report.module)
                 m.report.alpha = out.alpha_for(m.report.module)
         if opts.reduce:
