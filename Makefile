@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert completions clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,9 @@ bench-load: setup
 
 bench-save: setup
 	$(BIN)/python benchmarks/save.py
+
+bench-convert: setup
+	$(BIN)/python benchmarks/convert.py
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -101,3 +102,20 @@ def run_measured(
         peak_kib = int(rss_file.read_text().split()[-1]) if GNU_TIME else usage.ru_maxrss
         stdout = out_file.read_text() if capture else ""
     return wall, peak_kib / 1024, stdout
+
+
+#: The 170M Llama's weights, built once (random init, seed 0) for `save` and `convert`.
+LLAMA_170M_DIR = OUT / "llama-170m"
+
+
+def build_llama_170m() -> Path:
+    """Write the 170M Llama to LLAMA_170M_DIR unless it is there already."""
+    if not (LLAMA_170M_DIR / "config.json").is_file():
+        code = (
+            "import torch, sys\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "torch.manual_seed(0)\n"
+            f"LlamaForCausalLM(LlamaConfig(**{LLAMA_170M!r})).save_pretrained(sys.argv[1])\n"
+        )
+        run_measured([sys.executable, "-c", code, str(LLAMA_170M_DIR)], child_env())
+    return LLAMA_170M_DIR

@@ -15,12 +15,12 @@ import sys
 import tempfile
 import time
 
-from common import LLAMA_170M, OUT, Target, child_env, run_measured, versions
+from common import LLAMA_170M_DIR, OUT, Target, build_llama_170m, child_env, run_measured, versions
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-BASE = OUT / "save-base"
+BASE = LLAMA_170M_DIR
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG = {
     "r": 16,
@@ -58,18 +58,6 @@ def _child(engine: str, out: str) -> None:
     print(json.dumps({"decompose_s": decomposed - start, "total_s": done - start}))
 
 
-def _build() -> None:
-    if (BASE / "config.json").is_file():
-        return
-    code = (
-        "import torch, sys\n"
-        "from transformers import LlamaConfig, LlamaForCausalLM\n"
-        "torch.manual_seed(0)\n"
-        f"LlamaForCausalLM(LlamaConfig(**{LLAMA_170M!r})).save_pretrained(sys.argv[1])\n"
-    )
-    run_measured([sys.executable, "-c", code, str(BASE)], child_env())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="children per engine (median)")
@@ -78,7 +66,7 @@ def main() -> None:
     if args.child:
         _child(*args.child)
         return
-    _build()
+    build_llama_170m()
     env = child_env()
     results: dict[str, list[dict[str, float]]] = {"adapterctl": [], "peft": []}
     for i in range(args.runs):

@@ -185,25 +185,30 @@ def _render_modules(console: Any, a: AdapterReport) -> None:
     console.print(table)
 
 
+def plain_table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
+    """Aligned columns on stdout without rich (its import and layout cost more than the work of a
+    fast command); the first `left` columns are left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+
+
 def render_conversion(result: ConversionResult) -> None:
     """Per module: what was done, the new r and alpha; then sizes and the verification."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     reduced = any(m.energy is not None for m in result.modules)
-    columns = ["module", "done", "r", "alpha"] + (["energy", "rel. error"] if reduced else [])
-    for col in columns:  # module paths are never cut: they are what a reader greps for
-        justify = "left" if col in ("module", "done") else "right"
-        table.add_column(col, justify=justify, no_wrap=col != "done")  # type: ignore[arg-type]
+    header = ["module", "done", "r", "alpha"] + (["energy", "rel. error"] if reduced else [])
+    rows = []
     for m in result.modules:
         row = [m.module, ", ".join(m.actions) or "copied", f"{m.r_in} -> {m.r}"]
         row.append(f"{_num(m.alpha_in)} -> {_num(m.alpha)}")
         if reduced:
             row += [f"{m.energy:.4f}" if m.energy is not None else "-", _num(m.relative_error)]
-        table.add_row(*row)
-    console.print(table)
+        rows.append(row)
+    plain_table(header, rows, left=2)
     sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
     v = result.verification
     if v is not None and v.worst is not None:

@@ -246,7 +246,7 @@ def _converted(
         trained[key] = RawTensor(dtype, tuple(t.shape), raw.view(np.dtype(dtype.numpy_name)))
     out = convert_tensors(trained, initial, config, initial_config)
     tensors = {
-        k: torch.from_numpy(np.ascontiguousarray(v.data).reshape(-1).view(np.uint8).copy())
+        k: torch.from_numpy(np.frombuffer(v.buffer(), dtype=np.uint8).copy())
         .view(getattr(torch, v.dtype.torch_name or ""))
         .reshape(v.shape)
         for k, v in out.items()

@@ -347,8 +347,6 @@ class Plan:
 
     def _compute(self, m: _Module) -> dict[str, RawTensor]:
         """The module's output tensors: concatenated with the initial factors, reduced, cast."""
-        import numpy as np
-
         f, opts, rep = m.factors, self.options, m.report
         a, b = self.source.get(f.a_key), self.source.get(f.b_key)
         if opts.initial is not None:
@@ -357,6 +355,8 @@ class Plan:
         out: dict[str, RawTensor] = {}
         code = opts.dtype or f.dtype_code
         if opts.reduce:
+            import numpy as np
+
             b64, a64 = to_float64(b), to_float64(a)
             if not (np.isfinite(b64).all() and np.isfinite(a64).all()):
                 raise ConversionError(

@@ -25,7 +25,7 @@ from adapterctl.ops.conversion import (
     missing_from_trained,
 )
 from adapterctl.ops.initial import Initial, RebuiltInitial, SavedInitial, rebuild_method
-from adapterctl.ops.rawtensor import CAST_TARGETS, OpenStore
+from adapterctl.ops.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.ops.verify import Verification, verify
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def convert_adapter(
             )
         for message in plan.warnings:
             log.warning("%s", message)
-        total = sum(o.dtype.bits * _numel(o.shape) // 8 for o in plan.outputs)
+        total = sum(o.dtype.bits * numel(o.shape) // 8 for o in plan.outputs)
         result = ConversionResult(
             source=os.fspath(source),
             output=os.fspath(output),
@@ -208,13 +208,6 @@ def convert_adapter(
                 if not result.verification.passed:
                     raise VerificationFailed(result)
     return result
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _write(

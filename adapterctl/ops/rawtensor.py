@@ -22,29 +22,41 @@ if TYPE_CHECKING:
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 #: `--dtype` spellings (torch's names) to safetensors codes
 CAST_TARGETS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_SIGN = {16: 0x8000, 32: 0x80000000, 64: 0x8000000000000000}
 
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A tensor as its bytes: `data` is a numpy array of the dtype's raw storage type."""
+    """A tensor as its bytes in C order: `raw` is bytes (what a file gives; copying, concatenating
+    and negating need nothing else, so exact conversions never import numpy) or a numpy array
+    (what a computation gives). `data` is the numpy view, in the dtype's raw storage type."""
 
     dtype: Dtype
     shape: tuple[int, ...]
-    data: np.ndarray[Any, Any]
+    raw: Any  # bytes | bytearray | memoryview | numpy array
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.bits
-        for d in self.shape:
-            n *= d
-        return n // 8
+        return self.dtype.bits * numel(self.shape) // 8
 
-    def buffer(self) -> np.ndarray[Any, Any]:
-        """The bytes in C order, for the writer."""
+    @property
+    def data(self) -> np.ndarray[Any, Any]:
         import numpy as np
 
-        return np.ascontiguousarray(self.data).reshape(-1).view(np.uint8)
+        if isinstance(self.raw, (bytes, bytearray, memoryview)):
+            if self.dtype.numpy_name is None:  # sub-byte dtypes: the packed bytes
+                return np.frombuffer(self.raw, dtype=np.uint8)
+            return np.frombuffer(self.raw, dtype=np.dtype(self.dtype.numpy_name)).reshape(
+                self.shape
+            )
+        return self.raw  # type: ignore[no-any-return]
+
+    def buffer(self) -> memoryview:
+        """The bytes in C order, for the writer."""
+        if isinstance(self.raw, (bytes, bytearray, memoryview)):
+            return memoryview(self.raw).cast("B")
+        import numpy as np
+
+        return np.ascontiguousarray(self.raw).reshape(-1).view(np.uint8).data
 
 
 class TensorStore(Protocol):
@@ -83,7 +95,7 @@ class FileStore:
 
     def get(self, key: str) -> RawTensor:
         t = self._reader.tensors[key]
-        return RawTensor(t.dtype, t.shape, self._reader.array(key))
+        return RawTensor(t.dtype, t.shape, self._reader.read_bytes(key))
 
 
 class _Closing(Protocol):
@@ -111,21 +123,49 @@ class OpenStore:
 
 
 def negate(t: RawTensor) -> RawTensor:
-    """−x by flipping the sign bit: exact for every value, NaN and ±0 included."""
-    import numpy as np
-
+    """−x by flipping the sign bit of every (little-endian) element: exact for every value, NaN
+    and ±0 included; one XOR over the whole buffer as a single integer."""
     if t.dtype.code not in FLOAT_CODES:
         raise ConversionError(f"cannot negate a {t.dtype.code} tensor")
-    bits = t.data.view(np.dtype(f"<u{t.dtype.bits // 8}"))
-    flipped = bits ^ np.array(_SIGN[t.dtype.bits], dtype=bits.dtype)
-    return RawTensor(t.dtype, t.shape, flipped.view(t.data.dtype))
+    size = t.dtype.bits // 8
+    raw = t.buffer()
+    mask = int.from_bytes((bytes(size - 1) + b"\x80") * (len(raw) // size), "little")
+    flipped = (int.from_bytes(raw, "little") ^ mask).to_bytes(len(raw), "little")
+    return RawTensor(t.dtype, t.shape, flipped)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def concat(a: RawTensor, b: RawTensor, axis: int) -> RawTensor:
-    import numpy as np
-
-    data = np.concatenate([a.data.reshape(a.shape), b.data.reshape(b.shape)], axis=axis)
-    return RawTensor(a.dtype, tuple(data.shape), data)
+    """`a` and `b` joined along `axis` (C order), on the bytes."""
+    if (
+        a.dtype != b.dtype
+        or a.shape[:axis] + a.shape[axis + 1 :] != b.shape[:axis] + b.shape[axis + 1 :]
+    ):
+        raise ConversionError(
+            f"cannot join {a.dtype.code}{list(a.shape)} and {b.dtype.code}{list(b.shape)} "
+            f"along axis {axis}"
+        )
+    shape = (*a.shape[:axis], a.shape[axis] + b.shape[axis], *a.shape[axis + 1 :])
+    ma, mb = a.buffer(), b.buffer()
+    outer = numel(a.shape[:axis])
+    if outer == 1:
+        return RawTensor(a.dtype, shape, bytes(ma) + bytes(mb))
+    ca, cb = len(ma) // outer, len(mb) // outer  # bytes per outer index
+    if ca + cb >= outer:  # few long rows: one slice per row
+        parts = (m[i * c : (i + 1) * c] for i in range(outer) for m, c in ((ma, ca), (mb, cb)))
+        return RawTensor(a.dtype, shape, b"".join(parts))
+    # many short rows (B of LoRA: out x r): one strided copy per byte column, ca + cb in all
+    out, step = bytearray(len(ma) + len(mb)), ca + cb
+    for src, width, offset in ((bytes(ma), ca, 0), (bytes(mb), cb, ca)):
+        for j in range(width):
+            out[offset + j :: step] = src[j::width]
+    return RawTensor(a.dtype, shape, out)
 
 
 def to_float32(t: RawTensor) -> np.ndarray[Any, Any]:

@@ -182,17 +182,19 @@ def pissa(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "args",
     [
-        pytest.param(["{trained}", "--initial", "{init}"], id="initial"),
+        pytest.param(["{trained}", "--initial", "{init}", "--json"], id="initial"),
         pytest.param(["{trained}", "--base", "{base}", "--verify"], id="base"),
         pytest.param(["{trained}", "--initial", "{init}", "--rank", "2"], id="rank"),
         pytest.param(["{trained}", "--dtype", "bfloat16", "--json"], id="dtype"),
     ],
 )
 def test_convert_is_light(args: list[str], pissa: dict[str, Path], tmp_path: Path) -> None:
-    """convert computes with numpy (allowed) and never imports torch or the rest."""
+    """convert computes with numpy where it computes, and never imports torch or the rest; the
+    exact conversion (concatenate, negate) works on the bytes and needs not even numpy."""
     filled = [a.format(**{k: str(v) for k, v in pissa.items()}) for a in args]
     proc, modules = run_cli("convert", filled[0], str(tmp_path / "out"), *filled[1:])
     assert proc.returncode == 0, proc.stderr
-    heavy = [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"]
+    exact = args[1:] == ["--initial", "{init}", "--json"]
+    heavy = [m for m in heavy_in(modules) if exact or m.split(".")[0] != "numpy"]
     assert not heavy, f"heavy modules imported: {heavy}"
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
