@@ -325,3 +325,35 @@ def test_pair_refusals(tmp_path: Path) -> None:
         convert_adapter(init_dir, out, base=base)
     convert_adapter(niter, out, initial=niter_init)  # pissa_niter converts from its initial
     assert (out / ST).is_file()
+
+
+def test_base_from_shards_and_a_tied_lm_head(tmp_path: Path) -> None:
+    """A sharded base (an index and several files) whose lm_head is tied to the embedding, so the
+    checkpoint stores it once: --base finds every weight and gives --initial's deltas."""
+
+    def tied() -> Any:
+        return tiny_llama(tie_word_embeddings=True)
+
+    _, init_dir, trained, _ = residual_pair(
+        tmp_path, "olora", model_fn=tied, r=4, target_modules=["q_proj", "down_proj", "lm_head"]
+    )
+    base = tmp_path / "base"
+    tied().save_pretrained(str(base), max_shard_size="20KB")
+    assert (base / "model.safetensors.index.json").is_file()
+    assert len(list(base.glob("model-*.safetensors"))) > 2
+    convert_adapter(trained, tmp_path / "from_init", initial=init_dir)
+    convert_adapter(trained, tmp_path / "from_base", base=base, init="olora")
+    a, b = _deltas(tmp_path / "from_init"), _deltas(tmp_path / "from_base")
+    assert "lm_head" in a
+    for module in a:
+        assert np.linalg.norm(a[module] - b[module]) <= 1e-5 * np.linalg.norm(a[module]), module
+
+
+def test_the_output_names_the_initial_base(tmp_path: Path) -> None:
+    from tests.helpers import Q, lora_tensors, write_adapter
+
+    trained = write_adapter(tmp_path / "t", lora_tensors(Q), {"init_lora_weights": "pissa", "base_model_name_or_path": "me/residual"})  # fmt: skip
+    init = write_adapter(tmp_path / "i", lora_tensors(Q), {"base_model_name_or_path": "org/original"})  # fmt: skip
+    result = convert_adapter(trained, tmp_path / "out", initial=init)
+    assert LoraConfig.from_file(tmp_path / "out" / CONFIG).base_model_name_or_path == "org/original"
+    assert any("me/residual" in w and "org/original" in w for w in result.warnings)
