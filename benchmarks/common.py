@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,3 +121,32 @@ def build_llama_170m() -> Path:
         )
         run_measured([sys.executable, "-c", code, str(LLAMA_170M_DIR)], child_env())
     return LLAMA_170M_DIR
+
+
+def medians(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per engine, the median of each measured quantity over its runs."""
+    return {e: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for e, rs in runs.items()}
+
+
+def report_side_by_side(
+    name: str,
+    medians: dict[str, dict[str, float]],
+    goals: list[Target],
+    runs: dict[str, list[dict[str, float]]],
+    **extra: Any,
+) -> Path:
+    """Print adapterctl's and PEFT's medians and the targets; write OUT/<name>-results.json."""
+    a, p = medians["adapterctl"], medians["peft"]
+    print(f"\n{'':28}{'adapterctl':>12}{'PEFT':>12}")
+    for key in a:
+        print(f"{key:28}{a[key]:12.3f}{p[key]:12.3f}")
+    print()
+    for g in goals:
+        verdict = "met" if g.met else "NOT MET"
+        print(f"{g.name:36} {g.value:8.3f}x  <= {g.limit}x  {verdict}  {g.detail}")
+    path = OUT / f"{name}-results.json"
+    payload = {"schema_version": 1, "runs": runs, "medians": medians, **extra}
+    payload |= {"versions": versions(), "targets": [g.to_dict() for g in goals]}
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {path}")
+    return path

@@ -9,15 +9,21 @@ Run with `make bench-convert` (or `.venv/bin/python benchmarks/convert.py [--run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from common import OUT, Target, build_llama_170m, child_env, run_measured, versions
+from common import (
+    OUT,
+    Target,
+    build_llama_170m,
+    child_env,
+    medians,
+    report_side_by_side,
+    run_measured,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -113,10 +119,7 @@ def main() -> None:
     compared, identical = _same_factors(kept["adapterctl"], kept["peft"])
     for out in kept.values():
         shutil.rmtree(out.parent, ignore_errors=True)
-    med = {
-        e: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        for e, runs in results.items()
-    }
+    med = medians(results)
     a, p = med["adapterctl"], med["peft"]
     size = (PAIR / "trained" / "adapter_model.safetensors").stat().st_size
     goals = [
@@ -127,30 +130,14 @@ def main() -> None:
     ]  # fmt: skip
     print(f"\ntrained adapter: {size / 2**20:.1f} MiB; factors bit-identical to PEFT's: "
           f"{identical}/{compared}")  # fmt: skip
-    print(f"{'':28}{'adapterctl':>12}{'PEFT':>12}")
-    for key in ("wall_s", "peak_mib"):
-        print(f"{key:28}{a[key]:12.3f}{p[key]:12.3f}")
-    print()
-    for g in goals:
-        print(
-            f"{g.name:36} {g.value:8.3f}x  <= {g.limit}x  {'met' if g.met else 'NOT MET'}  {g.detail}"
-        )
-    path = OUT / "convert-results.json"
-    path.write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "runs": results,
-                "medians": med,
-                "adapter_bytes": size,
-                "factors": {"compared": compared, "bit_identical": identical},
-                "versions": versions(),
-                "targets": [g.to_dict() for g in goals],
-            },
-            indent=1,
-        )
+    report_side_by_side(
+        "convert",
+        med,
+        goals,
+        results,
+        adapter_bytes=size,
+        factors={"compared": compared, "bit_identical": identical},
     )
-    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

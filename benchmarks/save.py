@@ -10,12 +10,19 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 
-from common import LLAMA_170M_DIR, OUT, Target, build_llama_170m, child_env, run_measured, versions
+from common import (
+    LLAMA_170M_DIR,
+    Target,
+    build_llama_170m,
+    child_env,
+    medians,
+    report_side_by_side,
+    run_measured,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -80,10 +87,7 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
             results[engine].append({**json.loads(stdout.splitlines()[-1]), "peak_mib": peak})
         print(f"  run {i + 1}/{args.runs} done", flush=True)
-    med = {
-        e: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        for e, runs in results.items()
-    }
+    med = medians(results)
     a, p = med["adapterctl"], med["peft"]
     goals = [
         Target("decomposition + save time / PEFT", a["total_s"] / p["total_s"], "x", 1.0,
@@ -91,28 +95,7 @@ def main() -> None:
         Target("peak RSS / PEFT", a["peak_mib"] / p["peak_mib"], "x", 1.0,
                f"{a['peak_mib']:.0f} MiB / {p['peak_mib']:.0f} MiB"),
     ]  # fmt: skip
-    print(f"\n{'':28}{'adapterctl':>12}{'PEFT':>12}")
-    for key in ("decompose_s", "total_s", "peak_mib"):
-        print(f"{key:28}{a[key]:12.3f}{p[key]:12.3f}")
-    print()
-    for g in goals:
-        print(
-            f"{g.name:36} {g.value:8.3f}x  <= {g.limit}x  {'met' if g.met else 'NOT MET'}  {g.detail}"
-        )
-    path = OUT / "save-results.json"
-    path.write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "runs": results,
-                "medians": med,
-                "versions": versions(),
-                "targets": [g.to_dict() for g in goals],
-            },
-            indent=1,
-        )
-    )
-    print(f"\nwrote {path}")
+    report_side_by_side("save", med, goals, results)
 
 
 if __name__ == "__main__":

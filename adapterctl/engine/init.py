@@ -76,18 +76,14 @@ def check_init(config: LoraConfig, *, loading: bool = True) -> str | None:
         return str(init)
     if not loading and isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
         return init
-    convert_hint = "convert it to plain LoRA with `adapterctl convert`, then load the result"
-    if isinstance(init, str) and init.startswith("pissa_niter_"):
+    from adapterctl.ops.initial import irreproducible
+
+    reason = irreproducible(init)
+    if reason is not None:  # PEFT would decompose the base again to load it
         raise AdapterctlError(
-            f"`init_lora_weights` is {init!r}: PEFT re-decomposes the base with a randomized SVD "
-            "when loading it, so the result depends on the random state",
-            hint=convert_hint,
-        )
-    if init == "corda":
-        raise AdapterctlError(
-            "`init_lora_weights` is 'corda': the residual base depends on calibration data that "
-            "the adapter files do not hold (PEFT cannot load it either)",
-            hint=convert_hint,
+            f"`init_lora_weights` is {init!r}: loading it means decomposing the base again, and "
+            f"{reason}",
+            hint="convert it to plain LoRA with `adapterctl convert`, then load the result",
         )
     raise AdapterctlError(f"`init_lora_weights` {init!r} is not supported by adapterctl")
 

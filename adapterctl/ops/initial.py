@@ -155,21 +155,24 @@ class RebuiltInitial:
         return cast(w, residual.dtype.code)
 
 
+def irreproducible(init: object) -> str | None:
+    """Why the initial adapter of a residual init cannot be computed again from the base (what
+    both loading such an adapter and `convert --base` would need); None where it can."""
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        return "its initial adapter came from a randomized SVD, so it depends on the random state"
+    if init == "corda":
+        return "its initial adapter depends on calibration data that the adapter files do not hold"
+    return None
+
+
 def rebuild_method(config: LoraConfig, requested: str | None) -> str:
     """The init method `--base` rebuilds: the trained config's, or `--init` where it says true."""
     init = config.init_lora_weights
-    hint = "pass --initial with the initial adapter saved before training"
-    if isinstance(init, str) and init.startswith("pissa_niter_"):
+    reason = irreproducible(init)
+    if reason is not None:
         raise ConversionError(
-            f"`init_lora_weights` is {init!r}: its initial adapter came from a randomized SVD "
-            "and cannot be rebuilt from the base",
-            hint=hint,
-        )
-    if init == "corda":
-        raise ConversionError(
-            "`init_lora_weights` is 'corda': its initial adapter depends on calibration data "
-            "and cannot be rebuilt from the base",
-            hint=hint,
+            f"`init_lora_weights` is {init!r}: {reason}, and cannot be rebuilt from the base",
+            hint="pass --initial with the initial adapter saved before training",
         )
     if init in REBUILDABLE:
         if requested is not None and requested != init:
