@@ -262,6 +262,13 @@ def test_rank_reduction_reports_the_true_error(
     for m in energy.modules:
         assert config.rank_for(m.module) == m.r
         assert config.scaling(config.alpha_for(m.module), m.r) == 1.0
+    assert len({m.r for m in energy.modules}) > 1  # so the exact-name patterns are exercised
+    peft = _peft_load(tiny_llama, tmp_path / "e")  # PEFT reads the same ranks and scalings
+    layers = dict(peft.base_model.model.named_modules())
+    for m in energy.modules:
+        layer = layers[m.module]
+        assert layer.r["default"] == m.r
+        assert layer.scaling["default"] == 1.0
 
 
 def test_pissa_to_lora_and_rank_in_one_pass(tmp_path: Path) -> None:
