@@ -11,6 +11,7 @@ from adapterctl import __version__
 from adapterctl.cli.commands.convert import convert_cmd
 from adapterctl.cli.commands.inspect import inspect_cmd
 from adapterctl.cli.commands.load import load_cmd
+from adapterctl.cli.commands.push import push_cmd
 from adapterctl.cli.commands.save import save_cmd
 from adapterctl.cli.commands.select import select_cmd
 from adapterctl.cli.errors import error_boundary
@@ -50,6 +51,7 @@ app.command("select", cls=PlainCommand)(error_boundary(select_cmd))
 app.command("convert", cls=PlainCommand)(error_boundary(convert_cmd))
 app.command("load", cls=PlainCommand)(error_boundary(load_cmd))
 app.command("save", cls=PlainCommand)(error_boundary(save_cmd))
+app.command("push", cls=PlainCommand)(error_boundary(push_cmd))
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -47,5 +47,37 @@ DtypeOpt = Annotated[
     ),
 ]
 BasePathArg = Annotated[
-    Path, typer.Argument(metavar="BASE", help="A transformers model directory.", show_default=False)
+    Path,
+    typer.Argument(
+        metavar="BASE",
+        help="A transformers model directory, or a Hub repo id.",
+        show_default=False,
+    ),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        metavar="REV",
+        help="For a Hub repo id: the branch, tag or commit (default: main).",
+        show_default=False,
+    ),
+]
+SubfolderOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--subfolder",
+        metavar="DIR",
+        help="The adapter's folder inside the directory or Hub repo.",
+        show_default=False,
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        metavar="TOKEN",
+        help="Hub token (default: HF_TOKEN, then the stored login). Never printed.",
+        show_default=False,
+    ),
 ]

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from adapterctl.engine.session import LoadReport
     from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.inspect import AdapterReport, InspectReport
+    from adapterctl.ops.push import PushResult
     from adapterctl.ops.select import SelectionResult
 
 
@@ -216,6 +217,23 @@ def render_conversion(result: ConversionResult) -> None:
     else:
         checked = ""
     result_line(f"✓ {result.output} ({len(result.modules)} modules, {sizes}{checked})")
+
+
+def render_push(result: PushResult) -> None:
+    """The files and where they went (or, for a dry run, the files and the card)."""
+    rows = [[f.path_in_repo, human_size(f.size)] for f in result.files]
+    plain_table(["file", "size"], rows)
+    if result.dry_run:
+        sys.stdout.write(f"\n{result.card}")
+        result_line(f"dry run: nothing uploaded to {result.repo_id} ({result.revision})")
+    elif result.pull_request_url:
+        result_line(f"✓ pull request {result.pull_request_url}")
+    elif result.changed:
+        result_line(f"✓ {result.commit_url}")
+    else:
+        result_line(
+            f"✓ {result.repo_id} already holds these files: no commit ({result.commit_url})"
+        )
 
 
 def render_selection(result: SelectionResult) -> None:

@@ -83,7 +83,11 @@ def _create(
     from adapterctl.format.config import LoraConfig, reload_drift
 
     start = time.perf_counter()
-    base, output = Path(base), Path(output)
+    from adapterctl.ops.hub import base_source, is_repo_id
+
+    if is_repo_id(base, bare=True):  # the config names the Hub id, not the cache folder
+        config_fields = {"base_model_name_or_path": str(base), **config_fields}
+    base, output = base_source(base), Path(output)
     config = LoraConfig(**config_fields)
     init = config.init_lora_weights
     residual = isinstance(init, str) and (

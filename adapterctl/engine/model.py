@@ -116,7 +116,13 @@ class AdapterModel(nn.Module):
         """Inject an adapter saved in `model_id` into `model` (in place) and load its weights."""
         check_kwargs(kwargs)
         _refuse_ephemeral(ephemeral_gpu_offload)
-        directory = adapter_dir(model_id, kwargs.get("subfolder"))
+        directory = adapter_dir(
+            model_id,
+            kwargs.get("subfolder"),
+            kwargs.get("revision"),
+            kwargs.get("token"),
+            kwargs.get("cache_dir"),
+        )
         if config is None:
             config = LoraConfig.from_file(directory / "adapter_config.json")
         self = cls.__new__(cls)
@@ -148,7 +154,13 @@ class AdapterModel(nn.Module):
         """Load another adapter next to the loaded ones; it is not activated (as in PEFT)."""
         check_kwargs(kwargs)
         _refuse_ephemeral(ephemeral_gpu_offload)
-        directory = adapter_dir(model_id, kwargs.get("subfolder"))
+        directory = adapter_dir(
+            model_id,
+            kwargs.get("subfolder"),
+            kwargs.get("revision"),
+            kwargs.get("token"),
+            kwargs.get("cache_dir"),
+        )
         config = LoraConfig.from_file(directory / "adapter_config.json")
         active = self.active_adapter
         self._add(config, adapter_name, meta=low_cpu_mem_usage)

@@ -123,11 +123,24 @@ def load_session(
     merge_to: str | Path | None = None,
     force: bool = False,
     on_step: Callable[[str], None] | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
 ) -> LoadReport:
-    """Load `base`, inject and load `adapter`, and report; refuse any missing or unexpected key."""
+    """Load `base`, inject and load `adapter`, and report; refuse any missing or unexpected key.
+    Either may be a Hub repo id (`revision`/`subfolder` apply to the adapter)."""
+    from adapterctl.engine.weights import adapter_dir
+    from adapterctl.ops.hub import base_source
+
+    if merge_to is not None:
+        from adapterctl.format.atomic import check_output
+
+        check_output(Path(merge_to).absolute(), force)  # before any download
+    directory = adapter_dir(adapter, subfolder, revision, token)
+    base = base_source(base, token=token)
     with quiet_transformers():
         return _load_session(
-            base, adapter, adapter_name=adapter_name, model_class=model_class, device=device,
+            base, directory, adapter_name=adapter_name, model_class=model_class, device=device,
             device_map=device_map, dtype=dtype, is_trainable=is_trainable,
             autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
             prompt=prompt, max_new_tokens=max_new_tokens, compare_base=compare_base,

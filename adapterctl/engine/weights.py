@@ -31,15 +31,27 @@ class LoadResult:
     loaded_keys: list[str] = field(default_factory=list)
 
 
-def adapter_dir(model_id: str | os.PathLike[str], subfolder: str | None = None) -> Path:
-    """The local directory holding the adapter; anything else is a clear error (no Hub yet)."""
+def adapter_dir(
+    model_id: str | os.PathLike[str],
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The local directory holding the adapter: a local path, or a Hub repo id (`owner/name`)
+    fetched through huggingface_hub's cache (HF_HUB_OFFLINE with a warm cache works, subfolder
+    too: PEFT's Trap T6 does not exist here)."""
+    from adapterctl.ops.hub import download_adapter, is_repo_id
+
+    if is_repo_id(model_id):
+        return download_adapter(os.fspath(model_id), revision, subfolder, token, cache_dir)
     path = Path(model_id)
     if subfolder:
         path = path / subfolder
     if not path.is_dir():
         raise AdapterNotFoundError(
-            f"`{path}` is not a local adapter directory",
-            hint="Hugging Face Hub ids are not supported yet; download the adapter first",
+            f"`{path}` is not an adapter directory",
+            hint="pass an adapter directory or a Hub repo id (OWNER/NAME)",
         )
     if not (path / CONFIG_NAME).is_file():
         raise AdapterNotFoundError(f"`{path}` has no `{CONFIG_NAME}`")

@@ -1,7 +1,7 @@
 """The model card (README.md) written with an adapter (peft-format.md section 9), and kept by push.
 
 Front matter as PEFT writes it (`library_name: peft`, `base_model`, tags, `pipeline_tag` for causal
-LMs), with two differences: `base_model` is written only when it is a Hub id (a local path means
+LMs; adapterctl also tags the other task types), with two differences: `base_model` is written only when it is a Hub id (a local path means
 nothing on the Hub), and tags already in an existing card are kept (PEFT replaces them: Trap T15).
 """
 
@@ -16,6 +16,15 @@ from adapterctl.format.config import LoraConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FRAMEWORK = "### Framework versions"
+#: the Hub's pipeline tag for each PEFT task type
+PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
 
 
 def hub_id(name: str | None) -> str | None:
@@ -52,8 +61,9 @@ def card_text(config: LoraConfig, existing: str | None, model_tags: list[str] | 
     if base:
         tags.add(f"base_model:adapter:{base}")
     data.tags = sorted(tags)
-    if config.task_type == "CAUSAL_LM" and not getattr(data, "pipeline_tag", None):
-        data.pipeline_tag = "text-generation"
+    pipeline = PIPELINE_TAGS.get(config.task_type or "")
+    if pipeline and not getattr(data, "pipeline_tag", None):
+        data.pipeline_tag = pipeline
     text = str(card)
     if _FRAMEWORK not in text:
         from adapterctl.format.config import PEFT_VERSION
@@ -72,3 +82,13 @@ def read_card(directory: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+
+
+def card_tags(text: str | None) -> list[str]:
+    """The tags in a card's front matter (none for no card or no front matter)."""
+    if not text or not text.startswith("---"):
+        return []
+    from huggingface_hub import ModelCard
+
+    tags: Any = getattr(ModelCard(text).data, "tags", None)
+    return [str(t) for t in tags or []]

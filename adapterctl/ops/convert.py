@@ -145,9 +145,19 @@ def convert_adapter(
     verify_output: bool = False,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
 ) -> ConversionResult:
-    """Write `output`: the adapter at `source` converted; atomically, or not at all."""
+    """Write `output`: the adapter at `source` converted; atomically, or not at all. `source`,
+    `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`)."""
+    from adapterctl.ops.hub import adapter_source, base_source
+
     code = _check_options(initial, base, init, dtype, rank, energy)
+    label = os.fspath(source)
+    source = adapter_source(source, revision, subfolder, token)
+    initial = adapter_source(initial, token=token) if initial is not None else None
+    base = base_source(base, token=token) if base is not None else None
     files = _one_adapter(source, "source")
     assert files.config_path is not None
     nothing = (initial, base, code, rank, energy) == (None,) * 5
@@ -187,7 +197,7 @@ def convert_adapter(
             log.warning("%s", message)
         total = sum(o.dtype.bits * numel(o.shape) // 8 for o in plan.outputs)
         result = ConversionResult(
-            source=os.fspath(source),
+            source=label,
             output=os.fspath(output),
             initial=os.fspath(initial) if initial is not None else None,
             base=os.fspath(base) if base is not None else None,

@@ -116,29 +116,53 @@ def _tensor_entries(files: AdapterFiles) -> list[TensorEntry]:
     ]
 
 
+def build_report(
+    name: str,
+    path: str,
+    fmt: str,
+    config: LoraConfig | None,
+    tensors: list[TensorEntry],
+    warnings: tuple[str, ...] = (),
+) -> AdapterReport:
+    """Check one adapter's config against its tensors (wherever they were read from)."""
+    tensors = sorted(tensors, key=lambda t: t.name)
+    modules, problems = analyse(tensors, config)
+    problems = [Problem("warning", w) for w in warnings] + problems
+    return AdapterReport(name, path, fmt, config, tuple(tensors), tuple(modules), tuple(problems))
+
+
 def report_adapter(files: AdapterFiles) -> AdapterReport:
     """Read one adapter's config and header and check them."""
     config = LoraConfig.from_file(files.config_path) if files.config_path else None
-    tensors = sorted(_tensor_entries(files), key=lambda t: t.name)
-    modules, problems = analyse(tensors, config)
-    problems = [Problem("warning", w) for w in files.warnings] + problems
-    return AdapterReport(
-        name=files.name,
-        path=os.fspath(files.weights_path.parent if files.directory is None else files.directory),
-        format=files.format,
-        config=config,
-        tensors=tuple(tensors),
-        modules=tuple(modules),
-        problems=tuple(problems),
+    path = os.fspath(files.weights_path.parent if files.directory is None else files.directory)
+    return build_report(
+        files.name, path, files.format, config, _tensor_entries(files), files.warnings
     )
 
 
-def inspect_adapter(source: str | os.PathLike[str], adapter: str | None = None) -> InspectReport:
+def inspect_adapter(
+    source: str | os.PathLike[str],
+    adapter: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+) -> InspectReport:
     """Report every adapter at `source` (or only `adapter`): tensors, modules and problems.
 
     Reads adapter_config.json and the safetensors header only; a `.bin` file is read with
-    `torch.load(weights_only=True)`, the one path that imports torch.
+    `torch.load(weights_only=True)`, the one path that imports torch. `source` may be a Hub repo
+    id: then only the headers are read, over HTTP range requests.
     """
+    from adapterctl.ops.hub import is_repo_id, offline
+
+    if is_repo_id(source) and not offline():  # offline, the cached copy is read below
+        from adapterctl.ops.hub_inspect import inspect_hub
+
+        return inspect_hub(os.fspath(source), adapter, revision, subfolder, token)
+    if is_repo_id(source) or subfolder:
+        from adapterctl.ops.hub import adapter_source
+
+        source = adapter_source(source, revision, subfolder, token)
     found = find_adapters(source)
     if adapter is not None:
         found = pick_adapters(found, [adapter], source)

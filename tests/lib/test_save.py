@@ -159,7 +159,7 @@ def test_model_card(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
     data = ModelCard(hub).data.to_dict()
     assert data["base_model"] == "org/base-7b"
     assert "base_model:adapter:org/base-7b" in data["tags"]
-    assert "pipeline_tag" not in data
+    assert data["pipeline_tag"] == "text-classification"  # PEFT tags causal LMs only
     local = card_text(LoraConfig(r=4, base_model_name_or_path=str(tmp_path)), None)
     assert "base_model" not in ModelCard(local).data.to_dict()
 

@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from adapterctl.cli import output
-from adapterctl.cli.options import ForceOpt, JsonOpt, OutputArg
+from adapterctl.cli.options import (
+    ForceOpt,
+    JsonOpt,
+    OutputArg,
+    RevisionOpt,
+    SubfolderOpt,
+    TokenOpt,
+)
 
 
 def convert_cmd(
@@ -76,6 +83,9 @@ def convert_cmd(
         bool,
         typer.Option("--verify", help="Check the written files against SOURCE before renaming."),
     ] = False,
+    revision: RevisionOpt = None,
+    subfolder: SubfolderOpt = None,
+    token: TokenOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -99,6 +109,9 @@ def convert_cmd(
                 energy=energy,
                 verify_output=verify,
                 force=force,
+                revision=revision,
+                subfolder=subfolder,
+                token=token,
                 progress=advance,
             )
     except VerificationFailed as e:

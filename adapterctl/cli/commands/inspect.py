@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from adapterctl.cli import output
-from adapterctl.cli.options import JsonOpt, SourceArg
+from adapterctl.cli.options import JsonOpt, RevisionOpt, SourceArg, SubfolderOpt, TokenOpt
 from adapterctl.errors import ExitCode
 
 
@@ -26,16 +26,20 @@ def inspect_cmd(
         bool,
         typer.Option("--check", help="Exit 1 when the report finds an error (after printing it)."),
     ] = False,
+    revision: RevisionOpt = None,
+    subfolder: SubfolderOpt = None,
+    token: TokenOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Show what an adapter holds: tensors, shapes, dtypes, config and problems.
 
     Reads adapter_config.json and the safetensors header only (never the tensor data), so it is
-    instant on any size of adapter and never imports torch.
+    instant on any size of adapter and never imports torch. SOURCE may be a Hub repo id
+    (OWNER/NAME): then the headers are read over HTTP range requests, not the weights.
     """
     from adapterctl.ops.inspect import inspect_adapter
 
-    report = inspect_adapter(source, adapter)
+    report = inspect_adapter(source, adapter, revision, subfolder, token)
     if json_:
         output.emit_json(report.to_dict())
     else:

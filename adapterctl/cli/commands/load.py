@@ -15,6 +15,9 @@ from adapterctl.cli.options import (
     DtypeOpt,
     ForceOpt,
     JsonOpt,
+    RevisionOpt,
+    SubfolderOpt,
+    TokenOpt,
 )
 
 
@@ -22,7 +25,11 @@ def load_cmd(
     base: BasePathArg,
     adapter: Annotated[
         Path,
-        typer.Argument(metavar="ADAPTER", help="An adapter directory.", show_default=False),
+        typer.Argument(
+            metavar="ADAPTER",
+            help="An adapter directory or Hub repo id (OWNER/NAME).",
+            show_default=False,
+        ),
     ],
     adapter_name: AdapterNameOpt = "default",
     model_class: Annotated[
@@ -79,6 +86,9 @@ def load_cmd(
         ),
     ] = None,
     force: ForceOpt = False,
+    revision: RevisionOpt = None,
+    subfolder: SubfolderOpt = None,
+    token: TokenOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Load a base model with an adapter and report what was injected and loaded.
@@ -108,6 +118,9 @@ def load_cmd(
             merge_to=merge_to,
             force=force,
             on_step=step,
+            revision=revision,
+            subfolder=subfolder,
+            token=token,
         )
     if json_:
         output.emit_json(report.to_dict())

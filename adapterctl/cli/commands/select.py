@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from adapterctl.cli import output
-from adapterctl.cli.options import ForceOpt, JsonOpt, OutputArg, SourceArg
+from adapterctl.cli.options import ForceOpt, JsonOpt, OutputArg, RevisionOpt, SourceArg, TokenOpt
 
 
 def select_cmd(
@@ -32,6 +32,8 @@ def select_cmd(
             show_default=False,
         ),
     ] = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -40,9 +42,11 @@ def select_cmd(
     The adapter named `default` (after renaming) goes to the root, the others to subfolders named
     after them, as PEFT lays them out. Configs and weights are copied byte for byte.
     """
+    from adapterctl.ops.hub import adapter_source
     from adapterctl.ops.select import parse_renames, select_adapters
 
     renames = parse_renames(rename or [])
+    source = adapter_source(source, revision, token=token)
     with output.progress("copying") as advance:
         result = select_adapters(
             source, output_dir, adapter, renames, force=force, progress=advance

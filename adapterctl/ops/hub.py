@@ -1,0 +1,217 @@
+"""Hub repo ids wherever an adapter or a base model is accepted: what is a repo id, fetching
+through huggingface_hub's cache, and one mapping of the client's errors to ours.
+
+huggingface_hub is imported inside the functions (never for local paths). The endpoint is read
+from HF_ENDPOINT at call time and passed explicitly, so nothing depends on import order; HF_TOKEN,
+HF_HOME and HF_HUB_OFFLINE are the client's own. A token is never put in a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from adapterctl.errors import AdapterctlError, AdapterNotFoundError
+from adapterctl.format.config import CONFIG_NAME
+from adapterctl.format.layout import BIN_NAME, README_NAME, SAFETENSORS_NAME
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?"
+_REPO_ID = re.compile(rf"(?:{_NAME}/)?{_NAME}")
+#: files a base model needs to be loaded by transformers (weights as safetensors only)
+BASE_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt")
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def valid_repo_id(text: str) -> bool:
+    """`name` or `owner/name` as the Hub spells them."""
+    return bool(_REPO_ID.fullmatch(text)) and ".." not in text
+
+
+def is_repo_id(source: str | os.PathLike[str], *, bare: bool = False) -> bool:
+    """A Hub id that is not an existing local path (local paths win, as in transformers):
+    `owner/name`, or also a bare `name` with `bare` (base models such as `gpt2`). Names ending in
+    a file suffix are taken as missing local files."""
+    text = os.fspath(source)
+    if Path(text).exists() or not valid_repo_id(text) or ("/" not in text and not bare):
+        return False
+    return not text.endswith((".safetensors", ".bin", ".json"))
+
+
+def label(repo_id: str, revision: str | None = None, subfolder: str | None = None) -> str:
+    """How a Hub source is named in reports: hf://owner/name[@revision][/subfolder]."""
+    rev = f"@{revision}" if revision else ""
+    sub = f"/{subfolder.strip('/')}" if subfolder else ""
+    return f"hf://{repo_id}{rev}{sub}"
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    module = type(e).__module__.split(".")[0]
+    return module in ("httpx", "httpx2", "httpcore") or isinstance(e, ConnectionError)
+
+
+@contextlib.contextmanager
+def hub_errors(
+    repo_id: str, revision: str | None = None, path: str | None = None, action: str = "read"
+) -> Iterator[None]:
+    """huggingface_hub's exceptions as one `error:` line each (never a traceback, never a token)."""
+    from huggingface_hub import errors
+
+    where = f"`{repo_id}`" + (f" at revision `{revision}`" if revision else "")
+    token_hint = "pass --token, set HF_TOKEN, or log in with `hf auth login`"
+    try:
+        yield
+    except errors.RevisionNotFoundError:
+        raise AdapterNotFoundError(
+            f"Hub repo `{repo_id}` has no revision `{revision or 'main'}`",
+            hint="check the branch, tag or commit id",
+        ) from None
+    except errors.LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
+        raise AdapterNotFoundError(
+            f"Hub repo {where} is not in the local cache and {why}",
+            hint="unset HF_HUB_OFFLINE and check the connection (HF_ENDPOINT)"
+            if offline()
+            else f"check the connection to {endpoint()} (HF_ENDPOINT)",
+        ) from None
+    except errors.EntryNotFoundError:
+        raise AdapterNotFoundError(
+            f"Hub repo {where} has no file `{path or '?'}`",
+            hint="check --subfolder and the repo's files",
+        ) from None
+    except errors.GatedRepoError:
+        raise AdapterctlError(
+            f"Hub repo `{repo_id}` is gated: access must be requested on its page",
+            hint=token_hint,
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise AdapterNotFoundError(
+            f"`{repo_id}` is not a local path, and the Hub at {endpoint()} has no repo "
+            f"`{repo_id}` (or it is private and the token given cannot see it)",
+            hint=f"check the path or id; for a private repo {token_hint}",
+        ) from None
+    except errors.OfflineModeIsEnabled:
+        raise AdapterctlError(
+            f"cannot {action} Hub repo `{repo_id}`: HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE",
+        ) from None
+    except errors.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise AdapterctlError(f"authentication failed for {repo_id}", hint=token_hint) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AdapterctlError(
+            f"the Hub at {endpoint()} refused to {action} `{repo_id}` ({status}): {first}"
+        ) from None
+    except Exception as e:
+        if not _is_connection_error(e):
+            raise
+        raise AdapterctlError(
+            f"lost the connection to the Hub at {endpoint()} while trying to {action} "
+            f"`{repo_id}`: {type(e).__name__}",
+            hint="check the connection and try again; nothing was claimed done",
+        ) from None
+
+
+def api(token: str | None = None) -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint(), token=token)
+
+
+def _subdir(subfolder: str | None) -> str:
+    if not subfolder:
+        return ""
+    sub = subfolder.strip("/")
+    if ".." in sub.split("/") or sub.startswith("/"):
+        raise AdapterctlError(f"invalid subfolder {subfolder!r}")
+    return sub + "/"
+
+
+def download_adapter(
+    repo_id: str,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The adapter's files (config, weights, README; every adapter's when there is no subfolder)
+    fetched into the Hub cache; returns the local folder (the subfolder's when given)."""
+    from huggingface_hub import snapshot_download
+
+    sub = _subdir(subfolder)
+    names = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
+    patterns = [f"{sub}{n}" for n in (*names, README_NAME)]
+    if not sub:
+        patterns += [f"*/{n}" for n in names]
+    with hub_errors(repo_id, revision):
+        root = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            token=token,
+            endpoint=endpoint(),
+            cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+        )
+    local = Path(root) / sub if sub else Path(root)
+    if not local.is_dir() or not any(local.iterdir()):
+        where = f" in `{subfolder}`" if subfolder else ""
+        raise AdapterNotFoundError(
+            f"Hub repo `{repo_id}` has no adapter{where}",
+            hint="an adapter repo holds adapter_config.json and adapter_model.safetensors",
+        )
+    return local
+
+
+def download_base(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
+    """A base model's config, tokenizer and safetensors weights fetched into the Hub cache."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(repo_id, revision):
+        root = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(BASE_PATTERNS),
+                token=token,
+                endpoint=endpoint(),
+            )
+        )
+    if not (root / "config.json").is_file():
+        raise AdapterNotFoundError(
+            f"Hub repo `{repo_id}` has no config.json: it is not a transformers model"
+        )
+    return root
+
+
+def adapter_source(
+    source: str | os.PathLike[str],
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+) -> Path:
+    """A local adapter path as it is, or a Hub id fetched into the cache."""
+    if is_repo_id(source):
+        return download_adapter(os.fspath(source), revision, subfolder, token)
+    path = Path(source)
+    return path / subfolder if subfolder else path
+
+
+def base_source(
+    source: str | os.PathLike[str], revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local base model directory as it is, or a Hub id fetched into the cache."""
+    if is_repo_id(source, bare=True):
+        return download_base(os.fspath(source), revision, token)
+    return Path(source)

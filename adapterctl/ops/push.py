@@ -1,0 +1,197 @@
+"""push_adapter(): an adapter directory published to a Hub repo, checked first, with a model card.
+
+Only adapter files go up (each chosen adapter's config and weights, and the card at the root),
+never optimizer or trainer state or anything else in the folder, and the folder is never written
+to: the card is built in memory. One commit (`create_commit`), so identical files make no commit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterctl.errors import AdapterctlError, AdapterNotFoundError
+from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.layout import (
+    BIN_NAME,
+    DEFAULT_ADAPTER,
+    README_NAME,
+    SAFETENSORS_NAME,
+    adapter_subdir,
+    find_adapters,
+    pick_adapters,
+)
+from adapterctl.ops.card import card_tags, card_text, hub_id, read_card
+from adapterctl.ops.hub import api, endpoint, hub_errors, valid_repo_id
+from adapterctl.ops.inspect import report_adapter
+
+
+@dataclass(frozen=True)
+class PushFile:
+    path_in_repo: str
+    size: int
+    local: Path | None  # None for the card, built in memory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path_in_repo, "size": self.size}
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    files: list[PushFile]
+    card: str
+    dry_run: bool
+    private: bool
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    pull_request_url: str | None = None
+    changed: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "private": self.private,
+            "dry_run": self.dry_run,
+            "files": [f.to_dict() for f in self.files],
+            "commit_url": self.commit_url,
+            "commit_oid": self.commit_oid,
+            "pull_request_url": self.pull_request_url,
+            "changed": self.changed,
+            "card": self.card,
+        }
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if "/" not in repo_id or not valid_repo_id(repo_id):
+        raise AdapterctlError(
+            f"`{repo_id}` is not a Hub repo id", hint="use OWNER/NAME, e.g. alice/my-adapter"
+        )
+
+
+def _base_model(config: LoraConfig, override: str | None) -> str:
+    if override is not None:
+        if hub_id(override) is None:
+            raise AdapterctlError(
+                f"--base-model `{override}` is not a Hub repo id",
+                hint="the card links the base model on the Hub: pass OWNER/NAME",
+            )
+        return override
+    name = config.base_model_name_or_path
+    if hub_id(name) is not None:
+        return str(name)
+    if name:
+        raise AdapterctlError(
+            f"the adapter's base model is the local path `{name}`, which means nothing on the Hub",
+            hint="pass --base-model OWNER/NAME, the Hub id of that base model",
+        )
+    raise AdapterctlError(
+        "the adapter's config names no base model", hint="pass --base-model OWNER/NAME"
+    )
+
+
+def _remote_card(repo_id: str, revision: str | None, token: str | None) -> str | None:
+    """The repo's README.md if the repo and the file exist; None otherwise."""
+    from huggingface_hub import errors, hf_hub_download
+
+    try:
+        with hub_errors(repo_id, revision, README_NAME):
+            path = hf_hub_download(
+                repo_id, README_NAME, revision=revision, token=token, endpoint=endpoint()
+            )
+    except AdapterNotFoundError:
+        return None
+    except errors.HfHubHTTPError:  # pragma: no cover - mapped by hub_errors
+        return None
+    return Path(path).read_text(encoding="utf-8")
+
+
+def plan_push(
+    source: str | os.PathLike[str],
+    adapters: list[str] | None = None,
+    base_model: str | None = None,
+    remote_card: str | None = None,
+) -> tuple[list[PushFile], str]:
+    """The files to upload and the card, after the same checks as `inspect --check`."""
+    root = Path(source)
+    if not root.is_dir():
+        raise AdapterctlError(
+            f"`{source}` is not an adapter directory", hint="push uploads a PEFT directory"
+        )
+    found = find_adapters(root)
+    picked = pick_adapters(found, adapters, source) if adapters else found
+    files: list[PushFile] = []
+    for adapter in picked:
+        report = report_adapter(adapter)
+        if report.errors:
+            raise AdapterctlError(
+                f"adapter `{adapter.name}` fails the check: {report.errors[0].message}",
+                hint=f"run `adapterctl inspect {source} --check` for the whole report",
+            )
+        assert adapter.config_path is not None
+        sub = adapter_subdir(adapter.name) if adapter.directory != root else ""
+        weights = SAFETENSORS_NAME if adapter.format == "safetensors" else BIN_NAME
+        for local, name in ((adapter.config_path, CONFIG_NAME), (adapter.weights_path, weights)):
+            files.append(PushFile(f"{sub}/{name}" if sub else name, local.stat().st_size, local))
+    first = next((a for a in picked if a.name == DEFAULT_ADAPTER), picked[0])
+    assert first.config_path is not None
+    config = LoraConfig.from_file(first.config_path)
+    config = config.replace(base_model_name_or_path=_base_model(config, base_model))
+    card = card_text(config, read_card(root), card_tags(remote_card))
+    files.append(PushFile(README_NAME, len(card.encode("utf-8")), None))
+    return files, card
+
+
+def push_adapter(
+    source: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    adapters: list[str] | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    base_model: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+) -> PushResult:
+    """Check the adapter, build its card and upload it in one commit (nothing with `dry_run`)."""
+    _check_repo_id(repo_id)
+    branch = revision or "main"
+    if dry_run:
+        files, card = plan_push(source, adapters, base_model)
+        return PushResult(repo_id, branch, files, card, True, private)
+    files, card = plan_push(source, adapters, base_model)  # refuse before any network use
+    hf = api(token)
+    with hub_errors(repo_id, revision, action="write to"):
+        hf.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main" and not revision.startswith("refs/pr/"):
+            hf.create_branch(repo_id, branch=revision, exist_ok=True)
+        before = hf.repo_info(repo_id, revision=branch).sha
+    files, card = plan_push(source, adapters, base_model, _remote_card(repo_id, branch, token))
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [
+        CommitOperationAdd(f.path_in_repo, f.local if f.local else card.encode("utf-8"))
+        for f in files
+    ]
+    message = commit_message or f"Upload adapter with adapterctl ({len(files)} files)"
+    with hub_errors(repo_id, revision, action="upload to"):
+        info = hf.create_commit(
+            repo_id,
+            operations,
+            commit_message=message,
+            revision=branch,
+            create_pr=create_pr,
+        )
+    result = PushResult(repo_id, branch, files, card, False, private)
+    result.commit_url, result.commit_oid = info.commit_url, info.oid
+    result.pull_request_url = info.pr_url
+    result.changed = info.oid != before
+    return result
