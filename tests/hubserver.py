@@ -108,7 +108,9 @@ class FakeHub:
             return revision
         raise KeyError(revision)
 
-    def _commit(self, parent: str | None, message: str, files: dict[str, bytes], lfs: set[str]) -> Commit:
+    def _commit(
+        self, parent: str | None, message: str, files: dict[str, bytes], lfs: set[str]
+    ) -> Commit:
         digest = hashlib.sha1(usedforsecurity=False)
         digest.update(f"{parent}\n{message}\n{len(self.commits)}".encode())
         for path in sorted(files):
@@ -202,7 +204,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._body()
                 self.close_connection = True
                 self.connection.shutdown(2)
-                threading.Thread(target=hub.server.shutdown, daemon=True).start()
+                threading.Thread(target=hub.stop, daemon=True).start()  # refuse what follows
                 return True
             return False
 
@@ -247,7 +249,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._api(repo_id, rest, query)
             if n >= 4 and segs[3] == "resolve":
                 return self._resolve(f"{segs[1]}/{segs[2]}", unquote(segs[4]), "/".join(segs[5:]))
-            if n >= 3 and segs[2].endswith(".git") and segs[3:] == ["info", "lfs", "objects", "batch"]:
+            if (
+                n >= 3
+                and segs[2].endswith(".git")
+                and segs[3:] == ["info", "lfs", "objects", "batch"]
+            ):
                 return self._lfs_batch(f"{segs[1]}/{segs[2].removesuffix('.git')}")
             if segs[1] == "lfs-upload" and m == "PUT":
                 data = self._body()
@@ -280,7 +286,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             url = f"http://{self.headers['Host']}/{repo_id}"
             if repo_id in hub.repos:
                 return self._send(409, {"error": "You already created this model repo", "url": url})
-            hub.create(repo_id, private=body.get("visibility") == "private" or bool(body.get("private")))
+            hub.create(
+                repo_id, private=body.get("visibility") == "private" or bool(body.get("private"))
+            )
             self._send(200, {"url": url, "name": repo_id})
 
         # --- /api/models/{repo}/... -------------------------------------------------------------
@@ -347,9 +355,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 parts = path.split("/")
                 for i in range(1, len(parts)):
                     dirs.add("/".join(parts[:i]))
-                item: dict[str, Any] = {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+                item: dict[str, Any] = {
+                    "type": "file",
+                    "path": path,
+                    "size": len(data),
+                    "oid": git_blob_id(data),
+                }
                 if path in commit.lfs:
-                    item["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                    item["lfs"] = {
+                        "oid": hashlib.sha256(data).hexdigest(),
+                        "size": len(data),
+                        "pointerSize": 134,
+                    }
                 items.append(item)
             items += [{"type": "directory", "path": d, "oid": "0" * 40} for d in sorted(dirs)]
             return items
@@ -357,7 +374,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _mode(self, path: str, size: int, sample: bytes) -> str:
             if hub.upload_mode != "auto":
                 return hub.upload_mode
-            lfs = size >= LFS_THRESHOLD or b"\0" in sample or path.endswith((".safetensors", ".bin"))
+            lfs = (
+                size >= LFS_THRESHOLD or b"\0" in sample or path.endswith((".safetensors", ".bin"))
+            )
             return "lfs" if lfs else "regular"
 
         def _preupload(self, repo: Repo, rev: str, body: dict[str, Any]) -> None:
@@ -372,7 +391,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 oid = None
                 if data is not None:
                     oid = hashlib.sha256(data).hexdigest() if mode == "lfs" else git_blob_id(data)
-                answer.append({"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+                answer.append(
+                    {"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid}
+                )
             self._send(200, {"files": answer})
 
         def _lfs_batch(self, repo_id: str) -> None:
@@ -420,7 +441,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     lfs.add(v["path"])
                 elif x["key"] == "deletedFile":
                     if v["path"] not in files:
-                        return self._error(404, "EntryNotFound", "A file with this name doesn't exist")
+                        return self._error(
+                            404, "EntryNotFound", "A file with this name doesn't exist"
+                        )
                     files.pop(v["path"])
             commit = hub._commit(parent.oid, header["summary"], files, lfs)
             repo.branches[branch] = commit.oid

@@ -9,6 +9,7 @@ HF_HOME and HF_HUB_OFFLINE are the client's own. A token is never put in a messa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -57,8 +58,16 @@ def label(repo_id: str, revision: str | None = None, subfolder: str | None = Non
 
 
 def _is_connection_error(e: BaseException) -> bool:
-    module = type(e).__module__.split(".")[0]
-    return module in ("httpx", "httpx2", "httpcore") or isinstance(e, ConnectionError)
+    """A network failure, or an error the client raised because of one (it wraps failed LFS
+    uploads in a RuntimeError)."""
+    seen = 0
+    cause: BaseException | None = e
+    while cause is not None and seen < 8:
+        module = type(cause).__module__.split(".")[0]
+        if module in ("httpx", "httpx2", "httpcore") or isinstance(cause, ConnectionError):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return False
 
 
 @contextlib.contextmanager
@@ -70,7 +79,10 @@ def hub_errors(
 
     where = f"`{repo_id}`" + (f" at revision `{revision}`" if revision else "")
     token_hint = "pass --token, set HF_TOKEN, or log in with `hf auth login`"
-    try:
+    client_log = logging.getLogger("huggingface_hub")
+    level = client_log.level
+    client_log.setLevel(logging.ERROR)  # its warnings ("no files matched", "skipping empty
+    try:  # commit") become our own messages and results
         yield
     except errors.RevisionNotFoundError:
         raise AdapterNotFoundError(
@@ -116,12 +128,19 @@ def hub_errors(
         ) from None
     except Exception as e:
         if not _is_connection_error(e):
+            if isinstance(e, RuntimeError) and str(e).startswith("Error while uploading"):
+                raise AdapterctlError(
+                    f"upload to `{repo_id}` failed: {e.__cause__ or e}",
+                    hint="nothing was committed; try again",
+                ) from None
             raise
         raise AdapterctlError(
             f"lost the connection to the Hub at {endpoint()} while trying to {action} "
             f"`{repo_id}`: {type(e).__name__}",
             hint="check the connection and try again; nothing was claimed done",
         ) from None
+    finally:
+        client_log.setLevel(level)
 
 
 def api(token: str | None = None) -> Any:

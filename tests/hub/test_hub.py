@@ -1,0 +1,380 @@
+"""The Hub end to end: the real huggingface_hub client (in `adapterctl` and PEFT subprocesses with
+their own environment; huggingface_hub reads HF_* at import) against tests/hubserver.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hubserver import FakeHub
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+TOKENS = {"tok-alice-secret": "alice", "tok-bob-secret": "bob"}
+ALICE = "tok-alice-secret"
+
+
+@pytest.fixture
+def hub() -> Any:
+    with FakeHub(TOKENS) as server:
+        yield server
+
+
+def client_env(
+    hub: FakeHub, home: Path, *, xet: bool = False, token: str | None = ALICE
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+    if token:
+        env["HF_TOKEN"] = token
+    if not xet:
+        env["HF_HUB_DISABLE_XET"] = "1"
+    return env
+
+
+def cli(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapterctl", *map(str, args)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=180, check=False,
+    )  # fmt: skip
+
+
+def python(env: dict[str, str], code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+        timeout=300, check=False,
+    )  # fmt: skip
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def adapter(peft_adapters: dict[str, Path], tmp_path: Path) -> Path:
+    """A PEFT adapter with training leftovers beside it that must never be uploaded."""
+    src = tmp_path / "run"
+    shutil.copytree(peft_adapters["llama_basic"], src)
+    (src / "optimizer.pt").write_bytes(b"\0" * 64)
+    (src / "trainer_state.json").write_text("{}")
+    (src / "README.md").write_text("---\ntags:\n- mine\n---\n# My adapter\n")
+    return src
+
+
+@pytest.mark.parametrize("mode", ["lfs", "regular"])
+def test_push_and_push_again(mode: str, hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
+    hub.upload_mode = "auto" if mode == "lfs" else "regular"
+    env = client_env(hub, tmp_path / "hf", xet=mode == "regular")
+    before = tree_digest(adapter)
+    result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/tiny-llama", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["changed"] is True
+    assert doc["commit_url"].startswith(f"{hub.url}/alice/tiny/commit/")
+    files = hub.files("alice/tiny")
+    assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert files[name] == (adapter / name).read_bytes()
+    card = files["README.md"].decode()
+    assert "library_name: peft" in card
+    assert "base_model: org/tiny-llama" in card
+    assert "- mine" in card  # the local card's tags are kept
+    assert "# My adapter" in card
+    assert tree_digest(adapter) == before  # the source is never written to
+    puts = [e for e in hub.log if e.method == "PUT"]
+    assert bool(puts) == (mode == "lfs")  # LFS objects are PUT; regular files come inline
+    commits = len(hub.commits)
+    again = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/tiny-llama")
+    assert again.returncode == 0, again.stderr
+    assert "no commit" in again.stdout
+    assert len(hub.commits) == commits
+
+
+def test_dry_run_uses_no_network(hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
+    env = client_env(hub, tmp_path / "hf")
+    result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "adapter_model.safetensors" in result.stdout
+    assert "optimizer.pt" not in result.stdout
+    assert "library_name: peft" in result.stdout
+    assert "dry run: nothing uploaded" in result.stdout
+    assert hub.log == []
+
+
+def test_card_needs_a_hub_base_model(hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "my-local-base")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = cli(client_env(hub, tmp_path / "hf"), "push", adapter, "alice/tiny")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the adapter's base model is the local path")
+    assert "hint: pass --base-model" in result.stderr
+    assert hub.log == []
+
+
+def test_peft_and_adapterctl_load_what_was_pushed(
+    hub: FakeHub, peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT's from_pretrained by repo id (subfolder too) computes what the local files compute;
+    then, with the server gone and HF_HUB_OFFLINE set, AdapterModel loads the subfolder from the
+    warm cache (PEFT cannot: Trap T6)."""
+    multi = peft_adapters["multi"]
+    env = client_env(hub, tmp_path / "hf")
+    assert cli(env, "push", multi, "alice/multi", "--base-model", "org/tiny-llama").returncode == 0
+    code = f"""
+import json, sys, torch, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {str(ROOT)!r})
+from tests.fixtures import tiny_llama
+x = torch.arange(12).reshape(2, 6) % 64
+def logits(m):
+    with torch.no_grad():
+        return m(input_ids=x).logits
+out = {{}}
+if sys.argv[-1] == "online":
+    from peft import PeftModel
+    out["peft_root"] = logits(PeftModel.from_pretrained(tiny_llama(), "alice/multi")).tolist()
+    out["peft_beta"] = logits(PeftModel.from_pretrained(tiny_llama(), "alice/multi", subfolder="beta")).tolist()
+from adapterctl import AdapterModel
+out["ours_beta"] = logits(AdapterModel.from_pretrained(tiny_llama(), "alice/multi", subfolder="beta")).tolist()
+out["ours_root"] = logits(AdapterModel.from_pretrained(tiny_llama(), "alice/multi")).tolist()
+print(json.dumps(out))
+"""
+    online = python(env, code + "\n# online")
+    online = subprocess.run([sys.executable, "-c", code, "online"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)  # fmt: skip
+    assert online.returncode == 0, online.stderr[-3000:]
+    got = json.loads(online.stdout.splitlines()[-1])
+    import torch
+
+    from tests.fixtures import tiny_llama
+
+    def local(sub: str) -> Any:
+        import warnings
+
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(tiny_llama(), str(multi / sub) if sub else str(multi))
+        with torch.no_grad():
+            return model(input_ids=torch.arange(12).reshape(2, 6) % 64).logits
+
+    root, beta = local(""), local("beta")
+    for key, ref in (
+        ("peft_root", root),
+        ("ours_root", root),
+        ("peft_beta", beta),
+        ("ours_beta", beta),
+    ):
+        assert (torch.tensor(got[key]) - ref).abs().max().item() <= 1e-5, key
+    hub.stop()
+    offline = subprocess.run([sys.executable, "-c", code, "offline"], capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, cwd=ROOT, timeout=300, check=False)  # fmt: skip
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    got = json.loads(offline.stdout.splitlines()[-1])
+    assert (torch.tensor(got["ours_beta"]) - beta).abs().max().item() <= 1e-5
+
+
+def test_remote_inspect_reads_headers_only(hub: FakeHub, tmp_path: Path) -> None:
+    """Two adapters of 1 MiB each (more than the client's first 100 kB range): only ranges are
+    served, and far less than the weights."""
+    from tests.helpers import Q, V, lora_tensors, write_adapter
+
+    big = {
+        **lora_tensors(Q, r=16, d_in=4096, d_out=4096),
+        **lora_tensors(V, r=16, d_in=4096, d_out=4096),
+    }
+    multi = write_adapter(
+        tmp_path / "multi", big, {"target_modules": ["q_proj", "v_proj"], "r": 16}
+    )
+    write_adapter(multi / "beta", big, {"target_modules": ["q_proj", "v_proj"], "r": 16})
+    env = client_env(hub, tmp_path / "hf")
+    assert cli(env, "push", multi, "alice/multi", "--base-model", "org/m").returncode == 0
+    hub.log.clear()
+    remote = cli(env, "inspect", "alice/multi", "--json")
+    assert remote.returncode == 0, remote.stderr
+    local = cli(env, "inspect", multi, "--json")
+    r, lo = json.loads(remote.stdout), json.loads(local.stdout)
+    assert r["source"] == "hf://alice/multi"
+    assert [a["name"] for a in r["adapters"]] == [a["name"] for a in lo["adapters"]]
+    for a, b in zip(r["adapters"], lo["adapters"], strict=True):
+        assert a["tensors"] == b["tensors"]
+        assert a["modules"] == b["modules"]
+        assert a["config"] == b["config"]
+    weights = [e for e in hub.log if e.path.endswith(".safetensors")]
+    assert weights, "no header reads logged"
+    sizes = {p: len(d) for p, d in hub.files("alice/multi").items()}
+    for e in weights:  # only ranges, and never a whole file
+        assert e.range is not None, e
+        assert e.status == 206, e
+    for name in ("adapter_model.safetensors", "beta/adapter_model.safetensors"):
+        sent = sum(e.sent for e in weights if e.path.endswith(f"/resolve/main/{name}"))
+        assert 0 < sent <= 100_001 < sizes[name] // 10, (name, sent, sizes[name])
+    one = cli(env, "inspect", "alice/multi", "--adapter", "beta", "--check")
+    assert one.returncode == 0, one.stderr
+    assert "hf://alice/multi/beta" in one.stdout
+
+
+def test_private_repos_branches_and_pull_requests(
+    hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    env = client_env(hub, tmp_path / "hf")
+    push = ["push", adapter, "alice/secret", "--base-model", "org/m"]
+    assert cli(env, *push, "--private").returncode == 0
+    assert hub.repos["alice/secret"].private
+    assert cli(env, "inspect", "alice/secret").returncode == 0
+    anonymous = cli(client_env(hub, tmp_path / "hf2", token=None), "inspect", "alice/secret")
+    assert anonymous.returncode == 1
+    assert "private" in anonymous.stderr
+    bob = cli(client_env(hub, tmp_path / "hf3", token="tok-bob-secret"), "inspect", "alice/secret")
+    assert bob.returncode == 1
+    # a branch
+    (adapter / "adapter_config.json").write_text(
+        (adapter / "adapter_config.json").read_text().replace('"lora_dropout": 0.0', '"lora_dropout": 0.1')
+    )  # fmt: skip
+    dev = cli(env, *push, "--revision", "dev", "--json")
+    assert dev.returncode == 0, dev.stderr
+    assert json.loads(dev.stdout)["revision"] == "dev"
+    assert b"0.1" in hub.files("alice/secret", "dev")["adapter_config.json"]
+    assert b"0.1" not in hub.files("alice/secret", "main")["adapter_config.json"]
+    fetched = cli(env, "select", "alice/secret", tmp_path / "dev-copy", "--adapter", "default", "--revision", "dev")  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    assert b"0.1" in (tmp_path / "dev-copy" / "adapter_config.json").read_bytes()
+    # a pull request against main
+    (adapter / "adapter_config.json").write_text(
+        (adapter / "adapter_config.json").read_text().replace('"lora_dropout": 0.1', '"lora_dropout": 0.2')
+    )  # fmt: skip
+    main_before = hub.repos["alice/secret"].branches["main"]
+    pr = cli(env, *push, "--create-pr", "--commit-message", "try dropout 0.2")
+    assert pr.returncode == 0, pr.stderr
+    assert f"pull request {hub.url}/alice/secret/discussions/1" in pr.stdout
+    assert b"0.2" in hub.files("alice/secret", "refs/pr/1")["adapter_config.json"]
+    assert hub.repos["alice/secret"].branches["main"] == main_before
+    assert hub.commits[hub.repos["alice/secret"].branches["refs/pr/1"]].message == "try dropout 0.2"
+
+
+@pytest.mark.parametrize(
+    "token", [None, "tok-wrong", "tok-bob-secret"], ids=["missing", "wrong", "not-owner"]
+)
+def test_authentication_failures(
+    token: str | None, hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    env = client_env(hub, tmp_path / "hf", token=token)
+    result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == "error: authentication failed for alice/tiny"
+    assert result.stderr.splitlines()[1].startswith("hint: pass --token")
+    assert "Traceback" not in result.stderr
+    if token:
+        assert token not in result.stdout + result.stderr
+    assert "alice/tiny" not in hub.repos or len(hub.files("alice/tiny")) == 0
+    # --token on the command line beats HF_TOKEN, and is never echoed
+    ok = cli(
+        env, "push", adapter, "alice/tiny", "--base-model", "org/m", "--token", ALICE, "--json"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ALICE not in ok.stdout + ok.stderr
+
+
+def test_unknown_repo_revision_and_file(hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
+    env = client_env(hub, tmp_path / "hf")
+    assert cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m").returncode == 0
+    cases = [
+        (["inspect", "alice/nope"], "the Hub at"),
+        (["inspect", "alice/tiny", "--revision", "nope"], "has no revision `nope`"),
+        (["select", "alice/tiny", tmp_path / "o", "--adapter", "default", "--revision", "nope"], "has no revision `nope`"),
+        (["inspect", "alice/tiny", "--subfolder", "nope"], "has no `adapter_config.json` in `nope`"),
+        (["convert", "alice/tiny", tmp_path / "o", "--dtype", "bfloat16", "--subfolder", "nope"], "has no adapter in `nope`"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = cli(env, *args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr, (
+            args,
+            result.stderr,
+        )
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["lfs-put", "commit"])
+def test_server_dying_mid_upload_is_never_a_success(
+    where: str, hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    env = client_env(hub, tmp_path / "hf", xet=False)
+    hub.die_on = (
+        r"^PUT /lfs-upload/" if where == "lfs-put" else r"^POST /api/models/alice/tiny/commit/"
+    )
+    result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    assert "✓" not in result.stdout
+    assert "Traceback" not in result.stderr
+    assert hub.files("alice/tiny") == {}
+
+
+def test_offline_from_a_warm_cache(
+    hub: FakeHub, peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    env = client_env(hub, tmp_path / "hf")
+    assert (
+        cli(env, "push", peft_adapters["multi"], "alice/multi", "--base-model", "org/m").returncode
+        == 0
+    )
+    warm = cli(
+        env,
+        "convert",
+        "alice/multi",
+        tmp_path / "beta16",
+        "--subfolder",
+        "beta",
+        "--dtype",
+        "float16",
+    )
+    assert warm.returncode == 0, warm.stderr
+    every = ["--adapter", "default", "--adapter", "alpha", "--adapter", "beta"]
+    assert cli(env, "select", "alice/multi", tmp_path / "all", *every).returncode == 0
+    hub.stop()
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    again = cli(
+        offline,
+        "convert",
+        "alice/multi",
+        tmp_path / "again",
+        "--subfolder",
+        "beta",
+        "--dtype",
+        "float16",
+    )
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "beta16" / "adapter_model.safetensors"
+    ).read_bytes()
+    inspect = cli(offline, "inspect", "alice/multi", "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    assert {a["name"] for a in json.loads(inspect.stdout)["adapters"]} == {
+        "default",
+        "alpha",
+        "beta",
+    }
+    cold = cli(offline, "inspect", "alice/never-fetched")
+    assert cold.returncode == 1
+    assert "not in the local cache and HF_HUB_OFFLINE is set" in cold.stderr
