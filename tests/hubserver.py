@@ -25,7 +25,7 @@ LFS_THRESHOLD = 10 * 1024 * 1024
 
 
 def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 - git's id
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 @dataclass
@@ -164,7 +164,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 headers["X-Error-Code"] = code
             self._send(status, {"error": message}, headers, head=self.command == "HEAD")
 
-        def _user(self) -> str | None | bool:
+        def _user(self) -> str | bool | None:
             """The caller: a user name, None without a token, False for an unknown token."""
             auth = self.headers.get("Authorization", "")
             if not auth.startswith("Bearer "):

@@ -307,10 +307,8 @@ def test_unknown_repo_revision_and_file(hub: FakeHub, adapter: Path, tmp_path: P
     for args, message in cases:
         result = cli(env, *args)
         assert result.returncode == 1, (args, result.stderr)
-        assert result.stderr.startswith("error: ") and message in result.stderr, (
-            args,
-            result.stderr,
-        )
+        assert result.stderr.startswith("error: "), (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
 
