@@ -18,6 +18,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -96,6 +97,22 @@ class FakeHub:
                 root = self._commit(None, "initial commit", {}, set())
                 repo.branches["main"] = root.oid
             return repo
+
+    def put(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+        """Commit `files` to main directly (test set-up, not the protocol); returns the oid."""
+        with self.lock:
+            repo = self.create(repo_id, private)
+            parent = self.commits[repo.branches["main"]]
+            lfs = {p for p in files if p.endswith((".safetensors", ".bin"))}
+            commit = self._commit(parent.oid, "set-up", {**parent.files, **files}, parent.lfs | lfs)
+            repo.branches["main"] = commit.oid
+            return commit.oid
+
+    def put_folder(self, repo_id: str, folder: Path) -> str:
+        files = {
+            str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        }
+        return self.put(repo_id, files)
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.repos[repo_id]

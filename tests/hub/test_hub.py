@@ -376,3 +376,56 @@ def test_offline_from_a_warm_cache(
     cold = cli(offline, "inspect", "alice/never-fetched")
     assert cold.returncode == 1
     assert "not in the local cache and HF_HUB_OFFLINE is set" in cold.stderr
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    from tests.fixtures import tiny_llama
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(str(base))
+    return base
+
+
+def test_load_and_save_with_a_hub_base(
+    hub: FakeHub, base_dir: Path, peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    hub.put_folder("org/tiny-llama", base_dir)
+    hub.put_folder("alice/tiny", peft_adapters["llama_basic"])
+    env = client_env(hub, tmp_path / "hf")
+    loaded = cli(env, "load", "org/tiny-llama", "alice/tiny", "--device", "cpu", "--json")
+    assert loaded.returncode == 0, loaded.stderr
+    doc = json.loads(loaded.stdout)
+    assert doc["adapter"]["missing_keys"] == []
+    assert doc["adapter"]["unexpected_keys"] == []
+    saved = cli(env, "save", "org/tiny-llama", tmp_path / "new", "--r", "2", "--target", "q_proj")
+    assert saved.returncode == 0, saved.stderr
+    config = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny-llama"  # the id, not the cache folder
+    assert "base_model: org/tiny-llama" in (tmp_path / "new" / "README.md").read_text()
+
+
+def test_convert_from_hub_pairs_and_base(hub: FakeHub, base_dir: Path, tmp_path: Path) -> None:
+    from tests.fixtures import residual_pair
+
+    _, init, trained, _ = residual_pair(
+        tmp_path / "pair", "pissa", r=4, target_modules=["q_proj", "v_proj"]
+    )
+    hub.put_folder("org/tiny-llama", base_dir)
+    hub.put_folder("alice/init", init)
+    hub.put_folder("alice/trained", trained)
+    env = client_env(hub, tmp_path / "hf")
+    remote = cli(
+        env, "convert", "alice/trained", tmp_path / "r1", "--initial", "alice/init", "--json"
+    )
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["source"] == "alice/trained"
+    local = cli(env, "convert", trained, tmp_path / "l1", "--initial", init)
+    assert local.returncode == 0, local.stderr
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "r1" / name).read_bytes() == (tmp_path / "l1" / name).read_bytes()
+    remote = cli(env, "convert", "alice/trained", tmp_path / "r2", "--base", "org/tiny-llama")
+    local = cli(env, "convert", trained, tmp_path / "l2", "--base", base_dir)
+    assert remote.returncode == 0, remote.stderr
+    assert local.returncode == 0, local.stderr
+    assert (tmp_path / "r2" / name).read_bytes() == (tmp_path / "l2" / name).read_bytes()
