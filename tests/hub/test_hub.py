@@ -74,6 +74,8 @@ def adapter(peft_adapters: dict[str, Path], tmp_path: Path) -> Path:
     """A PEFT adapter with training leftovers beside it that must never be uploaded."""
     src = tmp_path / "run"
     shutil.copytree(peft_adapters["llama_basic"], src)
+    config = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**config, "task_type": "CAUSAL_LM"}))
     (src / "optimizer.pt").write_bytes(b"\0" * 64)
     (src / "trainer_state.json").write_text("{}")
     (src / "README.md").write_text("---\ntags:\n- mine\n---\n# My adapter\n")
@@ -84,6 +86,7 @@ def adapter(peft_adapters: dict[str, Path], tmp_path: Path) -> Path:
 def test_push_and_push_again(mode: str, hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
     hub.upload_mode = "auto" if mode == "lfs" else "regular"
     env = client_env(hub, tmp_path / "hf", xet=mode == "regular")
+    hub.put("alice/tiny", {"README.md": b"---\ntags:\n- remote-tag\n---\nold card\n"})
     before = tree_digest(adapter)
     result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/tiny-llama", "--json")
     assert result.returncode == 0, result.stderr
@@ -98,6 +101,8 @@ def test_push_and_push_again(mode: str, hub: FakeHub, adapter: Path, tmp_path: P
     assert "library_name: peft" in card
     assert "base_model: org/tiny-llama" in card
     assert "- mine" in card  # the local card's tags are kept
+    assert "- remote-tag" in card  # and the repo's card's
+    assert "pipeline_tag: text-generation" in card  # the adapter's task type is CAUSAL_LM
     assert "# My adapter" in card
     assert tree_digest(adapter) == before  # the source is never written to
     puts = [e for e in hub.log if e.method == "PUT"]
