@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from adapterctl.errors import AdapterFormatError, MissingDependencyError
+from adapterctl.format import testhook
 from adapterctl.format.dtypes import BY_TORCH_NAME, DTYPES, Dtype
 from adapterctl.format.header import Header, TensorInfo, read_header_from
 
@@ -138,6 +139,7 @@ def write_safetensors(
             )
         f.write(data)
         total += len(data)
+        testhook.wrote(len(data))
         if progress is not None:
             progress(len(data))
     return total
@@ -149,6 +151,7 @@ def copy_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | 
     while chunk := src.read(_CHUNK):
         dst.write(chunk)
         total += len(chunk)
+        testhook.wrote(len(chunk))
         if progress is not None:
             progress(len(chunk))
     return total
