@@ -189,9 +189,12 @@ class AdapterModel(nn.Module):
         sd = memory_keys(sd, name, config, wrappers)
         device_of = self._adapter_devices(name) if low_cpu_mem_usage else None
         expected = [f"base_model.model.{k}" for k in self.base_model.lora_keys(name)]
-        result = load_into(
-            self, sd, name, expected=expected, assign=low_cpu_mem_usage, device_of=device_of
-        )
+        try:
+            result = load_into(
+                self, sd, name, expected=expected, assign=low_cpu_mem_usage, device_of=device_of
+            )
+        except IncompatibleModelError as e:  # say which file
+            raise IncompatibleModelError(f"`{directory}`: {e.message}", hint=e.hint) from None
         self._cast_adapter(name, autocast)
         self._set_trainable(name, is_trainable)
         return result

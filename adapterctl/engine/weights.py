@@ -54,7 +54,7 @@ def adapter_dir(
             hint="pass an adapter directory or a Hub repo id (OWNER/NAME)",
         )
     if not (path / CONFIG_NAME).is_file():
-        raise AdapterNotFoundError(f"`{path}` has no `{CONFIG_NAME}`")
+        raise AdapterNotFoundError(f"no adapter in `{path}`: it has no `{CONFIG_NAME}`")
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -179,9 +180,14 @@ def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"reading `{label}` needs torch", hint="pip install torch, or convert to safetensors"
         ) from None
     try:
-        obj = torch.load(label, map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
+            warnings.simplefilter("ignore")
+            obj = torch.load(label, map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        # torch's first line is a paragraph about its defaults; the reason is further down
+        reasons = [x for x in lines if "Unsupported" in x or "WeightsUnpickler error" in x]
+        first = (reasons or lines or [type(e).__name__])[0]
         raise AdapterFormatError(
             f"`{label}` is not a plain tensor checkpoint: {first}",
             hint="adapterctl only reads .bin files that hold plain tensors (weights_only)",

@@ -100,13 +100,17 @@ class _Module:
     report: ModuleReport
 
 
-def check_pair(trained: LoraConfig, initial: LoraConfig) -> list[str]:
+def check_pair(
+    trained: LoraConfig, initial: LoraConfig, labels: tuple[str, str] = ("", "")
+) -> list[str]:
     """Refuse a pair whose configs differ (a differing base name is returned as a warning)."""
+    which = [f" (`{x}`)" if x else "" for x in labels]
     for name in PAIR_FIELDS:
         a, b = getattr(trained, name), getattr(initial, name)
         if (a or None) != (b or None) if name.endswith("_pattern") else a != b:
             raise ConversionError(
-                f"the trained and the initial adapter differ in `{name}`: {a!r} vs {b!r}",
+                f"the trained adapter{which[0]} and the initial one{which[1]} differ in "
+                f"`{name}`: {a!r} vs {b!r}",
                 hint="pass the initial adapter saved right before this adapter was trained",
             )
     warnings = []
@@ -195,7 +199,8 @@ class Plan:
                 "a PiSSA/OLoRA/CorDA one; converting it as one"
             )
         if isinstance(opts.initial, SavedInitial):
-            self.warnings += check_pair(config, opts.initial.config)
+            labels = (self.source.label, opts.initial.label)
+            self.warnings += check_pair(config, opts.initial.config, labels)
 
     def _modules(self, config: LoraConfig) -> dict[str, _Module]:
         mts = config.modules_to_save or []
@@ -232,7 +237,8 @@ class Plan:
             r = config.rank_for(module)
             if r != a_shape[0]:
                 raise ConversionError(
-                    f"`{module}`: the config gives rank {r}, lora_A has {a_shape[0]} rows"
+                    f"`{self.source.label}`: `{module}`: the config gives rank {r}, lora_A has "
+                    f"{a_shape[0]} rows"
                 )
             alpha = config.alpha_for(module)
             if "lora_magnitude_vector" in kinds and self.options.reduce:

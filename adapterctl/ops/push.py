@@ -131,7 +131,7 @@ def plan_push(
         report = report_adapter(adapter)
         if report.errors:
             raise AdapterctlError(
-                f"adapter `{adapter.name}` fails the check: {report.errors[0].message}",
+                f"`{report.path}` fails the check: {report.errors[0].message}",
                 hint=f"run `adapterctl inspect {source} --check` for the whole report",
             )
         assert adapter.config_path is not None

@@ -1,21 +1,31 @@
-"""Bad input: exit 1, one error line naming the file and the problem, nothing written, no traceback."""
+"""The bad-input corpus: every case made here by code (no opaque blobs), run through every command
+that reads adapters where it applies (CASES' `commands`). Each must exit 1 with one `error:` line
+(and at most one `hint:`) naming the file and the problem: never a traceback, exit 3, code
+execution, or anything written. The torch-free commands (inspect, select, convert) run in
+subprocesses, load and push in-process through Typer's CliRunner."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from adapterctl.cli.main import app
-from tests.helpers import raw_safetensors, write_adapter
+from tests.helpers import Q, lora_tensors, raw_safetensors, write_adapter
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
 F32_4 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+READERS = ("inspect", "select", "convert", "load", "push")
 
 
 def _weights(data: bytes) -> Callable[[Path], Path]:
@@ -56,7 +66,7 @@ def _good() -> bytes:
     return raw_safetensors({"base_model.model.m.lora_A.weight": F32_4}, b"\0" * 16)
 
 
-CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
+BASIC: dict[str, tuple[Callable[[Path], Path], str]] = {
     "truncated file": (_weights(_good()[:-3]), "holds 13"),
     "shorter than 8 bytes": (_weights(b"\x01\x02"), "too short"),
     "header length past the end": (
@@ -139,32 +149,158 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
 }
 
 
-@pytest.mark.parametrize("command", ["inspect", "select"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, case: str
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    make, problem = CASES[case]
-    src = write_adapter(tmp_path / "src")
-    culprit = make(src)
+class _ImportsAModule:
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        import subprocess
+
+        return (subprocess.Popen, ())
+
+
+def _importing_bin(d: Path) -> Path:
+    (d / "adapter_model.safetensors").unlink()
+    (d / "adapter_model.bin").write_bytes(pickle.dumps({"x": _ImportsAModule()}))
+    return d / "adapter_model.bin"
+
+
+def _rank(r: int, pattern: dict[str, int] | None = None) -> Callable[[Path], Path]:
+    def make(d: Path) -> Path:  # the stored lora_A has 4 rows
+        cfg = {"peft_type": "LORA", "r": r, "target_modules": ["q_proj"]}
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": pattern or {}}))
+        return d / "adapter_config.json"
+
+    return make
+
+
+def _empty(d: Path) -> Path:
+    for p in d.iterdir():
+        p.unlink()
+    return d
+
+
+def _same(d: Path) -> Path:
+    return d
+
+
+@dataclass(frozen=True)
+class Case:
+    make: Callable[[Path], Path]  # breaks the adapter in the folder; returns the culprit path
+    problem: str | tuple[str, ...]  # in the error line (one of them)
+    commands: tuple[str, ...] = READERS
+    extra: tuple[str, ...] = ()  # more arguments ({tmp} is the test's folder)
+    output: str = "out"  # the OUTPUT argument ({tmp}/...), for commands that write
+    names: str = "culprit"  # the line names the culprit file, the "source" folder, or this text
+
+
+CASES: dict[str, Case] = {name: Case(make, problem) for name, (make, problem) in BASIC.items()}
+CASES |= {
+    "header length zero": Case(_weights(struct.pack("<Q", 0)), "header"),
+    "negative dimension": Case(
+        _weights(raw_safetensors({"t": {**F32_4, "shape": [-2, -2]}}, b"\0" * 16)), "shape"
+    ),
+    "offsets not shape x dtype": Case(
+        _weights(raw_safetensors({"t": {**F32_4, "data_offsets": [0, 12]}}, b"\0" * 12)), "12"
+    ),
+    "metadata not string to string": Case(
+        _weights(raw_safetensors({"__metadata__": {"a": 1}, "t": F32_4}, b"\0" * 16)),
+        "metadata",
+    ),
+    "config non-LoRA peft_type": Case(_config('{"peft_type": "PREFIX_TUNING"}'), "`peft_type`"),
+    "config r disagrees with lora_A": Case(
+        _rank(8),
+        ("rank 8", "expects [8, 8]"),
+        ("inspect", "convert", "load", "push"),
+        names="source",
+    ),
+    "rank_pattern disagrees with lora_A": Case(
+        _rank(4, {"q_proj": 6}),
+        ("rank 6", "expects [6, 8]"),
+        ("inspect", "convert", "load", "push"),
+        names="source",
+    ),
+    "pickle that imports a module": Case(_importing_bin, "not a plain tensor checkpoint"),
+    "empty directory": Case(_empty, "no adapter"),
+    "adapter name with ..": Case(
+        _same, "invalid adapter name", ("select",), ("--rename", "default=.."), names="'..'"
+    ),
+    "adapter name with a separator": Case(
+        _same, "invalid adapter name", ("select",), ("--rename", "default=a/b"), names="'a/b'"
+    ),
+    "adapter name an absolute path": Case(
+        _same, "invalid adapter name", ("select",), ("--rename", "default=/etc"), names="'/etc'"
+    ),
+    "output is a symlink": Case(
+        _same, "is a symlink", ("select", "convert"), output="link", names="link"
+    ),
+    "mismatched PiSSA pair": Case(
+        _same, "differ in `r`", ("convert",), ("--initial", "{tmp}/other-init"), names="source"
+    ),
+}
+assert len(CASES) >= 30
+
+
+def _argv(command: str, src: Path, tmp: Path, case: Case) -> list[str]:
+    out = str(tmp / case.output)
+    extra = [a.format(tmp=tmp) for a in case.extra]
+    return {
+        "inspect": ["inspect", str(src), "--check"],
+        "select": ["select", str(src), out, "-a", "default"],
+        "convert": ["convert", str(src), out, "--dtype", "bfloat16"],
+        "load": ["load", str(tmp / "base"), str(src), "--device", "cpu"],
+        "push": ["push", str(src), "alice/x", "--base-model", "org/m", "--dry-run"],
+    }[command] + extra
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures import tiny_llama
+
+    d = tmp_path_factory.mktemp("corpus") / "base"
+    tiny_llama(hidden_size=8, intermediate_size=16).save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("case", "command"), [(c, m) for c, case in CASES.items() for m in case.commands]
+)
+def test_corpus(case: str, command: str, tmp_path: Path, tiny_base: Path) -> None:
+    c = CASES[case]
+    src = write_adapter(tmp_path / "src", lora_tensors(Q))  # q_proj of the tiny base: 8 x 8
+    culprit = c.make(src)
+    if case == "output is a symlink":
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    if case == "mismatched PiSSA pair":
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        (src / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa"}))
+        write_adapter(tmp_path / "other-init", lora_tensors(Q, r=2), {"r": 2})
+    if command == "load":
+        os.symlink(tiny_base, tmp_path / "base")
     before = sorted(p.name for p in tmp_path.iterdir())
-    args = (
-        ["inspect", str(src)]
-        if command == "inspect"
-        else ["select", str(src), str(tmp_path / "out"), "-a", "default"]
-    )
-    result = runner.invoke(app, args, prog_name="adapterctl")
-    assert result.exit_code == 1, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert lines[0].startswith("error: ")
-    assert len(lines) <= 2
-    assert all(line.startswith("hint: ") for line in lines[1:])
-    assert str(culprit) in lines[0]
-    assert problem in lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    argv = _argv(command, src, tmp_path, c)
+    if command in ("load", "push"):
+        result = runner.invoke(app, argv, prog_name="adapterctl")
+        code, out, err = result.exit_code, result.stdout, result.stderr
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-m", "adapterctl", *argv], capture_output=True, text=True,
+            cwd=tmp_path, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    assert code == 1, (code, out, err)
+    lines = err.splitlines()
+    assert lines, out
+    assert lines[0].startswith("error: "), err
+    assert len(lines) <= 2, err
+    assert all(line.startswith("hint: ") for line in lines[1:]), err
+    named = {"culprit": str(culprit), "source": str(src)}.get(c.names, c.names)
+    assert named in lines[0], err
+    problems = (c.problem,) if isinstance(c.problem, str) else c.problem
+    assert any(p in lines[0] for p in problems), err
+    assert "Traceback" not in out + err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing left
     assert not (tmp_path / "pwned").exists()
+    if case == "output is a symlink":
+        assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def test_output_not_writable(tmp_path: Path) -> None:

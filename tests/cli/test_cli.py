@@ -97,7 +97,8 @@ def test_check_exits_1_after_the_full_report(adapter: Path) -> None:
     assert as_json.exit_code == 1
     doc = json.loads(as_json.stdout)
     assert doc["adapters"][0]["problems"][0]["severity"] == "error"
-    assert as_json.stderr == ""
+    assert json.loads(as_json.stderr)["error"]["type"] == "CheckFailed"
+    assert checked.stderr.startswith(f"error: `{adapter}` fails the check: `model.layers.0")
 
 
 def test_failure_is_one_error_line_and_a_hint(tmp_path: Path) -> None:

@@ -45,4 +45,12 @@ def inspect_cmd(
     else:
         output.render_inspect(report)
     if check and report.has_errors:
+        bad = next(a for a in report.adapters if a.errors)
+        count = sum(len(a.errors) for a in report.adapters)
+        output.error(
+            f"`{bad.path}` fails the check: {bad.errors[0].message}",
+            f"{count} error(s) in the report" + (" above" if not json_ else ""),
+            type_name="CheckFailed",
+            json_mode=json_,
+        )
         raise typer.Exit(int(ExitCode.FAILURE))
