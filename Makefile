@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-memory completions clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,9 @@ bench-save: setup
 
 bench-convert: setup
 	$(BIN)/python benchmarks/convert.py
+
+bench-memory: setup
+	$(BIN)/python benchmarks/memory.py
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q

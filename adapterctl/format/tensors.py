@@ -140,9 +140,10 @@ def write_safetensors(
             )
         f.write(data)
         total += len(data)
-        testhook.wrote(len(data))
+        del data  # before the next tensor is made: one in memory at a time
+        testhook.wrote(s.nbytes)
         if progress is not None:
-            progress(len(data))
+            progress(s.nbytes)
     return total
 
 

@@ -36,8 +36,8 @@ from adapterctl.ops.rawtensor import (
     TensorStore,
     cast,
     concat,
+    concat_negated,
     from_float,
-    negate,
     to_float64,
 )
 
@@ -344,6 +344,8 @@ class Plan:
 
     def _lora(self, m: _Module, key: str) -> Callable[[], RawTensor]:
         def produce() -> RawTensor:
+            if not self.options.reduce:  # each tensor on its own: one in memory at a time
+                return self._compute(m, key)[key]
             prefix = key[: key.rindex(".lora_")]
             if self._cache is None or self._cache[0] != prefix:
                 self._cache = (prefix, self._compute(m))
@@ -351,16 +353,23 @@ class Plan:
 
         return produce
 
-    def _compute(self, m: _Module) -> dict[str, RawTensor]:
-        """The module's output tensors: concatenated with the initial factors, reduced, cast."""
+    def _joined(self, m: _Module, which: str) -> RawTensor:
+        """A or B of the source, joined with the initial A0 or −B0 when converting."""
+        f = m.factors
+        t = self.source.get(f.a_key if which == "A" else f.b_key)
+        if self.options.initial is None:
+            return t
+        t0 = self.options.initial.factor(f, which)
+        return concat(t, t0, 0) if which == "A" else concat_negated(t, t0, 1)
+
+    def _compute(self, m: _Module, only: str | None = None) -> dict[str, RawTensor]:
+        """The module's output tensors (or just `only`): joined with the initial factors,
+        reduced, cast."""
         f, opts, rep = m.factors, self.options, m.report
-        a, b = self.source.get(f.a_key), self.source.get(f.b_key)
-        if opts.initial is not None:
-            a0, b0 = opts.initial.factors(f)
-            a, b = concat(a, a0, 0), concat(b, negate(b0), 1)
         out: dict[str, RawTensor] = {}
         code = opts.dtype or f.dtype_code
         if opts.reduce:
+            a, b = self._joined(m, "A"), self._joined(m, "B")
             import numpy as np
 
             b64, a64 = to_float64(b), to_float64(a)
@@ -385,10 +394,12 @@ class Plan:
                 bias = self.source.get(m.bias_key)
                 out[m.bias_key] = from_float(f.scaling * to_float64(bias), bias.dtype.code)
         else:
-            out[f.a_key], out[f.b_key] = cast(a, code), cast(b, code)
-            if m.bias_key:
+            for key, which in ((f.a_key, "A"), (f.b_key, "B")):
+                if only is None or only == key:
+                    out[key] = cast(self._joined(m, which), code)
+            if m.bias_key and only in (None, m.bias_key):
                 out[m.bias_key] = self.source.get(m.bias_key)
-        if m.bias_key and opts.dtype:
+        if m.bias_key in out and opts.dtype:
             out[m.bias_key] = cast(out[m.bias_key], opts.dtype)
         if opts.dtype and opts.dtype != f.dtype_code:
             label = f"{f.dtype_code}->{opts.dtype}"

@@ -44,6 +44,10 @@ class Initial(Protocol):
         """A0, B0 with the trained factors' shapes and dtype."""
         ...
 
+    def factor(self, f: Factors, which: str) -> RawTensor:
+        """A0 (`which` "A") or B0 ("B") alone: one tensor in memory at a time."""
+        ...
+
     def original_weight(self, key: str, residual: RawTensor, f: Factors) -> RawTensor:
         """The base weight W_orig that `residual` (W_res, saved under `key`) came from."""
         ...
@@ -59,21 +63,22 @@ class SavedInitial:
         self._specs = store.specs()
 
     def factors(self, f: Factors) -> tuple[RawTensor, RawTensor]:
-        out = []
-        for key, shape in ((f.a_key, f.a_shape), (f.b_key, f.b_shape)):
-            if key not in self._specs:
-                raise ConversionError(
-                    f"`{key}` is in the trained adapter but not in the initial one",
-                    hint="pass the initial adapter saved right before this adapter was trained",
-                )
-            dtype, shape0 = self._specs[key]
-            if (dtype.code, shape0) != (f.dtype_code, shape):
-                raise ConversionError(
-                    f"`{key}` differs between the pair: trained {f.dtype_code}{list(shape)}, "
-                    f"initial {dtype.code}{list(shape0)}"
-                )
-            out.append(self.store.get(key))
-        return out[0], out[1]
+        return self.factor(f, "A"), self.factor(f, "B")
+
+    def factor(self, f: Factors, which: str) -> RawTensor:
+        key, shape = (f.a_key, f.a_shape) if which == "A" else (f.b_key, f.b_shape)
+        if key not in self._specs:
+            raise ConversionError(
+                f"`{key}` is in the trained adapter but not in the initial one",
+                hint="pass the initial adapter saved right before this adapter was trained",
+            )
+        dtype, shape0 = self._specs[key]
+        if (dtype.code, shape0) != (f.dtype_code, shape):
+            raise ConversionError(
+                f"`{key}` differs between the pair: trained {f.dtype_code}{list(shape)}, "
+                f"initial {dtype.code}{list(shape0)}"
+            )
+        return self.store.get(key)
 
     def original_weight(self, key: str, residual: RawTensor, f: Factors) -> RawTensor:
         """W_res + s0·B0·A0, computed in float32 and cast back to W_res's dtype."""
@@ -103,6 +108,13 @@ class RebuiltInitial:
         self.base = base
         self.method = method
         self.config = config
+        self._last: tuple[str, tuple[RawTensor, RawTensor]] | None = None
+
+    def factor(self, f: Factors, which: str) -> RawTensor:
+        """One of the pair; the decomposition is done once per module (the last one is kept)."""
+        if self._last is None or self._last[0] != f.module:
+            self._last = (f.module, self.factors(f))
+        return self._last[1][0 if which == "A" else 1]
 
     def _weight_out_in(self, f: Factors) -> RawTensor:
         w = self.base.weight(f.module)

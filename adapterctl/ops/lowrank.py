@@ -65,6 +65,35 @@ def spectrum(b: Array, a: Array, scaling: float) -> Spectrum:
     return Spectrum(qb @ u, values, (qa @ vt.T).T)
 
 
+def gram(parts: list[tuple[Array, float, bool]], side: str, budget: int = 1 << 22) -> Array:
+    """The Gram matrix, in float64, of stacked factors (x, c, absolute): side "B" stacks c·x
+    (or c·|x|) side by side (m x r_i each) and gives PᵀP; side "A" stacks them on top of each
+    other (r_i x n) and gives Q·Qᵀ. Summed over chunks of about `budget` elements of the long
+    dimension: never a float64 copy of a whole factor."""
+    import numpy as np
+
+    rank = sum(x.shape[1] if side == "B" else x.shape[0] for x, _, _ in parts)
+    length = parts[0][0].shape[0 if side == "B" else 1]
+    out = np.zeros((rank, rank))
+    step = max(1, budget // max(rank, 1))
+    for start in range(0, length, step):
+        pieces = []
+        for x, c, absolute in parts:
+            piece = x[start : start + step] if side == "B" else x[:, start : start + step]
+            piece = piece.astype(np.float64)
+            if absolute:
+                np.abs(piece, out=piece)
+            piece *= c
+            pieces.append(piece)
+        if side == "B":
+            chunk = np.hstack(pieces)
+            out += chunk.T @ chunk
+        else:
+            chunk = np.vstack(pieces)
+            out += chunk @ chunk.T
+    return out
+
+
 def product_norm(p: Array, q: Array) -> float:
     """||p·q||_F from the factors: sqrt(Σ (pᵀp) ∘ (q·qᵀ)); exact up to rounding of the sum."""
     return math.sqrt(max(float(((p.T @ p) * (q @ q.T)).sum()), 0.0))

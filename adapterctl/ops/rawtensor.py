@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 #: `--dtype` spellings (torch's names) to safetensors codes
 CAST_TARGETS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+#: above this many bytes, negating and joining go through numpy (one copy instead of several)
+_LARGE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,40 @@ def negate(t: RawTensor) -> RawTensor:
         raise ConversionError(f"cannot negate a {t.dtype.code} tensor")
     size = t.dtype.bits // 8
     raw = t.buffer()
+    if len(raw) > _LARGE:  # one copy instead of the integer's three
+        import numpy as np
+
+        bits = np.frombuffer(raw, dtype=np.dtype(f"<u{size}"))
+        flipped_array = bits ^ np.array(1 << (8 * size - 1), dtype=bits.dtype)
+        return RawTensor(t.dtype, t.shape, flipped_array.view(np.uint8))
     mask = int.from_bytes((bytes(size - 1) + b"\x80") * (len(raw) // size), "little")
     flipped = (int.from_bytes(raw, "little") ^ mask).to_bytes(len(raw), "little")
     return RawTensor(t.dtype, t.shape, flipped)
+
+
+def _joined_shape(a: RawTensor, b: RawTensor, axis: int) -> tuple[int, ...]:
+    return (*a.shape[:axis], a.shape[axis] + b.shape[axis], *a.shape[axis + 1 :])
+
+
+def concat_negated(a: RawTensor, b: RawTensor, axis: int) -> RawTensor:
+    """[a, −b] along `axis`: for large tensors the sign flip is written straight into the
+    joined array (no negated copy of `b`)."""
+    if a.nbytes + b.nbytes <= _LARGE or a.dtype != b.dtype or a.dtype.code not in FLOAT_CODES:
+        return concat(a, negate(b), axis)
+    import numpy as np
+
+    size = a.dtype.bits // 8
+    bits = np.dtype(f"<u{size}")
+    shape = _joined_shape(a, b, axis)
+    out = np.empty(shape, dtype=bits)
+    index = (slice(None),) * axis
+    out[(*index, slice(0, a.shape[axis]))] = np.frombuffer(a.buffer(), bits).reshape(a.shape)
+    np.bitwise_xor(
+        np.frombuffer(b.buffer(), bits).reshape(b.shape),
+        np.array(1 << (8 * size - 1), dtype=bits),
+        out=out[(*index, slice(a.shape[axis], None))],
+    )
+    return RawTensor(a.dtype, shape, out.reshape(-1).view(np.uint8))
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -151,8 +184,16 @@ def concat(a: RawTensor, b: RawTensor, axis: int) -> RawTensor:
             f"cannot join {a.dtype.code}{list(a.shape)} and {b.dtype.code}{list(b.shape)} "
             f"along axis {axis}"
         )
-    shape = (*a.shape[:axis], a.shape[axis] + b.shape[axis], *a.shape[axis + 1 :])
+    shape = _joined_shape(a, b, axis)
     ma, mb = a.buffer(), b.buffer()
+    if len(ma) + len(mb) > _LARGE:  # one copy, in C
+        import numpy as np
+
+        def view(m: memoryview, t: RawTensor) -> np.ndarray[Any, Any]:
+            return np.frombuffer(m, dtype=np.uint8).reshape(*t.shape[:axis], -1)
+
+        joined = np.concatenate([view(ma, a), view(mb, b)], axis=axis)
+        return RawTensor(a.dtype, shape, joined.reshape(-1))
     outer = numel(a.shape[:axis])
     if outer == 1:
         return RawTensor(a.dtype, shape, bytes(ma) + bytes(mb))
@@ -173,7 +214,11 @@ def to_float32(t: RawTensor) -> np.ndarray[Any, Any]:
 
     raw = t.data.reshape(t.shape)
     if t.dtype.code == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        wide = raw.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
+    if t.dtype.code == "F32":
+        return raw  # a view: no copy
     if t.dtype.code in FLOAT_CODES:
         return raw.astype(np.float32)
     raise ConversionError(f"cannot compute with a {t.dtype.code} tensor")
@@ -198,9 +243,15 @@ def from_float(values: np.ndarray[Any, Any], code: str) -> RawTensor:
         return RawTensor(dtype, shape, values.astype(np.float64))
     with np.errstate(over="ignore"):
         f32 = np.ascontiguousarray(values, dtype=np.float32)
-    if code == "BF16":
+    if code == "BF16":  # round to nearest even on the bits, in place on one temporary
         bits = f32.view(np.uint32)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        work = bits >> 16
+        work &= 1
+        work += 0x7FFF
+        work += bits
+        work >>= 16
+        rounded = work.astype(np.uint16)
+        del work
         rounded[np.isnan(f32)] = 0x7FC0
         return RawTensor(dtype, shape, rounded)
     if code == "F16":

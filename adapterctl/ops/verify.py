@@ -18,8 +18,8 @@ from adapterctl.format.keys import classify
 from adapterctl.format.layout import SAFETENSORS_NAME
 from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.initial import SavedInitial
-from adapterctl.ops.lowrank import product_norm
-from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_float64
+from adapterctl.ops.lowrank import gram
+from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_float32, to_float64
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,38 +70,74 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
+def _side(plan: Plan, m: _Module, out: FileStore, which: str) -> list[Any]:
+    """One side's factors (B: out x r, or A: r x in) as float views where the dtype allows:
+    the source's, the initial's, the output's."""
+    f = m.factors
+    key = f.a_key if which == "A" else f.b_key
+    tensors = [plan.source.get(key)]
+    if plan.options.initial is not None:
+        tensors.append(plan.options.initial.factor(f, which))
+    tensors.append(out.get(key))
+    return [to_float32(t) if t.dtype.code != "F64" else to_float64(t) for t in tensors]
+
+
+def _side_gram(
+    plan: Plan, m: _Module, out: FileStore, which: str, signs: list[float], s: float
+) -> Any:
+    """The Gram matrices of one side's stacked factors and of |output| (for the rounding
+    bound), or None if a factor is not finite; the side's factors are freed on return, before
+    the other side is read."""
+    import numpy as np
+
+    factors = _side(plan, m, out, which)
+    if not all(np.isfinite(x).all() for x in factors):
+        return None
+    scale = signs if which == "B" else [1.0] * len(signs)
+    signed = gram([(x, c, False) for x, c in zip(factors, scale, strict=True)], which)
+    magnitude = gram([(factors[-1], abs(s) if which == "B" else 1.0, True)], which)
+    return signed, magnitude  # |s'B'| or |A'|
+
+
 def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
+    """||s·B·A − s0·B0·A0 − s'·B'·A'|| from the Gram matrices of the stacked factors, each side
+    loaded alone and summed in row chunks: memory stays near one side's factors."""
     import numpy as np
 
     f = m.factors
-    a, b = to_float64(plan.source.get(f.a_key)), to_float64(plan.source.get(f.b_key))
-    left, right = [f.scaling * b], [a]
-    denominator = product_norm(f.scaling * b, a)
-    initial = plan.options.initial
-    if initial is not None:
-        a0, b0 = (to_float64(t) for t in initial.factors(f))
-        s0 = f.scaling
-        if isinstance(initial, SavedInitial):
-            s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
-        left.append(-s0 * b0)
-        right.append(a0)
-        denominator += product_norm(s0 * b0, a0)
-    out_a, out_b = out.get(f.a_key), out.get(f.b_key)
-    r = out_a.shape[0]
+    r = out.specs()[f.a_key][1][0]
     if config.rank_for(f.module) != r:
         return Check(f.module, math.inf, EXACT)
     s = config.scaling(config.alpha_for(f.module), r)
-    a1, b1 = to_float64(out_a), to_float64(out_b)
-    if not all(np.isfinite(x).all() for x in (a, b, a1, b1, *right, *left)):
-        return Check(f.module, math.inf, EXACT)  # an overflow (or a source that is not finite)
-    left.append(-s * b1)
-    right.append(a1)
-    error = _ratio(product_norm(np.hstack(left), np.vstack(right)), denominator)
+    s0 = f.scaling
+    initial = plan.options.initial
+    if isinstance(initial, SavedInitial):
+        s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
+    signs = [f.scaling] + ([-s0] if initial is not None else []) + [-s]
+    sides = [_side_gram(plan, m, out, which, signs, s) for which in ("B", "A")]
+    if sides[0] is None or sides[1] is None:
+        return Check(f.module, math.inf, EXACT)  # an overflow (or a source not finite)
+    (gb, mb), (ga, ma) = sides
+    edges = np.cumsum([0] + [f.rank] * (len(signs) - 1) + [r])
+    k = len(signs)  # blocks: source, (initial), output
+
+    def block(g: Any, i: int, j: int) -> Any:
+        return g[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+
+    def norm(blocks: list[int]) -> float:
+        total = sum(
+            float((block(gb, i, j) * block(ga, i, j)).sum()) for i in blocks for j in blocks
+        )
+        return math.sqrt(max(total, 0.0))
+
+    denominator = norm([0]) + (norm([1]) if initial is not None else 0.0)
+    error = _ratio(norm(list(range(k))), denominator)
     threshold = EXACT + _ratio(m.report.dropped_norm * (1 + 1e-6), denominator)
-    rounded = out_a.dtype.code != f.dtype_code or plan.options.reduce
-    if rounded and out_a.dtype.code in UNIT:
-        u = UNIT[out_a.dtype.code]
-        threshold += _ratio((2 * u + u * u) * product_norm(np.abs(s * b1), np.abs(a1)), denominator)
+    code = out.specs()[f.a_key][0].code
+    if (code != f.dtype_code or plan.options.reduce) and code in UNIT:
+        u = UNIT[code]
+        magnitude = math.sqrt(max(float((mb * ma).sum()), 0.0))  # || |s'B'| |A'| ||
+        threshold += _ratio((2 * u + u * u) * magnitude, denominator)
     return Check(f.module, error, threshold)
 
 
