@@ -50,7 +50,11 @@ class RawTensor:
             return np.frombuffer(self.raw, dtype=np.dtype(self.dtype.numpy_name)).reshape(
                 self.shape
             )
-        return self.raw  # type: ignore[no-any-return]
+        storage = np.dtype(self.dtype.numpy_name or "uint8")
+        if self.raw.dtype == storage:
+            return self.raw  # type: ignore[no-any-return]
+        flat = np.ascontiguousarray(self.raw).reshape(-1).view(np.uint8)  # bytes of a join
+        return flat.view(storage).reshape(self.shape)
 
     def buffer(self) -> memoryview:
         """The bytes in C order, for the writer."""

@@ -364,3 +364,27 @@ def test_the_output_names_the_initial_base(tmp_path: Path) -> None:
     result = convert_adapter(trained, tmp_path / "out", initial=init)
     assert LoraConfig.from_file(tmp_path / "out" / CONFIG).base_model_name_or_path == "org/original"
     assert any("me/residual" in w and "org/original" in w for w in result.warnings)
+
+
+def test_large_tensor_paths_give_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joins and sign flips of large tensors go through numpy; forcing that path on a small
+    adapter must give the same files as the byte path, through every later step."""
+    from adapterctl.ops import rawtensor
+
+    _, init_dir, trained, _ = residual_pair(
+        tmp_path, "pissa", r=4, target_modules=["q_proj", "v_proj", "lm_head"]
+    )
+    runs = {"initial": {}, "rank": {"rank": 6}, "dtype": {"dtype": "bfloat16"}}
+    for name, extra in runs.items():
+        convert_adapter(trained, tmp_path / f"small-{name}", initial=init_dir, **extra)
+    monkeypatch.setattr(rawtensor, "_LARGE", 0)
+    for name, extra in runs.items():
+        result = convert_adapter(
+            trained, tmp_path / f"large-{name}", initial=init_dir, verify_output=True, **extra
+        )
+        assert result.verification is not None
+        assert result.verification.passed
+        a = (tmp_path / f"small-{name}" / ST).read_bytes()
+        assert a == (tmp_path / f"large-{name}" / ST).read_bytes(), name
