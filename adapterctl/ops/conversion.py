@@ -38,6 +38,7 @@ from adapterctl.ops.rawtensor import (
     concat,
     concat_negated,
     from_float,
+    to_float32,
     to_float64,
 )
 
@@ -372,17 +373,18 @@ class Plan:
             a, b = self._joined(m, "A"), self._joined(m, "B")
             import numpy as np
 
-            b64, a64 = to_float64(b), to_float64(a)
-            if not (np.isfinite(b64).all() and np.isfinite(a64).all()):
+            # float views of the stored values (float32 without a copy); float64 comes in chunks
+            bv, av = (to_float64(t) if t.dtype.code == "F64" else to_float32(t) for t in (b, a))
+            if not (np.isfinite(bv).all() and np.isfinite(av).all()):
                 raise ConversionError(
                     f"`{f.module}` holds values that are not finite: its rank cannot be reduced"
                 )
-            spec = spectrum(b64, a64, f.scaling)
+            spec = spectrum(bv, av, f.scaling)
             k = self._target_rank(m)
             if opts.energy is not None:
                 k = spec.rank_for_energy(opts.energy)
                 rep.r = rep.alpha = k
-            new_b, new_a, kept, dropped = spec.truncate(k)
+            new_b, new_a, kept, dropped = spec.truncate(k, bv, av)
             total = math.sqrt(spec.energy)
             rep.energy, rep.dropped_norm = kept, dropped
             rep.relative_error = dropped / total if total else 0.0

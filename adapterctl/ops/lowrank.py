@@ -1,13 +1,17 @@
-"""Low-rank deltas from their factors alone: a factored SVD to cut the rank, and Frobenius norms of
-products, without ever building the full (out, in) matrix.
+"""Low-rank deltas from their factors alone: a factored SVD to cut the rank, and Gram matrices for
+Frobenius norms of products, without ever building the full (out, in) matrix, and with memory
+bounded by the factors themselves (the long dimension is processed in chunks, in float64).
 
-s·B·A with B (m, r) and A (r, n): B = Qb·Rb and Aᵀ = Qa·Ra (thin QR), so s·B·A = Qb·(s·Rb·Raᵀ)·Qaᵀ,
-and the SVD of the small r x r middle gives the SVD of the delta.
+s·B·A with B (m, r) and A (r, n): B = Qb·Rb and Aᵀ = Qa·Ra (thin QR, R accumulated chunk by chunk),
+so s·B·A = Qb·(s·Rb·Raᵀ)·Qaᵀ, and the SVD of the small r x r middle gives the SVD of the delta. The
+singular vectors are kept as small transforms of B and A (Qb = B·Rb⁻¹), applied in chunks when
+the reduced factors are written.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,14 +20,45 @@ if TYPE_CHECKING:
 
     Array = np.ndarray[Any, Any]
 
+#: elements of the long dimension per chunk (float64: 32 MiB)
+BUDGET = 1 << 22
+
+
+def _chunks(x: Array, side: str, width: int) -> Iterator[tuple[slice, Array]]:
+    """Float64 pieces of x along its long dimension: rows of B (side "B"), columns of A."""
+    import numpy as np
+
+    length = x.shape[0 if side == "B" else 1]
+    step = max(1, BUDGET // max(width, 1))
+    for start in range(0, length, step):
+        where = slice(start, start + step)
+        yield where, (x[where] if side == "B" else x[:, where]).astype(np.float64)
+
+
+def _basis(x: Array, side: str) -> tuple[Array, Array]:
+    """(v, s) with B = Q·diag(s)·vᵀ (or Aᵀ = Q·diag(s)·vᵀ), Q orthonormal, s > 0 only: a
+    chunked (TSQR) QR, then the SVD of its r x r triangle."""
+    import numpy as np
+
+    r = x.shape[1] if side == "B" else x.shape[0]
+    tri = np.zeros((0, r))
+    for _, piece in _chunks(x, side, r):
+        block = piece if side == "B" else piece.T
+        stacked: Any = np.linalg.qr(np.vstack([tri, block]), mode="r")  # R only
+        tri = stacked
+    _, values, vt = np.linalg.svd(tri, full_matrices=False)
+    keep = values > (values[0] * 1e-13 if len(values) and values[0] > 0 else np.inf)
+    return vt[keep].T, values[keep]
+
 
 @dataclass(frozen=True)
 class Spectrum:
-    """s·B·A = left · diag(values) · right, left (m, k) and right (k, n) orthonormal."""
+    """s·B·A = (B·to_b)·diag(values)·(to_a·A): the singular values, descending, and the small
+    transforms that give the singular vectors from the factors."""
 
-    left: Array
-    values: Array  # descending
-    right: Array
+    values: Array
+    to_b: Array  # (r, K)
+    to_a: Array  # (K, r)
 
     @property
     def energy(self) -> float:
@@ -40,29 +75,42 @@ class Spectrum:
         first = int(np.searchsorted(kept, fraction * (1 - 1e-12)))
         return min(first + 1, len(self.values))
 
-    def truncate(self, k: int) -> tuple[Array, Array, float, float]:
-        """B', A' (scaling 1) of the best rank-k approximation, the energy it keeps (a fraction)
-        and the Frobenius norm of what it drops."""
+    def truncate(self, k: int, b: Array, a: Array) -> tuple[Array, Array, float, float]:
+        """B', A' (float64, scaling 1, exactly k wide: zero-padded past the delta's own rank) of
+        the best rank-k approximation, the energy kept (a fraction) and the norm dropped."""
         import numpy as np
 
-        k = min(k, len(self.values))
-        root = np.sqrt(self.values[:k])
-        b = self.left[:, :k] * root
-        a = root[:, None] * self.right[:k]
+        n = min(k, len(self.values))
+        root = np.sqrt(self.values[:n])
+        tb = np.zeros((self.to_b.shape[0], k))
+        tb[:, :n] = self.to_b[:, :n] * root
+        ta = np.zeros((k, self.to_a.shape[1]))
+        ta[:n] = root[:, None] * self.to_a[:n]
+        new_b = np.empty((b.shape[0], k))
+        for where, piece in _chunks(b, "B", b.shape[1]):
+            new_b[where] = piece @ tb
+        new_a = np.empty((k, a.shape[1]))
+        for where, piece in _chunks(a, "A", a.shape[0]):
+            new_a[:, where] = ta @ piece
         total = self.energy
-        dropped = float((self.values[k:] ** 2).sum())
+        dropped = float((self.values[n:] ** 2).sum())
         kept = 1.0 if total == 0.0 else (total - dropped) / total
-        return b, a, kept, math.sqrt(dropped)
+        return new_b, new_a, kept, math.sqrt(dropped)
 
 
 def spectrum(b: Array, a: Array, scaling: float) -> Spectrum:
-    """The SVD of scaling·b·a (float64) by QR of both factors and an r x r SVD."""
+    """The SVD of scaling·b·a from a chunked QR of each factor and an r x r SVD; b and a may be
+    any float dtype (they are read in float64 chunks, never copied whole)."""
     import numpy as np
 
-    qb, rb = np.linalg.qr(b)
-    qa, ra = np.linalg.qr(a.T)
-    u, values, vt = np.linalg.svd(scaling * (rb @ ra.T))
-    return Spectrum(qb @ u, values, (qa @ vt.T).T)
+    vb, sb = _basis(b, "B")
+    va, sa = _basis(a, "A")
+    r = b.shape[1]
+    if not len(sb) or not len(sa):  # a zero factor: a zero delta
+        return Spectrum(np.zeros(1), np.zeros((r, 1)), np.zeros((1, r)))
+    middle = scaling * ((sb[:, None] * vb.T) @ (va * sa))
+    u, values, wt = np.linalg.svd(middle, full_matrices=False)
+    return Spectrum(values, (vb / sb) @ u, wt @ (va / sa).T)
 
 
 def gram(parts: list[tuple[Array, float, bool]], side: str, budget: int = 1 << 22) -> Array:

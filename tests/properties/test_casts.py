@@ -68,7 +68,7 @@ def test_reduction_is_the_best_rank_k(
     a = rng.standard_normal((r, n))
     dense = scaling * b @ a
     spec = spectrum(b, a, scaling)
-    new_b, new_a, kept, dropped = spec.truncate(k)
+    new_b, new_a, kept, dropped = spec.truncate(k, b, a)
     values = np.linalg.svd(dense, compute_uv=False)
     norm = float(np.linalg.norm(dense))
     tol = 1e-9 * norm + 1e-12
@@ -79,4 +79,4 @@ def test_reduction_is_the_best_rank_k(
     assert abs(error - optimum) <= tol * 10
     assert abs(dropped - optimum) <= tol * 10
     assert 0.0 <= kept <= 1.0 + 1e-12
-    assert new_b.shape[1] == new_a.shape[0] == min(k, len(spec.values))
+    assert new_b.shape[1] == new_a.shape[0] == k  # zero-padded past the delta's rank
