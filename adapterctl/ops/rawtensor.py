@@ -273,5 +273,7 @@ def cast(t: RawTensor, code: str) -> RawTensor:
     if t.dtype.code == "F64" and code != "F64":
         import numpy as np
 
-        return from_float(t.data.reshape(t.shape).astype(np.float32), code)
+        with np.errstate(over="ignore"):  # overflow gives ±inf, as in torch
+            narrowed = t.data.reshape(t.shape).astype(np.float32)
+        return from_float(narrowed, code)
     return from_float(to_float32(t), code)
