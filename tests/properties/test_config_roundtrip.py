@@ -307,3 +307,38 @@ PEFT_REFUSES = {
 def test_configs_peft_refuses_are_config_errors(patch: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         LoraConfig.from_dict({"peft_type": "LORA", **patch})
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_FIELDS = st.sampled_from(
+    ["peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+     "modules_to_save", "layers_to_transform", "layers_pattern", "use_rslora", "use_dora",
+     "init_lora_weights", "bias", "lora_dropout", "exclude_modules", "fan_in_fan_out", "task_type"]
+)  # fmt: skip
+
+
+@given(
+    fields=st.dictionaries(_FIELDS, _JSON, max_size=6),
+    raw=st.binary(max_size=64),
+    as_bytes=st.booleans(),
+)
+def test_parser_fuzz_never_crashes(fields: dict[str, Any], raw: bytes, as_bytes: bool) -> None:
+    """Any JSON value in any field, or any bytes at all: a LoraConfig or a ConfigError naming
+    the file, never another exception."""
+    import json
+
+    from adapterctl.errors import AdapterctlError
+
+    text = raw if as_bytes else json.dumps({"peft_type": "LORA", **fields}).encode()
+    message = "fuzz.json"
+    try:
+        LoraConfig.from_json(text, label="fuzz.json")
+    except AdapterctlError as e:
+        message = e.message
+    assert "fuzz.json" in message
