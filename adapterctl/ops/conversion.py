@@ -28,7 +28,7 @@ from adapterctl.format.config import LoraConfig, reload_drift
 from adapterctl.format.dtypes import DTYPES, Dtype
 from adapterctl.format.keys import classify
 from adapterctl.ops.initial import RESIDUAL_INITS, Factors, Initial, SavedInitial
-from adapterctl.ops.lowrank import spectrum
+from adapterctl.ops.lowrank import Spectrum, apply, basis
 from adapterctl.ops.rawtensor import (
     FLOAT_CODES,
     DictStore,
@@ -363,6 +363,18 @@ class Plan:
         t0 = self.options.initial.factor(f, which)
         return concat(t, t0, 0) if which == "A" else concat_negated(t, t0, 1)
 
+    def _values(self, m: _Module, which: str) -> Any:
+        """The joined A or B as floats: a view of float32 storage (no copy), else converted."""
+        import numpy as np
+
+        t = self._joined(m, which)
+        values = to_float64(t) if t.dtype.code == "F64" else to_float32(t)
+        if not np.isfinite(values).all():
+            raise ConversionError(
+                f"`{m.factors.module}` holds values that are not finite: its rank cannot be reduced"
+            )
+        return values
+
     def _compute(self, m: _Module, only: str | None = None) -> dict[str, RawTensor]:
         """The module's output tensors (or just `only`): joined with the initial factors,
         reduced, cast."""
@@ -370,25 +382,24 @@ class Plan:
         out: dict[str, RawTensor] = {}
         code = opts.dtype or f.dtype_code
         if opts.reduce:
-            a, b = self._joined(m, "A"), self._joined(m, "B")
-            import numpy as np
-
-            # float views of the stored values (float32 without a copy); float64 comes in chunks
-            bv, av = (to_float64(t) if t.dtype.code == "F64" else to_float32(t) for t in (b, a))
-            if not (np.isfinite(bv).all() and np.isfinite(av).all()):
-                raise ConversionError(
-                    f"`{f.module}` holds values that are not finite: its rank cannot be reduced"
-                )
-            spec = spectrum(bv, av, f.scaling)
+            # one side in memory at a time: B's basis; A's basis and reduced A; B again
+            r = f.rank * (2 if opts.initial is not None else 1)
+            b_basis = basis(self._values(m, "B"), "B")
+            av = self._values(m, "A")
+            spec = Spectrum.from_bases(b_basis, basis(av, "A"), f.scaling, r)
             k = self._target_rank(m)
             if opts.energy is not None:
                 k = spec.rank_for_energy(opts.energy)
                 rep.r = rep.alpha = k
-            new_b, new_a, kept, dropped = spec.truncate(k, bv, av)
+            to_b, to_a = spec.transforms(k)
+            new_a = apply(av, to_a, "A")
+            del av
+            new_b = apply(self._values(m, "B"), to_b, "B")
+            kept, dropped = spec.loss(k)
             total = math.sqrt(spec.energy)
             rep.energy, rep.dropped_norm = kept, dropped
             rep.relative_error = dropped / total if total else 0.0
-            label = f"rank {a.shape[0]}->{k}"
+            label = f"rank {r}->{k}"
             if label not in rep.actions:
                 rep.actions.append(label)
             out[f.a_key], out[f.b_key] = from_float(new_a, code), from_float(new_b, code)

@@ -35,7 +35,7 @@ def _chunks(x: Array, side: str, width: int) -> Iterator[tuple[slice, Array]]:
         yield where, (x[where] if side == "B" else x[:, where]).astype(np.float64)
 
 
-def _basis(x: Array, side: str) -> tuple[Array, Array]:
+def basis(x: Array, side: str) -> tuple[Array, Array]:
     """(v, s) with B = Q·diag(s)·vᵀ (or Aᵀ = Q·diag(s)·vᵀ), Q orthonormal, s > 0 only: a
     chunked (TSQR) QR, then the SVD of its r x r triangle."""
     import numpy as np
@@ -75,9 +75,9 @@ class Spectrum:
         first = int(np.searchsorted(kept, fraction * (1 - 1e-12)))
         return min(first + 1, len(self.values))
 
-    def truncate(self, k: int, b: Array, a: Array) -> tuple[Array, Array, float, float]:
-        """B', A' (float64, scaling 1, exactly k wide: zero-padded past the delta's own rank) of
-        the best rank-k approximation, the energy kept (a fraction) and the norm dropped."""
+    def transforms(self, k: int) -> tuple[Array, Array]:
+        """(r, k) and (k, r): B·tb and ta·A are the rank-k B', A' (scaling 1, exactly k wide:
+        zero-padded past the delta's own rank)."""
         import numpy as np
 
         n = min(k, len(self.values))
@@ -86,31 +86,54 @@ class Spectrum:
         tb[:, :n] = self.to_b[:, :n] * root
         ta = np.zeros((k, self.to_a.shape[1]))
         ta[:n] = root[:, None] * self.to_a[:n]
-        new_b = np.empty((b.shape[0], k))
-        for where, piece in _chunks(b, "B", b.shape[1]):
-            new_b[where] = piece @ tb
-        new_a = np.empty((k, a.shape[1]))
-        for where, piece in _chunks(a, "A", a.shape[0]):
-            new_a[:, where] = ta @ piece
+        return tb, ta
+
+    def loss(self, k: int) -> tuple[float, float]:
+        """The energy a rank-k cut keeps (a fraction) and the Frobenius norm it drops."""
         total = self.energy
-        dropped = float((self.values[n:] ** 2).sum())
+        dropped = float((self.values[min(k, len(self.values)) :] ** 2).sum())
         kept = 1.0 if total == 0.0 else (total - dropped) / total
-        return new_b, new_a, kept, math.sqrt(dropped)
+        return kept, math.sqrt(dropped)
+
+    def truncate(self, k: int, b: Array, a: Array) -> tuple[Array, Array, float, float]:
+        """B', A' (float64) of the best rank-k approximation, the energy kept, the norm dropped."""
+        tb, ta = self.transforms(k)
+        return (apply(b, tb, "B"), apply(a, ta, "A"), *self.loss(k))
+
+    @classmethod
+    def from_bases(
+        cls, b: tuple[Array, Array], a: tuple[Array, Array], scaling: float, r: int
+    ) -> Spectrum:
+        """From `basis` of B and of A (each computed while only that factor is in memory)."""
+        import numpy as np
+
+        (vb, sb), (va, sa) = b, a
+        if not len(sb) or not len(sa):  # a zero factor: a zero delta
+            return cls(np.zeros(1), np.zeros((r, 1)), np.zeros((1, r)))
+        middle = scaling * ((sb[:, None] * vb.T) @ (va * sa))
+        u, values, wt = np.linalg.svd(middle, full_matrices=False)
+        return cls(values, (vb / sb) @ u, wt @ (va / sa).T)
+
+
+def apply(x: Array, t: Array, side: str) -> Array:
+    """x·t for B (m x r, t: r x k) or t·x for A (r x n, t: k x r), in float64 chunks."""
+    import numpy as np
+
+    if side == "B":
+        out = np.empty((x.shape[0], t.shape[1]))
+        for where, piece in _chunks(x, "B", x.shape[1]):
+            out[where] = piece @ t
+    else:
+        out = np.empty((t.shape[0], x.shape[1]))
+        for where, piece in _chunks(x, "A", x.shape[0]):
+            out[:, where] = t @ piece
+    return out
 
 
 def spectrum(b: Array, a: Array, scaling: float) -> Spectrum:
     """The SVD of scaling·b·a from a chunked QR of each factor and an r x r SVD; b and a may be
     any float dtype (they are read in float64 chunks, never copied whole)."""
-    import numpy as np
-
-    vb, sb = _basis(b, "B")
-    va, sa = _basis(a, "A")
-    r = b.shape[1]
-    if not len(sb) or not len(sa):  # a zero factor: a zero delta
-        return Spectrum(np.zeros(1), np.zeros((r, 1)), np.zeros((1, r)))
-    middle = scaling * ((sb[:, None] * vb.T) @ (va * sa))
-    u, values, wt = np.linalg.svd(middle, full_matrices=False)
-    return Spectrum(values, (vb / sb) @ u, wt @ (va / sa).T)
+    return Spectrum.from_bases(basis(b, "B"), basis(a, "A"), scaling, b.shape[1])
 
 
 def gram(parts: list[tuple[Array, float, bool]], side: str, budget: int = 1 << 22) -> Array:
