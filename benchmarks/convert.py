@@ -9,7 +9,6 @@ Run with `make bench-convert` (or `.venv/bin/python benchmarks/convert.py [--run
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -24,9 +23,6 @@ from common import (
     report_side_by_side,
     run_measured,
 )
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 PAIR = OUT / "convert-pissa"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -22,6 +22,7 @@ from adapterctl.engine.weights import (
     adapter_dir,
     apply_key_mapping,
     check_kwargs,
+    hub_kwargs,
     load_into,
     memory_keys,
     read_weights,
@@ -116,13 +117,7 @@ class AdapterModel(nn.Module):
         """Inject an adapter saved in `model_id` into `model` (in place) and load its weights."""
         check_kwargs(kwargs)
         _refuse_ephemeral(ephemeral_gpu_offload)
-        directory = adapter_dir(
-            model_id,
-            kwargs.get("subfolder"),
-            kwargs.get("revision"),
-            kwargs.get("token"),
-            kwargs.get("cache_dir"),
-        )
+        directory = adapter_dir(model_id, **hub_kwargs(kwargs))
         if config is None:
             config = LoraConfig.from_file(directory / "adapter_config.json")
         self = cls.__new__(cls)
@@ -154,13 +149,7 @@ class AdapterModel(nn.Module):
         """Load another adapter next to the loaded ones; it is not activated (as in PEFT)."""
         check_kwargs(kwargs)
         _refuse_ephemeral(ephemeral_gpu_offload)
-        directory = adapter_dir(
-            model_id,
-            kwargs.get("subfolder"),
-            kwargs.get("revision"),
-            kwargs.get("token"),
-            kwargs.get("cache_dir"),
-        )
+        directory = adapter_dir(model_id, **hub_kwargs(kwargs))
         config = LoraConfig.from_file(directory / "adapter_config.json")
         active = self.active_adapter
         self._add(config, adapter_name, meta=low_cpu_mem_usage)

@@ -193,6 +193,12 @@ def warn_missing(result: LoadResult) -> None:
         )
 
 
+def hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments `adapter_dir` takes, from PEFT's `**kwargs`."""
+    names = ("subfolder", "revision", "token", "cache_dir")
+    return {k: kwargs[k] for k in names if kwargs.get(k) is not None}
+
+
 def check_kwargs(kwargs: dict[str, Any]) -> None:
     """Only the Hub kwargs PEFT takes; for a local directory revision/cache_dir/token do nothing,
     as in PEFT."""
