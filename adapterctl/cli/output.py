@@ -213,7 +213,8 @@ def render_conversion(result: ConversionResult) -> None:
     sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
     v = result.verification
     if v is not None and v.worst is not None:
-        checked = f"; verified {v.checked} checks, worst {v.worst.name} {v.worst.error:.2g}"
+        worst = f"{v.worst.name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
+        checked = f"; verified {v.checked} checks, worst {worst}"
     else:
         checked = ""
     result_line(f"✓ {result.output} ({len(result.modules)} modules, {sizes}{checked})")
