@@ -144,7 +144,7 @@ def reduced_config(config: LoraConfig, ranks: Mapping[str, int]) -> LoraConfig:
     """Scaling exactly 1 everywhere: r = α = the most common rank, the others by exact-name
     rank/alpha patterns (no two can match one module, so sorting cannot change them, Trap T1)."""
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else int(config.r)
-    patterns = {re.escape(m): k for m, k in sorted(ranks.items()) if k != common}
+    patterns = {"^" + re.escape(m): k for m, k in sorted(ranks.items()) if k != common}
     out = config.replace(
         r=common,
         lora_alpha=common,
@@ -152,8 +152,9 @@ def reduced_config(config: LoraConfig, ranks: Mapping[str, int]) -> LoraConfig:
         rank_pattern=dict(patterns),
         alpha_pattern=dict(patterns),
     )
-    if reload_drift(out, list(ranks)):  # pragma: no cover - exact names cannot overlap
-        raise ConversionError("the reduced ranks cannot be written as rank patterns")
+    wrong = [m for m, k in ranks.items() if out.rank_for(m) != k or out.alpha_for(m) != k]
+    if wrong or reload_drift(out, list(ranks)):  # pragma: no cover - anchored names are exact
+        raise ConversionError(f"the reduced ranks cannot be written as rank patterns: {wrong}")
     return out
 
 
@@ -338,8 +339,9 @@ class Plan:
     def _original(self, key: str, owner: _Module) -> Callable[[], RawTensor]:
         def produce() -> RawTensor:
             assert self.options.initial is not None
-            t = self.options.initial.original_weight(key, self.source.get(key), owner.factors)
-            return cast(t, self.options.dtype) if self.options.dtype else t
+            residual = self.source.get(key)
+            code = self.options.dtype or residual.dtype.code
+            return self.options.initial.original_weight(key, residual, owner.factors, code)
 
         return produce
 

@@ -155,6 +155,7 @@ def convert_adapter(
 
     code = _check_options(initial, base, init, dtype, rank, energy)
     label = os.fspath(source)
+    check_output(Path(os.path.abspath(output)), force)  # before anything is downloaded
     source = adapter_source(source, revision, subfolder, token)
     initial = adapter_source(initial, token=token) if initial is not None else None
     base = base_source(base, token=token) if base is not None else None

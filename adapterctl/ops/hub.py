@@ -23,12 +23,25 @@ from adapterctl.format.layout import BIN_NAME, README_NAME, SAFETENSORS_NAME
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?"
 _REPO_ID = re.compile(rf"(?:{_NAME}/)?{_NAME}")
-#: files a base model needs to be loaded by transformers (weights as safetensors only)
-BASE_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt")
+#: a base model's files besides its weights: config, generation config, tokenizer (top level only)
+BASE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "spiece.model",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "preprocessor_config.json",
+)  # fmt: skip
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def shown_endpoint() -> str:
+    """The endpoint as messages show it: without any `user:password@` it may carry."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(endpoint())
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def offline() -> bool:
@@ -36,8 +49,16 @@ def offline() -> bool:
 
 
 def valid_repo_id(text: str) -> bool:
-    """`name` or `owner/name` as the Hub spells them."""
-    return bool(_REPO_ID.fullmatch(text)) and ".." not in text
+    """`name` or `owner/name` as the Hub spells them (huggingface_hub's own rules)."""
+    if not _REPO_ID.fullmatch(text) or ".." in text or "--" in text or text.endswith(".git"):
+        return False
+    from huggingface_hub.utils._validators import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_repo_id(source: str | os.PathLike[str], *, bare: bool = False) -> bool:
@@ -95,7 +116,7 @@ def hub_errors(
             f"Hub repo {where} is not in the local cache and {why}",
             hint="unset HF_HUB_OFFLINE and check the connection (HF_ENDPOINT)"
             if offline()
-            else f"check the connection to {endpoint()} (HF_ENDPOINT)",
+            else f"check the connection to {shown_endpoint()} (HF_ENDPOINT)",
         ) from None
     except errors.EntryNotFoundError:
         raise AdapterNotFoundError(
@@ -109,9 +130,13 @@ def hub_errors(
         ) from None
     except errors.RepositoryNotFoundError:
         raise AdapterNotFoundError(
-            f"`{repo_id}` is not a local path, and the Hub at {endpoint()} has no repo "
+            f"`{repo_id}` is not a local path, and the Hub at {shown_endpoint()} has no repo "
             f"`{repo_id}` (or it is private and the token given cannot see it)",
             hint=f"check the path or id; for a private repo {token_hint}",
+        ) from None
+    except errors.HFValidationError as e:
+        raise AdapterNotFoundError(
+            f"`{repo_id}` is neither a local path nor a valid Hub repo id: {str(e).splitlines()[0]}"
         ) from None
     except errors.OfflineModeIsEnabled:
         raise AdapterctlError(
@@ -124,7 +149,7 @@ def hub_errors(
             raise AdapterctlError(f"authentication failed for {repo_id}", hint=token_hint) from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AdapterctlError(
-            f"the Hub at {endpoint()} refused to {action} `{repo_id}` ({status}): {first}"
+            f"the Hub at {shown_endpoint()} refused to {action} `{repo_id}` ({status}): {first}"
         ) from None
     except Exception as e:
         if not _is_connection_error(e):
@@ -135,7 +160,7 @@ def hub_errors(
                 ) from None
             raise
         raise AdapterctlError(
-            f"lost the connection to the Hub at {endpoint()} while trying to {action} "
+            f"lost the connection to the Hub at {shown_endpoint()} while trying to {action} "
             f"`{repo_id}`: {type(e).__name__}",
             hint="check the connection and try again; nothing was claimed done",
         ) from None
@@ -194,15 +219,27 @@ def download_adapter(
 
 
 def download_base(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
-    """A base model's config, tokenizer and safetensors weights fetched into the Hub cache."""
-    from huggingface_hub import snapshot_download
+    """A base model's config, tokenizer and safetensors weights fetched into the Hub cache: the
+    shards its index names (or model.safetensors), nothing else (not `consolidated.*`, not
+    subfolders)."""
+    import json
+
+    from huggingface_hub import errors, hf_hub_download, snapshot_download
 
     with hub_errors(repo_id, revision):
+        try:
+            index = hf_hub_download(
+                repo_id, INDEX_NAME, revision=revision, token=token, endpoint=endpoint()
+            )
+            weight_map = json.loads(Path(index).read_text()).get("weight_map", {})
+            weights = [INDEX_NAME, *sorted({v for v in weight_map.values() if "/" not in v})]
+        except errors.EntryNotFoundError:
+            weights = ["model.safetensors"]
         root = Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
-                allow_patterns=list(BASE_PATTERNS),
+                allow_patterns=[*BASE_FILES, *weights],
                 token=token,
                 endpoint=endpoint(),
             )

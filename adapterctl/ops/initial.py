@@ -48,8 +48,9 @@ class Initial(Protocol):
         """A0 (`which` "A") or B0 ("B") alone: one tensor in memory at a time."""
         ...
 
-    def original_weight(self, key: str, residual: RawTensor, f: Factors) -> RawTensor:
-        """The base weight W_orig that `residual` (W_res, saved under `key`) came from."""
+    def original_weight(self, key: str, residual: RawTensor, f: Factors, code: str) -> RawTensor:
+        """The base weight W_orig that `residual` (W_res, saved under `key`) came from, as a
+        `code` tensor (rounded once)."""
         ...
 
 
@@ -80,8 +81,8 @@ class SavedInitial:
             )
         return self.store.get(key)
 
-    def original_weight(self, key: str, residual: RawTensor, f: Factors) -> RawTensor:
-        """W_res + s0·B0·A0, computed in float32 and cast back to W_res's dtype."""
+    def original_weight(self, key: str, residual: RawTensor, f: Factors, code: str) -> RawTensor:
+        """W_res + s0·B0·A0, computed in float32 and rounded once to `code`."""
         a0, b0 = self.factors(f)
         s0 = self.config.scaling(self.config.alpha_for(f.module), f.rank)
         delta = s0 * (to_float32(b0) @ to_float32(a0))
@@ -92,7 +93,7 @@ class SavedInitial:
             raise ConversionError(
                 f"`{key}` {list(w.shape)} does not fit its factors {list(delta.shape)}"
             )
-        return from_float(w + delta, residual.dtype.code)
+        return from_float(w + delta, code)
 
 
 class RebuiltInitial:
@@ -108,13 +109,14 @@ class RebuiltInitial:
         self.base = base
         self.method = method
         self.config = config
-        self._last: tuple[str, tuple[RawTensor, RawTensor]] | None = None
+        self._done: dict[str, tuple[RawTensor, RawTensor]] = {}
 
     def factor(self, f: Factors, which: str) -> RawTensor:
-        """One of the pair; the decomposition is done once per module (the last one is kept)."""
-        if self._last is None or self._last[0] != f.module:
-            self._last = (f.module, self.factors(f))
-        return self._last[1][0 if which == "A" else 1]
+        """One of the pair; each module is decomposed once (the factors are kept: as much
+        memory as the initial adapter, against an SVD of the base weight per use)."""
+        if f.module not in self._done:
+            self._done[f.module] = self.factors(f)
+        return self._done[f.module][0 if which == "A" else 1]
 
     def _weight_out_in(self, f: Factors) -> RawTensor:
         w = self.base.weight(f.module)
@@ -156,7 +158,7 @@ class RebuiltInitial:
             )
         return from_float(a0, f.dtype_code), from_float(b0, f.dtype_code)
 
-    def original_weight(self, key: str, residual: RawTensor, f: Factors) -> RawTensor:
+    def original_weight(self, key: str, residual: RawTensor, f: Factors, code: str) -> RawTensor:
         w = self.base.weight(f.module)
         if w.shape != residual.shape:
             raise ConversionError(
@@ -164,7 +166,7 @@ class RebuiltInitial:
             )
         from adapterctl.ops.rawtensor import cast
 
-        return cast(w, residual.dtype.code)
+        return cast(w, code)
 
 
 def irreproducible(init: object) -> str | None:

@@ -173,7 +173,8 @@ def push_adapter(
         hf.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main" and not revision.startswith("refs/pr/"):
             hf.create_branch(repo_id, branch=revision, exist_ok=True)
-        before = hf.repo_info(repo_id, revision=branch).sha
+        info = hf.repo_info(repo_id, revision=branch)
+    before, private = info.sha, bool(info.private)  # an existing repo keeps its visibility
     files, card = plan_push(source, adapters, base_model, _remote_card(repo_id, branch, token))
     from huggingface_hub import CommitOperationAdd
 

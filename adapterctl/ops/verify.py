@@ -9,6 +9,7 @@ exact, plus the rounding bound of a cast, plus what a rank reduction reported dr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +23,6 @@ from adapterctl.ops.lowrank import gram
 from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_float32, to_float64
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from adapterctl.ops.conversion import Plan, _Module
 
 EXACT = 1e-6
@@ -141,47 +140,99 @@ def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) ->
     return Check(f.module, error, threshold)
 
 
-def _elementwise(name: str, got: RawTensor, expected: np.ndarray[Any, Any], rounded: bool) -> Check:
+#: elements per chunk of an elementwise comparison
+CHUNK = 1 << 20
+
+
+def _compare(name: str, got: Any, expected: Iterator[Any], rounded: float) -> Check:
+    """max |got − expected| / max |expected| over chunks (flat float views): NaN must meet NaN
+    and an infinity the same infinity; `rounded` is the unit roundoff the values may carry."""
     import numpy as np
 
-    g = to_float64(got)
-    if g.shape != expected.shape:
+    flat = got.reshape(-1)
+    offset, worst, scale = 0, 0.0, 0.0
+    for e in expected:
+        g = flat[offset : offset + e.size].astype(np.float64)
+        offset += e.size
+        if g.size != e.size or (np.isnan(g) != np.isnan(e)).any():
+            return Check(name, math.inf, EXACT)
+        finite = np.isfinite(e)
+        if (g[~finite & ~np.isnan(e)] != e[~finite & ~np.isnan(e)]).any():
+            return Check(name, math.inf, EXACT)
+        if np.isinf(g[finite]).any():
+            return Check(name, math.inf, EXACT)
+        if finite.any():
+            worst = max(worst, float(np.abs(g[finite] - e[finite]).max()))
+            scale = max(scale, float(np.abs(e[finite]).max()))
+    if offset != flat.size:
         return Check(name, math.inf, EXACT)
-    nan_g, nan_e = np.isnan(g), np.isnan(expected)
-    if (nan_g != nan_e).any():
-        return Check(name, math.inf, EXACT)
-    finite = ~nan_e
-    g, e = g[finite], expected[finite]
-    inf_e = np.isinf(e)
-    if (g[inf_e] != e[inf_e]).any() or np.isinf(g[~inf_e]).any():
-        return Check(name, math.inf, EXACT)
-    g, e = g[~inf_e], e[~inf_e]
-    scale = float(np.abs(e).max()) if e.size else 0.0
-    error = _ratio(float(np.abs(g - e).max()) if e.size else 0.0, scale)
-    return Check(name, error, EXACT + (UNIT.get(got.dtype.code, 0.0) if rounded else 0.0))
+    return Check(name, _ratio(worst, scale), EXACT + rounded)
 
 
-def _expected(plan: Plan, key: str) -> np.ndarray[Any, Any]:
-    """What the tensor `key` must hold in the output (float64), computed afresh."""
-    t = plan.source.get(key)
-    m = plan.by_key.get(key)
-    if m is not None:  # lora_B.bias: s·bias is what the module adds
-        return to_float64(t) * m.factors.scaling
-    info = classify(key, plan.config_in.modules_to_save or [])
-    owner = next((m for m in plan.modules.values() if m.factors.module == info.module), None)
-    initial = plan.options.initial
-    if initial is None or owner is None or not (info.param == "weight" and info.depth):
-        return to_float64(t)
-    f = owner.factors
+def _floats(t: RawTensor) -> Any:
+    return to_float64(t) if t.dtype.code == "F64" else to_float32(t)
+
+
+def _flat_chunks(x: Any, factor: float = 1.0) -> Iterator[Any]:
+    import numpy as np
+
+    flat = x.reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        yield flat[start : start + CHUNK].astype(np.float64) * factor
+
+
+def _rebuilt_chunks(plan: Plan, key: str, owner: _Module) -> Iterator[Any]:
+    """W_res + s0·B0·A0 (or the base's weight for a rebuilt initial), row chunk by row chunk."""
+    import numpy as np
+
+    f, initial = owner.factors, plan.options.initial
+    residual = plan.source.get(key)
     if not isinstance(initial, SavedInitial):
-        return to_float64(initial.original_weight(key, t, f))
-    a0, b0 = (to_float64(x) for x in initial.factors(f))
+        assert initial is not None
+        yield from _flat_chunks(_floats(initial.original_weight(key, residual, f, "F32")))
+        return
+    w = _floats(residual)
+    a0, b0 = (_floats(x) for x in initial.factors(f))
     s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
-    delta = s0 * (b0 @ a0)
-    w = to_float64(t)
-    fitted: np.ndarray[Any, Any] = delta.T if f.embedding or delta.shape != w.shape else delta
-    total: np.ndarray[Any, Any] = w + fitted
-    return total
+    linear = not f.embedding and w.shape == (b0.shape[0], a0.shape[1])
+    rows = max(1, CHUNK // max(w.shape[1], 1))
+    for start in range(0, w.shape[0], rows):
+        part = slice(start, start + rows)
+        if linear:  # W (out, in): rows of B0
+            delta = b0[part].astype(np.float64) @ a0.astype(np.float64)
+        else:  # W stored (in, out) or an embedding (vocab, dim): columns of A0
+            delta = a0[:, part].T.astype(np.float64) @ b0.T.astype(np.float64)
+        yield (w[part].astype(np.float64) + s0 * delta).reshape(-1)
+
+
+def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> Check:
+    """Every tensor that is not a LoRA factor: bytes equal where it was copied, else the values
+    within the rounding of the output dtype, chunk by chunk."""
+    planned = {o.name: o for o in plan.outputs}[name]
+    source = plan.source.get(name)
+    if got.dtype.code not in FLOAT_CODES or not planned.computed:
+        same = bytes(got.buffer()) == bytes(source.buffer())
+        return Check(name, 0.0 if same else math.inf, 0.0)
+    rounded = UNIT.get(got.dtype.code, 0.0)
+    owner = plan.by_key.get(name)
+    if owner is not None:  # lora_B.bias: what the module adds is s·bias = s'·bias'
+        module = owner.factors.module
+        s = config.scaling(config.alpha_for(module), config.rank_for(module))
+        return _compare(
+            name, _floats(got), _flat_chunks(_floats(source), owner.factors.scaling / s), rounded
+        )
+    info = classify(name, plan.config_in.modules_to_save or [])
+    owner = next((m for m in plan.modules.values() if m.factors.module == info.module), None)
+    rebuilt = (
+        plan.options.initial is not None
+        and owner is not None
+        and info.param == "weight"
+        and info.depth
+    )
+    if rebuilt:
+        assert owner is not None
+        return _compare(name, _floats(got), _rebuilt_chunks(plan, name, owner), rounded)
+    return _compare(name, _floats(got), _flat_chunks(_floats(source)), rounded)
 
 
 def verify(plan: Plan, directory: Path) -> Verification:
@@ -206,18 +257,6 @@ def _verify(plan: Plan, directory: Path) -> Verification:
         for name in sorted(names & set(planned)):
             if name in plan.by_key and name != plan.by_key[name].bias_key:
                 continue
-            got = out.get(name)
-            if got.dtype.code not in FLOAT_CODES:
-                same = bytes(got.buffer()) == bytes(plan.source.get(name).buffer())
-                checks.append(Check(name, 0.0 if same else math.inf, 0.0))
-                continue
-            owner = plan.by_key.get(name)
-            if owner is not None:  # lora_B.bias: compare what the module adds, s'·bias'
-                module = owner.factors.module
-                s = config.scaling(config.alpha_for(module), config.rank_for(module))
-                check = _elementwise(name, got, _expected(plan, name) / s, True)
-            else:
-                check = _elementwise(name, got, _expected(plan, name), planned[name].computed)
-            checks.append(check)
+            checks.append(_tensor_check(plan, name, out.get(name), config))
     worst = max(checks, key=lambda c: _ratio(c.error, c.threshold), default=None)
     return Verification(len(checks), worst)

@@ -388,3 +388,47 @@ def test_large_tensor_paths_give_the_same_bytes(
         assert result.verification.passed
         a = (tmp_path / f"small-{name}" / ST).read_bytes()
         assert a == (tmp_path / f"large-{name}" / ST).read_bytes(), name
+
+
+def test_exact_name_patterns_do_not_capture_longer_paths(tmp_path: Path) -> None:
+    """PEFT matches `(.*\\.)?(key)$`: an unanchored `layers\\.0\\.fc` would also claim
+    `enc.layers.0.fc`; the anchored key gives each module its own rank."""
+    import numpy as np
+
+    from tests.helpers import P, write_adapter
+
+    rng = np.random.default_rng(0)
+    shapes = {"enc.layers.0.fc": (64, 32), "model.a": (64, 32), "layers.0.fc": (40, 3)}
+    tensors = {}
+    for module, (out_dim, in_dim) in shapes.items():
+        tensors[f"{P}{module}.lora_A.weight"] = rng.standard_normal((8, in_dim)).astype(np.float32)
+        tensors[f"{P}{module}.lora_B.weight"] = rng.standard_normal((out_dim, 8)).astype(np.float32)
+    src = write_adapter(tmp_path / "src", tensors, {"r": 8, "target_modules": ["fc", "a"]})
+    result = convert_adapter(src, tmp_path / "out", rank=6, verify_output=True)
+    assert result.verification is not None
+    assert result.verification.passed
+    config = LoraConfig.from_file(tmp_path / "out" / CONFIG)
+    out = _read(tmp_path / "out")
+    for module in shapes:
+        rows = out[f"{P}{module}.lora_A.weight"].shape[0]
+        assert config.rank_for(module) == rows == (3 if module == "layers.0.fc" else 6), module
+
+
+def test_bf16_residual_weight_rounded_once(tmp_path: Path) -> None:
+    """A bf16 PiSSA adapter with a targeted lm_head (its saved weight is the residual), converted
+    with --dtype float32 --verify: W_res + s0·B0·A0 is rounded once, to float32."""
+    import torch
+
+    def bf16() -> Any:
+        return tiny_llama().to(torch.bfloat16)
+
+    _, init_dir, trained, _ = residual_pair(
+        tmp_path, "pissa", model_fn=bf16, r=4, target_modules=["q_proj", "lm_head"]
+    )
+    assert any(k.endswith("lm_head.base_layer.weight") for k in _read(trained))
+    for dtype in ("float32", "bfloat16", "float16"):
+        result = convert_adapter(
+            trained, tmp_path / dtype, initial=init_dir, dtype=dtype, verify_output=True
+        )
+        assert result.verification is not None
+        assert result.verification.passed, (dtype, result.verification.worst)
