@@ -160,8 +160,8 @@ def reduced_config(config: LoraConfig, ranks: Mapping[str, int]) -> LoraConfig:
 
 class Plan:
     """What the output holds (names, dtypes, shapes, known from the headers before anything is
-    computed) and how each tensor is made; `tensors` yields them in any order, each module's
-    factors computed once while its tensors are written."""
+    computed) and how each tensor is made (`outputs`, produced in any order: one tensor at a
+    time, or one module at a time when a rank reduction needs both factors)."""
 
     def __init__(self, source: TensorStore, config: LoraConfig, options: Options) -> None:
         self.source = source
@@ -407,7 +407,8 @@ class Plan:
             out[f.a_key], out[f.b_key] = from_float(new_a, code), from_float(new_b, code)
             if m.bias_key:  # the scaling is now 1: the bias carries the old one
                 bias = self.source.get(m.bias_key)
-                out[m.bias_key] = from_float(f.scaling * to_float64(bias), bias.dtype.code)
+                code_b = opts.dtype or bias.dtype.code  # rounded once
+                out[m.bias_key] = from_float(f.scaling * to_float64(bias), code_b)
         else:
             for key, which in ((f.a_key, "A"), (f.b_key, "B")):
                 if only is None or only == key:
