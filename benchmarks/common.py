@@ -14,7 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# every benchmark runs offline: nothing it measures may touch the network
+# every benchmark runs offline (set at import, before anything from Hugging Face is imported,
+# here or in any child): nothing it measures may touch the network
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 

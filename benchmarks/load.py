@@ -43,10 +43,6 @@ from common import (  # benchmarks/ is on sys.path when run as a script
     versions,
 )
 
-# Before anything from Hugging Face is imported, here or in any child: no network, no telemetry.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-
 HERE = Path(__file__).resolve().parent
 BASE = OUT / "load-base"
 MULTI = OUT / "load-adapters"

@@ -172,13 +172,10 @@ def _load_session(
     from adapterctl.engine.base import load_base, load_tokenizer, model_class_for
     from adapterctl.engine.model import AdapterModel
     from adapterctl.engine.weights import adapter_dir
-    from adapterctl.format.atomic import check_output
     from adapterctl.format.config import LoraConfig
 
     step = on_step or (lambda _msg: None)
     base, directory = Path(base), adapter_dir(adapter)
-    if merge_to is not None:
-        check_output(Path(merge_to).absolute(), force)  # before any work
     config = LoraConfig.from_file(directory / "adapter_config.json")
     cls, source = model_class_for(base, config, model_class)
     tokenizer = load_tokenizer(base) if prompt is not None else None

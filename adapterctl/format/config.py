@@ -72,6 +72,13 @@ BIAS_VALUES = ("none", "all", "lora_only")
 SET_FIELDS = ("target_modules", "exclude_modules")
 #: init_lora_weights values that rewrite the base model when PEFT builds the layer (Trap T9).
 RESIDUAL_INITS = ("pissa", "olora", "corda")
+
+
+def residual_init(init: Any) -> bool:
+    """Whether `init_lora_weights` leaves a residual base (pissa, pissa_niter_K, olora, corda)."""
+    return isinstance(init, str) and (init in RESIDUAL_INITS or init.startswith("pissa_niter_"))
+
+
 _BOOL_FIELDS = ("fan_in_fan_out", "inference_mode", "lora_bias", "use_rslora", "use_dora")
 
 

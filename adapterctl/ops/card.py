@@ -7,14 +7,11 @@ nothing on the Hub), and tags already in an existing card are kept (PEFT replace
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
 from adapterctl.format.config import LoraConfig
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FRAMEWORK = "### Framework versions"
 #: the Hub's pipeline tag for each PEFT task type
 PIPELINE_TAGS = {
@@ -28,10 +25,10 @@ PIPELINE_TAGS = {
 
 
 def hub_id(name: str | None) -> str | None:
-    """`name` when it looks like a Hub repo id and is not a local path; else None."""
-    if not name or os.path.exists(name) or not _HUB_ID.match(name) or ".." in name:
-        return None
-    return name
+    """`name` when it is a Hub repo id (bare names too) and not a local path; else None."""
+    from adapterctl.ops.hub import is_repo_id
+
+    return name if name and is_repo_id(name, bare=True) else None
 
 
 def _default_text(config: LoraConfig, base: str | None) -> str:

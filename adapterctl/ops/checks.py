@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapterctl.format.config import RESIDUAL_INITS, LoraConfig
+from adapterctl.format.config import LoraConfig, residual_init
 from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, KeyInfo, classify
 
 # Config fields that switch on a LoRA variant whose semantics differ from plain LoRA/DoRA.
@@ -141,7 +141,7 @@ def analyse(
 
 def _config_warnings(config: LoraConfig, warn: Any) -> None:
     init = config.init_lora_weights
-    if isinstance(init, str) and (init in RESIDUAL_INITS or init.startswith("pissa_niter_")):
+    if residual_init(init):
         warn(
             f"`init_lora_weights` is {init!r}: loading this adapter makes PEFT re-decompose the base "
             "model (and fail for corda); convert it to plain LoRA with `adapterctl convert`"

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterctl.errors import ConversionError
-from adapterctl.format.config import LoraConfig, reload_drift
+from adapterctl.format.config import LoraConfig, reload_drift, residual_init
 from adapterctl.format.dtypes import DTYPES, Dtype
 from adapterctl.format.keys import classify
-from adapterctl.ops.initial import RESIDUAL_INITS, Factors, Initial, SavedInitial
+from adapterctl.ops.initial import Factors, Initial, SavedInitial
 from adapterctl.ops.lowrank import Spectrum, apply, basis
 from adapterctl.ops.rawtensor import (
     FLOAT_CODES,
@@ -38,8 +38,8 @@ from adapterctl.ops.rawtensor import (
     concat,
     concat_negated,
     from_float,
-    to_float32,
     to_float64,
+    to_floats,
 )
 
 #: LoRA kind -> the axis the rank runs along (A: rows, B: columns)
@@ -185,9 +185,7 @@ class Plan:
 
     def _check_options(self, config: LoraConfig) -> None:
         opts = self.options
-        residual = config.init_lora_weights in RESIDUAL_INITS or str(
-            config.init_lora_weights
-        ).startswith("pissa_niter_")
+        residual = residual_init(config.init_lora_weights)
         if opts.initial is None and opts.reduce and residual:
             raise ConversionError(
                 f"the adapter's init_lora_weights is {config.init_lora_weights!r}: its factors "
@@ -370,7 +368,7 @@ class Plan:
         import numpy as np
 
         t = self._joined(m, which)
-        values = to_float64(t) if t.dtype.code == "F64" else to_float32(t)
+        values = to_floats(t)
         if not np.isfinite(values).all():
             raise ConversionError(
                 f"`{m.factors.module}` holds values that are not finite: its rank cannot be reduced"

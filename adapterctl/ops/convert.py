@@ -168,7 +168,6 @@ def convert_adapter(
             hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",
         )
     out = Path(output)
-    check_output(Path(os.path.abspath(out)), force)
     check_not_inside(out, [p for p in (source, initial, base) if p is not None])
     config = LoraConfig.from_file(files.config_path)
     with contextlib.ExitStack() as stack:

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
 
 #: the init methods `--base` can rebuild (the others depend on a random state or on data)
 REBUILDABLE = ("pissa", "olora")
-#: the inits that leave a residual base behind (what conversion undoes)
-RESIDUAL_INITS = ("pissa", "olora", "corda")
 
 
 @dataclass(frozen=True)

@@ -163,8 +163,3 @@ def gram(parts: list[tuple[Array, float, bool]], side: str, budget: int = 1 << 2
             chunk = np.vstack(pieces)
             out += chunk @ chunk.T
     return out
-
-
-def product_norm(p: Array, q: Array) -> float:
-    """||p·q||_F from the factors: sqrt(Σ (pᵀp) ∘ (q·qᵀ)); exact up to rounding of the sum."""
-    return math.sqrt(max(float(((p.T @ p) * (q @ q.T)).sum()), 0.0))

@@ -116,9 +116,9 @@ def plan_push(
     source: str | os.PathLike[str],
     adapters: list[str] | None = None,
     base_model: str | None = None,
-    remote_card: str | None = None,
-) -> tuple[list[PushFile], str]:
-    """The files to upload and the card, after the same checks as `inspect --check`."""
+) -> tuple[list[PushFile], LoraConfig]:
+    """The adapter files to upload, after the same checks as `inspect --check`, and the config
+    the card describes (with the base model's Hub id)."""
     root = Path(source)
     if not root.is_dir():
         raise AdapterctlError(
@@ -142,10 +142,15 @@ def plan_push(
     first = next((a for a in picked if a.name == DEFAULT_ADAPTER), picked[0])
     assert first.config_path is not None
     config = LoraConfig.from_file(first.config_path)
-    config = config.replace(base_model_name_or_path=_base_model(config, base_model))
-    card = card_text(config, read_card(root), card_tags(remote_card))
-    files.append(PushFile(README_NAME, len(card.encode("utf-8")), None))
-    return files, card
+    return files, config.replace(base_model_name_or_path=_base_model(config, base_model))
+
+
+def with_card(
+    files: list[PushFile], config: LoraConfig, source: str | os.PathLike[str], remote: str | None
+) -> tuple[list[PushFile], str]:
+    """`files` and the card: SOURCE's own card (or a new one), with the repo's card's tags too."""
+    card = card_text(config, read_card(Path(source)), card_tags(remote))
+    return [*files, PushFile(README_NAME, len(card.encode("utf-8")), None)], card
 
 
 def push_adapter(
@@ -164,10 +169,10 @@ def push_adapter(
     """Check the adapter, build its card and upload it in one commit (nothing with `dry_run`)."""
     _check_repo_id(repo_id)
     branch = revision or "main"
+    adapter_files, config = plan_push(source, adapters, base_model)  # before any network use
     if dry_run:
-        files, card = plan_push(source, adapters, base_model)
+        files, card = with_card(adapter_files, config, source, None)
         return PushResult(repo_id, branch, files, card, True, private)
-    files, card = plan_push(source, adapters, base_model)  # refuse before any network use
     hf = api(token)
     with hub_errors(repo_id, revision, action="write to"):
         hf.create_repo(repo_id, private=private, exist_ok=True)
@@ -175,7 +180,7 @@ def push_adapter(
             hf.create_branch(repo_id, branch=revision, exist_ok=True)
         info = hf.repo_info(repo_id, revision=branch)
     before, private = info.sha, bool(info.private)  # an existing repo keeps its visibility
-    files, card = plan_push(source, adapters, base_model, _remote_card(repo_id, branch, token))
+    files, card = with_card(adapter_files, config, source, _remote_card(repo_id, branch, token))
     from huggingface_hub import CommitOperationAdd
 
     operations = [

@@ -236,6 +236,12 @@ def to_float64(t: RawTensor) -> np.ndarray[Any, Any]:
     return to_float32(t).astype(np.float64)
 
 
+def to_floats(t: RawTensor) -> np.ndarray[Any, Any]:
+    """The values in the narrowest exact float type: a view of float32 storage (no copy),
+    float64 for F64, float32 for the 16-bit floats."""
+    return to_float64(t) if t.dtype.code == "F64" else to_float32(t)
+
+
 def from_float(values: np.ndarray[Any, Any], code: str) -> RawTensor:
     """float32/float64 values as a `code` tensor, rounded to nearest even as torch's `.to()`
     rounds (a float64 goes through float32 first, as torch casts it); a NaN stays a NaN."""

@@ -20,7 +20,7 @@ from adapterctl.format.layout import SAFETENSORS_NAME
 from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.initial import SavedInitial
 from adapterctl.ops.lowrank import gram
-from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_float32, to_float64
+from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_floats
 
 if TYPE_CHECKING:
     from adapterctl.ops.conversion import Plan, _Module
@@ -78,7 +78,7 @@ def _side(plan: Plan, m: _Module, out: FileStore, which: str) -> list[Any]:
     if plan.options.initial is not None:
         tensors.append(plan.options.initial.factor(f, which))
     tensors.append(out.get(key))
-    return [to_float32(t) if t.dtype.code != "F64" else to_float64(t) for t in tensors]
+    return [to_floats(t) for t in tensors]
 
 
 def _side_gram(
@@ -169,10 +169,6 @@ def _compare(name: str, got: Any, expected: Iterator[Any], rounded: float) -> Ch
     return Check(name, _ratio(worst, scale), EXACT + rounded)
 
 
-def _floats(t: RawTensor) -> Any:
-    return to_float64(t) if t.dtype.code == "F64" else to_float32(t)
-
-
 def _flat_chunks(x: Any, factor: float = 1.0) -> Iterator[Any]:
     import numpy as np
 
@@ -189,10 +185,10 @@ def _rebuilt_chunks(plan: Plan, key: str, owner: _Module) -> Iterator[Any]:
     residual = plan.source.get(key)
     if not isinstance(initial, SavedInitial):
         assert initial is not None
-        yield from _flat_chunks(_floats(initial.original_weight(key, residual, f, "F32")))
+        yield from _flat_chunks(to_floats(initial.original_weight(key, residual, f, "F32")))
         return
-    w = _floats(residual)
-    a0, b0 = (_floats(x) for x in initial.factors(f))
+    w = to_floats(residual)
+    a0, b0 = (to_floats(x) for x in initial.factors(f))
     s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
     linear = not f.embedding and w.shape == (b0.shape[0], a0.shape[1])
     rows = max(1, CHUNK // max(w.shape[1], 1))
@@ -219,7 +215,10 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
         module = owner.factors.module
         s = config.scaling(config.alpha_for(module), config.rank_for(module))
         return _compare(
-            name, _floats(got), _flat_chunks(_floats(source), owner.factors.scaling / s), rounded
+            name,
+            to_floats(got),
+            _flat_chunks(to_floats(source), owner.factors.scaling / s),
+            rounded,
         )
     info = classify(name, plan.config_in.modules_to_save or [])
     owner = next((m for m in plan.modules.values() if m.factors.module == info.module), None)
@@ -231,8 +230,8 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
     )
     if rebuilt:
         assert owner is not None
-        return _compare(name, _floats(got), _rebuilt_chunks(plan, name, owner), rounded)
-    return _compare(name, _floats(got), _flat_chunks(_floats(source)), rounded)
+        return _compare(name, to_floats(got), _rebuilt_chunks(plan, name, owner), rounded)
+    return _compare(name, to_floats(got), _flat_chunks(to_floats(source)), rounded)
 
 
 def verify(plan: Plan, directory: Path) -> Verification:
