@@ -180,31 +180,42 @@ def atomic_directory(dest: str | os.PathLike[str], *, force: bool = False) -> It
 
 def _swap_in(tmp: Path, dest: Path, force: bool) -> None:
     check_output(dest, force)  # the world may have changed while we were writing
-    if dest.exists():
-        aside = dest.parent / f".{dest.name}{_OLD}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        old_fd = _lock(dest, wait=True)  # held while aside, so no other run restores it meanwhile
-        try:
-            os.rename(dest, aside)
-            try:
-                os.rename(tmp, dest)
-            except BaseException:  # an interrupt here too: put the old output back first
-                os.rename(aside, dest)
-                raise
-            _fsync_dir(dest.parent)
-            shutil.rmtree(aside, ignore_errors=True)
-        except OSError as e:
-            raise OutputError(f"cannot replace `{dest}`: {e.strerror}") from None
-        finally:
-            if old_fd is not None:
-                os.close(old_fd)
+    # Without `force` an output is never replaced, whatever appeared since the check above: the
+    # plain rename fails on a non-empty `dest`. (Deciding by a second `dest.exists()` here once let
+    # a writer that lost the race swap the winner's output aside as if --force had been given.)
+    if force and dest.exists():
+        _replace(tmp, dest)
         return
     try:
-        os.rename(tmp, dest)  # fails if another process put a non-empty `dest` there meanwhile
+        os.rename(tmp, dest)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+            if force:  # another process put `dest` there after our check: replace that one
+                _replace(tmp, dest)
+                return
             raise OutputError(
                 f"output `{dest}` already exists (written by another process meanwhile)",
                 hint="pass --force to replace it",
             ) from None
         raise OutputError(f"cannot write `{dest}`: {e.strerror}") from None
     _fsync_dir(dest.parent)
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Swap `tmp` in for an existing `dest` (--force): old aside, new in, old deleted."""
+    aside = dest.parent / f".{dest.name}{_OLD}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old_fd = _lock(dest, wait=True)  # held while aside, so no other run restores it meanwhile
+    try:
+        os.rename(dest, aside)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:  # an interrupt here too: put the old output back first
+            os.rename(aside, dest)
+            raise
+        _fsync_dir(dest.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(f"cannot replace `{dest}`: {e.strerror}") from None
+    finally:
+        if old_fd is not None:
+            os.close(old_fd)

@@ -260,3 +260,35 @@ def test_interrupt_between_the_renames_puts_the_old_output_back(
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     assert (out / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_output_that_appears_after_the_last_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force: bool
+) -> None:
+    """Another writer's output lands between the final check and the rename (the race two held
+    writers hit): without --force it is never replaced; with --force it is replaced whole."""
+    import adapterctl.format.atomic as atomic
+
+    src = write_adapter(tmp_path / "src")
+    out = tmp_path / "out"
+    real_check = atomic.check_output
+    checks = []
+
+    def check_then_race(dest: Path, force_: bool) -> None:
+        real_check(dest, force_)
+        checks.append(dest)
+        if len(checks) == 2:  # the check in _swap_in passed; now the other writer wins
+            dest.mkdir()
+            (dest / "winner.txt").write_text("theirs")
+
+    monkeypatch.setattr(atomic, "check_output", check_then_race)
+    if force:
+        select_adapters(src, out, ["default"], force=True)
+        assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]
+    else:
+        with pytest.raises(OutputError, match="already exists"):
+            select_adapters(src, out, ["default"])
+        assert (out / "winner.txt").read_text() == "theirs"
+        assert _files(out) == ["winner.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
