@@ -1,7 +1,7 @@
 """The one error boundary: every command is wrapped in it at registration.
 
 AdapterctlError -> `error:`/`hint:` (or a JSON object under --json) and its exit code (1);
-KeyboardInterrupt -> 130; anything else is a bug -> exit 3 with a hint to rerun with
+KeyboardInterrupt -> 130; MemoryError -> `error: out of memory` (1); anything else is a bug -> exit 3 with a hint to rerun with
 ADAPTERCTL_DEBUG=1, which re-raises so the traceback shows.
 """
 
@@ -55,6 +55,16 @@ def error_boundary(func: F) -> F:
         except KeyboardInterrupt:
             output.error("interrupted", None, type_name="Interrupted", json_mode=json_mode)
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except MemoryError:  # not a bug: the input needs more memory than this process may use
+            if _debug():
+                raise
+            output.error(
+                "out of memory",
+                "the input needs more memory than is available; free some, or raise the limit",
+                type_name="OutOfMemory",
+                json_mode=json_mode,
+            )
+            raise typer.Exit(int(ExitCode.FAILURE)) from None
         except Exception as e:
             if _debug():
                 raise

@@ -210,7 +210,10 @@ def _replace(tmp: Path, dest: Path) -> None:
         try:
             os.rename(tmp, dest)
         except BaseException:  # an interrupt here too: put the old output back first
-            os.rename(aside, dest)
+            if tmp.exists():
+                os.rename(aside, dest)
+            else:  # it came just after the rename: the new output is whole and in place
+                shutil.rmtree(aside, ignore_errors=True)
             raise
         _fsync_dir(dest.parent)
         shutil.rmtree(aside, ignore_errors=True)

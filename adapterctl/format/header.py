@@ -189,6 +189,10 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         raise _HeaderError(f"header is not valid JSON ({e})") from None
     except RecursionError:
         raise _HeaderError("header JSON is nested too deeply") from None
+    except MemoryError:  # a legal (<= 100 MB) header of tiny values parses to many objects
+        raise _HeaderError(
+            f"its {len(raw)}-byte header needs more memory to parse than is available"
+        ) from None
     if not isinstance(obj, dict):
         raise _HeaderError("header is not a JSON object")
     _check_values(obj)

@@ -49,16 +49,36 @@ def _no_config(d: Path) -> Path:
     return d
 
 
+PWNED = "pwned"  # what the code-running pickle would create, beside the adapter's folder
+CANARY = "adapterctl_canary"  # a module beside it whose import would leave CANARY.py.imported
+
+
 class _Evil:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
     def __reduce__(self) -> tuple[object, tuple[str]]:
         import os
 
-        return (os.system, ("touch pwned",))
+        return (os.system, (f"touch '{self.target}'",))
+
+
+def _evil_pickle(d: Path) -> bytes:
+    return pickle.dumps({"x": _Evil(d.parent / PWNED)})
+
+
+def _importing_pickle(d: Path) -> bytes:
+    """A pickle whose global lives in a module of its own (on the readers' sys.path), so an
+    unpickler that imported it would leave a file behind; protocol 0, written by hand."""
+    (d.parent / f"{CANARY}.py").write_text(
+        "open(__file__ + '.imported', 'w').close()\nclass Thing:\n    pass\n"
+    )
+    return f"(dp0\nVx\np1\nc{CANARY}\nThing\np2\n(tRp3\ns.".encode()
 
 
 def _evil_bin(d: Path) -> Path:
     (d / "adapter_model.safetensors").unlink()
-    (d / "adapter_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
+    (d / "adapter_model.bin").write_bytes(_evil_pickle(d))
     return d / "adapter_model.bin"
 
 
@@ -77,8 +97,14 @@ BASIC: dict[str, tuple[Callable[[Path], Path], str]] = {
     "header not JSON": (_weights(raw_safetensors(None, raw=b"{not json")), "not valid JSON"),
     "header not UTF-8": (_weights(raw_safetensors(None, raw=b'{"\xff": 1}')), "not valid UTF-8"),
     "offsets past the end": (
-        _weights(raw_safetensors({"t": {**F32_4, "data_offsets": [0, 32]}}, b"\0" * 16)),
-        "needs 16",
+        _weights(
+            raw_safetensors({"a": F32_4, "b": {**F32_4, "data_offsets": [16, 32]}}, b"\0" * 16)
+        ),
+        "describes 32 bytes of tensor data but the file holds 16",
+    ),
+    "offsets longer than shape x dtype": (
+        _weights(raw_safetensors({"t": {**F32_4, "data_offsets": [0, 32]}}, b"\0" * 32)),
+        "spans 32 bytes but F32[2, 2] needs 16",
     ),
     "overlapping offsets": (
         _weights(raw_safetensors({"a": F32_4, "b": F32_4}, b"\0" * 16)),
@@ -149,16 +175,9 @@ BASIC: dict[str, tuple[Callable[[Path], Path], str]] = {
 }
 
 
-class _ImportsAModule:
-    def __reduce__(self) -> tuple[object, tuple[()]]:
-        import subprocess
-
-        return (subprocess.Popen, ())
-
-
 def _importing_bin(d: Path) -> Path:
     (d / "adapter_model.safetensors").unlink()
-    (d / "adapter_model.bin").write_bytes(pickle.dumps({"x": _ImportsAModule()}))
+    (d / "adapter_model.bin").write_bytes(_importing_pickle(d))
     return d / "adapter_model.bin"
 
 
@@ -193,12 +212,13 @@ class Case:
 
 CASES: dict[str, Case] = {name: Case(make, problem) for name, (make, problem) in BASIC.items()}
 CASES |= {
-    "header length zero": Case(_weights(struct.pack("<Q", 0)), "header"),
+    "header length zero": Case(_weights(struct.pack("<Q", 0)), "header is not valid JSON"),
     "negative dimension": Case(
         _weights(raw_safetensors({"t": {**F32_4, "shape": [-2, -2]}}, b"\0" * 16)), "shape"
     ),
     "offsets not shape x dtype": Case(
-        _weights(raw_safetensors({"t": {**F32_4, "data_offsets": [0, 12]}}, b"\0" * 12)), "12"
+        _weights(raw_safetensors({"t": {**F32_4, "data_offsets": [0, 12]}}, b"\0" * 12)),
+        "spans 12 bytes but F32[2, 2] needs 16",
     ),
     "metadata not string to string": Case(
         _weights(raw_safetensors({"__metadata__": {"a": 1}, "t": F32_4}, b"\0" * 16)),
@@ -262,7 +282,9 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("case", "command"), [(c, m) for c, case in CASES.items() for m in case.commands]
 )
-def test_corpus(case: str, command: str, tmp_path: Path, tiny_base: Path) -> None:
+def test_corpus(
+    case: str, command: str, tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     c = CASES[case]
     src = write_adapter(tmp_path / "src", lora_tensors(Q))  # q_proj of the tiny base: 8 x 8
     culprit = c.make(src)
@@ -277,13 +299,15 @@ def test_corpus(case: str, command: str, tmp_path: Path, tiny_base: Path) -> Non
         os.symlink(tiny_base, tmp_path / "base")
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = _argv(command, src, tmp_path, c)
+    monkeypatch.syspath_prepend(str(tmp_path))  # where the canary module lies
     if command in ("load", "push"):
         result = runner.invoke(app, argv, prog_name="adapterctl")
         code, out, err = result.exit_code, result.stdout, result.stderr
     else:
         proc = subprocess.run(
             [sys.executable, "-m", "adapterctl", *argv], capture_output=True, text=True,
-            cwd=tmp_path, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=tmp_path, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])},
         )  # fmt: skip
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     assert code == 1, (code, out, err)
@@ -298,9 +322,29 @@ def test_corpus(case: str, command: str, tmp_path: Path, tiny_base: Path) -> Non
     assert any(p in lines[0] for p in problems), err
     assert "Traceback" not in out + err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing left
-    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / PWNED).exists()
+    assert not (tmp_path / f"{CANARY}.py.imported").exists()
     if case == "output is a symlink":
         assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "trace"),
+    [(_evil_pickle, PWNED), (_importing_pickle, f"{CANARY}.py.imported")],
+    ids=["code", "import"],
+)
+def test_the_hostile_pickles_would_fire(
+    make: Callable[[Path], bytes], trace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The corpus's two hostile pickles do what they claim when an ordinary unpickler reads them,
+    so the corpus's "nothing happened" checks can fail."""
+    (tmp_path / "src").mkdir()
+    data = make(tmp_path / "src")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, CANARY, raising=False)
+    pickle.loads(data)
+    sys.modules.pop(CANARY, None)
+    assert (tmp_path / trace).exists()
 
 
 def test_output_not_writable(tmp_path: Path) -> None:

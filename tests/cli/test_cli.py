@@ -171,6 +171,21 @@ def test_internal_error_exits_3_with_a_hint(adapter: Path, monkeypatch: pytest.M
     assert isinstance(debug.exception, ZeroDivisionError)
 
 
+def test_out_of_memory_exits_1(adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapterctl.ops.inspect as mod
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(mod, "inspect_adapter", exhausted)
+    result = invoke("inspect", adapter)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: out of memory"
+    assert lines[1].startswith("hint: ")
+    assert len(lines) == 2
+
+
 def test_interrupt_exits_130(adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import adapterctl.ops.inspect as mod
 

@@ -292,3 +292,29 @@ def test_output_that_appears_after_the_last_check(
         assert (out / "winner.txt").read_text() == "theirs"
         assert _files(out) == ["winner.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_interrupt_just_after_the_swap_keeps_the_new_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adapterctl.format.atomic as atomic
+
+    src = write_adapter(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_rename = os.rename
+    calls = []
+
+    def rename(a: object, b: object) -> None:
+        calls.append((a, b))
+        real_rename(a, b)  # type: ignore[arg-type]
+        if len(calls) == 2:  # the new one is in; the interrupt arrives before the next line
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        select_adapters(src, out, ["default"], force=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]

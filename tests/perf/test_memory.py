@@ -55,3 +55,18 @@ def test_claimed_100_gb_under_1_gib(args: list[str], liar: Path, tmp_path: Path)
     assert "100000000000 bytes" in lines[0], proc.stderr
     assert "MemoryError" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_legal_header_too_big_for_memory(tmp_path: Path) -> None:
+    """A header within the 100 MB limit made of tiny JSON values parses to far more memory than
+    its size: under the limit it is one error line (exit 1), not a MemoryError (exit 3)."""
+    src = write_adapter(tmp_path / "src")
+    body = b'{"x":[' + b"[]," * 33_000_000 + b"[]]}"
+    (src / "adapter_model.safetensors").write_bytes(raw_safetensors(None, raw=body))
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapterctl", "inspect", str(src), "--check"], capture_output=True,
+        text=True, cwd=ROOT, preexec_fn=_limit, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("error: "), proc.stderr
+    assert f"{len(body)}-byte header needs more memory" in proc.stderr.splitlines()[0]
