@@ -16,6 +16,7 @@ and `adapterctl convert` both run `Plan`.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter
@@ -46,6 +47,8 @@ from adapterctl.ops.rawtensor import (
 _RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
 #: configuration fields the trained adapter and its initial adapter must agree on
 PAIR_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -443,6 +446,8 @@ def convert_tensors(
         raise ConversionError(
             f"`{missing[0]}` is in the initial adapter but not in the trained one"
         )
+    for message in plan.warnings:  # as `convert` warns: differing base names, not a residual init
+        log.warning("%s", message)
     return {o.name: o.produce() for o in plan.outputs}
 
 

@@ -178,8 +178,11 @@ def convert_adapter(
             init_files = _one_adapter(initial, "initial adapter")
             assert init_files.config_path is not None
             init_store = stack.enter_context(OpenStore(init_files.weights_path, init_files.format))
-            provider = SavedInitial(init_store, LoraConfig.from_file(init_files.config_path))
-            method = str(config.init_lora_weights)
+            init_config = LoraConfig.from_file(init_files.config_path)
+            provider = SavedInitial(init_store, init_config)
+            # what the pair says it was (either config may already say `true`), else null
+            inits = (config.init_lora_weights, init_config.init_lora_weights)
+            method = next((m for m in inits if isinstance(m, str)), None)
         elif base is not None:
             from adapterctl.ops.basecheckpoint import BaseCheckpoint
 

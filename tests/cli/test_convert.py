@@ -121,3 +121,18 @@ def test_multi_adapter_source(tmp_path: Path) -> None:
     assert (
         invoke(tmp_path / "multi" / "other", tmp_path / "out", "--dtype", "float16").exit_code == 0
     )
+
+
+@pytest.mark.parametrize(
+    ("trained_init", "initial_init", "expected"),
+    [("pissa", True, "pissa"), (True, "olora", "olora"), (True, True, None)],
+)
+def test_converted_from_names_the_method(
+    tmp_path: Path, trained_init: object, initial_init: object, expected: str | None
+) -> None:
+    """`converted_from` is the init the pair says it had; null when both configs say `true`."""
+    trained = write_adapter(tmp_path / "t", lora_tensors(Q), {"init_lora_weights": trained_init})
+    init = write_adapter(tmp_path / "i", lora_tensors(Q), {"init_lora_weights": initial_init})
+    result = invoke(trained, tmp_path / "out", "--initial", init, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["converted_from"] == expected

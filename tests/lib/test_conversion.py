@@ -133,6 +133,39 @@ def test_save_pretrained_converts_with_the_same_function(tmp_path: Path) -> None
     a = (tmp_path / "live" / "adapter_model.safetensors").read_bytes()
     b = (from_files / "adapter_model.safetensors").read_bytes()
     assert a == b
+    # an initial adapter saved as .bin (PEFT reads both) converts to the same bytes
+    import shutil
+
+    from safetensors.torch import load_file
+
+    init_bin = tmp_path / "init_bin"
+    init_bin.mkdir()
+    shutil.copyfile(init / "adapter_config.json", init_bin / "adapter_config.json")
+    torch.save(load_file(str(init / "adapter_model.safetensors")), init_bin / "adapter_model.bin")
+    live.save_pretrained(tmp_path / "live_bin", path_initial_model_for_weight_conversion=init_bin)
+    assert (tmp_path / "live_bin" / "adapter_model.safetensors").read_bytes() == b
     loaded = AdapterModel.from_pretrained(tiny_llama(), tmp_path / "live")
     with torch.no_grad():
         assert (_logits(loaded) - _logits(trained_model)).abs().max().item() <= 1e-5
+
+
+def test_convert_tensors_warns_like_convert(caplog: pytest.LogCaptureFixture) -> None:
+    """save_pretrained's conversion says what `convert` says, e.g. that the pair names different
+    bases (the output keeps the initial adapter's)."""
+    import logging
+
+    from adapterctl.format.dtypes import DTYPES
+    from tests.helpers import Q, lora_tensors
+
+    tensors = {
+        k: RawTensor(DTYPES["F32"], tuple(v.shape), v.reshape(-1))
+        for k, v in lora_tensors(Q).items()
+    }
+    trained = LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights="pissa",
+        base_model_name_or_path="me/residual",
+    )  # fmt: skip
+    initial = LoraConfig(r=4, target_modules=["q_proj"], base_model_name_or_path="org/original")
+    with caplog.at_level(logging.WARNING, logger="adapterctl"):
+        convert_tensors(tensors, tensors, trained, initial)
+    assert any("me/residual" in r.message and "org/original" in r.message for r in caplog.records)

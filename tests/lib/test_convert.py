@@ -432,3 +432,68 @@ def test_bf16_residual_weight_rounded_once(tmp_path: Path) -> None:
         )
         assert result.verification is not None
         assert result.verification.passed, (dtype, result.verification.worst)
+
+
+@pytest.fixture(scope="module")
+def planted_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("planted")
+    _, init_dir, trained, _ = residual_pair(
+        d, "pissa", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+    )  # fmt: skip
+    return init_dir, trained
+
+
+Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+HEAD = "base_model.model.lm_head.weight"  # modules_to_save, as stored
+PLANTS: dict[str, tuple[str, Any, str]] = {  # tensor, change to its float32 values, worst check
+    "one B0 value off by 0.1%": (Q_B, lambda x: x.__setitem__((0, -1), x[0, -1] * 1.001), "q_proj"),
+    "B0 without its minus sign": (Q_B, lambda x: x.__setitem__(np.s_[:, 4:], -x[:, 4:]), "q_proj"),
+    "one trained A row lost": (Q_B.replace("_B", "_A"), lambda x: x.__setitem__(0, 0.0), "q_proj"),
+    "a modules_to_save value off by 0.1%": (
+        HEAD, lambda x: x.__setitem__((3, 3), x[3, 3] * 1.001 + 1e-3), HEAD
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("plant", list(PLANTS))
+def test_verify_catches_a_finite_error(
+    plant: str, planted_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion bug that writes wrong but finite numbers (planted in the written file before
+    --verify reads it) fails verification: exit path, nothing renamed into place."""
+    import adapterctl.ops.convert as mod
+    from adapterctl.format.header import read_header
+    from adapterctl.ops.convert import VerificationFailed
+
+    key, change, worst = PLANTS[plant]
+    init_dir, trained = planted_pair
+    real_write = mod._write
+
+    def write_then_plant(plan: Any, directory: Path, total: int, progress: Any) -> int:
+        n = real_write(plan, directory, total, progress)
+        header = read_header(directory / ST)
+        t = header.tensors[key]
+        assert t.dtype.code == "F32"
+        with open(directory / ST, "r+b") as f:
+            f.seek(header.data_start + t.start)
+            values = np.frombuffer(f.read(t.nbytes), dtype=np.float32).reshape(t.shape).copy()
+            change(values)
+            f.seek(header.data_start + t.start)
+            f.write(values.tobytes())
+        return n
+
+    monkeypatch.setattr(mod, "_write", write_then_plant)
+    with pytest.raises(VerificationFailed) as info:
+        convert_adapter(trained, tmp_path / "out", initial=init_dir, verify_output=True)
+    verification = info.value.result.verification
+    assert verification is not None
+    assert not verification.passed
+    assert verification.worst is not None
+    assert verification.worst.name.endswith(worst)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+    monkeypatch.undo()  # and the same conversion without the plant passes
+    result = convert_adapter(trained, tmp_path / "out", initial=init_dir, verify_output=True)
+    assert result.verification is not None
+    assert result.verification.passed
