@@ -66,6 +66,11 @@ class FakeHub:
         self.lfs: dict[str, bytes] = {}
         self.log: list[Logged] = []
         self.die_on: str | None = None  # a regex over "METHOD path": drop the connection there
+        # (regex over "METHOD path", repo id, files): commit `files` to that repo's main the
+        # first time a request matches, before answering it, as another client's commit would
+        self.interject: tuple[str, str, dict[str, bytes]] | None = None
+        self.stop_after: str | None = None  # a regex: answer that request, then stop serving
+        self.drop_once: str | None = None  # a regex: drop that request's connection, go on serving
         self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -217,6 +222,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return None
 
         def _dying(self) -> bool:
+            if hub.drop_once and re.search(hub.drop_once, f"{self.command} {self.path}"):
+                hub.drop_once = None  # this request's connection only; the server goes on
+                self._body()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return True
             if hub.die_on and re.search(hub.die_on, f"{self.command} {self.path}"):
                 self._body()
                 self.close_connection = True
@@ -242,6 +253,10 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _dispatch(self) -> None:
             if self._dying():
                 return
+            if hub.interject and re.search(hub.interject[0], f"{self.command} {self.path}"):
+                _, repo_id, files = hub.interject
+                hub.interject = None
+                hub.put(repo_id, files)
             parts = urlsplit(self.path)
             segs = parts.path.split("/")  # split BEFORE unquoting: revisions arrive quoted
             query = parse_qs(parts.query)
@@ -250,6 +265,10 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     self._route(segs, query)
             except (BrokenPipeError, ConnectionResetError):
                 pass
+            if hub.stop_after and re.search(hub.stop_after, f"{self.command} {self.path}"):
+                self.wfile.flush()
+                self.close_connection = True
+                hub.stop()  # from this handler's thread; what follows is refused
 
         def _route(self, segs: list[str], query: dict[str, list[str]]) -> None:
             m, n = self.command, len(segs)
@@ -442,6 +461,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
             if not rev.startswith("refs/pr/") and rev not in repo.branches:
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            expected = header.get("parentCommit")
+            if expected and not create_pr and repo.branches[rev] != expected:
+                return self._error(
+                    412, None, "A commit has happened since. Please refresh and try again."
+                )
             pr = self._open_pr(repo, rev) if create_pr else None
             branch = f"refs/pr/{pr}" if pr else rev
             parent = hub.commits[repo.branches[branch]]

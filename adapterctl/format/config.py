@@ -321,6 +321,14 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+def edited_json(text: str, **fields: Any) -> str:
+    """A config file's JSON with `fields` set and everything else as the file has it (list order
+    included), written as PEFT writes configs."""
+    doc = json.loads(text)
+    doc.update(fields)
+    return json.dumps(doc, indent=2, sort_keys=True)
+
+
 def reload_drift(config: LoraConfig, modules: list[str]) -> list[str]:
     """Trap T1: modules whose rank or alpha would change once the config is written and read back.
 

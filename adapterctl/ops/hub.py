@@ -147,6 +147,12 @@ def hub_errors(
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
             raise AdapterctlError(f"authentication failed for {repo_id}", hint=token_hint) from None
+        if status == 412:  # the parent commit given is no longer the branch's head
+            raise AdapterctlError(
+                f"Hub repo {where} changed while pushing: another commit landed meanwhile, and "
+                "nothing was committed over it",
+                hint="push again",
+            ) from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AdapterctlError(
             f"the Hub at {shown_endpoint()} refused to {action} `{repo_id}` ({status}): {first}"

@@ -2,18 +2,23 @@
 
 Only adapter files go up (each chosen adapter's config and weights, and the card at the root),
 never optimizer or trainer state or anything else in the folder, and the folder is never written
-to: the card is built in memory. One commit (`create_commit`), so identical files make no commit.
+to: the card is built in memory, and so is a config whose base model is rewritten to the card's
+Hub id. Subfolders that are Trainer checkpoints (`checkpoint-500/` with its optimizer state) are
+not adapters of a multi-adapter directory and are left out unless chosen with `--adapter`. One
+commit (`create_commit`, on top of the commit the push started from), so identical files make no
+commit and a commit that lands meanwhile is never overwritten.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterctlError, AdapterNotFoundError
-from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.errors import AdapterctlError
+from adapterctl.format.config import CONFIG_NAME, LoraConfig, edited_json
 from adapterctl.format.layout import (
     BIN_NAME,
     DEFAULT_ADAPTER,
@@ -27,12 +32,19 @@ from adapterctl.ops.card import card_tags, card_text, hub_id, read_card
 from adapterctl.ops.hub import api, endpoint, hub_errors, valid_repo_id
 from adapterctl.ops.inspect import report_adapter
 
+log = logging.getLogger(__name__)
+#: files a transformers Trainer writes into each checkpoint folder besides the adapter
+TRAINER_FILES = (
+    "optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class PushFile:
     path_in_repo: str
     size: int
-    local: Path | None  # None for the card, built in memory
+    local: Path | None  # None for what is built in memory: the card, a rewritten config
+    content: bytes | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path_in_repo, "size": self.size}
@@ -65,6 +77,7 @@ class PushResult:
             "pull_request_url": self.pull_request_url,
             "changed": self.changed,
             "card": self.card,
+            "warnings": list(self.warnings),
         }
 
 
@@ -97,35 +110,61 @@ def _base_model(config: LoraConfig, override: str | None) -> str:
 
 
 def _remote_card(repo_id: str, revision: str | None, token: str | None) -> str | None:
-    """The repo's README.md if the repo and the file exist; None otherwise."""
+    """The repo's README.md, or None when the repo has none. Any other failure (the Hub not
+    reachable, say) is an error: pushing on would replace the card without its tags."""
     from huggingface_hub import errors, hf_hub_download
 
-    try:
-        with hub_errors(repo_id, revision, README_NAME):
+    with hub_errors(repo_id, revision, README_NAME):
+        try:
             path = hf_hub_download(
                 repo_id, README_NAME, revision=revision, token=token, endpoint=endpoint()
             )
-    except AdapterNotFoundError:
-        return None
-    except errors.HfHubHTTPError:  # pragma: no cover - mapped by hub_errors
-        return None
+        except errors.LocalEntryNotFoundError:  # the Hub did not answer: mapped to an error
+            raise
+        except errors.EntryNotFoundError:  # the Hub answered: no such file
+            return None
     return Path(path).read_text(encoding="utf-8")
+
+
+def _is_trainer_checkpoint(directory: Path | None) -> bool:
+    return directory is not None and any((directory / n).exists() for n in TRAINER_FILES)
 
 
 def plan_push(
     source: str | os.PathLike[str],
     adapters: list[str] | None = None,
     base_model: str | None = None,
-) -> tuple[list[PushFile], LoraConfig]:
-    """The adapter files to upload, after the same checks as `inspect --check`, and the config
-    the card describes (with the base model's Hub id)."""
+) -> tuple[list[PushFile], LoraConfig, list[str]]:
+    """The adapter files to upload, after the same checks as `inspect --check`; the config the
+    card describes (with the base model's Hub id); and what the user should be told."""
     root = Path(source)
     if not root.is_dir():
         raise AdapterctlError(
             f"`{source}` is not an adapter directory", hint="push uploads a PEFT directory"
         )
     found = find_adapters(root)
-    picked = pick_adapters(found, adapters, source) if adapters else found
+    notes: list[str] = []
+    if adapters:
+        picked = pick_adapters(found, adapters, source)
+    else:
+        checkpoints = [
+            a for a in found if a.directory != root and _is_trainer_checkpoint(a.directory)
+        ]
+        picked = [a for a in found if a not in checkpoints]
+        if not picked:
+            raise AdapterctlError(
+                f"`{source}` holds only Trainer checkpoints ({', '.join(a.name for a in checkpoints)})",
+                hint=f"push one folder, e.g. `adapterctl push {root / checkpoints[0].name} REPO_ID`",
+            )
+        if checkpoints:
+            notes.append(
+                f"left out {len(checkpoints)} Trainer checkpoint folder(s) "
+                f"({', '.join(a.name for a in checkpoints)}); choose one with --adapter NAME"
+            )
+    first = next((a for a in picked if a.name == DEFAULT_ADAPTER), picked[0])
+    assert first.config_path is not None
+    first_config = LoraConfig.from_file(first.config_path)
+    hub_base = _base_model(first_config, base_model)
     files: list[PushFile] = []
     for adapter in picked:
         report = report_adapter(adapter)
@@ -137,12 +176,25 @@ def plan_push(
         assert adapter.config_path is not None
         sub = adapter_subdir(adapter.name) if adapter.directory != root else ""
         weights = SAFETENSORS_NAME if adapter.format == "safetensors" else BIN_NAME
-        for local, name in ((adapter.config_path, CONFIG_NAME), (adapter.weights_path, weights)):
-            files.append(PushFile(f"{sub}/{name}" if sub else name, local.stat().st_size, local))
-    first = next((a for a in picked if a.name == DEFAULT_ADAPTER), picked[0])
-    assert first.config_path is not None
-    config = LoraConfig.from_file(first.config_path)
-    return files, config.replace(base_model_name_or_path=_base_model(config, base_model))
+        config_in_repo = f"{sub}/{CONFIG_NAME}" if sub else CONFIG_NAME
+        config = LoraConfig.from_file(adapter.config_path)
+        if config.base_model_name_or_path != hub_base:
+            # what PEFT's AutoPeftModel reads from the repo must name the base on the Hub
+            raw = adapter.config_path.read_text(encoding="utf-8")
+            text = edited_json(raw, base_model_name_or_path=hub_base).encode()
+            files.append(PushFile(config_in_repo, len(text), None, text))
+            if config.base_model_name_or_path:  # filling in a missing name needs no word
+                notes.append(
+                    f"`{config_in_repo}` is uploaded naming base model `{hub_base}` (the local "
+                    f"file names `{config.base_model_name_or_path}`)"
+                )
+        else:
+            files.append(
+                PushFile(config_in_repo, adapter.config_path.stat().st_size, adapter.config_path)
+            )
+        local = adapter.weights_path
+        files.append(PushFile(f"{sub}/{weights}" if sub else weights, local.stat().st_size, local))
+    return files, first_config.replace(base_model_name_or_path=hub_base), notes
 
 
 def with_card(
@@ -150,7 +202,8 @@ def with_card(
 ) -> tuple[list[PushFile], str]:
     """`files` and the card: SOURCE's own card (or a new one), with the repo's card's tags too."""
     card = card_text(config, read_card(Path(source)), card_tags(remote))
-    return [*files, PushFile(README_NAME, len(card.encode("utf-8")), None)], card
+    data = card.encode("utf-8")
+    return [*files, PushFile(README_NAME, len(data), None, data)], card
 
 
 def push_adapter(
@@ -169,10 +222,12 @@ def push_adapter(
     """Check the adapter, build its card and upload it in one commit (nothing with `dry_run`)."""
     _check_repo_id(repo_id)
     branch = revision or "main"
-    adapter_files, config = plan_push(source, adapters, base_model)  # before any network use
+    adapter_files, config, notes = plan_push(source, adapters, base_model)  # before the network
+    for note in notes:
+        log.warning("%s", note)
     if dry_run:
         files, card = with_card(adapter_files, config, source, None)
-        return PushResult(repo_id, branch, files, card, True, private)
+        return PushResult(repo_id, branch, files, card, True, private, warnings=notes)
     hf = api(token)
     with hub_errors(repo_id, revision, action="write to"):
         hf.create_repo(repo_id, private=private, exist_ok=True)
@@ -183,10 +238,7 @@ def push_adapter(
     files, card = with_card(adapter_files, config, source, _remote_card(repo_id, branch, token))
     from huggingface_hub import CommitOperationAdd
 
-    operations = [
-        CommitOperationAdd(f.path_in_repo, f.local if f.local else card.encode("utf-8"))
-        for f in files
-    ]
+    operations = [CommitOperationAdd(f.path_in_repo, f.local or f.content or b"") for f in files]
     message = commit_message or f"Upload adapter with adapterctl ({len(files)} files)"
     with hub_errors(repo_id, revision, action="upload to"):
         info = hf.create_commit(
@@ -195,8 +247,9 @@ def push_adapter(
             commit_message=message,
             revision=branch,
             create_pr=create_pr,
+            parent_commit=before,  # a commit that landed since repo_info is never overwritten
         )
-    result = PushResult(repo_id, branch, files, card, False, private)
+    result = PushResult(repo_id, branch, files, card, False, private, warnings=notes)
     result.commit_url, result.commit_oid = info.commit_url, info.oid
     result.pull_request_url = info.pr_url
     result.changed = info.oid != before

@@ -95,8 +95,13 @@ def test_push_and_push_again(mode: str, hub: FakeHub, adapter: Path, tmp_path: P
     assert doc["commit_url"].startswith(f"{hub.url}/alice/tiny/commit/")
     files = hub.files("alice/tiny")
     assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert files[name] == (adapter / name).read_bytes()
+    assert (
+        files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+    )
+    # the config goes up as it is but for the base model, which names the card's Hub id
+    pushed = json.loads(files["adapter_config.json"])
+    local = json.loads((adapter / "adapter_config.json").read_text())
+    assert pushed == {**local, "base_model_name_or_path": "org/tiny-llama"}
     card = files["README.md"].decode()
     assert "library_name: peft" in card
     assert "base_model: org/tiny-llama" in card
@@ -136,6 +141,91 @@ def test_card_needs_a_hub_base_model(hub: FakeHub, adapter: Path, tmp_path: Path
     assert hub.log == []
 
 
+def test_push_chooses_adapters_and_leaves_trainer_checkpoints_out(
+    hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    """A training run's folder: the adapter at the root, a second adapter `beta/`, and a Trainer
+    checkpoint `checkpoint-10/` (an adapter with optimizer state beside it). Without --adapter
+    the checkpoint is left out with a warning; --adapter chooses exactly what goes up."""
+    shutil.copytree(adapter, adapter / "beta", ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json", "README.md"))  # fmt: skip
+    shutil.copytree(adapter, adapter / "checkpoint-10", ignore=shutil.ignore_patterns("README.md"))
+    env = client_env(hub, tmp_path / "hf")
+
+    def pushed(*args: str) -> tuple[list[str], str]:
+        result = cli(env, "push", adapter, "alice/run", "--base-model", "org/m", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return [f["path"] for f in json.loads(result.stdout)["files"]], result.stderr
+
+    paths, err = pushed("--dry-run")
+    assert paths == ["adapter_config.json", "adapter_model.safetensors", "beta/adapter_config.json", "beta/adapter_model.safetensors", "README.md"]  # fmt: skip
+    assert "left out 1 Trainer checkpoint folder(s) (checkpoint-10)" in err
+    paths, _ = pushed("--dry-run", "--adapter", "beta")
+    assert paths == ["beta/adapter_config.json", "beta/adapter_model.safetensors", "README.md"]
+    paths, _ = pushed("--adapter", "checkpoint-10")  # a real push of the one chosen
+    assert paths == ["checkpoint-10/adapter_config.json", "checkpoint-10/adapter_model.safetensors", "README.md"]  # fmt: skip
+    assert sorted(hub.files("alice/run")) == sorted(paths)
+    only = tmp_path / "only-checkpoints"
+    shutil.copytree(adapter / "checkpoint-10", only / "checkpoint-10")
+    refused = cli(env, "push", only, "alice/run", "--base-model", "org/m")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"error: `{only}` holds only Trainer checkpoints")
+
+
+def test_pushed_config_names_the_hub_base(hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
+    """A config naming a local base is uploaded naming --base-model (so that PEFT's AutoPeftModel
+    finds the base from the repo); the local file stays as it is."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "my-local-base")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    before = tree_digest(adapter)
+    env = client_env(hub, tmp_path / "hf")
+    result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m")
+    assert result.returncode == 0, result.stderr
+    assert "is uploaded naming base model `org/m`" in result.stderr
+    pushed = json.loads(hub.files("alice/tiny")["adapter_config.json"])
+    assert pushed == {**config, "base_model_name_or_path": "org/m"}
+    assert tree_digest(adapter) == before
+
+
+def test_push_never_overwrites_a_commit_that_landed_meanwhile(
+    hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    hub.put("alice/tiny", {"notes.txt": b"v1"})
+    hub.interject = (r"^POST /api/models/alice/tiny/preupload/", "alice/tiny", {"notes.txt": b"v2"})
+    result = cli(client_env(hub, tmp_path / "hf"), "push", adapter, "alice/tiny", "--base-model", "org/m")  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert errors[0].startswith("error: Hub repo `alice/tiny` changed while pushing"), errors
+    assert errors[1:] == ["hint: push again"]
+    assert hub.files("alice/tiny") == {"notes.txt": b"v2"}  # theirs, and nothing of ours
+    again = cli(client_env(hub, tmp_path / "hf"), "push", adapter, "alice/tiny", "--base-model", "org/m")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert hub.files("alice/tiny")["notes.txt"] == b"v2"
+
+
+@pytest.mark.parametrize("how", ["dropped", "dropped-once", "refused"])
+def test_push_stops_when_the_repo_card_cannot_be_read(
+    how: str, hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    """The repo's card holds tags to keep: if it cannot be fetched (the connection dropped while
+    asking for it, or the server gone just before), nothing is committed: a push on would replace
+    it without them."""
+    hub.put("alice/tiny", {"README.md": b"---\ntags:\n- remote-tag\n---\n"})
+    if how == "dropped":
+        hub.die_on = r"/alice/tiny/resolve/main/README.md"
+    elif how == "dropped-once":  # and the server goes on answering: the commit would succeed
+        hub.drop_once = r"/alice/tiny/resolve/main/README.md"
+    else:
+        hub.stop_after = r"^GET /api/models/alice/tiny/revision/main"
+    result = cli(client_env(hub, tmp_path / "hf"), "push", adapter, "alice/tiny", "--base-model", "org/m")  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert errors[0].startswith("error: "), errors
+    assert "lost the connection to the Hub" in errors[0] or "the Hub cannot be reached" in errors[0]
+    assert "✓" not in result.stdout
+    assert sorted(hub.files("alice/tiny")) == ["README.md"]
+
+
 def test_peft_and_adapterctl_load_what_was_pushed(
     hub: FakeHub, peft_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -164,7 +254,6 @@ out["ours_beta"] = logits(AdapterModel.from_pretrained(tiny_llama(), "alice/mult
 out["ours_root"] = logits(AdapterModel.from_pretrained(tiny_llama(), "alice/multi")).tolist()
 print(json.dumps(out))
 """
-    online = python(env, code + "\n# online")
     online = subprocess.run([sys.executable, "-c", code, "online"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)  # fmt: skip
     assert online.returncode == 0, online.stderr[-3000:]
     got = json.loads(online.stdout.splitlines()[-1])
@@ -223,7 +312,7 @@ def test_remote_inspect_reads_headers_only(hub: FakeHub, tmp_path: Path) -> None
     for a, b in zip(r["adapters"], lo["adapters"], strict=True):
         assert a["tensors"] == b["tensors"]
         assert a["modules"] == b["modules"]
-        assert a["config"] == b["config"]
+        assert a["config"] == {**b["config"], "base_model_name_or_path": "org/m"}  # as pushed
     weights = [e for e in hub.log if e.path.endswith(".safetensors")]
     assert weights, "no header reads logged"
     sizes = {p: len(d) for p, d in hub.files("alice/multi").items()}
@@ -247,10 +336,12 @@ def test_private_repos_branches_and_pull_requests(
     assert hub.repos["alice/secret"].private
     assert cli(env, "inspect", "alice/secret").returncode == 0
     anonymous = cli(client_env(hub, tmp_path / "hf2", token=None), "inspect", "alice/secret")
+    hidden = "has no repo `alice/secret` (or it is private and the token given cannot see it)"
     assert anonymous.returncode == 1
-    assert "private" in anonymous.stderr
+    assert hidden in anonymous.stderr.splitlines()[0], anonymous.stderr
     bob = cli(client_env(hub, tmp_path / "hf3", token="tok-bob-secret"), "inspect", "alice/secret")
     assert bob.returncode == 1
+    assert hidden in bob.stderr.splitlines()[0], bob.stderr
     # a branch
     (adapter / "adapter_config.json").write_text(
         (adapter / "adapter_config.json").read_text().replace('"lora_dropout": 0.0', '"lora_dropout": 0.1')
@@ -303,7 +394,7 @@ def test_unknown_repo_revision_and_file(hub: FakeHub, adapter: Path, tmp_path: P
     env = client_env(hub, tmp_path / "hf")
     assert cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m").returncode == 0
     cases = [
-        (["inspect", "alice/nope"], "the Hub at"),
+        (["inspect", "alice/nope"], "has no repo `alice/nope`"),
         (["inspect", "alice/tiny", "--revision", "nope"], "has no revision `nope`"),
         (["select", "alice/tiny", tmp_path / "o", "--adapter", "default", "--revision", "nope"], "has no revision `nope`"),
         (["inspect", "alice/tiny", "--subfolder", "nope"], "has no `adapter_config.json` in `nope`"),
@@ -328,7 +419,10 @@ def test_server_dying_mid_upload_is_never_a_success(
     )
     result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr.startswith("error: "), result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert errors[0].startswith(
+        ("error: lost the connection to the Hub", "error: upload to `alice/tiny` failed")
+    ), errors
     assert "✓" not in result.stdout
     assert "Traceback" not in result.stderr
     assert hub.files("alice/tiny") == {}
@@ -434,3 +528,41 @@ def test_convert_from_hub_pairs_and_base(hub: FakeHub, base_dir: Path, tmp_path:
     assert remote.returncode == 0, remote.stderr
     assert local.returncode == 0, local.stderr
     assert (tmp_path / "r2" / name).read_bytes() == (tmp_path / "l2" / name).read_bytes()
+
+
+def test_push_shows_upload_bars_on_a_terminal(hub: FakeHub, tmp_path: Path) -> None:
+    """On a terminal, a large file's upload shows huggingface_hub's progress bar on stderr, drawn
+    as it is (no spinner of ours over it, which would capture and mangle it)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from tests.helpers import Q, lora_tensors, write_adapter
+
+    big = write_adapter(tmp_path / "big", lora_tensors(Q, r=256, d_in=8192, d_out=8192), {"r": 256})
+    env = client_env(hub, tmp_path / "hf")
+    del env["HF_HUB_DISABLE_PROGRESS_BARS"]
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterctl", "push", str(big), "alice/big", "--base-model", "org/m"],
+        stdin=follower, stdout=follower, stderr=follower, env=env, cwd=ROOT,
+    )  # fmt: skip
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, seen.decode(errors="replace")
+    text = seen.decode(errors="replace")
+    assert any(e.method == "PUT" for e in hub.log)  # the weights went up as an LFS object
+    assert "adapter_model.safetensors: 100%|" in text, text
+    assert "16.8M/16.8M" in text, text
+    assert "\x1b[" not in text.split("adapter_model.safetensors: 100%|", 1)[1].split("\n", 1)[0]

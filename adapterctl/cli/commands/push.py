@@ -73,20 +73,20 @@ def push_cmd(
     """
     from adapterctl.ops.push import push_adapter
 
-    with output.status() as step:
-        step(f"pushing to {repo_id}")
-        result = push_adapter(
-            source,
-            repo_id,
-            adapters=adapter or None,
-            private=private,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message,
-            base_model=base_model,
-            token=token,
-            dry_run=dry_run,
-        )
+    # No spinner here: huggingface_hub draws its own upload bars on stderr, and a rich spinner
+    # would capture stderr under it and break them.
+    result = push_adapter(
+        source,
+        repo_id,
+        adapters=adapter or None,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        base_model=base_model,
+        token=token,
+        dry_run=dry_run,
+    )
     if json_:
         output.emit_json(result.to_dict())
     else:
