@@ -41,11 +41,17 @@ def _default_text(config: LoraConfig, base: str | None) -> str:
     )
 
 
-def card_text(config: LoraConfig, existing: str | None, model_tags: list[str] | None = None) -> str:
-    """The README.md to write: `existing` (a card already there) updated, or a new one."""
+def card_text(
+    config: LoraConfig,
+    existing: str | None,
+    model_tags: list[str] | None = None,
+    base_model: str | None = None,
+) -> str:
+    """The README.md to write: `existing` (a card already there) updated, or a new one. The base
+    model is `base_model` (a Hub id already checked), else the config's when it is a Hub id."""
     from huggingface_hub import ModelCard
 
-    base = hub_id(config.base_model_name_or_path)
+    base = base_model or hub_id(config.base_model_name_or_path)
     body = existing if existing is not None else _default_text(config, base)
     if not body.startswith("---"):  # no front matter yet: start one
         body = f"---\nlibrary_name: peft\n---\n{body}"

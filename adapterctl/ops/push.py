@@ -89,8 +89,8 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 def _base_model(config: LoraConfig, override: str | None) -> str:
-    if override is not None:
-        if hub_id(override) is None:
+    if override is not None:  # said to be a Hub id: a local folder of that name does not matter
+        if not valid_repo_id(override):
             raise AdapterctlError(
                 f"--base-model `{override}` is not a Hub repo id",
                 hint="the card links the base model on the Hub: pass OWNER/NAME",
@@ -201,7 +201,9 @@ def with_card(
     files: list[PushFile], config: LoraConfig, source: str | os.PathLike[str], remote: str | None
 ) -> tuple[list[PushFile], str]:
     """`files` and the card: SOURCE's own card (or a new one), with the repo's card's tags too."""
-    card = card_text(config, read_card(Path(source)), card_tags(remote))
+    card = card_text(
+        config, read_card(Path(source)), card_tags(remote), config.base_model_name_or_path
+    )
     data = card.encode("utf-8")
     return [*files, PushFile(README_NAME, len(data), None, data)], card
 

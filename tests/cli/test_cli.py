@@ -220,3 +220,17 @@ def test_select_bad_rename_is_a_failure_not_a_crash(tmp_path: Path) -> None:
     result = invoke("select", src, tmp_path / "o", "-a", "default", "--rename", "nonsense")
     assert result.exit_code == 1
     assert result.stderr.startswith("error: invalid rename 'nonsense'")
+
+
+def test_push_base_model_is_a_hub_id_whatever_lies_in_the_cwd(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--base-model gpt2` names the Hub's gpt2 even when a folder `gpt2` lies in the current
+    directory (it is said to be a Hub id; only the config's name is taken for a local path)."""
+    (tmp_path / "gpt2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = invoke("push", adapter, "alice/x", "--base-model", "gpt2", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    card = json.loads(result.stdout)["card"]
+    assert "base_model: gpt2" in card
+    assert "base_model:adapter:gpt2" in card
