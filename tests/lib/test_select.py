@@ -236,9 +236,12 @@ def test_output_that_holds_the_source_is_refused(tmp_path: Path) -> None:
     assert (run / "notes.txt").read_text() == "keep me"
 
 
-def test_interrupt_between_the_renames_puts_the_old_output_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_interrupt_at_the_second_rename_of_a_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
+    """An interrupt just before the new output is renamed in puts the old one back; just after,
+    the new one stays. Either way nothing else is left beside it."""
     import adapterctl.format.atomic as atomic
 
     src = write_adapter(tmp_path / "src")
@@ -250,16 +253,21 @@ def test_interrupt_between_the_renames_puts_the_old_output_back(
 
     def rename(a: object, b: object) -> None:
         calls.append((a, b))
-        if len(calls) == 2:  # dest -> aside done; now the new one would be renamed in
+        if len(calls) == 2 and when == "before":  # dest -> aside done; the new one next
             raise KeyboardInterrupt
         real_rename(a, b)  # type: ignore[arg-type]
+        if len(calls) == 2:  # the new one is in; the interrupt comes before the next line
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(atomic.os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
         select_adapters(src, out, ["default"], force=True)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
-    assert (out / "old.txt").read_text() == "old"
+    if when == "before":
+        assert _files(out) == ["old.txt"]
+    else:
+        assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
@@ -292,29 +300,3 @@ def test_output_that_appears_after_the_last_check(
         assert (out / "winner.txt").read_text() == "theirs"
         assert _files(out) == ["winner.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
-
-
-def test_interrupt_just_after_the_swap_keeps_the_new_output(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import adapterctl.format.atomic as atomic
-
-    src = write_adapter(tmp_path / "src")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    real_rename = os.rename
-    calls = []
-
-    def rename(a: object, b: object) -> None:
-        calls.append((a, b))
-        real_rename(a, b)  # type: ignore[arg-type]
-        if len(calls) == 2:  # the new one is in; the interrupt arrives before the next line
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(atomic.os, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
-        select_adapters(src, out, ["default"], force=True)
-    monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
-    assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]
