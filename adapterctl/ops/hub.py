@@ -129,6 +129,11 @@ def hub_errors(
             hint=token_hint,
         ) from None
     except errors.RepositoryNotFoundError:
+        if action != "read":  # the Hub answers 401 as "not found" on https repo URLs for writes
+            raise AdapterctlError(
+                f"authentication failed for {repo_id}",
+                hint=f"{token_hint}, with a token that may write to `{repo_id}`",
+            ) from None
         raise AdapterNotFoundError(
             f"`{repo_id}` is not a local path, and the Hub at {shown_endpoint()} has no repo "
             f"`{repo_id}` (or it is private and the token given cannot see it)",

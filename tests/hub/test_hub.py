@@ -566,3 +566,29 @@ def test_push_shows_upload_bars_on_a_terminal(hub: FakeHub, tmp_path: Path) -> N
     assert "adapter_model.safetensors: 100%|" in text, text
     assert "16.8M/16.8M" in text, text
     assert "\x1b[" not in text.split("adapter_model.safetensors: 100%|", 1)[1].split("\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("action", "first_line"),
+    [
+        ("read", "`alice/x` is not a local path, and the Hub at"),
+        ("write to", "authentication failed for alice/x"),
+    ],
+)
+def test_repo_not_found_on_a_write_is_an_authentication_failure(
+    action: str, first_line: str
+) -> None:
+    """On https URLs the client turns the Hub's 401 for a repo into RepositoryNotFoundError
+    (a rule the http:// test server never triggers): for a write, that is a token problem."""
+    import httpx2
+    from huggingface_hub import errors
+
+    from adapterctl.errors import AdapterctlError
+    from adapterctl.ops.hub import hub_errors
+
+    response = httpx2.Response(
+        401, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    )
+    with pytest.raises(AdapterctlError) as info, hub_errors("alice/x", action=action):
+        raise errors.RepositoryNotFoundError("401 Client Error", response=response)
+    assert info.value.message.startswith(first_line)
