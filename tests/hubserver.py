@@ -69,7 +69,7 @@ class FakeHub:
         # (regex over "METHOD path", repo id, files): commit `files` to that repo's main the
         # first time a request matches, before answering it, as another client's commit would
         self.interject: tuple[str, str, dict[str, bytes]] | None = None
-        self.stop_after: str | None = None  # a regex: answer that request, then stop serving
+        self.stop_after: str | None = None  # a regex: answer that request, die at the next
         self.drop_once: str | None = None  # a regex: drop that request's connection, go on serving
         self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -266,9 +266,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 pass
             if hub.stop_after and re.search(hub.stop_after, f"{self.command} {self.path}"):
-                self.wfile.flush()
-                self.close_connection = True
-                hub.stop()  # from this handler's thread; what follows is refused
+                hub.stop_after = None
+                hub.die_on = ".*"  # the next request, whichever it is, finds the server dying
 
         def _route(self, segs: list[str], query: dict[str, list[str]]) -> None:
             m, n = self.command, len(segs)

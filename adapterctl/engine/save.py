@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adapterctl.engine.layers import LoraLayer, param
-from adapterctl.errors import AdapterctlError, AdapterFormatError
+from adapterctl.errors import AdapterctlError
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, reload_drift
 from adapterctl.format.dtypes import BY_TORCH_NAME
 from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, stored_key
@@ -232,15 +232,14 @@ def _converted(
     """The one conversion `adapterctl convert` uses, applied to the live adapter's tensors."""
     import numpy as np
 
-    from adapterctl.format.layout import find_adapters
     from adapterctl.ops.conversion import convert_tensors, converted_config
+    from adapterctl.ops.convert import one_adapter
     from adapterctl.ops.rawtensor import OpenStore, RawTensor
 
-    found = find_adapters(initial_dir)  # safetensors or .bin (weights_only), as PEFT reads it
-    if found[0].config_path is None:
-        raise AdapterFormatError(f"`{initial_dir}` has no `{CONFIG_NAME}`")
-    initial_config = LoraConfig.from_file(found[0].config_path)
-    with OpenStore(found[0].weights_path, found[0].format) as store:
+    files = one_adapter(initial_dir, "initial adapter")  # safetensors or .bin (weights_only)
+    assert files.config_path is not None
+    initial_config = LoraConfig.from_file(files.config_path)
+    with OpenStore(files.weights_path, files.format) as store:
         initial = {k: store.get(k) for k in store.specs()}
     trained = {}
     for key, t in sd.items():

@@ -321,12 +321,13 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def edited_json(text: str, **fields: Any) -> str:
-    """A config file's JSON with `fields` set and everything else as the file has it (list order
-    included), written as PEFT writes configs."""
-    doc = json.loads(text)
+def edited_json(raw: bytes, **fields: Any) -> str:
+    """A config file's JSON (bytes, as `from_file` reads them: a BOM or UTF-16 is fine) with
+    `fields` set and everything else as the file has it: key order too, nested keys included,
+    since `rank_pattern`/`alpha_pattern` are tried in file order (Trap T1)."""
+    doc = json.loads(raw, parse_constant=_reject_constant)
     doc.update(fields)
-    return json.dumps(doc, indent=2, sort_keys=True)
+    return json.dumps(doc, indent=2)
 
 
 def reload_drift(config: LoraConfig, modules: list[str]) -> list[str]:

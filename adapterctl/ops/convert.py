@@ -14,7 +14,7 @@ from typing import Any
 
 from adapterctl.errors import AdapterFormatError, ConversionError
 from adapterctl.format.atomic import atomic_directory, check_not_inside, check_output
-from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.ops.conversion import (
@@ -89,7 +89,8 @@ class VerificationFailed(ConversionError):
         self.result = result
 
 
-def _one_adapter(path: str | os.PathLike[str], what: str) -> AdapterFiles:
+def one_adapter(path: str | os.PathLike[str], what: str) -> AdapterFiles:
+    """The one adapter at `path` (a conversion's source or initial adapter), with its config."""
     found = find_adapters(path)
     if len(found) != 1:
         raise ConversionError(
@@ -100,7 +101,7 @@ def _one_adapter(path: str | os.PathLike[str], what: str) -> AdapterFiles:
     files = found[0]
     if files.config_path is None:
         raise AdapterFormatError(
-            f"`{files.weights_path}` has no `{CONFIG_NAME}` beside it; convert needs the config"
+            f"`{files.weights_path}` has no `{CONFIG_NAME}` beside it; a conversion needs the config"
         )
     for message in files.warnings:
         log.warning("%s", message)
@@ -159,7 +160,7 @@ def convert_adapter(
     source = adapter_source(source, revision, subfolder, token)
     initial = adapter_source(initial, token=token) if initial is not None else None
     base = base_source(base, token=token) if base is not None else None
-    files = _one_adapter(source, "source")
+    files = one_adapter(source, "source")
     assert files.config_path is not None
     nothing = (initial, base, code, rank, energy) == (None,) * 5
     if nothing and files.format == "safetensors":
@@ -175,14 +176,14 @@ def convert_adapter(
         provider: Initial | None = None
         method = None
         if initial is not None:
-            init_files = _one_adapter(initial, "initial adapter")
+            init_files = one_adapter(initial, "initial adapter")
             assert init_files.config_path is not None
             init_store = stack.enter_context(OpenStore(init_files.weights_path, init_files.format))
             init_config = LoraConfig.from_file(init_files.config_path)
             provider = SavedInitial(init_store, init_config)
             # what the pair says it was (either config may already say `true`), else null
             inits = (config.init_lora_weights, init_config.init_lora_weights)
-            method = next((m for m in inits if isinstance(m, str)), None)
+            method = next((str(m) for m in inits if residual_init(m)), None)
         elif base is not None:
             from adapterctl.ops.basecheckpoint import BaseCheckpoint
 

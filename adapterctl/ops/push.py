@@ -88,7 +88,8 @@ def _check_repo_id(repo_id: str) -> None:
         )
 
 
-def _base_model(config: LoraConfig, override: str | None) -> str:
+def _base_model(configs: list[LoraConfig], override: str | None) -> str:
+    """The card's base model: `--base-model`, else the one Hub id the adapters' configs name."""
     if override is not None:  # said to be a Hub id: a local folder of that name does not matter
         if not valid_repo_id(override):
             raise AdapterctlError(
@@ -96,12 +97,19 @@ def _base_model(config: LoraConfig, override: str | None) -> str:
                 hint="the card links the base model on the Hub: pass OWNER/NAME",
             )
         return override
-    name = config.base_model_name_or_path
-    if hub_id(name) is not None:
-        return str(name)
-    if name:
+    names = [c.base_model_name_or_path for c in configs]
+    ids = sorted({str(n) for n in names if hub_id(n) is not None})
+    if len(ids) > 1:
         raise AdapterctlError(
-            f"the adapter's base model is the local path `{name}`, which means nothing on the Hub",
+            f"the adapters name different base models ({', '.join(ids)})",
+            hint="push them to separate repos, or pass --base-model OWNER/NAME",
+        )
+    if ids:
+        return ids[0]
+    local = next((n for n in names if n), None)
+    if local:
+        raise AdapterctlError(
+            f"the adapter's base model is the local path `{local}`, which means nothing on the Hub",
             hint="pass --base-model OWNER/NAME, the Hub id of that base model",
         )
     raise AdapterctlError(
@@ -109,9 +117,10 @@ def _base_model(config: LoraConfig, override: str | None) -> str:
     )
 
 
-def _remote_card(repo_id: str, revision: str | None, token: str | None) -> str | None:
-    """The repo's README.md, or None when the repo has none. Any other failure (the Hub not
-    reachable, say) is an error: pushing on would replace the card without its tags."""
+def _remote_card(repo_id: str, revision: str, token: str | None) -> str | None:
+    """The repo's README.md at `revision` (a commit id), or None when it has none. Any other
+    failure (the Hub not reachable, say) is an error: pushing on would replace the card without
+    its tags."""
     from huggingface_hub import errors, hf_hub_download
 
     with hub_errors(repo_id, revision, README_NAME):
@@ -123,7 +132,7 @@ def _remote_card(repo_id: str, revision: str | None, token: str | None) -> str |
             raise
         except errors.EntryNotFoundError:  # the Hub answered: no such file
             return None
-    return Path(path).read_text(encoding="utf-8")
+    return Path(path).read_bytes().decode("utf-8")  # not UTF-8: a clear error in with_card
 
 
 def _is_trainer_checkpoint(directory: Path | None) -> bool:
@@ -161,12 +170,8 @@ def plan_push(
                 f"left out {len(checkpoints)} Trainer checkpoint folder(s) "
                 f"({', '.join(a.name for a in checkpoints)}); choose one with --adapter NAME"
             )
-    first = next((a for a in picked if a.name == DEFAULT_ADAPTER), picked[0])
-    assert first.config_path is not None
-    first_config = LoraConfig.from_file(first.config_path)
-    hub_base = _base_model(first_config, base_model)
-    files: list[PushFile] = []
-    for adapter in picked:
+    configs = []
+    for adapter in picked:  # every chosen adapter passes the check before anything else
         report = report_adapter(adapter)
         if report.errors:
             raise AdapterctlError(
@@ -174,13 +179,17 @@ def plan_push(
                 hint=f"run `adapterctl inspect {source} --check` for the whole report",
             )
         assert adapter.config_path is not None
+        configs.append(LoraConfig.from_file(adapter.config_path))
+    hub_base = _base_model(configs, base_model)
+    files: list[PushFile] = []
+    for adapter, config in zip(picked, configs, strict=True):
+        assert adapter.config_path is not None
         sub = adapter_subdir(adapter.name) if adapter.directory != root else ""
         weights = SAFETENSORS_NAME if adapter.format == "safetensors" else BIN_NAME
         config_in_repo = f"{sub}/{CONFIG_NAME}" if sub else CONFIG_NAME
-        config = LoraConfig.from_file(adapter.config_path)
         if config.base_model_name_or_path != hub_base:
             # what PEFT's AutoPeftModel reads from the repo must name the base on the Hub
-            raw = adapter.config_path.read_text(encoding="utf-8")
+            raw = adapter.config_path.read_bytes()
             text = edited_json(raw, base_model_name_or_path=hub_base).encode()
             files.append(PushFile(config_in_repo, len(text), None, text))
             if config.base_model_name_or_path:  # filling in a missing name needs no word
@@ -189,21 +198,34 @@ def plan_push(
                     f"file names `{config.base_model_name_or_path}`)"
                 )
         else:
-            files.append(
-                PushFile(config_in_repo, adapter.config_path.stat().st_size, adapter.config_path)
-            )
+            size = adapter.config_path.stat().st_size
+            files.append(PushFile(config_in_repo, size, adapter.config_path))
         local = adapter.weights_path
         files.append(PushFile(f"{sub}/{weights}" if sub else weights, local.stat().st_size, local))
-    return files, first_config.replace(base_model_name_or_path=hub_base), notes
+    first = next(
+        (c for a, c in zip(picked, configs, strict=True) if a.name == DEFAULT_ADAPTER), configs[0]
+    )
+    return files, first.replace(base_model_name_or_path=hub_base), notes
 
 
 def with_card(
     files: list[PushFile], config: LoraConfig, source: str | os.PathLike[str], remote: str | None
 ) -> tuple[list[PushFile], str]:
     """`files` and the card: SOURCE's own card (or a new one), with the repo's card's tags too."""
-    card = card_text(
-        config, read_card(Path(source)), card_tags(remote), config.base_model_name_or_path
-    )
+    local = Path(source) / README_NAME
+    where = "the repo's README.md"
+    try:
+        tags = card_tags(remote)
+        where = f"`{local}`"
+        card = card_text(config, read_card(Path(source)), tags, config.base_model_name_or_path)
+    except Exception as e:  # bad bytes, or front matter that is not YAML (PyYAML's errors)
+        if not isinstance(e, ValueError) and not type(e).__module__.startswith("yaml"):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AdapterctlError(
+            f"{where} is not a model card adapterctl can update: {first}",
+            hint="fix its front matter (YAML between --- lines) or remove it",
+        ) from None
     data = card.encode("utf-8")
     return [*files, PushFile(README_NAME, len(data), None, data)], card
 
@@ -237,7 +259,8 @@ def push_adapter(
             hf.create_branch(repo_id, branch=revision, exist_ok=True)
         info = hf.repo_info(repo_id, revision=branch)
     before, private = info.sha, bool(info.private)  # an existing repo keeps its visibility
-    files, card = with_card(adapter_files, config, source, _remote_card(repo_id, branch, token))
+    # the card is read at the very commit the push is made on (never a cached other one)
+    files, card = with_card(adapter_files, config, source, _remote_card(repo_id, before, token))
     from huggingface_hub import CommitOperationAdd
 
     operations = [CommitOperationAdd(f.path_in_repo, f.local or f.content or b"") for f in files]

@@ -125,7 +125,12 @@ def test_multi_adapter_source(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("trained_init", "initial_init", "expected"),
-    [("pissa", True, "pissa"), (True, "olora", "olora"), (True, True, None)],
+    [
+        ("pissa", True, "pissa"),
+        (True, "olora", "olora"),
+        (True, True, None),
+        ("gaussian", "pissa", "pissa"),  # not a residual init: not what was converted
+    ],
 )
 def test_converted_from_names_the_method(
     tmp_path: Path, trained_init: object, initial_init: object, expected: str | None

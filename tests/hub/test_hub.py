@@ -173,18 +173,64 @@ def test_push_chooses_adapters_and_leaves_trainer_checkpoints_out(
 
 def test_pushed_config_names_the_hub_base(hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
     """A config naming a local base is uploaded naming --base-model (so that PEFT's AutoPeftModel
-    finds the base from the repo); the local file stays as it is."""
+    finds the base from the repo), everything else as the file has it: key order too, where
+    overlapping rank_pattern keys mean something (Trap T1), and a BOM is no problem; the local
+    file stays as it is."""
+    from adapterctl.format.config import LoraConfig
+
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "my-local-base")
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    patterns = {"q_proj": 4, "layers.0.self_attn.q_proj": 4}  # unsorted: file order decides
+    config["rank_pattern"] = patterns
+    (adapter / "adapter_config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode())
     before = tree_digest(adapter)
     env = client_env(hub, tmp_path / "hf")
     result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/m")
     assert result.returncode == 0, result.stderr
     assert "is uploaded naming base model `org/m`" in result.stderr
-    pushed = json.loads(hub.files("alice/tiny")["adapter_config.json"])
+    raw = hub.files("alice/tiny")["adapter_config.json"]
+    pushed = json.loads(raw)
     assert pushed == {**config, "base_model_name_or_path": "org/m"}
+    assert list(pushed) == list(config)  # key order kept
+    assert list(pushed["rank_pattern"]) == list(patterns)
+    assert LoraConfig.from_json(raw).base_model_name_or_path == "org/m"
     assert tree_digest(adapter) == before
+
+
+def test_push_refuses_adapters_naming_different_bases(
+    hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(adapter, adapter / "beta", ignore=shutil.ignore_patterns("optimizer.pt", "trainer_state.json", "README.md"))  # fmt: skip
+    for folder, base in ((adapter, "org/a"), (adapter / "beta", "org/b")):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))  # fmt: skip
+    env = client_env(hub, tmp_path / "hf")
+    result = cli(env, "push", adapter, "alice/tiny", "--dry-run")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the adapters name different base models (org/a, org/b)")
+    forced = cli(env, "push", adapter, "alice/tiny", "--dry-run", "--base-model", "org/a", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert "`beta/adapter_config.json` is uploaded naming base model `org/a`" in forced.stderr
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_a_card_that_cannot_be_updated_is_an_error_line(
+    where: str, hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    broken = b"---\ntags: [unclosed\n---\n# card\n"
+    if where == "local":
+        (adapter / "README.md").write_bytes(broken)
+    else:
+        hub.put("alice/tiny", {"README.md": broken})
+    result = cli(client_env(hub, tmp_path / "hf"), "push", adapter, "alice/tiny", "--base-model", "org/m")  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    named = f"`{adapter / 'README.md'}`" if where == "local" else "the repo's README.md"
+    assert errors[0].startswith(f"error: {named} is not a model card adapterctl can update"), errors
+    assert errors[1].startswith("hint: "), errors
+    assert (
+        "adapter_config.json" not in hub.files("alice/tiny") if "alice/tiny" in hub.repos else True
+    )
 
 
 def test_push_never_overwrites_a_commit_that_landed_meanwhile(
@@ -212,9 +258,9 @@ def test_push_stops_when_the_repo_card_cannot_be_read(
     it without them."""
     hub.put("alice/tiny", {"README.md": b"---\ntags:\n- remote-tag\n---\n"})
     if how == "dropped":
-        hub.die_on = r"/alice/tiny/resolve/main/README.md"
+        hub.die_on = r"/alice/tiny/resolve/[0-9a-f]{40}/README.md"  # at the parent commit
     elif how == "dropped-once":  # and the server goes on answering: the commit would succeed
-        hub.drop_once = r"/alice/tiny/resolve/main/README.md"
+        hub.drop_once = r"/alice/tiny/resolve/[0-9a-f]{40}/README.md"  # at the parent commit
     else:
         hub.stop_after = r"^GET /api/models/alice/tiny/revision/main"
     result = cli(client_env(hub, tmp_path / "hf"), "push", adapter, "alice/tiny", "--base-model", "org/m")  # fmt: skip
@@ -550,17 +596,29 @@ def test_push_shows_upload_bars_on_a_terminal(hub: FakeHub, tmp_path: Path) -> N
         stdin=follower, stdout=follower, stderr=follower, env=env, cwd=ROOT,
     )  # fmt: skip
     os.close(follower)
+    import select
+    import time
+
     seen = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed: the process is done
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(leader)
-    assert proc.wait(timeout=120) == 0, seen.decode(errors="replace")
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=30) == 0, seen.decode(errors="replace")
+    finally:
+        proc.kill()
+        os.close(leader)
     text = seen.decode(errors="replace")
     assert any(e.method == "PUT" for e in hub.log)  # the weights went up as an LFS object
     assert "adapter_model.safetensors: 100%|" in text, text

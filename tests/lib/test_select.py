@@ -300,3 +300,30 @@ def test_output_that_appears_after_the_last_check(
         assert (out / "winner.txt").read_text() == "theirs"
         assert _files(out) == ["winner.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_force_replaces_an_output_that_appears_at_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --force, an output another writer puts in place after every check (the rename meets
+    it: ENOTEMPTY) is replaced whole, as one that was there from the start would be."""
+    import adapterctl.format.atomic as atomic
+
+    src = write_adapter(tmp_path / "src")
+    out = tmp_path / "out"
+    real_rename = os.rename
+    calls: list[tuple[object, object]] = []
+
+    def race_then_rename(a: object, b: object) -> None:
+        calls.append((a, b))
+        if len(calls) == 1:  # tmp -> out: the other writer got there first
+            out.mkdir()
+            (out / "winner.txt").write_text("theirs")
+        real_rename(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(atomic.os, "rename", race_then_rename)
+    select_adapters(src, out, ["default"], force=True)
+    monkeypatch.undo()
+    assert len(calls) == 3  # the failed rename, then out -> aside and tmp -> out
+    assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
