@@ -148,7 +148,7 @@ def report_side_by_side(
     print()
     for g in goals:
         verdict = "met" if g.met else "NOT MET"
-        print(f"{g.name:36} {g.value:8.3f}x  <= {g.limit}x  {verdict}  {g.detail}")
+        print(f"{g.name:36} {g.value:8.3f}{g.unit}  <= {g.limit}{g.unit}  {verdict}  {g.detail}")
     path = OUT / f"{name}-results.json"
     payload = {"schema_version": 1, "runs": runs, "medians": medians, **extra}
     payload |= {"versions": versions(), "targets": [g.to_dict() for g in goals]}
