@@ -222,19 +222,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return None
 
         def _dying(self) -> bool:
-            if hub.drop_once and re.search(hub.drop_once, f"{self.command} {self.path}"):
+            request = f"{self.command} {self.path}"
+            once = bool(hub.drop_once and re.search(hub.drop_once, request))
+            if not once and not (hub.die_on and re.search(hub.die_on, request)):
+                return False
+            self._body()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            if once:
                 hub.drop_once = None  # this request's connection only; the server goes on
-                self._body()
-                self.close_connection = True
-                self.connection.shutdown(2)
-                return True
-            if hub.die_on and re.search(hub.die_on, f"{self.command} {self.path}"):
-                self._body()
-                self.close_connection = True
-                self.connection.shutdown(2)
+            else:
                 threading.Thread(target=hub.stop, daemon=True).start()  # refuse what follows
-                return True
-            return False
+            return True
 
         # --- dispatch ---------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The one error boundary: every command is wrapped in it at registration.
 
 AdapterctlError -> `error:`/`hint:` (or a JSON object under --json) and its exit code (1);
-KeyboardInterrupt -> 130; MemoryError -> `error: out of memory` (1); anything else is a bug -> exit 3 with a hint to rerun with
-ADAPTERCTL_DEBUG=1, which re-raises so the traceback shows.
+KeyboardInterrupt -> 130; MemoryError -> `error: out of memory` (1); anything else is a bug ->
+exit 3 with a hint to rerun with ADAPTERCTL_DEBUG=1, which re-raises so the traceback shows.
 """
 
 from __future__ import annotations

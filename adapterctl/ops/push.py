@@ -117,7 +117,7 @@ def _base_model(configs: list[LoraConfig], override: str | None) -> str:
     )
 
 
-def _remote_card(repo_id: str, revision: str, token: str | None) -> str | None:
+def _remote_card(repo_id: str, revision: str, token: str | None) -> bytes | None:
     """The repo's README.md at `revision` (a commit id), or None when it has none. Any other
     failure (the Hub not reachable, say) is an error: pushing on would replace the card without
     its tags."""
@@ -132,7 +132,7 @@ def _remote_card(repo_id: str, revision: str, token: str | None) -> str | None:
             raise
         except errors.EntryNotFoundError:  # the Hub answered: no such file
             return None
-    return Path(path).read_bytes().decode("utf-8")  # not UTF-8: a clear error in with_card
+    return Path(path).read_bytes()  # decoded in with_card, where bad bytes are an error line
 
 
 def _is_trainer_checkpoint(directory: Path | None) -> bool:
@@ -209,13 +209,13 @@ def plan_push(
 
 
 def with_card(
-    files: list[PushFile], config: LoraConfig, source: str | os.PathLike[str], remote: str | None
+    files: list[PushFile], config: LoraConfig, source: str | os.PathLike[str], remote: bytes | None
 ) -> tuple[list[PushFile], str]:
     """`files` and the card: SOURCE's own card (or a new one), with the repo's card's tags too."""
     local = Path(source) / README_NAME
     where = "the repo's README.md"
     try:
-        tags = card_tags(remote)
+        tags = card_tags(remote.decode("utf-8") if remote is not None else None)
         where = f"`{local}`"
         card = card_text(config, read_card(Path(source)), tags, config.base_model_name_or_path)
     except Exception as e:  # bad bytes, or front matter that is not YAML (PyYAML's errors)

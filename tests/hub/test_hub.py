@@ -213,12 +213,14 @@ def test_push_refuses_adapters_naming_different_bases(
     assert "`beta/adapter_config.json` is uploaded naming base model `org/a`" in forced.stderr
 
 
-@pytest.mark.parametrize("where", ["local", "remote"])
+@pytest.mark.parametrize("where", ["local", "remote", "remote-not-utf8"])
 def test_a_card_that_cannot_be_updated_is_an_error_line(
     where: str, hub: FakeHub, adapter: Path, tmp_path: Path
 ) -> None:
     broken = b"---\ntags: [unclosed\n---\n# card\n"
-    if where == "local":
+    if where == "remote-not-utf8":
+        hub.put("alice/tiny", {"README.md": b"---\ntags:\n- caf\xe9\n---\n"})
+    elif where == "local":
         (adapter / "README.md").write_bytes(broken)
     else:
         hub.put("alice/tiny", {"README.md": broken})
