@@ -37,8 +37,9 @@ class FieldRule:
     """What one LoraConfig field does to a loaded layer.
 
     off: the values that leave a VARIANT off, as PEFT tests them: "null" (only null is off: PEFT
-    turns any object, `{}` included, into its sub-config, which is then on) or "falsy" (PEFT tests
-    `bool(value)`: null, false, 0 and empty lists/objects are off).
+    turns any object, `{}` included, into its sub-config, which is then on), "falsy" (PEFT tests
+    `bool(value)`: null, false, 0 and empty lists/objects are off) or "object" (PEFT turns an
+    object, `{}` included, into its sub-config and tests `bool()` of anything else).
     tensors: name parts (`.lora_diag`) of the tensors the variant stores next to lora_A/lora_B.
     free_shapes: the variant's lora_A/lora_B are not (r, in) and (out, r), so their shapes are no
     error.
@@ -54,7 +55,9 @@ class FieldRule:
     def is_on(self, value: Any) -> bool:
         if self.kind != VARIANT:
             return False
-        return value is not None if self.off == "null" else bool(value)
+        if self.off == "null":
+            return value is not None
+        return bool(value) or (self.off == "object" and isinstance(value, dict))
 
 
 _C, _I, _V = COMPUTED, INERT, VARIANT
@@ -113,8 +116,9 @@ FIELDS: tuple[FieldRule, ...] = (
     # for a GPTQ base, which adapterctl does not load
     FieldRule("use_qalora", _V, "QALoRA", off="falsy"),
     FieldRule("qalora_group_size", _I),  # read only when use_qalora is on
-    # variants.py:MontecloraLinearVariant, `is_lora_variant` (stores lora_monteclora_sampler)
-    FieldRule("monteclora_config", _V, "MonteCLoRA", tensors=(".lora_monteclora_",)),
+    # variants.py:MontecloraLinearVariant, `is_lora_variant` (stores lora_monteclora_sampler);
+    # __post_init__ converts only an object into MontecloraConfig
+    FieldRule("monteclora_config", _V, "MonteCLoRA", off="object", tensors=(".lora_monteclora_",)),
     # model.py:_prepare_model: `if peft_config.layer_replication:` stacks copies of layers
     FieldRule("layer_replication", _V, "layer replication", off="falsy"),
     FieldRule("runtime_config", _I),  # LoraConfig.to_dict drops it: never in a saved config
