@@ -185,9 +185,15 @@ def refuse_variants(config: Any, label: str | None = None, hint: str = PEFT_HINT
         raise UnsupportedVariantError(where + variant_message(found), hint=hint)
 
 
-def variant_tensor(name: str, found: Iterable[Variant]) -> bool:
-    """Whether tensor `name` is one of the variants' own tensors (KaSA's lora_diag, ...)."""
-    return any(part in name for v in found if v.rule for part in v.rule.tensors)
+def variant_tensor(path: str, found: Iterable[Variant]) -> tuple[str, str] | None:
+    """For one of the variants' own tensors (KaSA's `...q_proj.lora_diag`, a key's path without
+    the `base_model.model.` prefix): its module and its kind (`...q_proj`, `lora_diag`); else None."""
+    for v in found:
+        for part in v.rule.tensors if v.rule else ():
+            at = path.find(part)
+            if at > 0:
+                return path[:at], path[at + 1 :]
+    return None
 
 
 def free_shapes(found: Iterable[Variant]) -> bool:

@@ -90,13 +90,17 @@ def analyse(
         infos.append((info, t))
         if not info.prefixed:
             error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
-        if info.kind == "unknown" and not variant_tensor(t.name, variants):
+        own = variant_tensor(info.module, variants) if info.kind == "unknown" else None
+        if info.kind == "unknown" and own is None:
             warn(
                 f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
             )
         # nested target_parameters wrappers of one module are separate LoRA modules
         path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
-        modules.setdefault(path, _Module()).keys[info.kind] = (info, t)
+        kind = info.kind
+        if own is not None:  # KaSA's `q_proj.lora_diag` belongs to `q_proj`
+            path, kind = own
+        modules.setdefault(path, _Module()).keys[kind] = (info, t)
 
     if not tensors:
         error("the weights file holds no tensors")

@@ -192,6 +192,7 @@ def test_peft_variant_adapters(case: str, peft_variants: dict[str, Path], tmp_pa
     (report,) = inspect_adapter(src).adapters
     assert report.errors == []
     assert [p.message for p in report.problems] == [message]
+    assert not any(".lora_" in m.path for m in report.modules)  # lora_diag belongs to its module
     # ... and adapterctl refuses to compute it, by name
     with pytest.raises(UnsupportedVariantError) as e:
         AdapterModel.from_pretrained(tiny_llama(), src)
