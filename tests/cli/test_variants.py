@@ -68,6 +68,10 @@ def test_commands_on_peft_variant_adapters(
     assert result.exit_code == 0, result.output
     assert message in result.stderr
 
+    result = cli("push", src, "alice/tiny", "--base-model", "org/m", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"`{src}`: {message}; it is uploaded as is" in result.stderr
+
 
 def test_inspect_human_names_the_variant_not_shape_errors(tmp_path: Path) -> None:
     """BD-LoRA's block-diagonal lora_B has r/nblocks columns: no "rows but columns" error."""
