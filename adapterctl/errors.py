@@ -60,5 +60,9 @@ class ConversionError(AdapterctlError):
     """A trained/initial adapter pair that cannot be converted to plain LoRA (says what differs)."""
 
 
+class UnsupportedVariantError(AdapterctlError):
+    """The adapter uses a LoRA variant (KaSA, BD-LoRA, ...) that adapterctl does not compute."""
+
+
 class MissingDependencyError(AdapterctlError):
     """An optional dependency needed for this input is not installed."""

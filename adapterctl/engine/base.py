@@ -96,6 +96,10 @@ def load_base(
         )
     if dtype not in DTYPES:
         raise AdapterctlError(f"unknown dtype {dtype!r}", hint=f"one of: {', '.join(DTYPES)}")
+    from adapterctl.format.header import check_path_not_lfs_pointer
+
+    for weights in sorted(base.glob("*.safetensors")) + sorted(base.glob("*.bin")):
+        check_path_not_lfs_pointer(weights)  # transformers would fail on its header or pickle
     target = resolve_device(device) if device_map is None else None  # refuse before loading
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
     if device_map is not None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from adapterctl.engine.layers import LoraLayer, ModulesToSaveWrapper, supported
 from adapterctl.engine.targets import is_target, resolve_target_modules, stored_target_modules
-from adapterctl.errors import AdapterctlError, IncompatibleModelError
+from adapterctl.errors import IncompatibleModelError
 from adapterctl.format.config import LoraConfig
 
 _ADAPTER_PARAMS = (
@@ -61,11 +61,7 @@ class LoraModel(nn.Module):
 
     def inject(self, config: LoraConfig, name: str, *, meta: bool = False) -> list[str]:
         """Add adapter `name` to every module the config targets; returns their paths."""
-        if config.target_parameters:
-            raise AdapterctlError(
-                "adapters with `target_parameters` are not supported",
-                hint="load this adapter with PEFT",
-            )
+        # variants (target_parameters, KaSA, ...) were refused by name already (format/variants.py)
         model = self.model
         targets = resolve_target_modules(config, model)
         keys = [k for k, _ in _outer_modules(model) if k]

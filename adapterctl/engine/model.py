@@ -32,6 +32,7 @@ from adapterctl.errors import AdapterctlError, IncompatibleModelError
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.keys import PREFIX
 from adapterctl.format.layout import validate_adapter_name
+from adapterctl.format.variants import refuse_variants
 
 
 class AdapterModel(nn.Module):
@@ -54,6 +55,7 @@ class AdapterModel(nn.Module):
         from adapterctl.engine.init import check_init, residual_init
 
         validate_adapter_name(name)
+        refuse_variants(config)  # never compute something else (KaSA, BD-LoRA, ...)
         method = check_init(config, loading=loading)
         if method is not None and meta:
             raise AdapterctlError(
@@ -120,6 +122,7 @@ class AdapterModel(nn.Module):
         directory = adapter_dir(model_id, **hub_kwargs(kwargs))
         if config is None:
             config = LoraConfig.from_file(directory / "adapter_config.json")
+        refuse_variants(config, str(directory))
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.base_model = LoraModel(model)
@@ -151,6 +154,7 @@ class AdapterModel(nn.Module):
         _refuse_ephemeral(ephemeral_gpu_offload)
         directory = adapter_dir(model_id, **hub_kwargs(kwargs))
         config = LoraConfig.from_file(directory / "adapter_config.json")
+        refuse_variants(config, str(directory))
         active = self.active_adapter
         self._add(config, adapter_name, meta=low_cpu_mem_usage)
         self.base_model.set_adapter(active)

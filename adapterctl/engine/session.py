@@ -173,10 +173,12 @@ def _load_session(
     from adapterctl.engine.model import AdapterModel
     from adapterctl.engine.weights import adapter_dir
     from adapterctl.format.config import LoraConfig
+    from adapterctl.format.variants import refuse_variants
 
     step = on_step or (lambda _msg: None)
     base, directory = Path(base), adapter_dir(adapter)
     config = LoraConfig.from_file(directory / "adapter_config.json")
+    refuse_variants(config, str(directory))  # before the base is loaded
     cls, source = model_class_for(base, config, model_class)
     tokenizer = load_tokenizer(base) if prompt is not None else None
 

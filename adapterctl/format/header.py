@@ -20,6 +20,45 @@ from adapterctl.format.dtypes import DTYPES, Dtype
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
+#: how a Git LFS pointer file starts (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md);
+#: a pointer is at most 1024 bytes
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+_LFS_MAX = 1024
+
+
+def is_lfs_pointer(head: bytes) -> bool:
+    """Whether `head` (a file's first bytes) is a Git LFS pointer: the version line, then
+    `oid sha256:...` and `size N` lines."""
+    return head.startswith(LFS_MAGIC) and b"\noid sha256:" in head and b"\nsize " in head
+
+
+def lfs_pointer_error(label: str) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"`{label}` is a Git LFS pointer, not the weights: fetch them with `git lfs pull`",
+        hint="the repository was cloned without Git LFS; run `git lfs install` and "
+        "`git lfs pull` in it",
+    )
+
+
+def check_not_lfs_pointer(f: BinaryIO, label: str) -> None:
+    """Raise `lfs_pointer_error` if the open file `f` is a Git LFS pointer; `f` is left at the
+    position it had."""
+    where = f.tell()
+    head = f.read(_LFS_MAX)
+    f.seek(where)
+    if is_lfs_pointer(head):
+        raise lfs_pointer_error(label)
+
+
+def check_path_not_lfs_pointer(path: str | os.PathLike[str]) -> None:
+    """The same for the file at `path` (unreadable files are left to the reader to report)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_LFS_MAX)
+    except OSError:
+        return
+    if is_lfs_pointer(head):
+        raise lfs_pointer_error(os.fspath(path))
 
 
 @dataclass(frozen=True)
@@ -227,6 +266,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
 
 def read_header_from(f: BinaryIO, size: int, label: str) -> Header:
     """Read and validate the header of an open file of `size` bytes; `label` names it in errors."""
+    check_not_lfs_pointer(f, label)  # not "header length 8387229609067849078 exceeds ..."
     try:
         if size < 8:
             raise _HeaderError(f"file is {size} bytes, too short for a safetensors header")

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from adapterctl.errors import AdapterFormatError, MissingDependencyError
 from adapterctl.format import testhook
 from adapterctl.format.dtypes import BY_TORCH_NAME, DTYPES, Dtype
-from adapterctl.format.header import Header, TensorInfo, read_header_from
+from adapterctl.format.header import (
+    Header,
+    TensorInfo,
+    check_path_not_lfs_pointer,
+    read_header_from,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -174,6 +179,7 @@ def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
     that is not a tensor.
     """
     label = os.fspath(path)
+    check_path_not_lfs_pointer(path)  # torch would say "invalid load key, 'v'"
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a declared dependency

@@ -8,19 +8,7 @@ from typing import Any
 
 from adapterctl.format.config import LoraConfig, residual_init
 from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, KeyInfo, classify
-
-# Config fields that switch on a LoRA variant whose semantics differ from plain LoRA/DoRA.
-_VARIANT_FIELDS = (
-    "alora_invocation_tokens",
-    "use_bdlora",
-    "arrow_config",
-    "velora_config",
-    "kasa_config",
-    "monteclora_config",
-    "use_qalora",
-    "layer_replication",
-    "megatron_config",
-)
+from adapterctl.format.variants import free_shapes, variant_message, variant_tensor, variants_in
 
 
 @dataclass(frozen=True)
@@ -93,6 +81,8 @@ def analyse(
         problems.append(Problem("warning", msg))
 
     mts = list(config.modules_to_save or []) if config is not None else []
+    # a variant's own tensors and factor shapes are what PEFT loads: named once, never errors
+    variants = variants_in(config) if config is not None else []
     modules: dict[str, _Module] = {}
     infos = []
     for t in tensors:
@@ -100,13 +90,17 @@ def analyse(
         infos.append((info, t))
         if not info.prefixed:
             error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
-        if info.kind == "unknown":
+        own = variant_tensor(info.module, variants) if info.kind == "unknown" else None
+        if info.kind == "unknown" and own is None:
             warn(
                 f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
             )
         # nested target_parameters wrappers of one module are separate LoRA modules
         path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
-        modules.setdefault(path, _Module()).keys[info.kind] = (info, t)
+        kind = info.kind
+        if own is not None:  # KaSA's `q_proj.lora_diag` belongs to `q_proj`
+            path, kind = own
+        modules.setdefault(path, _Module()).keys[kind] = (info, t)
 
     if not tensors:
         error("the weights file holds no tensors")
@@ -118,7 +112,7 @@ def analyse(
     entries = []
     for path in sorted(modules):
         m = modules[path].keys
-        entries.append(_module_entry(path, m, config, error, warn))
+        entries.append(_module_entry(path, m, config, error, warn, free_shapes(variants)))
     if config is not None:
         lora_paths = sorted({e.path.replace(".base_layer", "") for e in entries if e.r is not None})
         _pattern_warnings(config, lora_paths, warn)
@@ -146,12 +140,9 @@ def _config_warnings(config: LoraConfig, warn: Any) -> None:
             f"`init_lora_weights` is {init!r}: loading this adapter makes PEFT re-decompose the base "
             "model (and fail for corda); convert it to plain LoRA with `adapterctl convert`"
         )
-    if init == "mica":
-        warn("`init_lora_weights` is 'mica', a LoRA variant with different semantics")
-    for name in _VARIANT_FIELDS:
-        value = getattr(config, name)
-        if value not in (None, False, {}, []):
-            warn(f"`{name}` is set: a LoRA variant whose semantics differ from plain LoRA")
+    variants = variants_in(config)
+    if variants:
+        warn(variant_message(variants))
     if config.unknown_keys:
         warn(f"keys unknown to PEFT 0.21.2 (it ignores them): {', '.join(config.unknown_keys)}")
 
@@ -162,7 +153,10 @@ def _module_entry(
     config: LoraConfig | None,
     error: Any,
     warn: Any,
+    any_shapes: bool = False,
 ) -> ModuleEntry:
+    """One module's entry; `any_shapes`: a variant's factors (BD-LoRA's block-diagonal ones)
+    need not share the rank dimension."""
     kinds = tuple(sorted(m))
     pairs = [("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")]
     r: int | None = None
@@ -184,7 +178,7 @@ def _module_entry(
         if at.shape[0] == 0:
             error(f"`{path}`: {a_kind} has rank 0")
             continue
-        if at.shape[0] != bt.shape[1]:
+        if at.shape[0] != bt.shape[1] and not any_shapes:
             error(
                 f"`{path}`: {a_kind} has {at.shape[0]} rows but {b_kind} has {bt.shape[1]} "
                 "columns; they must both equal the rank"

@@ -17,6 +17,7 @@ from adapterctl.format.atomic import atomic_directory, check_not_inside, check_o
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
 from adapterctl.format.tensors import TensorSource, write_safetensors
+from adapterctl.format.variants import refuse_variants
 from adapterctl.ops.conversion import (
     ModuleReport,
     Options,
@@ -29,6 +30,9 @@ from adapterctl.ops.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.ops.verify import Verification, verify
 
 log = logging.getLogger(__name__)
+
+#: a variant's tensors are not plain LoRA factors: no cast, rank or residual rule applies as is
+_VARIANT_HINT = "convert it with PEFT; `adapterctl select` copies it unchanged"
 
 
 @dataclass
@@ -171,6 +175,7 @@ def convert_adapter(
     out = Path(output)
     check_not_inside(out, [p for p in (source, initial, base) if p is not None])
     config = LoraConfig.from_file(files.config_path)
+    refuse_variants(config, label, _VARIANT_HINT)
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(OpenStore(files.weights_path, files.format))
         provider: Initial | None = None
@@ -180,6 +185,7 @@ def convert_adapter(
             assert init_files.config_path is not None
             init_store = stack.enter_context(OpenStore(init_files.weights_path, init_files.format))
             init_config = LoraConfig.from_file(init_files.config_path)
+            refuse_variants(init_config, os.fspath(initial), _VARIANT_HINT)
             provider = SavedInitial(init_store, init_config)
             # what the pair says it was (either config may already say `true`), else null
             inits = (config.init_lora_weights, init_config.init_lora_weights)

@@ -28,6 +28,7 @@ from adapterctl.format.layout import (
     find_adapters,
     pick_adapters,
 )
+from adapterctl.format.variants import variant_message, variants_in
 from adapterctl.ops.card import card_tags, card_text, hub_id, read_card
 from adapterctl.ops.hub import api, endpoint, hub_errors, valid_repo_id
 from adapterctl.ops.inspect import report_adapter
@@ -180,6 +181,9 @@ def plan_push(
             )
         assert adapter.config_path is not None
         configs.append(LoraConfig.from_file(adapter.config_path))
+        variants = variants_in(configs[-1])
+        if variants:  # a copy is fine; say what the Hub's readers will need
+            notes.append(f"`{report.path}`: {variant_message(variants)}; it is uploaded as is")
     hub_base = _base_model(configs, base_model)
     files: list[PushFile] = []
     for adapter, config in zip(picked, configs, strict=True):

@@ -25,6 +25,7 @@ from adapterctl.format.layout import (
     validate_adapter_name,
 )
 from adapterctl.format.tensors import copy_stream, load_bin
+from adapterctl.format.variants import variant_message, variants_in
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def _validate(files: AdapterFiles) -> None:
         raise AdapterFormatError(
             f"`{files.weights_path}` has no `{CONFIG_NAME}` beside it; a PEFT directory needs one"
         )
-    LoraConfig.from_file(files.config_path)
+    variants = variants_in(LoraConfig.from_file(files.config_path))
+    if variants:  # a byte copy is exact for any variant
+        log.warning("`%s`: %s; it is copied as is", files.name, variant_message(variants))
     if files.format == "bin":
         load_bin(files.weights_path)
     else:
