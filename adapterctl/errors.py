@@ -62,3 +62,9 @@ class ConversionError(AdapterctlError):
 
 class MissingDependencyError(AdapterctlError):
     """An optional dependency needed for this input is not installed."""
+
+
+class InvalidOptionError(AdapterctlError):
+    """Options that are invalid or conflict (`--rank 0`, `--rank` with `--energy`): a usage error."""
+
+    exit_code = ExitCode.USAGE

@@ -121,7 +121,7 @@ def analyse(
         entries.append(_module_entry(path, m, config, error, warn))
     if config is not None:
         lora_paths = sorted({e.path.replace(".base_layer", "") for e in entries if e.r is not None})
-        _pattern_warnings(config, lora_paths, warn)
+        pattern_warnings(config, lora_paths, warn)
         if mts and not any(info.kind == "modules_to_save" for info, _ in infos):
             warn(
                 f"`modules_to_save` lists {', '.join(mts)} but no tensor for them is stored; "
@@ -225,7 +225,15 @@ def _module_entry(
     return ModuleEntry(path, kinds, r, alpha, config.scaling(alpha, r))
 
 
-def _pattern_warnings(config: LoraConfig, modules: list[str], warn: Any) -> None:
+def pattern_warnings(
+    config: LoraConfig,
+    modules: list[str],
+    warn: Any,
+    *,
+    where: str = "in the file",
+    names: str = "",
+) -> None:
+    """Pattern keys that match several modules, or none (`names`: the modules there are)."""
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name) or {}
         used: set[str] = set()
@@ -241,7 +249,8 @@ def _pattern_warnings(config: LoraConfig, modules: list[str], warn: Any) -> None
                 )
         for key in patterns:
             if key not in used and modules:
-                warn(f"{field_name} key {key!r} matches no module in the file; PEFT ignores it")
+                known = f" (its modules: {names})" if names else ""
+                warn(f"{field_name} key {key!r} matches no module {where}{known}; PEFT ignores it")
 
 
 def target_summary(config: LoraConfig) -> str:

@@ -153,13 +153,14 @@ def inspect_adapter(
     `torch.load(weights_only=True)`, the one path that imports torch. `source` may be a Hub repo
     id: then only the headers are read, over HTTP range requests.
     """
-    from adapterctl.ops.hub import is_repo_id, offline
+    from adapterctl.ops.hub import hub_or_local, offline
 
-    if is_repo_id(source) and not offline():  # offline, the cached copy is read below
+    found = hub_or_local(source)
+    if isinstance(found, str) and not offline():  # offline, the cached copy is read below
         from adapterctl.ops.hub_inspect import inspect_hub
 
-        return inspect_hub(os.fspath(source), adapter, revision, subfolder, token)
-    if is_repo_id(source) or subfolder:
+        return inspect_hub(found, adapter, revision, subfolder, token)
+    if isinstance(found, str) or subfolder:
         from adapterctl.ops.hub import adapter_source
 
         source = adapter_source(source, revision, subfolder, token)
