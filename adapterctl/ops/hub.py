@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterctlError, AdapterNotFoundError
+from adapterctl.errors import AdapterctlError, AdapterNotFoundError, InvalidOptionError
 from adapterctl.format.config import CONFIG_NAME
 from adapterctl.format.layout import BIN_NAME, README_NAME, SAFETENSORS_NAME
 
@@ -311,6 +311,15 @@ def download_base(repo_id: str, revision: str | None = None, token: str | None =
     return root
 
 
+def refuse_local_revision(found: str | Path, revision: str | None) -> None:
+    """--revision selects a Hub repo's branch, tag or commit: with a local path it does nothing."""
+    if revision is not None and not isinstance(found, str):
+        raise InvalidOptionError(
+            f"--revision does nothing for a local path (`{found}`)",
+            hint="it picks a branch, tag or commit of a Hub repo id (OWNER/NAME)",
+        )
+
+
 def adapter_source(
     source: str | os.PathLike[str],
     revision: str | None = None,
@@ -319,6 +328,7 @@ def adapter_source(
 ) -> Path:
     """A local adapter path as it is (it must exist), or a Hub id fetched into the cache."""
     found = hub_or_local(source)
+    refuse_local_revision(found, revision)
     if isinstance(found, str):
         return download_adapter(found, revision, subfolder, token)
     return found / subfolder if subfolder else found

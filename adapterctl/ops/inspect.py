@@ -153,9 +153,10 @@ def inspect_adapter(
     `torch.load(weights_only=True)`, the one path that imports torch. `source` may be a Hub repo
     id: then only the headers are read, over HTTP range requests.
     """
-    from adapterctl.ops.hub import hub_or_local, offline
+    from adapterctl.ops.hub import hub_or_local, offline, refuse_local_revision
 
     found = hub_or_local(source)
+    refuse_local_revision(found, revision)
     if isinstance(found, str) and not offline():  # offline, the cached copy is read below
         from adapterctl.ops.hub_inspect import inspect_hub
 

@@ -154,6 +154,11 @@ USAGE = [
     ["save", "base", "out", "--r", "2", "--target", "q_proj", "--dtype", "float64"],
     ["save", "base", "out", "--r", "2", "--target", "q_proj", "--rank-pattern", "q_proj=0"],
     ["push", "checkpoint/good"],
+    # --revision picks a Hub repo's branch: with a local path it would do nothing
+    ["inspect", "checkpoint/good", "--revision", "main"],
+    ["select", "checkpoint", "out", "-a", "good", "--revision", "v1"],
+    ["convert", "checkpoint/good", "out", "--dtype", "float16", "--revision", "main"],
+    ["load", "base", "checkpoint/good", "--revision", "main"],
 ]
 
 
