@@ -246,7 +246,7 @@ class Plan:
                 )
             if computed and a_dtype != b_dtype and self.options.dtype is None:
                 raise ConversionError(
-                    f"`{module}`: lora_A is {a_dtype.name} but lora_B is {b_dtype.name}",
+                    f"`{module}`: lora_A is {a_dtype.display_name} but lora_B is {b_dtype.display_name}",
                     hint="pass --dtype to write both in one dtype",
                 )
             if a_dtype.code not in FLOAT_CODES:

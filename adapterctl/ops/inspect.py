@@ -165,7 +165,7 @@ def inspect_adapter(
         from adapterctl.ops.hub import adapter_source
 
         source = adapter_source(source, revision, subfolder, token)
-    found = find_adapters(source)
+    adapters = find_adapters(source)
     if adapter is not None:
-        found = pick_adapters(found, [adapter], source)
-    return InspectReport(os.fspath(source), tuple(report_adapter(f) for f in found))
+        adapters = pick_adapters(adapters, [adapter], source)
+    return InspectReport(os.fspath(source), tuple(report_adapter(f) for f in adapters))

@@ -263,8 +263,8 @@ def _verify(plan: Plan, directory: Path) -> Verification:
             if m.factors.module in products:
                 checks.append(_module_check(plan, m, out, config))
         for name in sorted(names & set(planned)):
-            m = plan.by_key.get(name)
-            if m is not None and name != m.bias_key and m.factors.module in products:
+            owner = plan.by_key.get(name)
+            if owner is not None and name != owner.bias_key and owner.factors.module in products:
                 continue
             checks.append(_tensor_check(plan, name, out.get(name), config))
     worst = max(checks, key=lambda c: _ratio(c.error, c.threshold), default=None)

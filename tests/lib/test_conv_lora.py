@@ -165,3 +165,29 @@ def test_what_cannot_be_computed_is_refused_by_name(
 def test_one_pair_rule(a: tuple[int, ...], b: tuple[int, ...], problem: str | None) -> None:
     found = pair_problem("lora_A", a, "lora_B", b)
     assert found == problem if problem is None else problem in (found or "")
+
+
+def test_a_pair_in_two_dtypes_is_cast_per_tensor(tmp_path: Path) -> None:
+    """A pair whose factors differ in dtype is still a pair (PEFT loads it): a cast takes each
+    tensor as it is; a rank reduction, which writes both in one dtype, needs --dtype."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tensors(
+        src / "adapter_model.safetensors",
+        {
+            f"{P}q.lora_A.weight": rng.standard_normal((4, 16)).astype(np.float32),
+            f"{P}q.lora_B.weight": rng.standard_normal((16, 4)).astype(np.float16),
+        },
+    )
+    (src / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q"]})
+    )
+    assert run("inspect", src, "--check").exit_code == 0
+    cast = run("convert", src, tmp_path / "cast", "--dtype", "bfloat16", "--verify")
+    assert cast.exit_code == 0, cast.stderr
+    refused = run("convert", src, tmp_path / "r2", "--rank", "2")
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("error: `q`: lora_A is float32 but lora_B is float16")
+    reduced = run("convert", src, tmp_path / "r2", "--rank", "2", "--dtype", "float32", "--verify")
+    assert reduced.exit_code == 0, reduced.stderr
