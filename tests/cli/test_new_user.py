@@ -146,6 +146,7 @@ USAGE = [
     ["load", "base", "checkpoint/good", "--device", "gpu0"],
     ["load", "base", "checkpoint/good", "--dtype", "float64"],
     ["load", "base", "checkpoint/good", "--model-class", "nonsense"],
+    ["load", "base", "checkpoint/good", "--device", "cpu", "--device-map", "auto"],
     ["save", "base", "out", "--r", "0", "--target", "q_proj"],
     ["save", "base", "out", "--r", "2", "--target", "q_proj", "--dropout", "2"],
     ["save", "base", "out", "--r", "2", "--target", "q_proj", "--layers", "-1"],

@@ -120,6 +120,11 @@ def load_cmd(
     for flag, (given, other, other_flag) in needs.items():
         if given and other is None:
             raise InvalidOptionError(f"{flag} does nothing without {other_flag}")
+    if device_map is not None and device != "auto":
+        raise InvalidOptionError(
+            f"--device {device} and --device-map {device_map} conflict",
+            hint="--device-map places the model itself: pass one of them",
+        )
     with output.status() as step:
         report = load_session(
             base,

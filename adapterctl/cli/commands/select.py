@@ -48,9 +48,7 @@ def select_cmd(
     renames = parse_renames(rename or [])
     local = adapter_source(source, revision, token=token)
     with output.progress("copying") as advance:
-        result = select_adapters(
-            local, output_dir, adapter, renames, force=force, progress=advance
-        )
+        result = select_adapters(local, output_dir, adapter, renames, force=force, progress=advance)
     if json_:
         output.emit_json(result.to_dict())
     else:
