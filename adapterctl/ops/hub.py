@@ -110,8 +110,10 @@ def hub_or_local(source: str | os.PathLike[str], *, bare: bool = False) -> str |
         why = f" (a local path, not a Hub repo id: `{first}` exists here)"
     elif text.count("/") > 1:
         why = " (a local path: a Hub repo id is OWNER/NAME)"
+    elif "/" not in text and not bare:
+        why = " (a local path: an adapter on the Hub is named OWNER/NAME)"
     else:
-        why = " (a local path: it is not a valid Hub repo id" + (")" if bare else ", OWNER/NAME)")
+        why = " (a local path: it is not a valid Hub repo id)"
     parent = next((p for p in path.parents if p != Path(".") and p.exists()), None)
     hint = f"`{parent}` exists; check the rest of the path" if parent is not None else None
     raise AdapterNotFoundError(

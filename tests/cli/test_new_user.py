@@ -116,6 +116,19 @@ def test_every_command_says_a_mistyped_local_path_does_not_exist(
     assert not (cwd / "out").exists()
 
 
+def test_the_library_resolvers_share_the_rule(cwd: Path) -> None:
+    from adapterctl.engine.weights import adapter_dir
+    from adapterctl.ops.hub import adapter_source, base_source
+
+    for resolve in (adapter_dir, adapter_source, base_source):
+        with pytest.raises(AdapterNotFoundError, match=r"^`\./checkpoint/mth` does not exist$"):
+            resolve("./checkpoint/mth")
+    with pytest.raises(AdapterNotFoundError, match="an adapter on the Hub is named OWNER/NAME"):
+        adapter_dir("nothing-here")
+    with pytest.raises(AdapterNotFoundError, match="not a valid Hub repo id"):
+        base_source("no--such")
+
+
 def test_a_valid_hub_id_still_goes_to_the_hub(cwd: Path) -> None:
     result = invoke("inspect", "owner/name")
     assert result.exit_code == 1
