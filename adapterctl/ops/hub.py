@@ -114,11 +114,13 @@ def hub_or_local(source: str | os.PathLike[str], *, bare: bool = False) -> str |
         why = " (a local path: an adapter on the Hub is named OWNER/NAME)"
     else:
         why = " (a local path: it is not a valid Hub repo id)"
-    parent = next((p for p in path.parents if p != Path(".") and p.exists()), None)
+    parent = next(  # the deepest folder of it that exists (not `.` or `/`: no news)
+        (p for p in path.parents if str(p) not in (".", p.anchor) and os.path.lexists(p)), None
+    )
     hint = f"`{parent}` exists; check the rest of the path" if parent is not None else None
     raise AdapterNotFoundError(
         f"`{text}` does not exist{why}",
-        hint=hint or "check the path; a Hub repo id is OWNER/NAME",
+        hint=hint or (None if not why else "check the path; a Hub repo id is OWNER/NAME"),
     )
 
 
