@@ -85,6 +85,28 @@ def test_the_issue_case_returns_at_once_with_a_local_path_error(cwd: Path) -> No
     assert not_sent(result.stderr)
 
 
+def test_no_network_is_tried_even_online(cwd: Path) -> None:
+    """Online, against an endpoint that never answers: a Hub request would hang on connect."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://10.255.255.1"  # unroutable: a connection attempt would hang
+    code = (
+        "import sys; from adapterctl.cli.main import main; sys.argv[1:] = "
+        "['inspect', './checkpoint/mth']; main()"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert time.perf_counter() - start < 5.0
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: `./checkpoint/mth` does not exist\n")
+
+
 @pytest.mark.parametrize(
     ("args", "missing"),
     [
