@@ -44,6 +44,10 @@ class ConfigError(AdapterFormatError):
     """adapter_config.json is missing a field, has a wrong type or an invalid value."""
 
 
+class NotAnAdapterError(AdapterFormatError):
+    """A transformers model (directory or weights file) where an adapter was expected."""
+
+
 class IncompatibleModelError(AdapterctlError):
     """The adapter does not fit the base model: no target matches, shapes differ, unsupported layer."""
 
@@ -66,3 +70,9 @@ class UnsupportedVariantError(AdapterctlError):
 
 class MissingDependencyError(AdapterctlError):
     """An optional dependency needed for this input is not installed."""
+
+
+class InvalidOptionError(AdapterctlError):
+    """Options that are invalid or conflict (`--rank 0`, `--rank` with `--energy`): a usage error."""
+
+    exit_code = ExitCode.USAGE

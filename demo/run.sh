@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The demo: real adapterctl commands on an example checkpoint written by the format layer.
 # No network: Hugging Face libraries are told to stay offline before anything imports them.
+# What it makes stays in demo-out/ (ignored by git; replaced at each run), for the README's
+# Quick start: `cd demo-out` and try the commands there.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 export HF_HOME="$(mktemp -d)"
-work="$(mktemp -d)"
-trap 'rm -rf "$work" "$HF_HOME"' EXIT
+trap 'rm -rf "$HF_HOME"' EXIT
 cd "$(dirname "$0")/.."
+work=demo-out
+rm -rf "$work"
+mkdir "$work"
 
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
@@ -35,21 +39,21 @@ run adapterctl load "$work/base" "$work/checkpoint" --prompt "the tiny llama loa
 run adapterctl load "$work/base" "$work/math-only/math" --adapter-name math --merge-to "$work/merged" --json
 run ls "$work/merged"
 # create new adapters on that base, written as PEFT writes them
-run adapterctl save "$work/base" "$work/fresh" --r 8 --alpha 16 --target q_proj,v_proj --use-dora --task-type CAUSAL_LM --base-model demo/tiny-llama --seed 1
-run adapterctl inspect "$work/fresh" --check
+run adapterctl save "$work/base" "$work/my-adapter" --r 8 --alpha 16 --target q_proj,v_proj --task-type CAUSAL_LM --base-model demo/tiny-llama --seed 1
+run adapterctl inspect "$work/my-adapter" --check
 # the PiSSA story: create on the base, train on the residual base, convert to plain LoRA, use it
-run adapterctl save "$work/base" "$work/pissa" --r 4 --target all-linear --init pissa --residual-out "$work/residual"
-run python demo/train.py "$work/residual" "$work/pissa" "$work/trained"
-run adapterctl convert "$work/trained" "$work/lora" --initial "$work/pissa" --verify
-run adapterctl inspect "$work/lora" --check
+run adapterctl save "$work/base" "$work/pissa-init" --r 4 --target all-linear --init pissa --residual-out "$work/residual"
+run python demo/train.py "$work/residual" "$work/pissa-init" "$work/pissa-trained"
+run adapterctl convert "$work/pissa-trained" "$work/pissa-lora" --initial "$work/pissa-init" --verify
+run adapterctl inspect "$work/pissa-lora" --check
 # plain LoRA on the ORIGINAL base generates what was trained
-run adapterctl load "$work/base" "$work/lora" --prompt "the tiny llama" --max-new-tokens 5 --compare-base
+run adapterctl load "$work/base" "$work/pissa-lora" --prompt "the tiny llama" --max-new-tokens 5 --compare-base
 # lost the initial adapter? rebuild it from the original base (pissa's SVD is deterministic)
 printf '\n$ adapterctl convert trained lora-from-base --base base --init pissa --verify --json | (verification)\n'
-adapterctl convert "$work/trained" "$work/lora-from-base" --base "$work/base" --init pissa --verify --json \
+adapterctl convert "$work/pissa-trained" "$work/lora-from-base" --base "$work/base" --init pissa --verify --json \
   | python -c 'import json, sys; print(json.load(sys.stdin)["verification"])'
 # smaller: the converted rank-8 adapter cut to rank 4 in bfloat16, with the error each module took
-run adapterctl convert "$work/lora" "$work/lora-r4" --rank 4 --dtype bfloat16 --verify
+run adapterctl convert "$work/pissa-lora" "$work/pissa-lora-r4" --rank 4 --dtype bfloat16 --verify
 # the wrong model class: the base checkpoint lacks weights the class needs, so nothing loads
 printf "\n$ adapterctl load base checkpoint/code --model-class seq-cls\n"
 if adapterctl load "$work/base" "$work/checkpoint/code" --model-class seq-cls; then exit 1; else echo "(exit $?)"; fi
@@ -57,4 +61,5 @@ if adapterctl load "$work/base" "$work/checkpoint/code" --model-class seq-cls; t
 head -c 100 "$work/checkpoint/adapter_model.safetensors" > "$work/broken.safetensors"
 printf '\n$ adapterctl inspect broken.safetensors\n'
 if adapterctl inspect "$work/broken.safetensors"; then exit 1; else echo "(exit $?)"; fi
-printf '\ndemo finished\n'
+rm "$work/broken.safetensors"
+printf '\ndemo finished: its adapters are in demo-out/ (see the Quick start in README.md)\n'

@@ -23,9 +23,21 @@ def test_demo_runs_the_pissa_story_end_to_end() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
-    assert out.rstrip().endswith("demo finished")
+    assert out.rstrip().endswith("(see the Quick start in README.md)")
     for step in ("save", "convert", "inspect", "load"):  # the PiSSA story's commands all ran
         assert f"$ adapterctl {step} " in out, step
     assert "--init pissa" in out
     assert "'passed': True" in out  # --base rebuilt the initial adapter and verified
     assert "Traceback" not in out + proc.stderr
+    # the example adapters stay in demo-out/ (ignored by git) for the README's Quick start
+    left = ROOT / "demo-out"
+    for name in ("checkpoint", "checkpoint/math", "my-adapter", "pissa-init", "pissa-trained"):
+        assert (left / name / "adapter_config.json").is_file(), name
+    assert (left / "base" / "config.json").is_file()
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "demo-out/"], cwd=ROOT, check=False
+    ).returncode
+    assert ignored == 0, "demo-out/ must be ignored by git"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = readme[readme.index("## Quick start") : readme.index("## Commands")]
+    assert "cd demo-out" in quick

@@ -151,17 +151,18 @@ def test_changelog_has_unreleased_before_any_release() -> None:
 # (d) README's two commands and the CI entry point -----------------------------------------------
 
 
-def test_readme_begins_with_make_demo_and_make_test() -> None:
-    head = _non_empty_lines(README)[:4]
-    assert len(head) == 4, head
-    assert head[0].strip() == "```bash", (
-        f"README.md must open with a ```bash fence, not {head[0]!r}"
+def test_readme_begins_with_its_title_then_make_demo_and_make_test() -> None:
+    head = _non_empty_lines(README)[:5]
+    assert len(head) == 5, head
+    assert head[0] == "# adapterctl", f"README.md must start with its title, not {head[0]!r}"
+    assert head[1].strip() == "```bash", (
+        f"the title must be followed by a ```bash fence, not {head[1]!r}"
     )
-    assert head[3].strip() == "```", (
-        f"the opening code block must hold exactly two commands; line 4 is {head[3]!r}"
+    assert head[4].strip() == "```", (
+        f"the opening code block must hold exactly two commands; line 5 is {head[4]!r}"
     )
-    assert _command(head[1]) == ["make", "demo"], head[1]
-    assert _command(head[2]) == ["make", "test"], head[2]
+    assert _command(head[2]) == ["make", "demo"], head[2]
+    assert _command(head[3]) == ["make", "test"], head[3]
 
 
 def test_ci_runs_make_test() -> None:

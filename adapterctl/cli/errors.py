@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 
@@ -77,3 +77,36 @@ def error_boundary(func: F) -> F:
             raise typer.Exit(int(ExitCode.INTERNAL)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _json_requested(argv: list[str]) -> bool:
+    return "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+
+
+def run_with_usage_errors(main: Callable[[], Any], argv: list[str]) -> NoReturn:
+    """Run Typer's main (not standalone) and exit as standalone would, except that a usage error
+    (a bad or conflicting option, exit 2) under --json is one JSON error object on stderr."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    try:
+        code = main()
+    except ClickException as e:  # Typer's vendored Click: what standalone mode would show
+        if (
+            isinstance(e, UsageError)
+            and not isinstance(e, NoArgsIsHelpError)
+            and _json_requested(argv)
+        ):
+            command = e.ctx.command_path if e.ctx is not None else "adapterctl"
+            output.error(
+                e.format_message(),
+                f"see `{command} --help`",
+                type_name="UsageError",
+                json_mode=True,
+            )
+        else:
+            e.show()
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        output.error("aborted", None, type_name="Aborted", json_mode=_json_requested(argv))
+        sys.exit(int(ExitCode.FAILURE))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -25,6 +25,7 @@ app = typer.Typer(
     add_completion=True,
     rich_markup_mode=None,
     cls=PlainGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 

@@ -15,8 +15,10 @@ ForceOpt = Annotated[
     bool,
     typer.Option("--force", help="Replace OUTPUT if it exists (swapped in only once complete)."),
 ]
+# SOURCE and BASE stay text: `./x` must reach the one rule of what is a local path as typed
+# (a Path would drop the `./`)
 SourceArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         metavar="SOURCE",
         help="An adapter directory, a multi-adapter directory, or a .safetensors/.bin file.",
@@ -47,7 +49,7 @@ DtypeOpt = Annotated[
     ),
 ]
 BasePathArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         metavar="BASE",
         help="A transformers model directory, or a Hub repo id.",

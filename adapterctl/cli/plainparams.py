@@ -10,6 +10,7 @@ conversion; any other type, or a Typer whose internals differ, keeps Typer's own
 
 from __future__ import annotations
 
+import sys
 import types
 import typing
 from pathlib import Path
@@ -92,3 +93,15 @@ class PlainCommand(TyperCommand):
 class PlainGroup(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return _make_plain(super().get_params(ctx))
+
+    def main(self, args: Any = None, *pargs: Any, **kwargs: Any) -> Any:
+        """Typer's main, with a usage error under --json as the documented JSON error object."""
+        from adapterctl.cli.errors import run_with_usage_errors
+
+        if not kwargs.get("standalone_mode", True):
+            return super().main(args, *pargs, **kwargs)
+        argv = list(sys.argv[1:] if args is None else args)
+        kwargs["standalone_mode"] = False
+        return run_with_usage_errors(
+            lambda: super(PlainGroup, self).main(argv, *pargs, **kwargs), argv
+        )

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterctlError, AdapterNotFoundError, IncompatibleModelError
+from adapterctl.errors import (
+    AdapterctlError,
+    AdapterNotFoundError,
+    IncompatibleModelError,
+    InvalidOptionError,
+)
 from adapterctl.format.config import LoraConfig
 
 #: --model-class values and the transformers auto class each one means.
@@ -29,6 +35,24 @@ _TASK_TO_CLASS = {
     "FEATURE_EXTRACTION": "feature-extraction",
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(?::[0-9]+)?|xpu(?::[0-9]+)?")
+
+
+def check_options(model_class: str = "auto", dtype: str = "auto", device: str = "auto") -> None:
+    """--model-class, --dtype and --device, refused before anything is loaded or downloaded."""
+    if model_class != "auto" and model_class not in MODEL_CLASSES:
+        raise InvalidOptionError(
+            f"--model-class: unknown model class {model_class!r}",
+            hint=f"one of: auto, {', '.join(MODEL_CLASSES)}",
+        )
+    if dtype not in DTYPES:
+        raise InvalidOptionError(
+            f"--dtype: unknown dtype {dtype!r}", hint=f"one of: {', '.join(DTYPES)}"
+        )
+    if not _DEVICE.fullmatch(device):
+        raise InvalidOptionError(
+            f"--device: unknown device {device!r}", hint="auto, cpu, cuda or cuda:N"
+        )
 
 
 def model_class_for(base: Path, config: LoraConfig, choice: str = "auto") -> tuple[Any, str]:
@@ -40,10 +64,7 @@ def model_class_for(base: Path, config: LoraConfig, choice: str = "auto") -> tup
     import transformers
 
     if choice != "auto":
-        if choice not in MODEL_CLASSES:
-            raise AdapterctlError(
-                f"unknown model class {choice!r}", hint=f"one of: auto, {', '.join(MODEL_CLASSES)}"
-            )
+        check_options(model_class=choice)
         return getattr(transformers, MODEL_CLASSES[choice]), f"--model-class {choice}"
     if config.task_type in _TASK_TO_CLASS:
         name = MODEL_CLASSES[_TASK_TO_CLASS[config.task_type]]
@@ -94,8 +115,7 @@ def load_base(
             f"`{base}` is not a transformers model directory (no config.json)",
             hint="pass the directory that `save_pretrained` wrote",
         )
-    if dtype not in DTYPES:
-        raise AdapterctlError(f"unknown dtype {dtype!r}", hint=f"one of: {', '.join(DTYPES)}")
+    check_options(dtype=dtype, device=device)
     from adapterctl.format.header import check_path_not_lfs_pointer
 
     for weights in sorted(base.glob("*.safetensors")) + sorted(base.glob("*.bin")):

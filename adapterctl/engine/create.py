@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterctlError
+from adapterctl.errors import ConfigError, InvalidOptionError
+from adapterctl.ops.checks import pattern_warnings
 
 SCHEMA_VERSION = 1
 _TOKENIZER_FILES = (
@@ -78,26 +79,37 @@ def _create(
     import torch
 
     from adapterctl.engine.base import load_base, model_class_for
+    from adapterctl.engine.inject import module_names
     from adapterctl.engine.model import get_adapter_model
     from adapterctl.format.atomic import atomic_directory, check_output
     from adapterctl.format.config import LoraConfig, reload_drift
 
     start = time.perf_counter()
-    from adapterctl.ops.hub import base_source, is_repo_id
+    from adapterctl.engine.base import check_options
+    from adapterctl.ops.hub import base_source, hub_or_local
 
-    if is_repo_id(base, bare=True):  # the config names the Hub id, not the cache folder
+    check_options(dtype=dtype, device=device)
+    if isinstance(hub_or_local(base, bare=True), str):  # the config names the Hub id
         config_fields = {"base_model_name_or_path": str(base), **config_fields}
-    base, output = base_source(base), Path(output)
-    config = LoraConfig(**config_fields)
+    try:  # the fields are the caller's options, not a file: a bad one is a usage error
+        config = LoraConfig(**config_fields)
+    except ConfigError as e:
+        raise InvalidOptionError(e.message, hint=e.hint) from None
     init = config.init_lora_weights
     residual = isinstance(init, str) and (
         init in ("pissa", "olora") or init.startswith("pissa_niter_")
     )
     if residual and residual_out is None:
-        raise AdapterctlError(
+        raise InvalidOptionError(
             f"--init {init} turns the base into a residual model: pass --residual-out DIR to keep it",
             hint="train on the residual base with this adapter, then `adapterctl convert`",
         )
+    if residual_out is not None and not residual:
+        raise InvalidOptionError(
+            "--residual-out does nothing without --init pissa, pissa_niter_K or olora",
+            hint="drop --residual-out, or pass --init pissa/olora",
+        )
+    base, output = base_source(base), Path(output)
     check_output(output.absolute(), force)
     if residual_out is not None:
         check_output(Path(residual_out).absolute(), force)
@@ -108,22 +120,27 @@ def _create(
         warnings.simplefilter("always")
         wrapped = get_adapter_model(model, config, adapter_name)
         targets = [p for p, layer in wrapped.base_model.lora_layers() if adapter_name in layer.r]
-        parameters = sum(
-            t.numel()
-            for _, layer in wrapped.base_model.lora_layers()
-            if adapter_name in layer.r
-            for t in layer.factors(adapter_name)
+        # what `inspect` and `load` count: DoRA magnitudes and saved copies included
+        parameters = sum(p.numel() for _, p in wrapped.base_model.adapter_parameters(adapter_name))
+        pattern_warnings(
+            config,
+            targets,
+            lambda m: warnings.warn(m, UserWarning, stacklevel=1),
+            where="that this adapter targets",
+            names=module_names(wrapped.base_model.model),
         )
         drift = reload_drift(config, targets)
         if drift:
-            raise AdapterctlError(
+            raise InvalidOptionError(
                 f"overlapping rank/alpha patterns would mean something else once saved: {drift[0]}",
                 hint="use patterns that do not overlap, or order them so that sorted order agrees",
             )
         if residual:
             # PEFT's documented workflow: the saved adapter says `true`, so loading it on the
             # residual base does not decompose again
-            wrapped.peft_config[adapter_name] = config.replace(init_lora_weights=True)
+            # (on the config as injection left it: all-linear expanded, as PEFT writes it)
+            saved = wrapped.peft_config[adapter_name]
+            wrapped.peft_config[adapter_name] = saved.replace(init_lora_weights=True)
         with atomic_directory(output, force=force) as tmp:
             wrapped.save_pretrained(
                 tmp,

@@ -37,6 +37,18 @@ def parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(owner) if owner else root), name
 
 
+def module_names(root: nn.Module, limit: int = 12) -> str:
+    """The leaf names of the modules a LoRA can target (`q_proj, k_proj, ...`), each once, in
+    model order, at most `limit` of them: what a user can pass as a target."""
+    seen: dict[str, None] = {}
+    for key, module in _outer_modules(root):
+        if key and supported(module if not isinstance(module, LoraLayer) else module.base_layer):
+            seen.setdefault(key.rpartition(".")[2], None)
+    names = list(seen)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 class LoraModel(nn.Module):
     """The transformers model with LoRA layers injected (PEFT's `LoraModel`)."""
 
@@ -94,8 +106,8 @@ class LoraModel(nn.Module):
         if not injected:
             raise IncompatibleModelError(
                 f"no module of the {type(model).__name__} matches the adapter's target_modules "
-                f"{config.target_modules!r}",
-                hint="the adapter was made for a different base model",
+                f"{config.target_modules!r}; its modules: {module_names(model)}",
+                hint="target some of those names, or this adapter was made for another base",
             )
         self._add_modules_to_save(config, name)
         return injected

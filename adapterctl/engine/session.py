@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from adapterctl.engine.base import quiet_transformers
-from adapterctl.errors import AdapterctlError, AdapterNotFoundError, IncompatibleModelError
+from adapterctl.errors import (
+    AdapterctlError,
+    AdapterNotFoundError,
+    IncompatibleModelError,
+    InvalidOptionError,
+)
 
 SCHEMA_VERSION = 1
 
@@ -129,9 +134,14 @@ def load_session(
 ) -> LoadReport:
     """Load `base`, inject and load `adapter`, and report; refuse any missing or unexpected key.
     Either may be a Hub repo id (`revision`/`subfolder` apply to the adapter)."""
+    from adapterctl.engine.base import check_options
     from adapterctl.engine.weights import adapter_dir
-    from adapterctl.ops.hub import base_source
+    from adapterctl.ops.hub import base_source, hub_or_local, refuse_local_revision
 
+    check_options(model_class, dtype, device)
+    refuse_local_revision(hub_or_local(adapter), revision)
+    if max_new_tokens < 1:
+        raise InvalidOptionError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if merge_to is not None:
         from adapterctl.format.atomic import check_output
 

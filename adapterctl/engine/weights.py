@@ -41,11 +41,12 @@ def adapter_dir(
     """The local directory holding the adapter: a local path, or a Hub repo id (`owner/name`)
     fetched through huggingface_hub's cache (HF_HUB_OFFLINE with a warm cache works, subfolder
     too: PEFT's Trap T6 does not exist here)."""
-    from adapterctl.ops.hub import download_adapter, is_repo_id
+    from adapterctl.ops.hub import download_adapter, hub_or_local
 
-    if is_repo_id(model_id):
-        return download_adapter(os.fspath(model_id), revision, subfolder, token, cache_dir)
-    path = Path(model_id)
+    found = hub_or_local(model_id)
+    if isinstance(found, str):
+        return download_adapter(found, revision, subfolder, token, cache_dir)
+    path = found
     if subfolder:
         path = path / subfolder
     if not path.is_dir():

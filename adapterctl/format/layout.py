@@ -11,8 +11,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterctl.errors import AdapterFormatError, AdapterNotFoundError, SelectionError
+from adapterctl.errors import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    NotAnAdapterError,
+    SelectionError,
+)
 from adapterctl.format.config import CONFIG_NAME
+from adapterctl.format.keys import PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +97,43 @@ def _adapter_in(directory: Path, name: str) -> AdapterFiles | None:
     return AdapterFiles(name, directory, config, weights, fmt, warns)
 
 
+#: a transformers model's weights, beside its config.json
+MODEL_WEIGHTS = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)  # fmt: skip
+_USE_AS_BASE = "use it as BASE: `adapterctl load BASE ADAPTER` or `adapterctl save BASE OUTPUT ...`"
+
+
+def refuse_model(path: Path) -> None:
+    """One error line for a transformers model where an adapter was expected: a directory with
+    config.json and model weights (and no adapter_config.json), or a safetensors file without an
+    adapter config beside it none of whose tensors is an adapter's (no `lora_`, no
+    `base_model.model.` prefix)."""
+    if path.is_dir():
+        weights = next((n for n in MODEL_WEIGHTS if (path / n).is_file()), None)
+        if (path / "config.json").is_file() and weights is not None:
+            raise NotAnAdapterError(
+                f"`{path}` is a model, not an adapter (config.json and {weights})",
+                hint=_USE_AS_BASE,
+            )
+        return
+    if path.suffix != ".safetensors" or (path.parent / CONFIG_NAME).is_file():
+        return
+    from adapterctl.format.header import read_header
+
+    try:
+        names = read_header(path).tensors
+    except AdapterFormatError:
+        return  # reported as what it is by whoever reads it
+    if names and not any("lora_" in n or n.startswith(PREFIX) for n in names):
+        raise NotAnAdapterError(
+            f"`{path}` is a model, not an adapter ({len(names)} tensors, none of them an "
+            "adapter's)",
+            hint=_USE_AS_BASE.replace("it as BASE", "its folder as BASE"),
+        )
+
+
 def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     """All adapters at `source`: the root adapter (`default`) first, then subfolders by name.
 
@@ -105,6 +148,7 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     if not exists:
         raise AdapterNotFoundError(f"`{path}` does not exist")
     if _is_file(path):
+        refuse_model(path)
         if path.suffix not in (".safetensors", ".bin"):
             raise AdapterFormatError(
                 f"`{path}` is not a `.safetensors` or `.bin` file",
@@ -146,6 +190,7 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     for problem in broken:
         log.warning("skipping: %s", problem.message)
     if not adapters:
+        refuse_model(path)
         hint = None
         if (path / SAFETENSORS_NAME).is_file() or (path / BIN_NAME).is_file():
             hint = (

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapterctl.format.config import LoraConfig, residual_init
+from adapterctl.format.factors import pair_problem
 from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, KeyInfo, classify
 from adapterctl.format.variants import free_shapes, variant_message, variant_tensor, variants_in
 
@@ -115,7 +116,7 @@ def analyse(
         entries.append(_module_entry(path, m, config, error, warn, free_shapes(variants)))
     if config is not None:
         lora_paths = sorted({e.path.replace(".base_layer", "") for e in entries if e.r is not None})
-        _pattern_warnings(config, lora_paths, warn)
+        pattern_warnings(config, lora_paths, warn)
         if mts and not any(info.kind == "modules_to_save" for info, _ in infos):
             warn(
                 f"`modules_to_save` lists {', '.join(mts)} but no tensor for them is stored; "
@@ -161,6 +162,7 @@ def _module_entry(
     pairs = [("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")]
     r: int | None = None
     out_dim: int | None = None
+    ndim = 2
     for a_kind, b_kind in pairs:
         a, b = m.get(a_kind), m.get(b_kind)
         if (a is None) != (b is None):
@@ -169,25 +171,20 @@ def _module_entry(
         if a is None or b is None:
             continue
         at, bt = a[1], b[1]
-        # 2-D for Linear/Conv1D/Embedding; convolutions store (r, in, k...) and (out, r, 1...)
-        if len(at.shape) < 2 or len(bt.shape) < 2 or len(at.shape) != len(bt.shape):
-            error(
-                f"`{path}`: {a_kind} {list(at.shape)} and {b_kind} {list(bt.shape)} are not LoRA factors"
-            )
-            continue
-        if at.shape[0] == 0:
-            error(f"`{path}`: {a_kind} has rank 0")
-            continue
-        if at.shape[0] != bt.shape[1] and not any_shapes:
-            error(
-                f"`{path}`: {a_kind} has {at.shape[0]} rows but {b_kind} has {bt.shape[1]} "
-                "columns; they must both equal the rank"
-            )
-        r, out_dim = at.shape[0], bt.shape[0]
+        problem = pair_problem(a_kind, at.shape, b_kind, bt.shape, free_rank=any_shapes)
+        if problem is not None:
+            error(f"`{path}`: {problem}")
+            if len(at.shape) < 2 or len(at.shape) != len(bt.shape) or at.shape[0] == 0:
+                continue
+        r, out_dim, ndim = at.shape[0], bt.shape[0], len(at.shape)
     for kind in ("lora_magnitude_vector", "lora_B.bias"):
         if kind in m and out_dim is not None:
             t = m[kind][1]
-            if t.shape != (out_dim,):
+            # a convolution's DoRA magnitude is (1, out, 1...), as PEFT's weight norm is
+            conv_norm = (1, out_dim, *(1,) * (ndim - 2))
+            if t.shape != (out_dim,) and not (
+                ndim > 2 and kind != "lora_B.bias" and t.shape == conv_norm
+            ):
                 error(f"`{path}`: {kind} has shape {list(t.shape)}, expected [{out_dim}]")
     if r is None:
         for kind in ("lora_magnitude_vector", "lora_B.bias"):
@@ -219,7 +216,15 @@ def _module_entry(
     return ModuleEntry(path, kinds, r, alpha, config.scaling(alpha, r))
 
 
-def _pattern_warnings(config: LoraConfig, modules: list[str], warn: Any) -> None:
+def pattern_warnings(
+    config: LoraConfig,
+    modules: list[str],
+    warn: Any,
+    *,
+    where: str = "in the file",
+    names: str = "",
+) -> None:
+    """Pattern keys that match several modules, or none (`names`: the modules there are)."""
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name) or {}
         used: set[str] = set()
@@ -235,7 +240,8 @@ def _pattern_warnings(config: LoraConfig, modules: list[str], warn: Any) -> None
                 )
         for key in patterns:
             if key not in used and modules:
-                warn(f"{field_name} key {key!r} matches no module in the file; PEFT ignores it")
+                known = f" (its modules: {names})" if names else ""
+                warn(f"{field_name} key {key!r} matches no module {where}{known}; PEFT ignores it")
 
 
 def target_summary(config: LoraConfig) -> str:

@@ -27,8 +27,9 @@ from typing import Any
 from adapterctl.errors import ConversionError
 from adapterctl.format.config import LoraConfig, reload_drift, residual_init
 from adapterctl.format.dtypes import DTYPES, Dtype
+from adapterctl.format.factors import as_matrix, matrix_shapes, pair_problem
 from adapterctl.format.keys import classify
-from adapterctl.ops.initial import Factors, Initial, SavedInitial
+from adapterctl.ops.initial import Factors, Initial, RebuiltInitial, SavedInitial
 from adapterctl.ops.lowrank import Spectrum, apply, basis
 from adapterctl.ops.rawtensor import (
     FLOAT_CODES,
@@ -45,6 +46,8 @@ from adapterctl.ops.rawtensor import (
 
 #: LoRA kind -> the axis the rank runs along (A: rows, B: columns)
 _RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+
+
 #: configuration fields the trained adapter and its initial adapter must agree on
 PAIR_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
 
@@ -225,15 +228,26 @@ class Plan:
             a_key, b_key = kinds[a_kind], kinds[b_kind]
             (a_dtype, a_shape), (b_dtype, b_shape) = self.specs[a_key], self.specs[b_key]
             module = classify(a_key, mts).module
-            if (
-                len(a_shape) != 2
-                or len(b_shape) != 2
-                or a_shape[0] != b_shape[1]
-                or a_dtype != b_dtype
-            ):
+            problem = pair_problem(a_kind, a_shape, b_kind, b_shape)
+            if problem is not None:
+                raise ConversionError(f"`{module}`: {problem}")
+            computed = self.options.initial is not None or self.options.reduce
+            if computed and matrix_shapes(a_shape, b_shape) is None:
                 raise ConversionError(
-                    f"`{module}`: lora_A {a_dtype.code}{list(a_shape)} and lora_B "
-                    f"{b_dtype.code}{list(b_shape)} do not form a LoRA pair"
+                    f"`{module}` is a grouped convolution's LoRA: its delta is not one product "
+                    "B·A, so it can be cast or copied but not converted or reduced",
+                    hint="drop --initial/--base/--rank/--energy",
+                )
+            if computed and len(a_shape) > 2 and isinstance(self.options.initial, RebuiltInitial):
+                raise ConversionError(
+                    f"`{module}` is a convolution's LoRA: its initial factors cannot be rebuilt "
+                    "from the base",
+                    hint="pass --initial with the initial adapter saved before training",
+                )
+            if computed and a_dtype != b_dtype and self.options.dtype is None:
+                raise ConversionError(
+                    f"`{module}`: lora_A is {a_dtype.display_name} but lora_B is {b_dtype.display_name}",
+                    hint="pass --dtype to write both in one dtype",
                 )
             if a_dtype.code not in FLOAT_CODES:
                 raise ConversionError(f"`{module}`: {a_dtype.code} factors cannot be converted")
@@ -260,7 +274,7 @@ class Plan:
 
     def _target_rank(self, m: _Module) -> int:
         r = m.factors.rank * (2 if self.options.initial is not None else 1)
-        out_dim, in_dim = m.factors.b_shape[0], m.factors.a_shape[1]
+        out_dim, in_dim = m.factors.b_shape[0], math.prod(m.factors.a_shape[1:])
         full = min(r, out_dim, in_dim)
         if self.options.rank is not None:
             return min(self.options.rank, full)
@@ -302,7 +316,8 @@ class Plan:
                     else shape[_RANK_AXIS[info.kind]]
                     * (2 if self.options.initial is not None else 1)
                 )
-                new_shape = (r, shape[1]) if _RANK_AXIS[info.kind] == 0 else (shape[0], r)
+                axis = _RANK_AXIS[info.kind]  # convolutions keep their other axes
+                new_shape = tuple(r if i == axis else d for i, d in enumerate(shape))
                 outputs.append(OutputTensor(key, new_dtype, new_shape, self._lora(m, key), True))
                 continue
             residual = (
@@ -314,6 +329,12 @@ class Plan:
             )
             if residual:
                 owner = self._owner(info.module)
+                if len(owner.factors.a_shape) > 2:
+                    raise ConversionError(
+                        f"`{info.module}` is a convolution whose residual base weight is saved: "
+                        "adapterctl does not rebuild that weight",
+                        hint="convert it with PEFT",
+                    )
                 outputs.append(
                     OutputTensor(key, new_dtype, shape, self._original(key, owner), True)
                 )
@@ -371,7 +392,7 @@ class Plan:
         import numpy as np
 
         t = self._joined(m, which)
-        values = to_floats(t)
+        values = as_matrix(to_floats(t), which)
         if not np.isfinite(values).all():
             raise ConversionError(
                 f"`{m.factors.module}` holds values that are not finite: its rank cannot be reduced"
@@ -405,15 +426,19 @@ class Plan:
             label = f"rank {r}->{k}"
             if label not in rep.actions:
                 rep.actions.append(label)
-            out[f.a_key], out[f.b_key] = from_float(new_a, code), from_float(new_b, code)
+            a_shape = (k, *f.a_shape[1:])
+            b_shape = (f.b_shape[0], k, *f.b_shape[2:])
+            out[f.a_key] = from_float(new_a.reshape(a_shape), code)
+            out[f.b_key] = from_float(new_b.reshape(b_shape), code)
             if m.bias_key:  # the scaling is now 1: the bias carries the old one
                 bias = self.source.get(m.bias_key)
                 code_b = opts.dtype or bias.dtype.code  # rounded once
                 out[m.bias_key] = from_float(f.scaling * to_float64(bias), code_b)
         else:
             for key, which in ((f.a_key, "A"), (f.b_key, "B")):
-                if only is None or only == key:
-                    out[key] = cast(self._joined(m, which), code)
+                if only is None or only == key:  # each factor in its own dtype, or --dtype
+                    t = self._joined(m, which)
+                    out[key] = cast(t, opts.dtype) if opts.dtype else t
             if m.bias_key and only in (None, m.bias_key):
                 out[m.bias_key] = self.source.get(m.bias_key)
         if m.bias_key in out and opts.dtype:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterFormatError, ConversionError
+from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOptionError
 from adapterctl.format.atomic import atomic_directory, check_not_inside, check_output
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
@@ -25,7 +25,13 @@ from adapterctl.ops.conversion import (
     Plan,
     missing_from_trained,
 )
-from adapterctl.ops.initial import Initial, RebuiltInitial, SavedInitial, rebuild_method
+from adapterctl.ops.initial import (
+    REBUILDABLE,
+    Initial,
+    RebuiltInitial,
+    SavedInitial,
+    rebuild_method,
+)
 from adapterctl.ops.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.ops.verify import Verification, verify
 
@@ -117,21 +123,23 @@ def _check_options(
     energy: float | None,
 ) -> str | None:  # fmt: skip
     if initial is not None and base is not None:
-        raise ConversionError("pass --initial or --base, not both")
+        raise InvalidOptionError("pass --initial or --base, not both")
     if init is not None and base is None:
-        raise ConversionError("--init only applies with --base")
+        raise InvalidOptionError("--init does nothing without --base")
+    if init is not None and init not in REBUILDABLE:
+        raise InvalidOptionError(f"--init must be one of {', '.join(REBUILDABLE)}, not {init!r}")
     if rank is not None and energy is not None:
-        raise ConversionError("pass --rank or --energy, not both")
+        raise InvalidOptionError("pass --rank or --energy, not both")
     if rank is not None and rank < 1:
-        raise ConversionError(f"--rank must be at least 1, not {rank}")
+        raise InvalidOptionError(f"--rank must be at least 1, not {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise ConversionError(
+        raise InvalidOptionError(
             f"--energy must be a fraction in (0, 1], not {energy}", hint="e.g. --energy 0.99"
         )
     if dtype is None:
         return None
     if dtype not in CAST_TARGETS:
-        raise ConversionError(
+        raise InvalidOptionError(
             f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(CAST_TARGETS)}"
         )
     return CAST_TARGETS[dtype]

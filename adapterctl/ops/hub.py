@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterctlError, AdapterNotFoundError
+from adapterctl.errors import AdapterctlError, AdapterNotFoundError, InvalidOptionError
 from adapterctl.format.config import CONFIG_NAME
 from adapterctl.format.layout import BIN_NAME, README_NAME, SAFETENSORS_NAME
 
@@ -61,14 +61,67 @@ def valid_repo_id(text: str) -> bool:
     return True
 
 
+_LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".pt", ".pth")
+
+
+def _first_part(text: str) -> str:
+    return text.split("/", 1)[0]
+
+
+def is_local_path(text: str) -> bool:
+    """THE rule for what a SOURCE or BASE names: a local path when it starts with `./`, `../`,
+    `/` or `~` (or is `.`/`..`), has more than one `/`, ends in a file suffix, exists, or its first
+    part exists locally (`checkpoint/mth` beside a `checkpoint` folder). Everything else that is
+    a valid Hub repo id goes to the Hub (see `is_repo_id`)."""
+    return (
+        text in (".", "..")
+        or text.startswith(_LOCAL_PREFIXES)
+        or text.count("/") > 1
+        or text.endswith(_FILE_SUFFIXES)
+        or os.path.lexists(text)
+        or os.path.lexists(_first_part(text))
+    )
+
+
 def is_repo_id(source: str | os.PathLike[str], *, bare: bool = False) -> bool:
-    """A Hub id that is not an existing local path (local paths win, as in transformers):
-    `owner/name`, or also a bare `name` with `bare` (base models such as `gpt2`). Names ending in
-    a file suffix are taken as missing local files."""
+    """A Hub id that is not a local path (local paths win, as in transformers): `owner/name`, or
+    also a bare `name` with `bare` (base models such as `gpt2`)."""
     text = os.fspath(source)
-    if Path(text).exists() or not valid_repo_id(text) or ("/" not in text and not bare):
+    if not text or is_local_path(text) or ("/" not in text and not bare):
         return False
-    return not text.endswith((".safetensors", ".bin", ".json"))
+    return valid_repo_id(text)
+
+
+def hub_or_local(source: str | os.PathLike[str], *, bare: bool = False) -> str | Path:
+    """The Hub repo id `source` names, or the local path it names, which must exist: a mistyped
+    local path is an error at once, never a request to the Hub. `bare`: base models, where a
+    bare `name` (`gpt2`) is a Hub id too."""
+    if is_repo_id(source, bare=bare):
+        return os.fspath(source)
+    path = Path(source)
+    if os.path.lexists(path):
+        return path
+    text = os.fspath(source)
+    first = _first_part(text)
+    if text.startswith(_LOCAL_PREFIXES) or text in (".", ".."):
+        why = ""  # plainly a path
+    elif "/" in text and first and os.path.lexists(first):
+        why = f" (a local path, not a Hub repo id: `{first}` exists here)"
+    elif text.count("/") > 1:
+        why = " (a local path: a Hub repo id is OWNER/NAME)"
+    elif "/" not in text and not bare:
+        why = " (a local path: an adapter on the Hub is named OWNER/NAME)"
+    else:
+        why = " (a local path: it is not a valid Hub repo id)"
+    parent = next(  # the deepest folder of it that exists (not `.` or `/`: no news)
+        (p for p in path.parents if str(p) not in (".", p.anchor) and os.path.lexists(p)), None
+    )
+    hint = f"`{parent}` exists; check the rest of the path" if parent is not None else None
+    raise AdapterNotFoundError(
+        f"`{text}` does not exist{why}",
+        hint=hint or (None if not why else "check the path; a Hub repo id is OWNER/NAME"),
+    )
 
 
 def label(repo_id: str, revision: str | None = None, subfolder: str | None = None) -> str:
@@ -262,23 +315,34 @@ def download_base(repo_id: str, revision: str | None = None, token: str | None =
     return root
 
 
+def refuse_local_revision(found: str | Path, revision: str | None) -> None:
+    """--revision selects a Hub repo's branch, tag or commit: with a local path it does nothing."""
+    if revision is not None and not isinstance(found, str):
+        raise InvalidOptionError(
+            f"--revision does nothing for a local path (`{found}`)",
+            hint="it picks a branch, tag or commit of a Hub repo id (OWNER/NAME)",
+        )
+
+
 def adapter_source(
     source: str | os.PathLike[str],
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
 ) -> Path:
-    """A local adapter path as it is, or a Hub id fetched into the cache."""
-    if is_repo_id(source):
-        return download_adapter(os.fspath(source), revision, subfolder, token)
-    path = Path(source)
-    return path / subfolder if subfolder else path
+    """A local adapter path as it is (it must exist), or a Hub id fetched into the cache."""
+    found = hub_or_local(source)
+    refuse_local_revision(found, revision)
+    if isinstance(found, str):
+        return download_adapter(found, revision, subfolder, token)
+    return found / subfolder if subfolder else found
 
 
 def base_source(
     source: str | os.PathLike[str], revision: str | None = None, token: str | None = None
 ) -> Path:
-    """A local base model directory as it is, or a Hub id fetched into the cache."""
-    if is_repo_id(source, bare=True):
-        return download_base(os.fspath(source), revision, token)
-    return Path(source)
+    """A local base model directory as it is (it must exist), or a Hub id fetched into the cache."""
+    found = hub_or_local(source, bare=True)
+    if isinstance(found, str):
+        return download_base(found, revision, token)
+    return found

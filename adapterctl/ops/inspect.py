@@ -153,17 +153,19 @@ def inspect_adapter(
     `torch.load(weights_only=True)`, the one path that imports torch. `source` may be a Hub repo
     id: then only the headers are read, over HTTP range requests.
     """
-    from adapterctl.ops.hub import is_repo_id, offline
+    from adapterctl.ops.hub import hub_or_local, offline, refuse_local_revision
 
-    if is_repo_id(source) and not offline():  # offline, the cached copy is read below
+    found = hub_or_local(source)
+    refuse_local_revision(found, revision)
+    if isinstance(found, str) and not offline():  # offline, the cached copy is read below
         from adapterctl.ops.hub_inspect import inspect_hub
 
-        return inspect_hub(os.fspath(source), adapter, revision, subfolder, token)
-    if is_repo_id(source) or subfolder:
+        return inspect_hub(found, adapter, revision, subfolder, token)
+    if isinstance(found, str) or subfolder:
         from adapterctl.ops.hub import adapter_source
 
         source = adapter_source(source, revision, subfolder, token)
-    found = find_adapters(source)
+    adapters = find_adapters(source)
     if adapter is not None:
-        found = pick_adapters(found, [adapter], source)
-    return InspectReport(os.fspath(source), tuple(report_adapter(f) for f in found))
+        adapters = pick_adapters(adapters, [adapter], source)
+    return InspectReport(os.fspath(source), tuple(report_adapter(f) for f in adapters))

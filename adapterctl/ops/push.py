@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterctlError
+from adapterctl.errors import AdapterctlError, AdapterNotFoundError
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, edited_json
 from adapterctl.format.layout import (
     BIN_NAME,
@@ -148,6 +148,10 @@ def plan_push(
     """The adapter files to upload, after the same checks as `inspect --check`; the config the
     card describes (with the base model's Hub id); and what the user should be told."""
     root = Path(source)
+    if not os.path.lexists(root):
+        raise AdapterNotFoundError(
+            f"`{os.fspath(source)}` does not exist", hint="push uploads a local PEFT directory"
+        )
     if not root.is_dir():
         raise AdapterctlError(
             f"`{source}` is not an adapter directory", hint="push uploads a PEFT directory"

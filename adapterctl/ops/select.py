@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterFormatError, SelectionError
+from adapterctl.errors import AdapterFormatError, InvalidOptionError, SelectionError
 from adapterctl.format.atomic import atomic_directory, check_not_inside, check_output
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.header import read_header
@@ -69,11 +69,11 @@ def parse_renames(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         old, sep, new = pair.partition("=")
         if not sep or not old or not new:
-            raise SelectionError(
+            raise InvalidOptionError(
                 f"invalid rename {pair!r}: expected OLD=NEW", hint="e.g. --rename alpha=default"
             )
         if old in renames:
-            raise SelectionError(f"adapter `{old}` is renamed twice")
+            raise InvalidOptionError(f"adapter `{old}` is renamed twice")
         renames[old] = new
     return renames
 

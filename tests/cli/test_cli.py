@@ -105,7 +105,10 @@ def test_failure_is_one_error_line_and_a_hint(tmp_path: Path) -> None:
     result = invoke("inspect", tmp_path / "missing")
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert result.stderr == f"error: `{tmp_path / 'missing'}` does not exist\n"
+    assert result.stderr == (
+        f"error: `{tmp_path / 'missing'}` does not exist\n"
+        f"hint: `{tmp_path}` exists; check the rest of the path\n"
+    )
     (tmp_path / "out").mkdir()
     src = write_adapter(tmp_path / "src")
     result = invoke("select", src, tmp_path / "out", "--adapter", "default")
@@ -126,7 +129,7 @@ def test_json_error_is_one_line_on_stderr(tmp_path: Path) -> None:
         "error": {
             "type": "AdapterNotFoundError",
             "message": f"`{tmp_path / 'missing'}` does not exist",
-            "hint": None,
+            "hint": f"`{tmp_path}` exists; check the rest of the path",
         }
     }
 
@@ -215,10 +218,10 @@ def test_select_json_and_human(tmp_path: Path) -> None:
     assert re.fullmatch(r"✓ other -> .*o2/other \(\d+(\.\d)? (B|KiB)\)\n", result.stdout)
 
 
-def test_select_bad_rename_is_a_failure_not_a_crash(tmp_path: Path) -> None:
+def test_select_bad_rename_is_a_usage_error_not_a_crash(tmp_path: Path) -> None:
     src = write_adapter(tmp_path / "src")
     result = invoke("select", src, tmp_path / "o", "-a", "default", "--rename", "nonsense")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.startswith("error: invalid rename 'nonsense'")
 
 

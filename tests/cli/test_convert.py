@@ -72,18 +72,18 @@ def test_failed_verification_writes_nothing(adapter: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--rank", "0"], "--rank must be at least 1"),
-        (["--energy", "0"], "--energy must be a fraction"),
-        (["--dtype", "float64"], "unknown dtype"),
-        ([], "nothing to convert"),
-        (["--init", "pissa"], "--init only applies with --base"),
+    ("args", "message", "code"),
+    [  # a bad command line is a usage error (2); an input that cannot be done, a failure (1)
+        (["--rank", "0"], "--rank must be at least 1", 2),
+        (["--energy", "0"], "--energy must be a fraction", 2),
+        (["--dtype", "float64"], "unknown dtype", 2),
+        ([], "nothing to convert", 1),
+        (["--init", "pissa"], "--init does nothing without --base", 2),
     ],
 )
-def test_refusals(adapter: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_refusals(adapter: Path, tmp_path: Path, args: list[str], message: str, code: int) -> None:
     result = invoke(adapter, tmp_path / "out", *args)
-    assert result.exit_code == 1
+    assert result.exit_code == code
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"error: {message}"), result.stderr
     assert all(line.startswith(("error:", "hint:")) for line in lines)

@@ -205,7 +205,7 @@ def test_bad_base_directory(peft_adapters: dict[str, Path], tmp_path: Path) -> N
     assert result.exit_code == 1
     assert "is not a transformers model directory" in result.stderr
     result = invoke(tmp_path, peft_adapters["llama_basic"], "--model-class", "nonsense")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, before anything is loaded
     assert "unknown model class 'nonsense'" in result.stderr
 
 

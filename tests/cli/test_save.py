@@ -128,7 +128,7 @@ def test_residual_base_plus_adapter_is_the_original(base: Path, tmp_path: Path, 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--r", "4", "--target", "q_proj", "--init", "pissa"], 1, "pass --residual-out DIR"),
+        (["--r", "4", "--target", "q_proj", "--init", "pissa"], 2, "pass --residual-out DIR"),
         (
             [
                 "--r",
@@ -140,7 +140,7 @@ def test_residual_base_plus_adapter_is_the_original(base: Path, tmp_path: Path, 
                 "--alpha-pattern",
                 "layers.1.self_attn.q_proj=32",
             ],
-            1,
+            2,
             "overlapping rank/alpha patterns",
         ),
         (["--r", "4"], 2, ""),

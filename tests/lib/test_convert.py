@@ -294,7 +294,7 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
     "rank_zero": ({"rank": 0}, "at least 1"),
     "energy_range": ({"energy": 1.5}, r"in \(0, 1\]"),
     "dtype": ({"dtype": "int8"}, "unknown dtype"),
-    "init_alone": ({"init": "pissa"}, "only applies with --base"),
+    "init_alone": ({"init": "pissa"}, "does nothing without --base"),
     "nothing": ({}, "nothing to convert"),
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterctl.errors import OutputError, SelectionError
+from adapterctl.errors import InvalidOptionError, OutputError, SelectionError
 from adapterctl.ops.inspect import inspect_adapter
 from adapterctl.ops.select import parse_renames, select_adapters
 from tests.fixtures import tiny_llama
@@ -112,9 +112,9 @@ def test_bad_requests(tmp_path: Path, adapters: list[str], renames: dict, messag
 def test_parse_renames() -> None:
     assert parse_renames(["a=b", "c=default"]) == {"a": "b", "c": "default"}
     for bad in (["a"], ["=b"], ["a="]):
-        with pytest.raises(SelectionError, match="OLD=NEW"):
+        with pytest.raises(InvalidOptionError, match="OLD=NEW"):
             parse_renames(bad)
-    with pytest.raises(SelectionError, match="renamed twice"):
+    with pytest.raises(InvalidOptionError, match="renamed twice"):
         parse_renames(["a=b", "a=c"])
 
 

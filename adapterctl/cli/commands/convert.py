@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +19,7 @@ from adapterctl.cli.options import (
 
 def convert_cmd(
     source: Annotated[
-        Path,
+        str,
         typer.Argument(
             metavar="SOURCE",
             help="The (trained) adapter: a directory or its .safetensors/.bin file.",
@@ -29,7 +28,7 @@ def convert_cmd(
     ],
     output_dir: OutputArg,
     initial: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--initial",
             metavar="INIT",
@@ -38,7 +37,7 @@ def convert_cmd(
         ),
     ] = None,
     base: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--base",
             metavar="BASE",

@@ -13,18 +13,18 @@ from adapterctl.cli.options import (
     BasePathArg,
     DeviceOpt,
     DtypeOpt,
-    ForceOpt,
     JsonOpt,
     RevisionOpt,
     SubfolderOpt,
     TokenOpt,
 )
+from adapterctl.errors import InvalidOptionError
 
 
 def load_cmd(
     base: BasePathArg,
     adapter: Annotated[
-        Path,
+        str,
         typer.Argument(
             metavar="ADAPTER",
             help="An adapter directory or Hub repo id (OWNER/NAME).",
@@ -74,10 +74,20 @@ def load_cmd(
         ),
     ] = None,
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", metavar="N", min=1, help="Tokens to generate.")
-    ] = 20,
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--max-new-tokens",
+            metavar="N",
+            min=1,
+            help="With --prompt: tokens to generate (default: 20).",
+            show_default=False,
+        ),
+    ] = None,
     compare_base: Annotated[
-        bool, typer.Option("--compare-base", help="Also generate with the adapter disabled.")
+        bool,
+        typer.Option(
+            "--compare-base", help="With --prompt: also generate with the adapter disabled."
+        ),
     ] = False,
     merge_to: Annotated[
         Optional[Path],  # noqa: UP045
@@ -85,7 +95,13 @@ def load_cmd(
             "--merge-to", metavar="DIR", help="Write the merged model here (transformers format)."
         ),
     ] = None,
-    force: ForceOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="With --merge-to: replace DIR if it exists (swapped in only once complete).",
+        ),
+    ] = False,
     revision: RevisionOpt = None,
     subfolder: SubfolderOpt = None,
     token: TokenOpt = None,
@@ -98,8 +114,17 @@ def load_cmd(
     """
     from adapterctl.engine.session import load_session
 
-    if compare_base and prompt is None:
-        raise typer.BadParameter("--compare-base needs --prompt", param_hint="--compare-base")
+    needs = {"--compare-base": (compare_base, prompt, "--prompt"),
+             "--max-new-tokens": (max_new_tokens is not None, prompt, "--prompt"),
+             "--force": (force, merge_to, "--merge-to")}  # fmt: skip
+    for flag, (given, other, other_flag) in needs.items():
+        if given and other is None:
+            raise InvalidOptionError(f"{flag} does nothing without {other_flag}")
+    if device_map is not None and device != "auto":
+        raise InvalidOptionError(
+            f"--device {device} and --device-map {device_map} conflict",
+            hint="--device-map places the model itself: pass one of them",
+        )
     with output.status() as step:
         report = load_session(
             base,
@@ -113,7 +138,7 @@ def load_cmd(
             autocast_adapter_dtype=autocast,
             low_cpu_mem_usage=low_cpu_mem_usage,
             prompt=prompt,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=20 if max_new_tokens is None else max_new_tokens,
             compare_base=compare_base,
             merge_to=merge_to,
             force=force,

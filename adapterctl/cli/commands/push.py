@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +12,7 @@ from adapterctl.cli.options import JsonOpt, TokenOpt
 
 def push_cmd(
     source: Annotated[
-        Path,
+        str,
         typer.Argument(metavar="SOURCE", help="The adapter directory.", show_default=False),
     ],
     repo_id: Annotated[

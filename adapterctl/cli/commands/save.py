@@ -16,6 +16,7 @@ from adapterctl.cli.options import (
     ForceOpt,
     JsonOpt,
 )
+from adapterctl.errors import InvalidOptionError
 
 _TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "QUESTION_ANS")
 
@@ -153,6 +154,10 @@ def save_cmd(
     if task_type is not None and task_type not in _TASKS:
         raise typer.BadParameter(
             f"{task_type!r} is not one of {', '.join(_TASKS)}", param_hint="--task-type"
+        )
+    if any(n < 0 for n in layers or []):
+        raise InvalidOptionError(
+            f"--layers takes layer indices (0, 1, ...), not {min(layers or [])}"
         )
     if save_embedding_layers not in ("auto", "true", "false"):
         raise typer.BadParameter("auto, true or false", param_hint="--save-embedding-layers")

@@ -46,11 +46,9 @@ def select_cmd(
     from adapterctl.ops.select import parse_renames, select_adapters
 
     renames = parse_renames(rename or [])
-    source = adapter_source(source, revision, token=token)
+    local = adapter_source(source, revision, token=token)
     with output.progress("copying") as advance:
-        result = select_adapters(
-            source, output_dir, adapter, renames, force=force, progress=advance
-        )
+        result = select_adapters(local, output_dir, adapter, renames, force=force, progress=advance)
     if json_:
         output.emit_json(result.to_dict())
     else:
