@@ -38,6 +38,7 @@ def error_boundary(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         json_mode = bool(kwargs.get("json_", False))
+        output.set_json_mode(json_mode)
         output.route_library_warnings()
         try:
             return func(*args, **kwargs)

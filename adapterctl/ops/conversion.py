@@ -419,7 +419,8 @@ class Plan:
         if m.bias_key in out and opts.dtype:
             out[m.bias_key] = cast(out[m.bias_key], opts.dtype)
         if opts.dtype and opts.dtype != f.dtype_code:
-            label = f"{f.dtype_code}->{opts.dtype}"
+            # dtypes named as everywhere else in adapterctl (`bfloat16`, not `BF16`)
+            label = f"{DTYPES[f.dtype_code].display_name}->{DTYPES[opts.dtype].display_name}"
             if label not in rep.actions:
                 rep.actions.append(label)
         return out
