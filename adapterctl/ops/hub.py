@@ -66,7 +66,7 @@ def is_repo_id(source: str | os.PathLike[str], *, bare: bool = False) -> bool:
     `owner/name`, or also a bare `name` with `bare` (base models such as `gpt2`). Names ending in
     a file suffix are taken as missing local files."""
     text = os.fspath(source)
-    if Path(text).exists() or not valid_repo_id(text) or ("/" not in text and not bare):
+    if os.path.exists(text) or not valid_repo_id(text) or ("/" not in text and not bare):
         return False
     return not text.endswith((".safetensors", ".bin", ".json"))
 
