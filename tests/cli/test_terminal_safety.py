@@ -47,8 +47,13 @@ SEQUENCES = [
 MARKUP = ["[/bold]", "[link=file:///etc/passwd]x[/link]", "[red]r[/red]", ":smile:"]
 FORGED = "\nerror: forged line\r"
 #: a name part holding all of it (no `.` or NUL: it names a module)
-HOSTILE = "q" + "".join(SEQUENCES) + FORGED + "\u202e" + "".join(MARKUP) + "".join(
-    c for c in DANGEROUS if c != "\x00"
+HOSTILE = (
+    "q"
+    + "".join(SEQUENCES)
+    + FORGED
+    + "\u202e"
+    + "".join(MARKUP)
+    + "".join(c for c in DANGEROUS if c != "\x00")
 )
 #: as a folder name: no `/`, and short enough for a file system (255 bytes)
 HOSTILE_DIR = ("a" + "".join(SEQUENCES) + FORGED + "\u202e\u2066\x85[_bold]\x7fz").replace("/", "_")
@@ -111,7 +116,8 @@ def hostile(tmp_path: Path) -> Path:
 def test_every_dangerous_character_is_escaped(ch: str) -> None:
     shown_text = visible(f"a{ch}b")
     assert ch not in shown_text
-    assert shown_text.startswith("a\\") and shown_text.endswith("b")
+    assert shown_text.startswith("a\\")
+    assert shown_text.endswith("b")
     assert dangerous_in(shown_text) == []
     doc = json_visible(json.dumps({"k": f"a{ch}b"}, ensure_ascii=False))
     assert ch not in doc
@@ -154,7 +160,9 @@ def test_inspect(hostile: Path, args: list[str]) -> None:
     result = invoke("inspect", hostile, *args)
     assert_safe(result)
     text = shown(result)
-    assert "\\x1b]0;pwned\\x07" in text and "\\x1b[2J" in text and "\\u202e" in text
+    assert "\\x1b]0;pwned\\x07" in text
+    assert "\\x1b[2J" in text
+    assert "\\u202e" in text
     assert "\\nerror: forged line\\r" in text
     for markup in MARKUP:  # shown as written, never interpreted (`[/bold]` crashed rich)
         assert markup in text
@@ -242,13 +250,15 @@ def test_push_dry_run_card_and_warnings(hostile: Path, json_args: list[str]) -> 
     assert_safe(result)
     if json_args:
         card = json.loads(result.stdout)["card"]
-        assert "\x1b]0;pwned\x07" in card and "\nerror: forged line" in card  # raw, in JSON
+        assert "\x1b]0;pwned\x07" in card
+        assert "\nerror: forged line" in card
         for line in result.stderr.splitlines():
             assert set(json.loads(line)) == {"warning"}
     else:
         assert "\\ttabbed" not in result.stdout  # tabs in a card are layout: expanded
         card = result.stdout.split("model card (README.md):\n")[1].splitlines()[:-1]
-        assert card and all(line.startswith("  ") or not line for line in card)
+        assert card
+        assert all(line.startswith("  ") or not line for line in card)
         assert "\\x1b[2J" in result.stdout
         assert result.stderr.startswith("warning: ")
 
@@ -347,7 +357,9 @@ def test_inspect_json_of_an_infinite_config_value_parses_strictly(tmp_path: Path
     """JSON numbers beyond float range (1e400) read as infinity; they are written as strings."""
     src = write_adapter(tmp_path / "a")
     cfg = (src / "adapter_config.json").read_text()
-    (src / "adapter_config.json").write_text(cfg.replace('"r": 4', '"r": 4, "extra": [1e400, -1e400]'))
+    (src / "adapter_config.json").write_text(
+        cfg.replace('"r": 4', '"r": 4, "extra": [1e400, -1e400]')
+    )
     result = invoke("inspect", src, "--json")
     assert result.exit_code == 0, result.stderr
     assert _strict(result.stdout)["adapters"][0]["config"]["extra"] == ["Infinity", "-Infinity"]
