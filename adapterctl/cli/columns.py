@@ -34,10 +34,16 @@ def width() -> int | None:
     return None
 
 
-def natural_key(text: str) -> tuple[str | int, ...]:
+def _number(digits: str) -> tuple[int, str]:
+    """A run of digits as a key in numeric order, without int() (no limit on its length)."""
+    digits = digits.lstrip("0") or "0"
+    return len(digits), digits
+
+
+def natural_key(text: str) -> tuple[str | tuple[int, str], ...]:
     """Sort key with runs of digits compared as numbers: layers 0, 1, 2, ..., 10, not 0, 1, 10."""
     parts = _DIGITS.split(text)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+    return tuple(_number(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def shorten(name: str, room: int, ellipsis: str = "…") -> str:

@@ -266,11 +266,12 @@ def _render_tensors(a: AdapterReport, cols: int | None) -> None:
     rows = []
     for t in a.tensors:
         info = classify(t.name, mts)
-        rows.append([info.module or t.name, info.kind, _shape(t.shape), t.dtype, t.nbytes])
-    rows.sort(key=lambda r: (natural_key(str(r[0])), r[1]))
-    cells = [[*map(str, r[:4]), human_size(int(r[4]))] for r in rows]
+        rows.append(
+            [info.module or t.name, info.kind, _shape(t.shape), t.dtype, human_size(t.nbytes)]
+        )
+    rows.sort(key=lambda r: (natural_key(r[0]), r[1]))
     header = ["module", "kind", "shape", "dtype", "size"]
-    _lines(table(header, cells, "llrlr", columns=cols, ellipsis=_ellipsis()))
+    _lines(table(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
 
 
 _SHORT_KINDS = {

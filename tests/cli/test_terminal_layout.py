@@ -211,8 +211,13 @@ def test_one_unit_system_and_dtype_spelling(cwd: Path) -> None:
 
 
 def test_natural_key_and_shorten() -> None:
-    names = [f"model.layers.{i}.mlp" for i in (10, 2, 1, 0, 21, 3)]
-    assert [natural_key(n)[1] for n in sorted(names, key=natural_key)] == [0, 1, 2, 3, 10, 21]
+    huge, big = "1" + "0" * 5000, "7" + "0" * 4999  # past int()'s 4300-digit limit
+    numbers = ["10", "2", "1", "0", "21", huge, "3", big]
+    names = [f"model.layers.{i}.mlp" for i in numbers]
+    ordered = sorted(names, key=natural_key)
+    expected = ["0", "1", "2", "3", "10", "21", big, huge]
+    assert ordered == [f"model.layers.{i}.mlp" for i in expected]
+    assert sorted(["a.07", "a.7", "a.10"], key=natural_key) == ["a.07", "a.7", "a.10"]
     name = "model.language_model.layers.10.self_attn.q_proj"
     for room in range(16, len(name)):
         short = shorten(name, room)
