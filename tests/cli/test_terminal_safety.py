@@ -363,3 +363,56 @@ def test_inspect_json_of_an_infinite_config_value_parses_strictly(tmp_path: Path
     result = invoke("inspect", src, "--json")
     assert result.exit_code == 0, result.stderr
     assert _strict(result.stdout)["adapters"][0]["config"]["extra"] == ["Infinity", "-Infinity"]
+
+
+# progress bars and spinners (drawn by rich, on a terminal only) ---------------------------------
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is drawn on it."""
+
+    def __init__(self) -> None:
+        import io
+
+        self.buffer = io.StringIO()
+        self.encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return self.buffer.write(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError("no file descriptor")
+
+
+@pytest.mark.parametrize("kind", ["status", "progress"])
+def test_spinner_and_progress_labels_are_escaped(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """`load` names its steps after paths (`loading adapter DIR`): rich draws them as text, with
+    no markup, emoji or highlighting, and our rule escapes what a terminal would act on."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("COLUMNS", "2000")  # rich cuts a label to the width: see all of it
+    label = f"loading adapter {HOSTILE}"
+    if kind == "status":
+        with output.status() as step:
+            step(label)
+            import time
+
+            time.sleep(0.3)  # the spinner refreshes in its own thread
+    else:
+        with output.progress(label) as advance:
+            advance(10, 100)
+    drawn = terminal.buffer.getvalue()
+    assert "\\x1b]0;pwned\\x07" in drawn
+    for raw in ("\x1b]0;pwned", "\x1b[2J", "\x9b", "\u202e", "\x07", "\r\u202e", "\nerror: forged"):
+        assert raw not in drawn
+    for markup in MARKUP:
+        assert markup in drawn
