@@ -232,11 +232,13 @@ class Plan:
                 or a_dtype != b_dtype
             ):
                 raise ConversionError(
-                    f"`{module}`: lora_A {a_dtype.code}{list(a_shape)} and lora_B "
-                    f"{b_dtype.code}{list(b_shape)} do not form a LoRA pair"
+                    f"`{module}`: lora_A {a_dtype.display_name}{list(a_shape)} and lora_B "
+                    f"{b_dtype.display_name}{list(b_shape)} do not form a LoRA pair"
                 )
             if a_dtype.code not in FLOAT_CODES:
-                raise ConversionError(f"`{module}`: {a_dtype.code} factors cannot be converted")
+                raise ConversionError(
+                    f"`{module}`: {a_dtype.display_name} factors cannot be converted"
+                )
             r = config.rank_for(module)
             if r != a_shape[0]:
                 raise ConversionError(
