@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,7 +42,9 @@ def error_boundary(func: F) -> F:
         output.set_json_mode(json_mode)
         output.route_library_warnings()
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # restores showwarning afterwards
+                warnings.showwarning = output.show_python_warning
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):  # Typer renders these itself (exit 2)
             raise
         except AdapterctlError as e:

@@ -135,6 +135,19 @@ class _WarningHandler(logging.Handler):
         warning(record.getMessage())
 
 
+def show_python_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` for a command's run: a Python warning (numpy's overflow, a
+    dependency's deprecation) as one `warning:` line, or a JSON line under --json."""
+    warning(f"{category.__name__}: {message}")
+
+
 def route_library_warnings() -> None:
     """Show the library's logged warnings as `warning:` lines (JSON lines under --json)."""
     logger = logging.getLogger("adapterctl")

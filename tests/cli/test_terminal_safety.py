@@ -416,3 +416,33 @@ def test_spinner_and_progress_labels_are_escaped(
         assert raw not in drawn
     for markup in MARKUP:
         assert markup in drawn
+
+
+@pytest.mark.filterwarnings("always::RuntimeWarning")
+@pytest.mark.parametrize("json_args", [[], ["--json"]], ids=["human", "json"])
+def test_python_warnings_are_our_warning_lines(
+    hostile: Path, monkeypatch: pytest.MonkeyPatch, json_args: list[str]
+) -> None:
+    """A Python warning raised during a command (numpy's overflow, say) is one `warning:` line,
+    escaped, or a JSON line under --json: never Python's two-line format on a JSON stderr."""
+    import warnings
+
+    import adapterctl.ops.inspect as mod
+
+    real = mod.inspect_adapter
+
+    def noisy(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(f"overflow in {HOSTILE}", RuntimeWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "inspect_adapter", noisy)
+    result = invoke("inspect", hostile, *json_args)
+    assert result.exit_code == 0, result.stderr
+    assert_safe(result)
+    (line,) = result.stderr.splitlines()
+    if json_args:
+        assert json.loads(line) == {
+            "warning": {"message": f"RuntimeWarning: overflow in {HOSTILE}"}
+        }
+    else:
+        assert line.startswith("warning: RuntimeWarning: overflow in q\\x1b]0;pwned")
