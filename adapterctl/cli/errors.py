@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -38,9 +39,12 @@ def error_boundary(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         json_mode = bool(kwargs.get("json_", False))
+        output.set_json_mode(json_mode)
         output.route_library_warnings()
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # restores showwarning afterwards
+                warnings.showwarning = output.show_python_warning
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):  # Typer renders these itself (exit 2)
             raise
         except AdapterctlError as e:

@@ -1,8 +1,12 @@
-"""The only module that writes to the terminal: JSON, rich tables, warnings, errors, progress.
+"""The only module that writes to the terminal: JSON, tables, warnings, errors, progress.
 
-Data goes to stdout; warnings, errors and progress bars go to stderr. rich is imported inside the
-functions that draw tables or bars, so `--help` and `--json` never load it. NO_COLOR is honoured
-(by rich, and by our own plain lines, which carry no colour).
+Data goes to stdout; warnings, errors and progress bars go to stderr. Every line is written by
+`_line`, which shows untrusted text through the one rule of `safe.visible` (control, bidi and
+format characters escaped, never interpreted) and writes what the stream's encoding can hold.
+Tables are plain text laid out for the terminal's width (`columns`); rich draws only the progress
+bar and the spinner, on a terminal, and is imported there alone. Under --json, stdout holds one
+strictly valid JSON document and stderr only JSON lines (warnings and the error). NO_COLOR is
+honoured (by rich, and by our plain lines, which carry no colour).
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
+from adapterctl.cli.columns import natural_key, shorten, table, width, wrap
+from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
 from adapterctl.ops.checks import human_size
 
 if TYPE_CHECKING:
@@ -23,34 +30,104 @@ if TYPE_CHECKING:
     from adapterctl.ops.push import PushResult
     from adapterctl.ops.select import SelectionResult
 
+#: adapters with at least this many tensors are shown one row per module (`inspect --tensors`
+#: lists every tensor)
+COMPACT_FROM = 400
+_json_mode = False
+
+
+def set_json_mode(on: bool) -> None:
+    """Under --json, warnings go to stderr as JSON lines too (set by the error boundary)."""
+    global _json_mode
+    _json_mode = on
+
+
+def _write(stream: TextIO, text: str) -> None:
+    stream.write(for_stream(stream, text))
+
+
+def _line(text: str, stream: TextIO | None = None) -> None:
+    """One line of output, untrusted parts included: made visible, never interpreted."""
+    _write(stream or sys.stdout, visible(text) + "\n")
+
+
+def _lines(lines: list[str], stream: TextIO | None = None) -> None:
+    """Lines already made visible (laid out by `columns`)."""
+    out = stream or sys.stdout
+    _write(out, "".join(line + "\n" for line in lines))
+
+
+def _mark() -> str:
+    return symbol(sys.stdout, "✓")
+
+
+def _ellipsis() -> str:
+    return symbol(sys.stdout, "…")
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and ±infinity as the strings "NaN", "Infinity" and "-Infinity" (JSON has no literal
+    for them; Python's `NaN` tokens are rejected by strict parsers such as jq)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None, *, ascii_only: bool = False) -> str:
+    """Strictly valid JSON, lossless for every string, safe to print: control, bidi and format
+    characters inside strings are `\\u` escapes, never raw."""
+    try:
+        text = json.dumps(obj, indent=indent, ensure_ascii=ascii_only, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere (rare: convert the whole document then)
+        text = json.dumps(_finite(obj), indent=indent, ensure_ascii=ascii_only, allow_nan=False)
+    return text if ascii_only else json_visible(text)
+
+
+def _json_line(obj: Any, stream: TextIO) -> None:
+    ascii_only = symbol(stream, "✓") != "✓"  # a stream that is not Unicode gets \u escapes
+    stream.write(json_text(obj, ascii_only=ascii_only) + "\n")
+    stream.flush()
+
 
 def emit_json(obj: Any) -> None:
     """One JSON document on stdout, indented only for a person at a terminal."""
     indent = 2 if sys.stdout.isatty() else None
-    sys.stdout.write(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    ascii_only = symbol(sys.stdout, "✓") != "✓"
+    sys.stdout.write(json_text(obj, indent, ascii_only=ascii_only) + "\n")
     sys.stdout.flush()
 
 
 def warning(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
+    """`warning: ...` on stderr, or `{"warning": {"message": ...}}` under --json."""
+    if _json_mode:
+        _json_line({"warning": {"message": message}}, sys.stderr)
+    else:
+        _line(f"warning: {message}", sys.stderr)
 
 
 def error(message: str, hint: str | None, *, type_name: str, json_mode: bool) -> None:
     """One `error:` line (and at most one `hint:` line), or one JSON object under --json."""
-    message = " ".join(message.split())  # always a single line
     if json_mode:
-        payload = {"error": {"type": type_name, "message": message, "hint": hint}}
-        sys.stderr.write(json.dumps(payload, ensure_ascii=False) + "\n")
-    else:
-        sys.stderr.write(f"error: {message}\n")
-        if hint:
-            sys.stderr.write(f"hint: {' '.join(hint.split())}\n")
+        _json_line({"error": {"type": type_name, "message": message, "hint": hint}}, sys.stderr)
+        return
+    _line(f"error: {message}", sys.stderr)
+    if hint:
+        _line(f"hint: {hint}", sys.stderr)
     sys.stderr.flush()
 
 
 def result_line(message: str) -> None:
-    """A short "✓ wrote ..." line: the result of a command that writes files."""
-    sys.stdout.write(f"{message}\n")
+    """A plain line of a command's result on stdout."""
+    _line(message)
+
+
+def done(message: str) -> None:
+    """A "✓ wrote ..." line: the result of a command that writes files."""
+    _line(f"{_mark()} {message}")
 
 
 class _WarningHandler(logging.Handler):
@@ -58,13 +135,39 @@ class _WarningHandler(logging.Handler):
         warning(record.getMessage())
 
 
+def show_python_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` for a command's run: a Python warning (numpy's overflow, a
+    dependency's deprecation) as one `warning:` line, or a JSON line under --json."""
+    warning(f"{category.__name__}: {message}")
+
+
 def route_library_warnings() -> None:
-    """Show the library's logged warnings as `warning:` lines on stderr."""
+    """Show the library's logged warnings as `warning:` lines (JSON lines under --json)."""
     logger = logging.getLogger("adapterctl")
     if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
         handler = _WarningHandler(logging.WARNING)
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def _console() -> Any:
+    """A rich console on stderr that interprets nothing it is given."""
+    from rich.console import Console
+
+    return Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+
+def _text(label: str) -> Any:
+    from rich.text import Text
+
+    return Text(visible(label))
 
 
 @contextlib.contextmanager
@@ -73,23 +176,33 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
     if not sys.stderr.isatty():
         yield lambda advance, total: None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     bar = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
-        DownloadColumn(),
-        console=Console(stderr=True),
+        DownloadColumn(binary_units=True),
+        console=_console(),
         transient=True,
     )
     with bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(visible(description), total=None)
 
         def update(advance: int, total: int) -> None:
             bar.update(task, advance=advance, total=total)
 
         yield update
+
+
+@contextlib.contextmanager
+def status() -> Iterator[Callable[[str], None]]:
+    """A one-line spinner on stderr naming the current step (drawn only on a terminal)."""
+    if not sys.stderr.isatty():
+        yield lambda message: None
+        return
+    spinner_name = "dots" if symbol(sys.stderr, "…") == "…" else "line"
+    with _console().status(_text("starting"), spinner=spinner_name) as spinner:
+        yield lambda message: spinner.update(_text(message))
 
 
 def _num(value: float | None) -> str:
@@ -100,41 +213,30 @@ def _num(value: float | None) -> str:
     return f"{value:g}"
 
 
-def render_inspect(report: InspectReport) -> None:
-    """Per adapter: a summary, a table of its tensors, and its problems."""
-    from rich.console import Console
-    from rich.table import Table
+def _shape(shape: tuple[int, ...]) -> str:
+    return symbol(sys.stdout, "×").join(str(d) for d in shape) or "scalar"
 
-    console = Console(highlight=False, soft_wrap=True)
+
+def render_inspect(report: InspectReport, *, all_tensors: bool = False) -> None:
+    """Per adapter: a summary, its tensors (one row per module from COMPACT_FROM tensors on,
+    unless `all_tensors`), and its problems."""
+    cols = width()
     for i, adapter in enumerate(report.adapters):
         if i:
-            console.print()
-        _render_summary(console, adapter)
-        table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
-        for col, justify in (
-            ("module", "left"),
-            ("kind", "left"),
-            ("shape", "right"),
-            ("dtype", "left"),
-            ("size", "right"),
-        ):
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
-        from adapterctl.format.keys import classify
-
-        mts = adapter.config.modules_to_save or [] if adapter.config else []
-        for t in adapter.tensors:
-            info = classify(t.name, mts)
-            shape = "×".join(str(d) for d in t.shape) or "scalar"
-            table.add_row(info.module or t.name, info.kind, shape, t.dtype, human_size(t.nbytes))
-        console.print(table)
-        _render_modules(console, adapter)
+            _line("")
+        _render_summary(adapter, cols)
+        if len(adapter.tensors) >= COMPACT_FROM and not all_tensors:
+            _render_compact(adapter, cols)
+        else:
+            _render_tensors(adapter, cols)
+            _render_modules(adapter, cols)
         for p in adapter.problems:
-            console.print(f"{p.severity}: {p.message}", markup=False, soft_wrap=True)
+            _lines(wrap(p.message, cols, first=f"{p.severity}: "))
 
 
-def _render_summary(console: Any, a: AdapterReport) -> None:
+def _render_summary(a: AdapterReport, cols: int | None) -> None:
     s = a.summary()
-    console.print(f"adapter {a.name}  ({a.path}, {a.format})", markup=False, style="bold")
+    _line(f"adapter {a.name}  ({a.path}, {a.format})")
     rows: list[tuple[str, str]] = [
         ("peft type", str(s["peft_type"] or "-")),
         ("task type", str(s["task_type"] or "-")),
@@ -152,7 +254,7 @@ def _render_summary(console: Any, a: AdapterReport) -> None:
             ("rslora", "yes" if s["use_rslora"] else "no"),
             ("dora", "yes" if s["use_dora"] else "no"),
             ("bias", str(s["bias"])),
-            ("init", json.dumps(s["init_lora_weights"])),
+            ("init", json_text(s["init_lora_weights"])),
             ("target modules", str(s["target_modules"])),
             ("modules to save", ", ".join(s["modules_to_save"] or []) or "-"),
         ]
@@ -164,60 +266,111 @@ def _render_summary(console: Any, a: AdapterReport) -> None:
         ("size", human_size(a.total_bytes)),
         ("dtypes", mix),
     ]
-    width = max(len(k) for k, _ in rows)
+    key_width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        console.print(f"  {key.ljust(width)}  {value}", markup=False)
-    console.print()
+        _lines(wrap(value, cols, indent=key_width + 4, first=f"  {key.ljust(key_width)}  "))
+    _line("")
 
 
-def _render_modules(console: Any, a: AdapterReport) -> None:
+def _render_tensors(a: AdapterReport, cols: int | None) -> None:
+    from adapterctl.format.keys import classify
+
+    mts = a.config.modules_to_save or [] if a.config else []
+    rows = []
+    for t in a.tensors:
+        info = classify(t.name, mts)
+        rows.append(
+            [info.module or t.name, info.kind, _shape(t.shape), t.dtype, human_size(t.nbytes)]
+        )
+    rows.sort(key=lambda r: (natural_key(r[0]), r[1]))
+    header = ["module", "kind", "shape", "dtype", "size"]
+    _lines(table(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
+
+
+_SHORT_KINDS = {
+    "lora_A": "A",
+    "lora_B": "B",
+    "lora_B.bias": "B.bias",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+    "lora_magnitude_vector": "magnitude",
+}
+
+
+def _render_compact(a: AdapterReport, cols: int | None) -> None:
+    """One row per module: its tensors, rank, alpha, dtypes and size."""
+    from adapterctl.format.keys import classify
+
+    mts = a.config.modules_to_save or [] if a.config else []
+    entries = {m.path: m for m in a.modules}
+    groups: dict[str, list[tuple[str, str, int]]] = {}
+    for t in a.tensors:
+        info = classify(t.name, mts)
+        path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
+        groups.setdefault(path or t.name, []).append((info.kind, t.dtype, t.nbytes))
+    rows = []
+    for path in sorted(groups, key=natural_key):
+        kinds = " ".join(_SHORT_KINDS.get(k, k) for k, _, _ in sorted(groups[path]))
+        m = entries.get(path)
+        dtypes = ", ".join(sorted({d for _, d, _ in groups[path]}))
+        size = human_size(sum(n for _, _, n in groups[path]))
+        r = _num(m.r) if m else "-"
+        rows.append([path, kinds, r, _num(m.alpha) if m else "-", dtypes, size])
+    header = ["module", "tensors", "r", "alpha", "dtype", "size"]
+    _lines(table(header, rows, "llrrlr", columns=cols, ellipsis=_ellipsis()))
+    _line(f"({len(groups)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
+
+
+def _render_modules(a: AdapterReport, cols: int | None) -> None:
     """Per-module rank/alpha/scaling, shown only where they differ from module to module."""
     lora = [m for m in a.modules if m.r is not None]
     if len({(m.r, m.alpha, m.scaling) for m in lora}) <= 1:
         return
-    from rich.table import Table
-
-    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for col in ("module", "r", "alpha", "scaling"):
-        table.add_column(col, justify="left" if col == "module" else "right")
-    for m in lora:
-        table.add_row(m.path, str(m.r), _num(m.alpha), _num(m.scaling))
-    console.print()
-    console.print(table)
+    rows = [
+        [m.path, str(m.r), _num(m.alpha), _num(m.scaling)]
+        for m in sorted(lora, key=lambda m: natural_key(m.path))
+    ]
+    _line("")
+    header = ["module", "r", "alpha", "scaling"]
+    _lines(table(header, rows, "lrrr", columns=cols, ellipsis=_ellipsis()))
 
 
 def plain_table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
-    """Aligned columns on stdout without rich (its import and layout cost more than the work of a
-    fast command); the first `left` columns are left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+    """Aligned columns on stdout, the first `left` left-aligned, fitted to the terminal."""
+    justify = "".join("l" if i < left else "r" for i in range(len(header)))
+    _lines(table(header, rows, justify, columns=width(), ellipsis=_ellipsis()))
 
 
 def render_conversion(result: ConversionResult) -> None:
-    """Per module: what was done, the new r and alpha; then sizes and the verification."""
-    reduced = any(m.energy is not None for m in result.modules)
-    header = ["module", "done", "r", "alpha"] + (["energy", "rel. error"] if reduced else [])
+    """Per module: what was done, the new r and alpha; then sizes and the verification. What
+    was done to every module alike is said once, above the table."""
+    cols = width()
+    modules = sorted(result.modules, key=lambda m: natural_key(m.module))
+    reduced = any(m.energy is not None for m in modules)
+    actions = {", ".join(m.actions) or "copied" for m in modules}
+    same = len(actions) == 1
+    if same:
+        _lines(wrap(f"every module: {actions.pop()}", cols))
+    header = ["module", *([] if same else ["done"]), "r", "alpha"]
+    header += ["energy", "rel. error"] if reduced else []
     rows = []
-    for m in result.modules:
-        row = [m.module, ", ".join(m.actions) or "copied", f"{m.r_in} -> {m.r}"]
-        row.append(f"{_num(m.alpha_in)} -> {_num(m.alpha)}")
+    for m in modules:
+        row = [m.module, *([] if same else [", ".join(m.actions) or "copied"])]
+        row += [f"{m.r_in} -> {m.r}", f"{_num(m.alpha_in)} -> {_num(m.alpha)}"]
         if reduced:
             row += [f"{m.energy:.4f}" if m.energy is not None else "-", _num(m.relative_error)]
         rows.append(row)
-    plain_table(header, rows, left=2)
+    left = 1 if same else 2
+    justify = "".join("l" if i < left else "r" for i in range(len(header)))
+    _lines(table(header, rows, justify, columns=cols, ellipsis=_ellipsis()))
     sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
+    _lines(wrap(f"{result.output} ({len(modules)} modules, {sizes})", cols, first=f"{_mark()} "))
     v = result.verification
     if v is not None and v.worst is not None:
-        worst = f"{v.worst.name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
-        checked = f"; verified {v.checked} checks, worst {worst}"
-    else:
-        checked = ""
-    result_line(f"✓ {result.output} ({len(result.modules)} modules, {sizes}{checked})")
+        room = max(16, (cols or 10**6) - 40)
+        name = shorten(v.worst.name, room, _ellipsis())
+        worst = f"{name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
+        _lines(wrap(f"verified {v.checked} checks, worst {worst}", cols, first="  "))
 
 
 def render_push(result: PushResult) -> None:
@@ -225,35 +378,25 @@ def render_push(result: PushResult) -> None:
     rows = [[f.path_in_repo, human_size(f.size)] for f in result.files]
     plain_table(["file", "size"], rows)
     if result.dry_run:
-        sys.stdout.write(f"\n{result.card}")
+        _line("")
+        _line("model card (README.md):")
+        for card_line in result.card.split("\n")[: -1 if result.card.endswith("\n") else None]:
+            # indented, so no line of the card can pass for one of ours; each made visible
+            _line("  " + card_line.removesuffix("\r").expandtabs(4))
         result_line(f"dry run: nothing uploaded to {result.repo_id} ({result.revision})")
     elif result.pull_request_url:
-        result_line(f"✓ pull request {result.pull_request_url}")
+        done(f"pull request {result.pull_request_url}")
     elif result.changed:
-        result_line(f"✓ {result.commit_url}")
+        done(f"{result.commit_url}")
     else:
-        result_line(
-            f"✓ {result.repo_id} already holds these files: no commit ({result.commit_url})"
-        )
+        done(f"{result.repo_id} already holds these files: no commit ({result.commit_url})")
 
 
 def render_selection(result: SelectionResult) -> None:
     for a in result.adapters:
         where = f"{result.output}/{a.path}" if a.path else result.output
         renamed = f" (was {a.source_name})" if a.source_name != a.name else ""
-        result_line(f"✓ {a.name}{renamed} -> {where} ({human_size(a.nbytes)})")
-
-
-@contextlib.contextmanager
-def status() -> Iterator[Callable[[str], None]]:
-    """A one-line spinner on stderr naming the current step (drawn only on a terminal)."""
-    if not sys.stderr.isatty():
-        yield lambda message: None
-        return
-    from rich.console import Console
-
-    with Console(stderr=True).status("starting") as spinner:
-        yield lambda message: spinner.update(message)
+        done(f"{a.name}{renamed} -> {where} ({human_size(a.nbytes)})")
 
 
 def render_load(r: LoadReport) -> None:
@@ -276,13 +419,15 @@ def render_load(r: LoadReport) -> None:
     ]
     if r.merged_to:
         rows.append(("merged to", r.merged_to))
-    width = max(len(k) for k, _ in rows)
+    key_width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        sys.stdout.write(f"{key.ljust(width)}  {value}\n")
+        _line(f"{key.ljust(key_width)}  {value}")
     if r.generation is not None:
         g = r.generation
-        sys.stdout.write(f"\nprompt: {g.prompt}\nadapter: {g.text}\n")
+        _line("")
+        _line(f"prompt: {g.prompt}")
+        _line(f"adapter: {g.text}")
         if g.base_text is not None:
-            sys.stdout.write(f"base: {g.base_text}\n")
+            _line(f"base: {g.base_text}")
     for message in r.warnings:
         warning(message)

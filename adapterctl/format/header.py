@@ -253,7 +253,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         expected = _expected_nbytes(t)
         if t.nbytes != expected:
             raise _HeaderError(
-                f"tensor `{t.name}` spans {t.nbytes} bytes but {t.dtype.code}{list(t.shape)} "
+                f"tensor `{t.name}` spans {t.nbytes} bytes but {t.dtype.display_name}{list(t.shape)} "
                 f"needs {expected}"
             )
         end = t.end

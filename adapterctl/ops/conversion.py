@@ -250,7 +250,9 @@ class Plan:
                     hint="pass --dtype to write both in one dtype",
                 )
             if a_dtype.code not in FLOAT_CODES:
-                raise ConversionError(f"`{module}`: {a_dtype.code} factors cannot be converted")
+                raise ConversionError(
+                    f"`{module}`: {a_dtype.display_name} factors cannot be converted"
+                )
             r = config.rank_for(module)
             if r != a_shape[0]:
                 raise ConversionError(
@@ -444,7 +446,8 @@ class Plan:
         if m.bias_key in out and opts.dtype:
             out[m.bias_key] = cast(out[m.bias_key], opts.dtype)
         if opts.dtype and opts.dtype != f.dtype_code:
-            label = f"{f.dtype_code}->{opts.dtype}"
+            # dtypes named as everywhere else in adapterctl (`bfloat16`, not `BF16`)
+            label = f"{DTYPES[f.dtype_code].display_name}->{DTYPES[opts.dtype].display_name}"
             if label not in rep.actions:
                 rep.actions.append(label)
         return out

@@ -144,6 +144,48 @@ def _is_connection_error(e: BaseException) -> bool:
     return False
 
 
+def _client_dirs() -> list[tuple[str, str]]:
+    """The folders huggingface_hub reads and writes, with the variable that sets each."""
+    from huggingface_hub import constants
+
+    return [
+        ("HF_HOME", constants.HF_HOME),
+        ("HF_HUB_CACHE", constants.HF_HUB_CACHE),
+        ("HF_TOKEN_PATH", os.path.dirname(constants.HF_TOKEN_PATH)),
+    ]
+
+
+def check_client_dirs() -> None:
+    """Refuse, as one error, a Hub cache or home that cannot be a directory (HF_HOME set to a
+    file): huggingface_hub would fail deep inside with NotADirectoryError."""
+    for variable, folder in _client_dirs():
+        here = Path(folder)
+        while not os.path.lexists(here) and here != here.parent:  # the nearest thing that exists
+            here = here.parent
+        if not here.is_dir():
+            what = (
+                "is not a directory"
+                if here == Path(folder)
+                else f"cannot be made: `{here}` is a file"
+            )
+            raise AdapterctlError(
+                f"the Hugging Face folder `{folder}` ({variable}) {what}",
+                hint=f"point {variable} at a directory (or unset it)",
+            )
+
+
+def _in_client_dirs(filename: object) -> str | None:
+    """The variable whose folder holds `filename` (a path huggingface_hub failed on), if any."""
+    if not isinstance(filename, str | os.PathLike):
+        return None
+    path = os.path.abspath(os.fspath(filename))
+    for variable, folder in _client_dirs():
+        root = os.path.abspath(folder)
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return variable
+    return None
+
+
 @contextlib.contextmanager
 def hub_errors(
     repo_id: str, revision: str | None = None, path: str | None = None, action: str = "read"
@@ -153,6 +195,7 @@ def hub_errors(
 
     where = f"`{repo_id}`" + (f" at revision `{revision}`" if revision else "")
     token_hint = "pass --token, set HF_TOKEN, or log in with `hf auth login`"
+    check_client_dirs()
     client_log = logging.getLogger("huggingface_hub")
     level = client_log.level
     client_log.setLevel(logging.ERROR)  # its warnings ("no files matched", "skipping empty
@@ -214,6 +257,21 @@ def hub_errors(
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AdapterctlError(
             f"the Hub at {shown_endpoint()} refused to {action} `{repo_id}` ({status}): {first}"
+        ) from None
+    except OSError as e:
+        variable = _in_client_dirs(e.filename)
+        if variable is None and not _is_connection_error(e):
+            raise
+        if variable is not None:  # the client's own files: its cache, its token
+            raise AdapterctlError(
+                f"cannot use the Hugging Face folder for `{repo_id}`: {e.strerror or e}: "
+                f"`{e.filename}`",
+                hint=f"{variable} must name a directory this user may write",
+            ) from None
+        raise AdapterctlError(
+            f"lost the connection to the Hub at {shown_endpoint()} while trying to {action} "
+            f"`{repo_id}`: {type(e).__name__}",
+            hint="check the connection and try again; nothing was claimed done",
         ) from None
     except Exception as e:
         if not _is_connection_error(e):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from adapterctl.errors import ConversionError
 from adapterctl.format.config import LoraConfig
+from adapterctl.format.dtypes import DTYPES
 from adapterctl.ops.rawtensor import RawTensor, TensorStore, from_float, to_float32
 
 if TYPE_CHECKING:
@@ -74,8 +75,9 @@ class SavedInitial:
         dtype, shape0 = self._specs[key]
         if (dtype.code, shape0) != (f.dtype_code, shape):
             raise ConversionError(
-                f"`{key}` differs between the pair: trained {f.dtype_code}{list(shape)}, "
-                f"initial {dtype.code}{list(shape0)}"
+                f"`{key}` differs between the pair: trained "
+                f"{DTYPES[f.dtype_code].display_name}{list(shape)}, "
+                f"initial {dtype.display_name}{list(shape0)}"
             )
         return self.store.get(key)
 

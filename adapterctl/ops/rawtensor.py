@@ -132,7 +132,7 @@ def negate(t: RawTensor) -> RawTensor:
     """−x by flipping the sign bit of every (little-endian) element: exact for every value, NaN
     and ±0 included; one XOR over the whole buffer as a single integer."""
     if t.dtype.code not in FLOAT_CODES:
-        raise ConversionError(f"cannot negate a {t.dtype.code} tensor")
+        raise ConversionError(f"cannot negate a {t.dtype.display_name} tensor")
     size = t.dtype.bits // 8
     raw = t.buffer()
     if len(raw) > _LARGE:  # one copy instead of the integer's three
@@ -185,7 +185,8 @@ def concat(a: RawTensor, b: RawTensor, axis: int) -> RawTensor:
         or a.shape[:axis] + a.shape[axis + 1 :] != b.shape[:axis] + b.shape[axis + 1 :]
     ):
         raise ConversionError(
-            f"cannot join {a.dtype.code}{list(a.shape)} and {b.dtype.code}{list(b.shape)} "
+            f"cannot join {a.dtype.display_name}{list(a.shape)} and "
+            f"{b.dtype.display_name}{list(b.shape)} "
             f"along axis {axis}"
         )
     shape = _joined_shape(a, b, axis)
@@ -225,7 +226,7 @@ def to_float32(t: RawTensor) -> np.ndarray[Any, Any]:
         return raw  # a view: no copy
     if t.dtype.code in FLOAT_CODES:
         return raw.astype(np.float32)
-    raise ConversionError(f"cannot compute with a {t.dtype.code} tensor")
+    raise ConversionError(f"cannot compute with a {t.dtype.display_name} tensor")
 
 
 def to_float64(t: RawTensor) -> np.ndarray[Any, Any]:

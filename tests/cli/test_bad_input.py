@@ -104,7 +104,7 @@ BASIC: dict[str, tuple[Callable[[Path], Path], str]] = {
     ),
     "offsets longer than shape x dtype": (
         _weights(raw_safetensors({"t": {**F32_4, "data_offsets": [0, 32]}}, b"\0" * 32)),
-        "spans 32 bytes but F32[2, 2] needs 16",
+        "spans 32 bytes but float32[2, 2] needs 16",
     ),
     "overlapping offsets": (
         _weights(raw_safetensors({"a": F32_4, "b": F32_4}, b"\0" * 16)),
@@ -218,7 +218,7 @@ CASES |= {
     ),
     "offsets not shape x dtype": Case(
         _weights(raw_safetensors({"t": {**F32_4, "data_offsets": [0, 12]}}, b"\0" * 12)),
-        "spans 12 bytes but F32[2, 2] needs 16",
+        "spans 12 bytes but float32[2, 2] needs 16",
     ),
     "metadata not string to string": Case(
         _weights(raw_safetensors({"__metadata__": {"a": 1}, "t": F32_4}, b"\0" * 16)),

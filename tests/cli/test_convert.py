@@ -37,7 +37,7 @@ def test_json_report(adapter: Path, tmp_path: Path) -> None:
     }  # fmt: skip
     assert [m["module"] for m in doc["modules"]] == [Q, V]
     for m in doc["modules"]:
-        assert m["actions"] == ["rank 4->2", "F32->BF16"]
+        assert m["actions"] == ["rank 4->2", "float32->bfloat16"]
         assert (m["r_in"], m["r"], m["alpha_in"], m["alpha"]) == (4, 2, 8, 2)
         assert 0 < m["energy"] < 1
         assert m["relative_error"] == pytest.approx(np.sqrt(1 - m["energy"]), rel=1e-6)

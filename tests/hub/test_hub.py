@@ -90,6 +90,8 @@ def test_push_and_push_again(mode: str, hub: FakeHub, adapter: Path, tmp_path: P
     before = tree_digest(adapter)
     result = cli(env, "push", adapter, "alice/tiny", "--base-model", "org/tiny-llama", "--json")
     assert result.returncode == 0, result.stderr
+    for line in result.stderr.splitlines():  # under --json, stderr holds only JSON lines
+        assert set(json.loads(line)) <= {"warning"}, result.stderr
     doc = json.loads(result.stdout)
     assert doc["changed"] is True
     assert doc["commit_url"].startswith(f"{hub.url}/alice/tiny/commit/")

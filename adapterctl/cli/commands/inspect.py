@@ -26,6 +26,13 @@ def inspect_cmd(
         bool,
         typer.Option("--check", help="Exit 1 when the report finds an error (after printing it)."),
     ] = False,
+    tensors: Annotated[
+        bool,
+        typer.Option(
+            "--tensors",
+            help=f"One row per tensor (from {output.COMPACT_FROM} tensors on: one per module).",
+        ),
+    ] = False,
     revision: RevisionOpt = None,
     subfolder: SubfolderOpt = None,
     token: TokenOpt = None,
@@ -43,7 +50,7 @@ def inspect_cmd(
     if json_:
         output.emit_json(report.to_dict())
     else:
-        output.render_inspect(report)
+        output.render_inspect(report, all_tensors=tensors)
     if check and report.has_errors:
         bad = next(a for a in report.adapters if a.errors)
         count = sum(len(a.errors) for a in report.adapters)

@@ -212,13 +212,13 @@ def save_cmd(
     if json_:
         output.emit_json(report.to_dict())
         return
-    output.result_line(
-        f"✓ {report.adapter_name}: {report.modules} modules, {report.parameters:,} parameters -> {report.output}"
+    output.done(
+        f"{report.adapter_name}: {report.modules} modules, {report.parameters:,} parameters -> {report.output}"
     )
     for message in report.warnings:
         output.warning(message)
     if report.residual_out:
-        output.result_line(f"✓ residual base -> {report.residual_out}")
+        output.done(f"residual base -> {report.residual_out}")
         output.result_line(
             "next: train on the residual base with this adapter, then "
             f"`adapterctl convert TRAINED OUT --initial {report.output}`"

@@ -1,0 +1,138 @@
+"""Environments (issue 11, section 5): a stdout/stderr that is not UTF-8, HF_HOME that is a file.
+
+Each command runs in a fresh interpreter with `LANG=C` / `PYTHONIOENCODING=ascii` on an adapter
+whose names hold non-ASCII text, so that our own symbols (✓ × …) and the untrusted text both meet
+an encoding that cannot hold them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import P, write_adapter
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "model.layers.0.self_attn.q_proj_é✓×\u202e"
+
+
+def run(*args: str | Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapterctl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        encoding="ascii",
+        errors="strict",  # what came out must be ASCII, or this raises
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80", **env},
+        check=False,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"{P}{NAME}.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32),
+        f"{P}{NAME}.lora_B.weight": rng.standard_normal((8, 4)).astype(np.float32),
+    }
+    src = write_adapter(tmp_path / "src", tensors, {"target_modules": ["q_proj_é✓×\u202e"]})
+    (src / "README.md").write_text("# café ✓ → …\n", encoding="utf-8")
+    return src
+
+
+ENCODINGS = [
+    pytest.param({"PYTHONIOENCODING": "ascii"}, id="pythonioencoding-ascii"),
+    pytest.param({"LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0"}, id="lang-c"),
+]
+COMMANDS = [
+    pytest.param(["inspect", "src"], id="inspect"),
+    pytest.param(["inspect", "src", "--tensors"], id="inspect-tensors"),
+    pytest.param(["inspect", "src", "--json"], id="inspect-json"),
+    pytest.param(["select", "src", "out", "-a", "default"], id="select"),
+    pytest.param(["select", "src", "out", "-a", "default", "--json"], id="select-json"),
+    pytest.param(["convert", "src", "out", "--dtype", "bfloat16", "--verify"], id="convert"),
+    pytest.param(["convert", "src", "out", "--rank", "2", "--json"], id="convert-json"),
+    pytest.param(["push", "src", "alice/x", "--dry-run", "--base-model", "a/b"], id="push"),
+    pytest.param(["--help"], id="help"),
+    pytest.param(["inspect", "--help"], id="inspect-help"),
+]
+
+
+@pytest.mark.parametrize("env", ENCODINGS)
+@pytest.mark.parametrize("args", COMMANDS)
+def test_every_command_on_an_ascii_terminal(
+    adapter: Path, env: dict[str, str], args: list[str]
+) -> None:
+    proc = run(*args, cwd=adapter.parent, **env)
+    assert proc.returncode == 0, proc.stderr
+    if "--help" in args:
+        return
+    if "--json" in args:
+        doc = json.loads(proc.stdout)  # \u escapes: the same document
+        if args[0] in ("inspect", "convert"):
+            assert NAME in json.dumps(doc, ensure_ascii=False)
+    elif args[0] in ("inspect", "convert"):
+        assert "\\xe9" in proc.stdout  # untrusted non-ASCII text escaped, not dropped
+    if args[0] in ("select", "convert") and "--json" not in args:
+        assert "\nok " in "\n" + proc.stdout  # the ASCII spelling of the check mark
+
+
+@pytest.mark.parametrize("env", ENCODINGS)
+def test_errors_and_warnings_on_an_ascii_terminal(
+    adapter: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """(Under LANG=C the argument itself arrives as surrogate escapes of its UTF-8 bytes.)"""
+    proc = run("inspect", "nowhere-é", cwd=tmp_path, **env)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert line in (
+        "error: `nowhere-\\xe9` does not exist",
+        "error: `nowhere-\\udcc3\\udca9` does not exist",
+    )
+    as_json = run("inspect", "nowhere-é", "--json", cwd=tmp_path, **env)
+    assert as_json.returncode == 1
+    message = json.loads(as_json.stderr)["error"]["message"]
+    assert message in ("`nowhere-é` does not exist", "`nowhere-\udcc3\udca9` does not exist")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["inspect", "alice/adapter"], id="inspect"),
+        pytest.param(["inspect", "alice/adapter", "--json"], id="inspect-json"),
+        pytest.param(["select", "alice/adapter", "out", "-a", "default"], id="select"),
+        pytest.param(["convert", "alice/adapter", "out", "--dtype", "float16"], id="convert"),
+    ],
+)
+@pytest.mark.parametrize("offline", ["0", "1"])
+@pytest.mark.parametrize("below", [False, True], ids=["file", "below-a-file"])
+def test_hf_home_that_is_a_file(tmp_path: Path, args: list[str], offline: str, below: bool) -> None:
+    """HF_HOME naming a file (or a folder under one) is one error line, exit 1, never exit 3."""
+    home = tmp_path / "hf-home"
+    home.write_text("not a folder")
+    proc = run(
+        *args,
+        cwd=tmp_path,
+        HF_HOME=str(home / "sub" if below else home),
+        HF_HUB_OFFLINE=offline,
+        HF_ENDPOINT="http://127.0.0.1:9",  # nothing listens there: no network, ever
+        PYTHONIOENCODING="utf-8",
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    if "--json" in args:
+        (line,) = lines
+        assert "HF_HOME" in json.loads(line)["error"]["message"]
+    else:
+        assert lines[0].startswith("error: the Hugging Face folder")
+        assert "HF_HOME" in lines[0]
+        assert len(lines) == 2
+        assert lines[1].startswith("hint: ")
