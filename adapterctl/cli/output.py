@@ -273,15 +273,12 @@ def _render_summary(a: AdapterReport, cols: int | None) -> None:
 
 
 def _render_tensors(a: AdapterReport, cols: int | None) -> None:
-    from adapterctl.format.keys import classify
+    from adapterctl.ops.checks import tensor_kinds
 
-    mts = a.config.modules_to_save or [] if a.config else []
     rows = []
-    for t in a.tensors:
-        info = classify(t.name, mts)
-        rows.append(
-            [info.module or t.name, info.kind, _shape(t.shape), t.dtype, human_size(t.nbytes)]
-        )
+    for t, (path, kind, info) in zip(a.tensors, tensor_kinds(a.tensors, a.config), strict=True):
+        module = (info.module if kind == info.kind else path) or t.name  # a variant's: its module
+        rows.append([module, kind, _shape(t.shape), t.dtype, human_size(t.nbytes)])
     rows.sort(key=lambda r: (natural_key(r[0]), r[1]))
     header = ["module", "kind", "shape", "dtype", "size"]
     _lines(table(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
@@ -299,15 +296,12 @@ _SHORT_KINDS = {
 
 def _render_compact(a: AdapterReport, cols: int | None) -> None:
     """One row per module: its tensors, rank, alpha, dtypes and size."""
-    from adapterctl.format.keys import classify
+    from adapterctl.ops.checks import tensor_kinds
 
-    mts = a.config.modules_to_save or [] if a.config else []
     entries = {m.path: m for m in a.modules}
     groups: dict[str, list[tuple[str, str, int]]] = {}
-    for t in a.tensors:
-        info = classify(t.name, mts)
-        path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
-        groups.setdefault(path or t.name, []).append((info.kind, t.dtype, t.nbytes))
+    for t, (path, kind, _) in zip(a.tensors, tensor_kinds(a.tensors, a.config), strict=True):
+        groups.setdefault(path or t.name, []).append((kind, t.dtype, t.nbytes))
     rows = []
     for path in sorted(groups, key=natural_key):
         kinds = " ".join(_SHORT_KINDS.get(k, k) for k, _, _ in sorted(groups[path]))

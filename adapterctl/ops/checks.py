@@ -69,6 +69,24 @@ def human_size(nbytes: int) -> str:
     raise AssertionError  # pragma: no cover
 
 
+def tensor_kinds(
+    tensors: Sequence[TensorEntry], config: LoraConfig | None
+) -> list[tuple[str, str, KeyInfo]]:
+    """Per tensor: the module it belongs to (nested `target_parameters` wrappers as separate
+    modules, `.base_layer` kept), its kind, and its key's classification. A variant's own tensors
+    (KaSA's `q_proj.lora_diag`) belong to their module, under their own kind."""
+    mts = list(config.modules_to_save or []) if config is not None else []
+    variants = variants_in(config) if config is not None else []
+    kinds = []
+    for t in tensors:
+        info = classify(t.name, mts)
+        path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
+        own = variant_tensor(info.module, variants) if info.kind == "unknown" else None
+        path, kind = own if own is not None else (path, info.kind)
+        kinds.append((path, kind, info))
+    return kinds
+
+
 def analyse(
     tensors: Sequence[TensorEntry], config: LoraConfig | None
 ) -> tuple[list[ModuleEntry], list[Problem]]:
@@ -86,21 +104,14 @@ def analyse(
     variants = variants_in(config) if config is not None else []
     modules: dict[str, _Module] = {}
     infos = []
-    for t in tensors:
-        info = classify(t.name, mts)
+    for t, (path, kind, info) in zip(tensors, tensor_kinds(tensors, config), strict=True):
         infos.append((info, t))
         if not info.prefixed:
             error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
-        own = variant_tensor(info.module, variants) if info.kind == "unknown" else None
-        if info.kind == "unknown" and own is None:
+        if kind == "unknown":
             warn(
                 f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
             )
-        # nested target_parameters wrappers of one module are separate LoRA modules
-        path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
-        kind = info.kind
-        if own is not None:  # KaSA's `q_proj.lora_diag` belongs to `q_proj`
-            path, kind = own
         modules.setdefault(path, _Module()).keys[kind] = (info, t)
 
     if not tensors:
