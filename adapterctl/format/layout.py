@@ -111,7 +111,8 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
             raise AdapterNotFoundError(
                 f"`{path}` is missing; its previous contents are in `{aside}` "
                 "(an interrupted --force replace)",
-                hint=f"rename it back (`mv {aside} {path}`), or rerun the command that wrote it",
+                hint=f"rename it back (`mv {aside} {path}`), or rerun the command that wrote "
+                "it: an adapterctl command that writes there puts it back first",
             )
         raise AdapterNotFoundError(f"`{path}` does not exist")
     if _is_file(path):
