@@ -253,6 +253,22 @@ def test_disk_full_save_writes_neither_output(base: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_disk_full_save_bin(base: Path, tmp_path: Path) -> None:
+    """torch.save hides the OSError of a full disk ("unexpected pos"): still one error line."""
+    full = tmp_path / "full"
+    full.mkdir()
+    with mounted("-t", "tmpfs", "-o", "size=48k", "tmpfs", str(full)) as ok:
+        if not ok:
+            pytest.skip("needs root and a tmpfs mount")
+        proc = run([
+            "save", base, full / "adapter", "--r", "64", "--no-safe-serialization",
+            "--target", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        ])  # fmt: skip
+        one_error(proc, f"cannot write `{full / 'adapter'}`", "No space left on device")
+        assert list(full.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_disk_full_merge(base: Path, adapter: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     full.mkdir()
