@@ -99,6 +99,22 @@ def mounted(*args: str) -> Iterator[bool]:
             subprocess.run(["umount", "-l", target], capture_output=True, check=False)
 
 
+@contextlib.contextmanager
+def limited_disk(d: Path, size: int) -> Iterator[tuple[Preexec, str]]:
+    """`d` as a tmpfs of `size` bytes (ENOSPC) where root may mount one; else a file-size limit
+    of `size` bytes for the child (EFBIG, with SIGXFSZ ignored so the write fails instead)."""
+    with mounted("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)) as ok:
+        if ok:
+            yield None, "No space left on device"
+            return
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    yield limit, "File too large"
+
+
 def unprivileged() -> list[str]:
     """A command prefix that runs as `nobody` (skips where that cannot import this checkout)."""
     if os.geteuid() != 0:
@@ -236,17 +252,15 @@ def test_disk_full_save_writes_neither_output(base: Path, tmp_path: Path) -> Non
     refused. Now neither appears, and the rerun (with room) succeeds."""
     full = tmp_path / "full"
     full.mkdir()
-    with mounted("-t", "tmpfs", "-o", "size=48k", "tmpfs", str(full)) as ok:
-        if not ok:
-            pytest.skip("needs root and a tmpfs mount")
+    with limited_disk(full, 48 << 10) as (preexec, reason):
         args: list[str | Path] = [
             "save", base, full / "adapter", "--r", "2", "--target", "q_proj",
             "--init", "pissa", "--residual-out", full / "residual",
         ]  # fmt: skip
-        proc = run(args)
-        one_error(proc, f"cannot write `{full / 'residual'}`", "No space left on device")
+        proc = run(args, preexec=preexec)
+        one_error(proc, f"cannot write `{full / 'residual'}`", reason)
         assert list(full.iterdir()) == []
-    again = run(args)  # the tmpfs is gone: the same folder, now on the real disk
+    again = run(args)  # with room now: the same folder on the real disk, no limit
     assert again.returncode == 0, again.stderr
     assert (full / "adapter").is_dir()
     assert (full / "residual").is_dir()
@@ -257,14 +271,12 @@ def test_disk_full_save_bin(base: Path, tmp_path: Path) -> None:
     """torch.save hides the OSError of a full disk ("unexpected pos"): still one error line."""
     full = tmp_path / "full"
     full.mkdir()
-    with mounted("-t", "tmpfs", "-o", "size=48k", "tmpfs", str(full)) as ok:
-        if not ok:
-            pytest.skip("needs root and a tmpfs mount")
+    with limited_disk(full, 48 << 10) as (preexec, reason):
         proc = run([
             "save", base, full / "adapter", "--r", "64", "--no-safe-serialization",
             "--target", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        ])  # fmt: skip
-        one_error(proc, f"cannot write `{full / 'adapter'}`", "No space left on device")
+        ], preexec=preexec)  # fmt: skip
+        one_error(proc, f"cannot write `{full / 'adapter'}`", reason)
         assert list(full.iterdir()) == []
 
 
@@ -272,32 +284,21 @@ def test_disk_full_save_bin(base: Path, tmp_path: Path) -> None:
 def test_disk_full_merge(base: Path, adapter: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     full.mkdir()
-    with mounted("-t", "tmpfs", "-o", "size=48k", "tmpfs", str(full)) as ok:
-        if not ok:
-            pytest.skip("needs root and a tmpfs mount")
-        proc = run(["load", base, adapter, "--merge-to", full / "merged"])
-        one_error(proc, f"cannot write `{full / 'merged'}`", "No space left on device")
+    with limited_disk(full, 48 << 10) as (preexec, reason):
+        proc = run(["load", base, adapter, "--merge-to", full / "merged"], preexec=preexec)
+        one_error(proc, f"cannot write `{full / 'merged'}`", reason)
         assert list(full.iterdir()) == []
 
 
 # -- 3. a full disk ------------------------------------------------------------------------------
 
 
-def _fsize_limit() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[tuple[Path, Preexec, str]]:
-    """A 1 MiB tmpfs (ENOSPC) where root may mount one; else a 1 MiB file-size limit (EFBIG)."""
     d = tmp_path / "small"
     d.mkdir()
-    with mounted("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)) as ok:
-        if ok:
-            yield d, None, "No space left on device"
-        else:
-            yield d, _fsize_limit, "File too large"
+    with limited_disk(d, 1 << 20) as (preexec, reason):
+        yield d, preexec, reason
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["fresh", "replace"])
