@@ -136,9 +136,9 @@ def check_inputs(dest: StrPath, inputs: Iterable[StrPath | None], *, replaces: b
                 continue  # what does not exist cannot be lost
             how = _relation(out, path)
             if how is not None and (replaces or how != "holds"):
-                shown = label if path == label else f"{label}` (through `{path}`)"
+                through = "" if path == label else f" (through `{path}`)"
                 raise OutputError(
-                    f"output `{dest}` {how} the input `{shown.rstrip('`')}`",
+                    f"output `{dest}` {how} the input `{label}`{through}",
                     hint="write to a new directory: --force never replaces or writes into an input",
                 )
 
@@ -283,7 +283,10 @@ def _undeletable(dest: Path) -> str | None:
     """Why `dest` (an old output to replace) could not be deleted once swapped aside, if it
     could not: a folder this user may not change, or an immutable or append-only entry."""
     seen = 0
-    for dirpath, dirs, files in os.walk(dest):
+    unlisted: list[OSError] = []
+    for dirpath, dirs, files in os.walk(dest, onerror=unlisted.append):
+        if unlisted:
+            break
         if (dirs or files) and not os.access(dirpath, os.W_OK | os.X_OK):
             return f"`{dirpath}` is not writable for this user"
         for name in dirs + files:
@@ -293,6 +296,8 @@ def _undeletable(dest: Path) -> str | None:
                 return f"`{path}` is immutable or append-only"
         if seen > _MAX_WALK:
             break
+    if unlisted:
+        return f"`{unlisted[0].filename}` cannot be listed ({unlisted[0].strerror})"
     return None
 
 
