@@ -84,7 +84,9 @@ def test_files_behind_an_inputs_symlinks_are_inputs(tmp_path: Path) -> None:
     snapshot.mkdir()
     for f in blobs.iterdir():
         (snapshot / f.name).symlink_to(f)
-    with pytest.raises(OutputError, match=r"holds the input `.*snapshot` \(through `.*blobs/[^`]*`\)$"):
+    with pytest.raises(
+        OutputError, match=r"holds the input `.*snapshot` \(through `.*blobs/[^`]*`\)$"
+    ):
         check_inputs(blobs, [snapshot])
     check_inputs(tmp_path / "elsewhere", [snapshot])
 
