@@ -494,6 +494,48 @@ def test_source_rewritten_during_the_copy(rewrite: str, big: Path, tmp_path: Pat
     assert hidden(tmp_path) == []
 
 
+def test_select_under_a_concurrent_rewriter_never_writes_a_bad_copy(
+    big: Path, tmp_path: Path
+) -> None:
+    """The report's stress case (7 invalid copies in 20 with exit 0; 4 in 20 here before the
+    fix): another process truncates and rewrites the source in place, slowly, over and over.
+    Every run that exits 0 wrote a valid file; the others are one error line."""
+    import threading
+
+    from adapterctl.format.header import read_header
+
+    weights = big / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        while not stop.is_set():
+            with open(weights, "r+b") as f:
+                f.truncate(0)
+                for k in range(0, len(data), 1 << 19):
+                    f.write(data[k : k + (1 << 19)])
+                    f.flush()
+                    time.sleep(0.002)
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        for n in range(20):
+            out = tmp_path / f"out{n}"
+            proc = run(["select", big, out, "-a", "default"])
+            if proc.returncode == 0:
+                assert read_header(out / weights.name).header_bytes is not None
+                assert (out / weights.name).stat().st_size == len(data)
+            else:
+                one_error(proc)
+                assert not out.exists()
+    finally:
+        stop.set()
+        writer.join()
+    assert hidden(tmp_path) == []
+
+
 # -- 7. an unreadable README is the README's fault -----------------------------------------------
 
 
