@@ -1,7 +1,9 @@
 """save_pretrained: an adapter's tensors and config, written as PEFT 0.21.2 writes them.
 
 Keys come from the one key module (`format.keys`), bytes from the one safetensors writer
-(`format.tensors`); each file is written atomically into the (possibly existing) directory.
+(`format.tensors`). Every file is first written to a temp file beside its place, and all are renamed
+in only once all are written: a failure (a full disk) leaves the (possibly existing) directory as
+it was.
 """
 
 from __future__ import annotations
@@ -276,9 +278,10 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor] | None = None,
     path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """Write the adapters; returns the files written. With
+    """Write the adapters, all files or none; returns the files written. With
     `path_initial_model_for_weight_conversion` (the initial adapter of a PiSSA/OLoRA/CorDA
-    adapter, saved before training), write it converted to plain LoRA instead."""
+    adapter, saved before training), write it converted to plain LoRA instead, never into the
+    initial adapter's own folder."""
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     if path_initial_model_for_weight_conversion is not None and len(names) != 1:
         raise AdapterctlError(
