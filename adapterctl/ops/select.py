@@ -108,6 +108,33 @@ def _validate(files: AdapterFiles) -> _Checked:
     return _Checked(files, config, size, read_header(files.weights_path).header_bytes)
 
 
+class _Reader:
+    """The source's weights, read for copying: a read error names the source (an error from the
+    copy's writes names the output)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.file = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        except OSError as e:
+            raise self.error(e) from None
+
+    def error(self, e: OSError) -> AdapterFormatError:
+        return AdapterFormatError(f"cannot read `{self.path}`: {e.strerror}")
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.file.read(n)
+        except OSError as e:
+            raise self.error(e) from None
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
 def _check_copy(checked: _Checked, copy: Path) -> None:
     """The copy must be what was validated: same size, and a header that parses and is the same
     (another process may rewrite the source while it is copied)."""
@@ -180,14 +207,8 @@ def select_adapters(
             (target / CONFIG_NAME).write_bytes(check.config)
             advance(len(check.config))
             nbytes = len(check.config)
-            try:
-                fi = open(files.weights_path, "rb")  # noqa: SIM115 - closed just below
-            except OSError as e:
-                raise AdapterFormatError(
-                    f"cannot read `{files.weights_path}`: {e.strerror}"
-                ) from None
-            with fi, open(target / weights_name, "xb") as fo:
-                nbytes += copy_stream(fi, fo, advance)
+            with _Reader(files.weights_path) as fi, open(target / weights_name, "xb") as fo:
+                nbytes += copy_stream(fi, fo, advance)  # type: ignore[arg-type]
             _check_copy(check, target / weights_name)
             written = [f"{sub}/{n}" if sub else n for n in (CONFIG_NAME, weights_name)]
             results.append(SelectedAdapter(new, files.name, sub, tuple(written), nbytes))
