@@ -193,3 +193,21 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def save_model(model: Any, directory: Path) -> None:
+    """transformers' save_pretrained of a plain model into `directory`, with safetensors' I/O
+    errors (SafetensorError: "... (os error 28)") raised as the OSError they are, so the writer
+    names the output and the reason instead of failing as an internal error."""
+    import errno
+    import os
+    import re
+
+    from safetensors import SafetensorError
+
+    try:
+        model.save_pretrained(str(directory))
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code) if found else str(e)) from None

@@ -78,10 +78,10 @@ def _create(
     """Load `base`, create an adapter from `config_fields`, and write it (and a residual base)."""
     import torch
 
-    from adapterctl.engine.base import load_base, model_class_for
+    from adapterctl.engine.base import load_base, model_class_for, save_model
     from adapterctl.engine.inject import module_names
     from adapterctl.engine.model import get_adapter_model
-    from adapterctl.format.atomic import atomic_directory, check_output
+    from adapterctl.format.atomic import AtomicOutputs, preflight
     from adapterctl.format.config import LoraConfig, reload_drift
 
     start = time.perf_counter()
@@ -110,9 +110,8 @@ def _create(
             hint="drop --residual-out, or pass --init pissa/olora",
         )
     base, output = base_source(base), Path(output)
-    check_output(output.absolute(), force)
-    if residual_out is not None:
-        check_output(Path(residual_out).absolute(), force)
+    outputs = [output] if residual_out is None else [output, Path(residual_out)]
+    preflight(outputs, force=force, inputs=[base])
     cls, _ = model_class_for(base, config, "auto")
     model = load_base(base, cls, device=device, dtype=dtype)
     torch.manual_seed(seed)
@@ -141,17 +140,19 @@ def _create(
             # (on the config as injection left it: all-linear expanded, as PEFT writes it)
             saved = wrapped.peft_config[adapter_name]
             wrapped.peft_config[adapter_name] = saved.replace(init_lora_weights=True)
-        with atomic_directory(output, force=force) as tmp:
+        # the adapter and the residual base appear together or not at all
+        with AtomicOutputs(force=force, inputs=[base]) as written:
+            tmp = written.add(output)
             wrapped.save_pretrained(
                 tmp,
                 safe_serialization=safe_serialization,
                 save_embedding_layers=save_embedding_layers,
             )
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        if residual_out is not None:
-            plain: Any = wrapped.unload()  # the base layers hold the residual weights now
-            with atomic_directory(residual_out, force=force) as tmp:
-                plain.save_pretrained(str(tmp))
+            if residual_out is not None:
+                plain: Any = wrapped.unload()  # the base layers hold the residual weights now
+                tmp = written.add(residual_out)
+                save_model(plain, tmp)
                 for name in _TOKENIZER_FILES:
                     if (base / name).is_file():
                         shutil.copyfile(base / name, tmp / name)

@@ -1,7 +1,9 @@
 """save_pretrained: an adapter's tensors and config, written as PEFT 0.21.2 writes them.
 
 Keys come from the one key module (`format.keys`), bytes from the one safetensors writer
-(`format.tensors`); each file is written atomically into the (possibly existing) directory.
+(`format.tensors`). Every file is first written to a temp file beside its place, and all are renamed
+in only once all are written: a failure (a full disk) leaves the (possibly existing) directory as
+it was.
 """
 
 from __future__ import annotations
@@ -176,19 +178,29 @@ def _untied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same directory, then os.replace (other files untouched)."""
+def _stage(path: Path, write: Any) -> Path:
+    """Write what `path` will hold to a temp file beside it, fsynced; the caller renames it in."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return Path(tmp)
+
+
+def _write_bin(f: Any, sd: dict[str, torch.Tensor]) -> None:
+    """torch.save through memory: its zip writer hides the OSError of a failed write (a full disk
+    is "unexpected pos"), a plain write does not."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({k: v.contiguous() for k, v in sd.items()}, buffer)
+    f.write(buffer.getbuffer())
 
 
 def _sources(sd: dict[str, torch.Tensor]) -> list[TensorSource]:
@@ -266,9 +278,10 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor] | None = None,
     path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """Write the adapters; returns the files written. With
+    """Write the adapters, all files or none; returns the files written. With
     `path_initial_model_for_weight_conversion` (the initial adapter of a PiSSA/OLoRA/CorDA
-    adapter, saved before training), write it converted to plain LoRA instead."""
+    adapter, saved before training), write it converted to plain LoRA instead, never into the
+    initial adapter's own folder."""
     names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     if path_initial_model_for_weight_conversion is not None and len(names) != 1:
         raise AdapterctlError(
@@ -283,50 +296,87 @@ def save_pretrained(
     root = Path(save_directory)
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         raise AdapterctlError(f"`{root}` is not a directory")
+    subs = [root / adapter_subdir(n) for n in names if adapter_subdir(n)]
+    made = [p for p in (*subs, root, *root.parents) if not p.exists()]  # deepest first
     root.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in names:
-        targets = [p for p, layer in model.base_model.lora_layers() if name in layer.r]
-        drift = reload_drift(model.peft_config[name], targets)
-        if drift:
-            warnings.warn(
-                f"adapter `{name}` has overlapping rank/alpha patterns that resolve differently "
-                f"after a reload (PEFT tries them in sorted order): {'; '.join(drift[:3])}",
-                UserWarning,
-                stacklevel=3,
-            )
-        sd = (
-            state_dict
-            if state_dict is not None
-            else adapter_state_dict(model, name, save_embedding_layers)
+    staged: list[
+        tuple[Path, Path]
+    ] = []  # (temp file, final path): renamed in only once all are written
+    try:
+        for name in names:
+            staged += _stage_adapter(
+                model, root, name, state_dict, save_embedding_layers, safe_serialization,
+                path_initial_model_for_weight_conversion,
+            )  # fmt: skip
+        if names:  # the card goes to the root only, as PEFT writes it
+            from adapterctl.ops.card import card_text, read_card
+
+            config = saved_config(model, names[0])
+            tags = getattr(model.base_model.model, "model_tags", None)
+            card = card_text(config, read_card(root), list(tags) if tags else None).encode()
+            staged.append((_stage(root / "README.md", lambda f: f.write(card)), root / "README.md"))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only the folders this call made, and only while empty
+        raise
+    return [final for _, final in staged]
+
+
+def _stage_adapter(
+    model: AdapterModel,
+    root: Path,
+    name: str,
+    state_dict: dict[str, torch.Tensor] | None,
+    save_embedding_layers: str | bool,
+    safe_serialization: bool,
+    initial: str | os.PathLike[str] | None,
+) -> list[tuple[Path, Path]]:
+    """Adapter `name`'s weights and config, written to temp files in its folder."""
+    from adapterctl.format.atomic import check_inputs
+
+    targets = [p for p, layer in model.base_model.lora_layers() if name in layer.r]
+    drift = reload_drift(model.peft_config[name], targets)
+    if drift:
+        warnings.warn(
+            f"adapter `{name}` has overlapping rank/alpha patterns that resolve differently "
+            f"after a reload (PEFT tries them in sorted order): {'; '.join(drift[:3])}",
+            UserWarning,
+            stacklevel=4,
         )
-        sub = adapter_subdir(name)
-        target = root / sub if sub else root
-        target.mkdir(exist_ok=True)
-        config = saved_config(model, name)
-        if path_initial_model_for_weight_conversion is not None:
-            sd, config = _converted(sd, config, Path(path_initial_model_for_weight_conversion))
+    sd = (
+        state_dict
+        if state_dict is not None
+        else adapter_state_dict(model, name, save_embedding_layers)
+    )
+    sub = adapter_subdir(name)
+    target = root / sub if sub else root
+    if initial is not None:  # its files would be overwritten: that loses the initial adapter
+        check_inputs(target, [initial], replaces=False)
+    target.mkdir(exist_ok=True)
+    config = saved_config(model, name)
+    if initial is not None:
+        sd, config = _converted(sd, config, Path(initial))
+    staged = []
+    try:
         if safe_serialization:
             sources = _sources(_untied(sd))
-            _atomic_write(
-                target / SAFETENSORS_NAME, lambda f, s=sources: write_safetensors(f, s, PT_METADATA)
-            )
-            written.append(target / SAFETENSORS_NAME)
+            weights = target / SAFETENSORS_NAME
+            write: Any = lambda f: write_safetensors(f, sources, PT_METADATA)  # noqa: E731
         else:
-            _atomic_write(
-                target / BIN_NAME,
-                lambda f, sd=sd: torch.save({k: v.contiguous() for k, v in sd.items()}, f),
-            )
-            written.append(target / BIN_NAME)
+            weights = target / BIN_NAME
+            write = lambda f: _write_bin(f, sd)  # noqa: E731
+        staged.append((_stage(weights, write), weights))
         text = config.to_json().encode()
-        _atomic_write(target / CONFIG_NAME, lambda f, text=text: f.write(text))
-        written.append(target / CONFIG_NAME)
-    if names:  # the card goes to the root only, as PEFT writes it
-        from adapterctl.ops.card import card_text, read_card
-
-        config = saved_config(model, names[0])
-        tags = getattr(model.base_model.model, "model_tags", None)
-        card = card_text(config, read_card(root), list(tags) if tags else None).encode("utf-8")
-        _atomic_write(root / "README.md", lambda f: f.write(card))
-        written.append(root / "README.md")
-    return written
+        staged.append((_stage(target / CONFIG_NAME, lambda f: f.write(text)), target / CONFIG_NAME))
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    return staged

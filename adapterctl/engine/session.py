@@ -136,18 +136,19 @@ def load_session(
     Either may be a Hub repo id (`revision`/`subfolder` apply to the adapter)."""
     from adapterctl.engine.base import check_options
     from adapterctl.engine.weights import adapter_dir
+    from adapterctl.format.atomic import preflight
     from adapterctl.ops.hub import base_source, hub_or_local, refuse_local_revision
 
     check_options(model_class, dtype, device)
     refuse_local_revision(hub_or_local(adapter), revision)
     if max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
-    if merge_to is not None:
-        from adapterctl.format.atomic import check_output
-
-        check_output(Path(merge_to).absolute(), force)  # before any download
+    if merge_to is not None:  # before any download
+        preflight([merge_to], force=force, inputs=[base, adapter])
     directory = adapter_dir(adapter, subfolder, revision, token)
     base = base_source(base, token=token)
+    if merge_to is not None:  # the Hub's cache folders are inputs too
+        preflight([merge_to], force=force, inputs=[base, adapter, directory])
     with quiet_transformers():
         return _load_session(
             base, directory, adapter_name=adapter_name, model_class=model_class, device=device,
@@ -244,12 +245,13 @@ def _load_session(
 
     merged_to = None
     if merge_to is not None:
+        from adapterctl.engine.base import save_model
         from adapterctl.format.atomic import atomic_directory
 
         step(f"merging into {merge_to}")
         merged: Any = wrapped.merge_and_unload()
-        with atomic_directory(merge_to, force=force) as tmp:
-            merged.save_pretrained(str(tmp))
+        with atomic_directory(merge_to, force=force, inputs=[base, adapter]) as tmp:
+            save_model(merged, tmp)
             if tokenizer is None:
                 try:
                     tokenizer = load_tokenizer(base)

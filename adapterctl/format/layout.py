@@ -26,6 +26,7 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 README_NAME = "README.md"
 DEFAULT_ADAPTER = "default"
+MAX_README_SIZE = 16 * 2**20  # a model card, not a data set
 
 
 def validate_adapter_name(name: str) -> str:
@@ -146,6 +147,16 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     except OSError as e:  # e.g. a parent folder that may not be searched
         raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
     if not exists:
+        from adapterctl.format.atomic import interrupted_swap
+
+        aside = interrupted_swap(path)
+        if aside is not None:
+            raise AdapterNotFoundError(
+                f"`{path}` is missing; its previous contents are in `{aside}` "
+                "(an interrupted --force replace)",
+                hint=f"rename it back (`mv {aside} {path}`), or rerun the command that wrote "
+                "it: an adapterctl command that writes there puts it back first",
+            )
         raise AdapterNotFoundError(f"`{path}` does not exist")
     if _is_file(path):
         refuse_model(path)
@@ -222,3 +233,31 @@ def pick_adapters(
 def adapter_subdir(name: str) -> str:
     """Where PEFT puts adapter `name` inside a save directory ("" for the root)."""
     return "" if name == DEFAULT_ADAPTER else validate_adapter_name(name)
+
+
+def read_readme(directory: Path) -> bytes | None:
+    """The bytes of `directory`/README.md, None when there is none. Read before any output is
+    written, so a card that cannot be read is blamed on itself, never on the output."""
+    import stat
+
+    path = directory / README_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterFormatError(f"cannot read `{path}`: it is not a regular file")
+        if info.st_size > MAX_README_SIZE:
+            raise AdapterFormatError(
+                f"cannot read `{path}`: {info.st_size} bytes, over the {MAX_README_SIZE}-byte limit"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_README_SIZE + 1)[:MAX_README_SIZE]
+    except OSError as e:
+        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
+    finally:
+        os.close(fd)

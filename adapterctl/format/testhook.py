@@ -4,6 +4,8 @@ point in the middle of a large write. Inert unless ADAPTERCTL_TEST_PAUSE_AFTER i
 ADAPTERCTL_TEST_PAUSE_AFTER=N     pause once N bytes of output data have been written
 ADAPTERCTL_TEST_PAUSE_MARKER=P    then create file P (the test waits for it)
 ADAPTERCTL_TEST_PAUSE_UNTIL=Q     and wait until file Q exists (default: wait until killed)
+ADAPTERCTL_TEST_PAUSE_AT=NAME     pause (marker, wait) at the named point instead, e.g. `swap`:
+                                  between the two renames of a --force replace
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import time
 
 _AFTER = os.environ.get("ADAPTERCTL_TEST_PAUSE_AFTER")
+_AT = os.environ.get("ADAPTERCTL_TEST_PAUSE_AT")
 _written = 0
 _paused = False
 
@@ -24,6 +27,18 @@ def wrote(n: int) -> None:
     _written += n
     if _written < int(_AFTER):
         return
+    _pause()
+
+
+def at(point: str) -> None:
+    """Pause at the named point when ADAPTERCTL_TEST_PAUSE_AT names it."""
+    global _paused
+    if point == _AT and not _paused:
+        _pause()
+
+
+def _pause() -> None:
+    global _paused
     _paused = True
     marker = os.environ.get("ADAPTERCTL_TEST_PAUSE_MARKER")
     if marker:

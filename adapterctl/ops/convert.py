@@ -6,16 +6,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOptionError
-from adapterctl.format.atomic import atomic_directory, check_not_inside, check_output
+from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
-from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
+from adapterctl.format.layout import (
+    README_NAME,
+    SAFETENSORS_NAME,
+    AdapterFiles,
+    find_adapters,
+    read_readme,
+)
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops.conversion import (
@@ -168,7 +173,8 @@ def convert_adapter(
 
     code = _check_options(initial, base, init, dtype, rank, energy)
     label = os.fspath(source)
-    check_output(Path(os.path.abspath(output)), force)  # before anything is downloaded
+    local = [p for p in (source, initial, base) if p is not None]
+    preflight([output], force=force, inputs=local)  # before anything is downloaded
     source = adapter_source(source, revision, subfolder, token)
     initial = adapter_source(initial, token=token) if initial is not None else None
     base = base_source(base, token=token) if base is not None else None
@@ -181,7 +187,8 @@ def convert_adapter(
             hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",
         )
     out = Path(output)
-    check_not_inside(out, [p for p in (source, initial, base) if p is not None])
+    inputs = [*local, *(p for p in (source, initial, base) if p is not None)]  # Hub: the cache
+    preflight([out], force=force, inputs=inputs)
     config = LoraConfig.from_file(files.config_path)
     refuse_variants(config, label, _VARIANT_HINT)
     with contextlib.ExitStack() as stack:
@@ -227,10 +234,11 @@ def convert_adapter(
             modules=plan.reports,
             warnings=list(plan.warnings),
         )
-        with atomic_directory(out, force=force) as tmp:
+        readme = read_readme(files.directory) if files.directory is not None else None
+        with atomic_directory(out, force=force, inputs=inputs) as tmp:
             result.bytes_out = _write(plan, tmp, total, progress)
-            if files.directory is not None and (files.directory / README_NAME).is_file():
-                shutil.copyfile(files.directory / README_NAME, tmp / README_NAME)
+            if readme is not None:
+                (tmp / README_NAME).write_bytes(readme)
             if verify_output:
                 result.verification = verify(plan, tmp)
                 if not result.verification.passed:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapterctl.errors import AdapterFormatError, InvalidOptionError, SelectionError
-from adapterctl.format.atomic import atomic_directory, check_not_inside, check_output
+from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.header import read_header
 from adapterctl.format.layout import (
@@ -22,6 +21,7 @@ from adapterctl.format.layout import (
     adapter_subdir,
     find_adapters,
     pick_adapters,
+    read_readme,
     validate_adapter_name,
 )
 from adapterctl.format.tensors import copy_stream, load_bin
@@ -78,19 +78,83 @@ def parse_renames(pairs: Sequence[str]) -> dict[str, str]:
     return renames
 
 
-def _validate(files: AdapterFiles) -> None:
+@dataclass(frozen=True)
+class _Checked:
+    """One adapter as validated: the config's bytes (written as they are), and the weights' size
+    and header, which the copy must match."""
+
+    files: AdapterFiles
+    config: bytes
+    size: int
+    header: bytes | None  # the safetensors header (None for .bin)
+
+
+def _validate(files: AdapterFiles) -> _Checked:
     """Refuse what PEFT could not load: a bad config or header, or an unsafe pickle."""
     if files.config_path is None:
         raise AdapterFormatError(
             f"`{files.weights_path}` has no `{CONFIG_NAME}` beside it; a PEFT directory needs one"
         )
-    variants = variants_in(LoraConfig.from_file(files.config_path))
+    label = os.fspath(files.config_path)
+    try:
+        with open(files.config_path, "rb") as f:
+            config = f.read()
+        size = os.path.getsize(files.weights_path)
+    except OSError as e:
+        raise AdapterFormatError(f"cannot read `{e.filename or label}`: {e.strerror}") from None
+    variants = variants_in(LoraConfig.from_json(config, label=label))
     if variants:  # a byte copy is exact for any variant
         log.warning("`%s`: %s; it is copied as is", files.name, variant_message(variants))
     if files.format == "bin":
         load_bin(files.weights_path)
-    else:
-        read_header(files.weights_path)
+        return _Checked(files, config, size, None)
+    return _Checked(files, config, size, read_header(files.weights_path).header_bytes)
+
+
+class _Reader:
+    """The source's weights, read for copying: a read error names the source (an error from the
+    copy's writes names the output)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.file = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        except OSError as e:
+            raise self.error(e) from None
+
+    def error(self, e: OSError) -> AdapterFormatError:
+        return AdapterFormatError(f"cannot read `{self.path}`: {e.strerror}")
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self.file.read(n)
+        except OSError as e:
+            raise self.error(e) from None
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def _check_copy(checked: _Checked, copy: Path) -> None:
+    """The copy must be what was validated: same size, and a header that parses and is the same
+    (another process may rewrite the source while it is copied)."""
+    src = checked.files.weights_path
+    try:
+        same = os.path.getsize(copy) == checked.size
+        if same and checked.header is None:
+            load_bin(copy)
+        elif same:
+            same = read_header(copy).header_bytes == checked.header
+    except AdapterFormatError:
+        same = False
+    if not same:
+        raise AdapterFormatError(
+            f"`{src}` changed while it was being copied; nothing was written",
+            hint="rerun once nothing else writes to the source",
+        )
 
 
 def select_adapters(
@@ -121,34 +185,34 @@ def select_adapters(
     if len(set(new_names)) != len(new_names):
         raise SelectionError(f"two chosen adapters would both be named {sorted(new_names)}")
     out = Path(output)
-    check_output(Path(os.path.abspath(out)), force)
-    check_not_inside(out, [source])
+    preflight([out], force=force, inputs=[source])
+    checked = [_validate(files) for files in picked]
     for files in picked:
-        _validate(files)
         for message in files.warnings:
             log.warning("%s", message)
-    total = sum(os.path.getsize(p) for f in picked for p in (f.config_path, f.weights_path) if p)
+    readme = read_readme(Path(source)) if Path(source).is_dir() else None
+    total = sum(len(c.config) + c.size for c in checked)
 
     def advance(n: int) -> None:
         if progress is not None:
             progress(n, total)
 
     results = []
-    with atomic_directory(out, force=force) as tmp:
-        root = Path(source)
-        if root.is_dir() and (root / README_NAME).is_file():
-            shutil.copyfile(root / README_NAME, tmp / README_NAME)
-        for files, new in zip(picked, new_names, strict=True):
+    with atomic_directory(out, force=force, inputs=[source]) as tmp:
+        if readme is not None:
+            (tmp / README_NAME).write_bytes(readme)
+        for check, new in zip(checked, new_names, strict=True):
+            files = check.files
             sub = adapter_subdir(new)
             target = tmp / sub if sub else tmp
             target.mkdir(exist_ok=True)
-            written = []
-            nbytes = 0
             weights_name = SAFETENSORS_NAME if files.format == "safetensors" else BIN_NAME
-            for src, name in ((files.config_path, CONFIG_NAME), (files.weights_path, weights_name)):
-                assert src is not None
-                with open(src, "rb") as fi, open(target / name, "xb") as fo:
-                    nbytes += copy_stream(fi, fo, advance)
-                written.append(f"{sub}/{name}" if sub else name)
+            (target / CONFIG_NAME).write_bytes(check.config)
+            advance(len(check.config))
+            nbytes = len(check.config)
+            with _Reader(files.weights_path) as fi, open(target / weights_name, "xb") as fo:
+                nbytes += copy_stream(fi, fo, advance)  # type: ignore[arg-type]
+            _check_copy(check, target / weights_name)
+            written = [f"{sub}/{n}" if sub else n for n in (CONFIG_NAME, weights_name)]
             results.append(SelectedAdapter(new, files.name, sub, tuple(written), nbytes))
     return SelectionResult(os.fspath(source), os.fspath(out), tuple(results))

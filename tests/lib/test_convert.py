@@ -325,7 +325,7 @@ def test_pair_refusals(tmp_path: Path) -> None:
         convert_adapter(trained, out, base=base, init="olora")
     with pytest.raises(ConversionError, match="residual base"):
         convert_adapter(trained, out, rank=2)
-    with pytest.raises(AdapterctlError, match="holds it"):
+    with pytest.raises(AdapterctlError, match="holds the input"):
         convert_adapter(trained, trained.parent, initial=init_dir, force=True)
     # the trained config says true (PEFT's docs save the initial adapter that way): --init decides
     with pytest.raises(ConversionError, match="does not say how"):

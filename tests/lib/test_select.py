@@ -230,9 +230,11 @@ def test_output_that_holds_the_source_is_refused(tmp_path: Path) -> None:
     write_adapter(run)
     write_adapter(run / "b")
     (run / "notes.txt").write_text("keep me")
-    for out in (run, tmp_path, run / "b"):
-        with pytest.raises(OutputError, match="or a folder that holds it"):
-            select_adapters(run / "b" if out == run / "b" else run, out, ["default"], force=True)
+    cases = [(run, run, "is"), (run, tmp_path, "holds"), (run / "b", run / "b", "is"),
+             (run, run / "c", "lies inside")]  # fmt: skip
+    for source, out, how in cases:
+        with pytest.raises(OutputError, match=f"{how} the input"):
+            select_adapters(source, out, ["default"], force=True)
     assert (run / "notes.txt").read_text() == "keep me"
 
 
