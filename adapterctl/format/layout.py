@@ -135,6 +135,22 @@ def refuse_model(path: Path) -> None:
         )
 
 
+def missing(path: str | Path, why: str = "", hint: str | None = None) -> AdapterNotFoundError:
+    """The error for a local path that does not exist: an interrupted --force replace, when its
+    aside copy lies beside it, else "does not exist" (`why` and `hint` add the caller's reason)."""
+    from adapterctl.format.atomic import interrupted_swap
+
+    aside = interrupted_swap(path)
+    if aside is not None:
+        return AdapterNotFoundError(
+            f"`{path}` is missing; its previous contents are in `{aside}` "
+            "(an interrupted --force replace)",
+            hint=f"rename it back (`mv {aside} {path}`), or rerun the command that wrote "
+            "it: an adapterctl command that writes there puts it back first",
+        )
+    return AdapterNotFoundError(f"`{path}` does not exist{why}", hint=hint)
+
+
 def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     """All adapters at `source`: the root adapter (`default`) first, then subfolders by name.
 
@@ -147,17 +163,7 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     except OSError as e:  # e.g. a parent folder that may not be searched
         raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
     if not exists:
-        from adapterctl.format.atomic import interrupted_swap
-
-        aside = interrupted_swap(path)
-        if aside is not None:
-            raise AdapterNotFoundError(
-                f"`{path}` is missing; its previous contents are in `{aside}` "
-                "(an interrupted --force replace)",
-                hint=f"rename it back (`mv {aside} {path}`), or rerun the command that wrote "
-                "it: an adapterctl command that writes there puts it back first",
-            )
-        raise AdapterNotFoundError(f"`{path}` does not exist")
+        raise missing(path)
     if _is_file(path):
         refuse_model(path)
         if path.suffix not in (".safetensors", ".bin"):

@@ -18,7 +18,7 @@ from typing import Any
 
 from adapterctl.errors import AdapterctlError, AdapterNotFoundError, InvalidOptionError
 from adapterctl.format.config import CONFIG_NAME
-from adapterctl.format.layout import BIN_NAME, README_NAME, SAFETENSORS_NAME
+from adapterctl.format.layout import BIN_NAME, README_NAME, SAFETENSORS_NAME, missing
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?"
@@ -118,9 +118,8 @@ def hub_or_local(source: str | os.PathLike[str], *, bare: bool = False) -> str |
         (p for p in path.parents if str(p) not in (".", p.anchor) and os.path.lexists(p)), None
     )
     hint = f"`{parent}` exists; check the rest of the path" if parent is not None else None
-    raise AdapterNotFoundError(
-        f"`{text}` does not exist{why}",
-        hint=hint or (None if not why else "check the path; a Hub repo id is OWNER/NAME"),
+    raise missing(
+        text, why, hint or (None if not why else "check the path; a Hub repo id is OWNER/NAME")
     )
 
 
