@@ -67,11 +67,17 @@ def route_library_warnings() -> None:
         logger.propagate = False
 
 
+def _no_progress(advance: int, total: int, phase: str | None = None) -> None:
+    return None
+
+
 @contextlib.contextmanager
-def progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A byte progress bar on stderr (drawn only when stderr is a terminal)."""
+def progress(description: str) -> Iterator[Callable[[int, int, str | None], None]]:
+    """A byte progress bar on stderr (drawn only when stderr is a terminal). `update(advance,
+    total, phase)`: a phase other than the bar's current one restarts it under that label,
+    counting items (modules, checks) rather than bytes."""
     if not sys.stderr.isatty():
-        yield lambda advance, total: None
+        yield _no_progress
         return
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
@@ -85,8 +91,13 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
     )
     with bar:
         task = bar.add_task(description, total=None)
+        current = [description]
 
-        def update(advance: int, total: int) -> None:
+        def update(advance: int, total: int, phase: str | None = None) -> None:
+            label = phase or description
+            if label != current[0]:
+                current[0] = label
+                bar.reset(task, total=total, description=label)
             bar.update(task, advance=advance, total=total)
 
         yield update

@@ -9,7 +9,7 @@ exact, plus the rounding bound of a cast, plus what a rank reduction reported dr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +18,9 @@ from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.keys import classify
 from adapterctl.format.layout import SAFETENSORS_NAME
 from adapterctl.format.tensors import SafetensorsReader
+from adapterctl.ops.blas import one_blas_thread
 from adapterctl.ops.initial import SavedInitial
-from adapterctl.ops.lowrank import gram
+from adapterctl.ops.lowrank import side_grams
 from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_floats
 
 if TYPE_CHECKING:
@@ -91,11 +92,32 @@ def _side_gram(
 
     factors = _side(plan, m, out, which)
     if not all(np.isfinite(x).all() for x in factors):
-        return None
+        return None  # the caller compares element by element where it can
     scale = signs if which == "B" else [1.0] * len(signs)
-    signed = gram([(x, c, False) for x, c in zip(factors, scale, strict=True)], which)
-    magnitude = gram([(factors[-1], abs(s) if which == "B" else 1.0, True)], which)
-    return signed, magnitude  # |s'B'| or |A'|
+    return side_grams(factors, scale, which, abs(s) if which == "B" else 1.0)  # |s'B'| or |A'|
+
+
+def _factor_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
+    """A module whose factors hold NaN or ±Inf has no meaningful delta: where the factors were
+    only joined and cast (no reduction, the scaling unchanged), each output factor is compared
+    element by element with the source's (NaN must meet NaN, an infinity the same infinity);
+    anything else is a failure (an overflow, or a rank reduction, which refuses such inputs)."""
+    f = m.factors
+    s_out = config.scaling(config.alpha_for(f.module), out.specs()[f.a_key][1][0])
+    if plan.options.reduce or not math.isclose(s_out, f.scaling, rel_tol=1e-12):
+        return Check(f.module, math.inf, EXACT)
+    worst = Check(f.module, 0.0, EXACT)
+    for which in ("A", "B"):
+        got = out.get(f.a_key if which == "A" else f.b_key)
+        expected = to_floats(plan._joined(m, which))
+        check = _compare(f.module, to_floats(got), _flat_chunks(expected), _rounded(plan, got))
+        worst = max(worst, check, key=lambda c: _ratio(c.error, c.threshold))
+    return worst
+
+
+def _rounded(plan: Plan, got: RawTensor) -> float:
+    """The unit roundoff an output may carry: none where it kept its dtype."""
+    return UNIT.get(got.dtype.code, 0.0) if plan.options.dtype else 0.0
 
 
 def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
@@ -115,7 +137,7 @@ def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) ->
     signs = [f.scaling] + ([-s0] if initial is not None else []) + [-s]
     sides = [_side_gram(plan, m, out, which, signs, s) for which in ("B", "A")]
     if sides[0] is None or sides[1] is None:
-        return Check(f.module, math.inf, EXACT)  # an overflow (or a source not finite)
+        return _factor_check(plan, m, out, config)
     (gb, mb), (ga, ma) = sides
     edges = np.cumsum([0] + [f.rank] * (len(signs) - 1) + [r])
     k = len(signs)  # blocks: source, (initial), output
@@ -234,15 +256,20 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
     return _compare(name, to_floats(got), _flat_chunks(to_floats(source)), rounded)
 
 
-def verify(plan: Plan, directory: Path) -> Verification:
-    """Check the adapter written to `directory` against `plan`'s source; memory stays one module."""
+def verify(
+    plan: Plan, directory: Path, progress: Callable[[int, int], None] | None = None
+) -> Verification:
+    """Check the adapter written to `directory` against `plan`'s source; memory stays one module.
+    `progress(done, total)` after each check (in checks)."""
     import numpy as np
 
-    with np.errstate(all="ignore"):  # overflows and NaNs are findings here, not warnings
-        return _verify(plan, directory)
+    with one_blas_thread(), np.errstate(all="ignore"):  # NaNs are findings, not warnings
+        return _verify(plan, directory, progress)
 
 
-def _verify(plan: Plan, directory: Path) -> Verification:
+def _verify(
+    plan: Plan, directory: Path, progress: Callable[[int, int], None] | None
+) -> Verification:
     config = LoraConfig.from_file(directory / CONFIG_NAME)
     checks: list[Check] = []
     with SafetensorsReader(directory / SAFETENSORS_NAME) as reader:
@@ -251,11 +278,22 @@ def _verify(plan: Plan, directory: Path) -> Verification:
         planned = {o.name: o for o in plan.outputs}
         for name in sorted(names ^ set(planned)):
             checks.append(Check(name, math.inf, EXACT))
+        others = [
+            n
+            for n in sorted(names & set(planned))
+            if n not in plan.by_key or n == plan.by_key[n].bias_key
+        ]
+        total = len(plan.modules) + len(others)
+
+        def advance() -> None:
+            if progress is not None:
+                progress(1, total)
+
         for m in plan.modules.values():
             checks.append(_module_check(plan, m, out, config))
-        for name in sorted(names & set(planned)):
-            if name in plan.by_key and name != plan.by_key[name].bias_key:
-                continue
+            advance()
+        for name in others:
             checks.append(_tensor_check(plan, name, out.get(name), config))
+            advance()
     worst = max(checks, key=lambda c: _ratio(c.error, c.threshold), default=None)
     return Verification(len(checks), worst)
