@@ -4,6 +4,8 @@ key/value 1024, intermediate 14336, 32 layers; r=64 on all 7 linear layers; floa
 side by side in one run: `--dtype bfloat16`, `--dtype bfloat16 --verify`, `--rank 16`.
 
 Run with `make bench-convert-8b` (or `.venv/bin/python benchmarks/convert_8b.py [--runs N]`).
+`--baseline DIR` also runs, interleaved, the adapterctl package found in DIR (e.g. an older commit:
+`git archive COMMIT adapterctl | tar -x -C DIR`), for before/after figures from one run.
 Targets: the verification's own time (with --verify minus without) <= 1x the plain conversion's,
 and `--rank 16` <= 3x the plain `--dtype bfloat16` conversion.
 """
@@ -77,27 +79,55 @@ def _write(directory: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs per command (median)")
+    parser.add_argument("--baseline", type=Path, help="a folder holding another adapterctl package")
     args = parser.parse_args()
     if not (SRC / "adapter_model.safetensors").is_file():
         print(f"writing {SRC} ...", flush=True)
         _write(SRC)
-    weights = SRC / "adapter_model.safetensors"
-    env = child_env()
-    commands = {
-        "dtype": ["--dtype", "bfloat16"],
-        "verify": ["--dtype", "bfloat16", "--verify"],
-        "rank": ["--rank", "16"],
-    }
+    variants = {"current": child_env()}
+    if args.baseline is not None:
+        if not (args.baseline / "adapterctl" / "__init__.py").is_file():
+            parser.error(f"{args.baseline} holds no adapterctl package")
+        variants["baseline"] = {**child_env(), "PYTHONPATH": str(args.baseline.resolve())}
+    found = _measure(variants, args.runs)
+    for variant, runs in found.items():
+        print(f"\n{variant}:")
+        _report(runs, "convert-8b" if variant == "current" else "convert-8b-baseline")
+
+
+COMMANDS = {
+    "dtype": ["--dtype", "bfloat16"],
+    "verify": ["--dtype", "bfloat16", "--verify"],
+    "rank": ["--rank", "16"],
+}
+
+
+def _measure(
+    variants: dict[str, dict[str, str]], runs: int
+) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """Each command of each variant once per round, interleaved, so that load drift hits all."""
     out = OUT / "convert-8b-out"
-    runs: dict[str, list[dict[str, float]]] = {k: [] for k in commands}
-    run_measured([ADAPTERCTL, "inspect", str(SRC), "--json"], env)  # warm caches
-    for i in range(args.runs):
-        for key, extra in commands.items():
-            shutil.rmtree(out, ignore_errors=True)
-            wall, peak, _ = run_measured([ADAPTERCTL, "convert", str(SRC), str(out), *extra], env)
-            runs[key].append({"wall_s": wall, "peak_mib": peak})
-            print(f"  run {i + 1}/{args.runs} {key:7} {wall:7.2f} s {peak:7.0f} MiB", flush=True)
+    found: dict[str, dict[str, list[dict[str, float]]]] = {
+        v: {k: [] for k in COMMANDS} for v in variants
+    }
+    for env in variants.values():
+        run_measured([ADAPTERCTL, "inspect", str(SRC), "--json"], env)  # warm caches
+    for i in range(runs):
+        for key, extra in COMMANDS.items():
+            for variant, env in variants.items():
+                shutil.rmtree(out, ignore_errors=True)
+                argv = [ADAPTERCTL, "convert", str(SRC), str(out), *extra]
+                wall, peak, _ = run_measured(argv, env)
+                found[variant][key].append({"wall_s": wall, "peak_mib": peak})
+                print(f"  run {i + 1}/{runs} {variant:8} {key:7} {wall:7.2f} s {peak:7.0f} MiB",
+                      flush=True)  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
+    return found
+
+
+def _report(runs: dict[str, list[dict[str, float]]], name: str) -> None:
+    weights = SRC / "adapter_model.safetensors"
+    commands = COMMANDS
     med = {k: {q: statistics.median(r[q] for r in rs) for q in rs[0]} for k, rs in runs.items()}
     plain, verified, reduced = (med[k]["wall_s"] for k in ("dtype", "verify", "rank"))
     goals = [
@@ -122,7 +152,7 @@ def main() -> None:
     for g in goals:
         verdict = "met" if g.met else "NOT MET"
         print(f"{g.name:40} {g.value:6.2f}{g.unit}  <= {g.limit}{g.unit}  {verdict}  {g.detail}")
-    path = OUT / "convert-8b-results.json"
+    path = OUT / f"{name}-results.json"
     payload = {
         "schema_version": 1,
         "adapter_bytes": size,

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapterctl.ops.checks import human_size
 
@@ -67,12 +67,16 @@ def route_library_warnings() -> None:
         logger.propagate = False
 
 
-def _no_progress(advance: int, total: int, phase: str | None = None) -> None:
+class Advance(Protocol):
+    def __call__(self, advance: int, total: int, phase: str | None = None, /) -> None: ...
+
+
+def _no_progress(advance: int, total: int, phase: str | None = None, /) -> None:
     return None
 
 
 @contextlib.contextmanager
-def progress(description: str) -> Iterator[Callable[[int, int, str | None], None]]:
+def progress(description: str) -> Iterator[Advance]:
     """A byte progress bar on stderr (drawn only when stderr is a terminal). `update(advance,
     total, phase)`: a phase other than the bar's current one restarts it under that label,
     counting items (modules, checks) rather than bytes."""
@@ -93,7 +97,7 @@ def progress(description: str) -> Iterator[Callable[[int, int, str | None], None
         task = bar.add_task(description, total=None)
         current = [description]
 
-        def update(advance: int, total: int, phase: str | None = None) -> None:
+        def update(advance: int, total: int, phase: str | None = None, /) -> None:
             label = phase or description
             if label != current[0]:
                 current[0] = label

@@ -40,6 +40,7 @@ from adapterctl.ops.rawtensor import (
     concat,
     concat_negated,
     from_float,
+    has_nonfinite,
     nonfinite_mask,
     to_float64,
     to_floats,
@@ -406,9 +407,10 @@ class Plan:
         module: str | None,
     ) -> None:
         """The one finiteness check of the conversion's results (see `_output`)."""
-        mask = nonfinite_mask(t)
-        if mask is None or not mask.any():
+        if not has_nonfinite(t):
             return
+        mask = nonfinite_mask(t)
+        assert mask is not None
         if origin is not None:
             before = nonfinite_mask(origin())
             if before is not None and before.shape == mask.shape:

@@ -270,3 +270,35 @@ def side_grams(
         last += block
     upper = np.triu(out)
     return upper + np.triu(out, 1).T, last * magnitude**2
+
+
+def cast_grams(
+    source: Array, output: Array, side: str, budget: int = 1 << 22
+) -> tuple[Array, Array, Array]:
+    """For a factor that was only cast (s·B·A − s·B'·A' = s·[B, B − B']·[A − A'; A']): the Gram
+    matrix of [source, source − output] (side "B", PᵀP) or of [source − output; output] (side
+    "A", Q·Qᵀ), the source's own, and that of |output|. The differences are exact in float32
+    (a rounding moves a value by less than itself), so nothing large cancels and float32
+    products (summed in float64 from piece to piece) measure the error to float32 precision."""
+    import numpy as np
+
+    r = source.shape[1] if side == "B" else source.shape[0]
+    length = source.shape[0 if side == "B" else 1]
+    stacked, own, magnitude = np.zeros((2 * r, 2 * r)), np.zeros((r, r)), np.zeros((r, r))
+    step = max(1, budget // max(2 * r, 1))
+    for start in range(0, length, step):
+        where = slice(start, start + step)
+        xs, xo = (
+            (x[where] if side == "B" else x[:, where].T).astype(np.float32, copy=False)
+            for x in (source, output)
+        )
+        difference = xs - xo
+        p = np.hstack([xs, difference] if side == "B" else [difference, xo])
+        stacked += p.T @ p
+        if side == "A":
+            own += xs.T @ xs
+        absolute = np.abs(xo)
+        magnitude += absolute.T @ absolute
+    if side == "B":
+        own = stacked[:r, :r].copy()
+    return stacked, own, magnitude

@@ -332,6 +332,28 @@ def _bits(raw: Any, code: str) -> np.ndarray[Any, Any]:
     return np.frombuffer(raw, dtype=np.dtype(storage))
 
 
+def has_nonfinite(t: RawTensor, piece: int = 1 << 16) -> bool:
+    """Whether `t` holds any NaN or ±Inf: the largest magnitude bits, piece by piece through one
+    small buffer (no tensor-sized temporaries; a cast's output is checked at memory speed)."""
+    import numpy as np
+
+    code = t.dtype.code
+    if code not in _IEEE:
+        mask = nonfinite_mask(t)
+        return mask is not None and bool(mask.any())
+    _, exponent, mantissa, _ = _IEEE[code]
+    bits = _bits(t.buffer(), code)
+    magnitude = bits.dtype.type(exponent | mantissa)
+    buffer = np.empty(min(bits.size, piece), bits.dtype)
+    for start in range(0, bits.size, piece):
+        chunk = bits[start : start + piece]
+        out = buffer[: chunk.size]
+        np.bitwise_and(chunk, magnitude, out=out)
+        if out.max() >= exponent:
+            return True
+    return False
+
+
 def nonfinite_mask(t: RawTensor) -> np.ndarray[Any, Any] | None:
     """Where `t` holds NaN or ±Inf (flat, from the bits: no float conversion), or None for a
     dtype without such values."""

@@ -20,7 +20,7 @@ from adapterctl.format.layout import SAFETENSORS_NAME
 from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.blas import one_blas_thread
 from adapterctl.ops.initial import SavedInitial
-from adapterctl.ops.lowrank import side_grams
+from adapterctl.ops.lowrank import cast_grams, side_grams
 from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_floats
 
 if TYPE_CHECKING:
@@ -120,9 +120,43 @@ def _rounded(plan: Plan, got: RawTensor) -> float:
     return UNIT.get(got.dtype.code, 0.0) if plan.options.dtype else 0.0
 
 
-def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
+#: dtypes whose cast differences are exact in float32 (see `cast_grams`)
+_NARROW = ("F32", "BF16", "F16")
+
+
+def _cast_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig, s: float) -> Check:
+    """`_module_check` of a module whose factors were only cast (or copied), with the scaling
+    unchanged: the same error and threshold, from `cast_grams` (float32, no cancellation)."""
+    import numpy as np
+
+    f = m.factors
+    code = out.specs()[f.a_key][0].code
+    if f.dtype_code not in _NARROW or code not in _NARROW:
+        return _module_check(plan, m, out, config, general=True)
+    sides = []
+    for which in ("B", "A"):
+        source, output = _side(plan, m, out, which)
+        grams = cast_grams(source, output, which)
+        if not all(np.isfinite(g).all() for g in grams):  # NaN/Inf, or past float32's range
+            return _module_check(plan, m, out, config, general=True)
+        sides.append(grams)
+    (gb, ob, mb), (ga, oa, ma) = sides
+    denominator = abs(s) * math.sqrt(max(float((ob * oa).sum()), 0.0))
+    error = _ratio(abs(s) * math.sqrt(max(float((gb * ga).sum()), 0.0)), denominator)
+    threshold = EXACT
+    if code != f.dtype_code:
+        u = UNIT[code]
+        magnitude = abs(s) * math.sqrt(max(float((mb * ma).sum()), 0.0))  # || |s'B'| |A'| ||
+        threshold += _ratio((2 * u + u * u) * magnitude, denominator)
+    return Check(f.module, error, threshold)
+
+
+def _module_check(
+    plan: Plan, m: _Module, out: FileStore, config: LoraConfig, general: bool = False
+) -> Check:
     """||s·B·A − s0·B0·A0 − s'·B'·A'|| from the Gram matrices of the stacked factors, each side
-    loaded alone and summed in row chunks: memory stays near one side's factors."""
+    loaded alone and summed in row chunks: memory stays near one side's factors (`_cast_check`
+    where the factors were only cast, unless `general`)."""
     import numpy as np
 
     f = m.factors
@@ -132,6 +166,8 @@ def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) ->
     s = config.scaling(config.alpha_for(f.module), r)
     s0 = f.scaling
     initial = plan.options.initial
+    if not general and initial is None and not plan.options.reduce and (s, r) == (s0, f.rank):
+        return _cast_check(plan, m, out, config, s)
     if isinstance(initial, SavedInitial):
         s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
     signs = [f.scaling] + ([-s0] if initial is not None else []) + [-s]

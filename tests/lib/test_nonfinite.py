@@ -266,3 +266,23 @@ def test_counts_from_bits_equal_numpy(code: str, storage: Any) -> None:
     mask = nonfinite_mask(RawTensor(DTYPES[code], (bits.size,), bits.tobytes()))
     assert mask is not None
     np.testing.assert_array_equal(mask, ~np.isfinite(floats))
+
+
+@pytest.mark.parametrize("code", ["F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3", "I32"])
+def test_has_nonfinite_agrees_with_the_mask(code: str) -> None:
+    """The fast any-check, over pieces of every size, says what the full mask says."""
+    from adapterctl.ops.rawtensor import has_nonfinite
+
+    dtype = DTYPES[code]
+    rng = np.random.default_rng(1)
+    size = dtype.bits // 8
+    for trial in range(40):
+        raw = bytearray(rng.integers(0, 256, 64 * size, dtype=np.uint8).tobytes())
+        if trial % 2:  # most trials: only finite values (clear the top exponent bit)
+            for i in range(size - 1, len(raw), size):
+                raw[i] &= 0x3F
+        t = RawTensor(dtype, (64,), bytes(raw))
+        mask = nonfinite_mask(t)
+        expected = mask is not None and bool(mask.any())
+        for piece in (1, 5, 64, 1 << 16):
+            assert has_nonfinite(t, piece) == expected, (code, trial, piece)
