@@ -279,12 +279,14 @@ def cast_grams(
     matrix of [source, source − output] (side "B", PᵀP) or of [source − output; output] (side
     "A", Q·Qᵀ), the source's own, and that of |output|. The differences are exact in float32
     (a rounding moves a value by less than itself), so nothing large cancels and float32
-    products (summed in float64 from piece to piece) measure the error to float32 precision."""
+    products (summed in float64 from piece to piece) measure the error to float32 precision.
+    Block by block, without a stacked copy; A's own Gram is the sum of the four blocks of
+    [A − A'; A'] (A = (A − A') + A')."""
     import numpy as np
 
     r = source.shape[1] if side == "B" else source.shape[0]
     length = source.shape[0 if side == "B" else 1]
-    stacked, own, magnitude = np.zeros((2 * r, 2 * r)), np.zeros((r, r)), np.zeros((r, r))
+    stacked, magnitude = np.zeros((2 * r, 2 * r)), np.zeros((r, r))
     step = max(1, budget // max(2 * r, 1))
     for start in range(0, length, step):
         where = slice(start, start + step)
@@ -293,12 +295,15 @@ def cast_grams(
             for x in (source, output)
         )
         difference = xs - xo
-        p = np.hstack([xs, difference] if side == "B" else [difference, xo])
-        stacked += p.T @ p
-        if side == "A":
-            own += xs.T @ xs
+        first, second = (xs, difference) if side == "B" else (difference, xo)
+        stacked[:r, :r] += first.T @ first
+        stacked[:r, r:] += first.T @ second
+        stacked[r:, r:] += second.T @ second
         absolute = np.abs(xo)
         magnitude += absolute.T @ absolute
+    stacked[r:, :r] = stacked[:r, r:].T
     if side == "B":
         own = stacked[:r, :r].copy()
+    else:
+        own = stacked[:r, :r] + stacked[:r, r:] + stacked[r:, :r] + stacked[r:, r:]
     return stacked, own, magnitude
