@@ -336,7 +336,7 @@ class Plan:
                 outputs.append(
                     self._output(
                         key, new_dtype, new_shape, self._lora(m, key), True, origin,
-                        m.factors.module,
+                        m.factors.module, exact=not self.options.reduce and new_dtype == dtype,
                     )
                 )  # fmt: skip
                 continue
@@ -359,14 +359,14 @@ class Plan:
                 outputs.append(
                     self._output(
                         key, new_dtype, shape, self._lora(m, key), True, self._source(key),
-                        m.factors.module,
+                        m.factors.module, exact=not self.options.reduce and new_dtype == dtype,
                     )
                 )  # fmt: skip
             else:  # DoRA magnitudes, modules_to_save, biases, embeddings: copied (or cast)
                 outputs.append(
                     self._output(
                         key, new_dtype, shape, self._copy(key), new_dtype != dtype,
-                        self._source(key), info.module or None,
+                        self._source(key), info.module or None, exact=new_dtype == dtype,
                     )
                 )  # fmt: skip
         return outputs
@@ -380,15 +380,18 @@ class Plan:
         computed: bool,
         origin: Callable[[], RawTensor] | None,
         module: str | None,
+        exact: bool = False,
     ) -> OutputTensor:
         """Every output tensor goes through here: a computed one must be finite wherever the
         values it came from are. `origin` gives the input it was made from element by element
         (a cast, a join, W_res of W_res + s0·B0·A0, the bias a scaling multiplies): the NaN
         and ±Inf that input holds are carried, any other is an error. A tensor that mixes its
-        inputs (rank reduction: `origin` None; its inputs were checked finite) must be finite."""
+        inputs (rank reduction: `origin` None; its inputs were checked finite) must be finite.
+        An `exact` one (bits copied, joined or sign-flipped) cannot make a value that is not
+        finite and is not checked: exact conversions never import numpy."""
 
         def produce() -> RawTensor:
-            if not computed:  # copied bits (no numpy needed)
+            if exact:  # bits copied, joined or sign-flipped: finite stays finite (no numpy)
                 return make()
             import numpy as np
 
@@ -496,12 +499,12 @@ class Plan:
     def _compute(self, m: _Module, only: str | None = None) -> dict[str, RawTensor]:
         """The module's output tensors (or just `only`): joined with the initial factors,
         reduced, cast."""
-        import numpy as np
-
         f, opts, rep = m.factors, self.options, m.report
         out: dict[str, RawTensor] = {}
         code = opts.dtype or f.dtype_code
         if opts.reduce:
+            import numpy as np
+
             with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
                 self._reduce(m, out, code)
         else:
