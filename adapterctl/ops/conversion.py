@@ -29,6 +29,7 @@ from adapterctl.format.config import LoraConfig, reload_drift, residual_init
 from adapterctl.format.dtypes import DTYPES, Dtype
 from adapterctl.format.keys import classify
 from adapterctl.ops.blas import one_blas_thread
+from adapterctl.ops.finite import refuse_new_nonfinite
 from adapterctl.ops.initial import Factors, Initial, SavedInitial
 from adapterctl.ops.lowrank import BUDGET, Spectrum, apply, basis
 from adapterctl.ops.rawtensor import (
@@ -40,8 +41,6 @@ from adapterctl.ops.rawtensor import (
     concat,
     concat_negated,
     from_float,
-    has_nonfinite,
-    nonfinite_mask,
     to_float64,
     to_floats,
 )
@@ -397,42 +396,14 @@ class Plan:
 
             with np.errstate(over="ignore", invalid="ignore"):  # found below, not warned
                 t = make()
-            self._check_finite(key, t, origin, module)
+            owner = next((m for m in self.modules.values() if m.factors.module == module), None)
+            refuse_new_nonfinite(
+                t, origin, label=self.source.label, key=key, module=module,
+                scaling=owner.factors.scaling if owner is not None else None,
+            )  # fmt: skip
             return t
 
         return OutputTensor(key, dtype, shape, produce, computed)
-
-    def _check_finite(
-        self,
-        key: str,
-        t: RawTensor,
-        origin: Callable[[], RawTensor] | None,
-        module: str | None,
-    ) -> None:
-        """The one finiteness check of the conversion's results (see `_output`)."""
-        if not has_nonfinite(t):
-            return
-        mask = nonfinite_mask(t)
-        assert mask is not None
-        if origin is not None:
-            before = nonfinite_mask(origin())
-            if before is not None and before.shape == mask.shape:
-                mask &= ~before
-                if not mask.any():
-                    return  # only what the input already held
-        tail = key.split(f"{module}.", 1)[-1] if module and f"{module}." in key else ""
-        where = f"`{module}` ({tail})" if tail else f"`{key}`"
-        hint = "nothing was written"
-        if t.dtype.code == "F16":
-            hint += "; float16 holds magnitudes up to 65504: use --dtype bfloat16 or float32"
-        owner = next((m for m in self.modules.values() if m.factors.module == module), None)
-        if owner is not None:
-            hint += f"; the module's scaling (lora_alpha / r) is {owner.factors.scaling:g}"
-        raise ConversionError(
-            f"`{self.source.label}`: {where}: {int(mask.sum())} value(s) come out NaN or "
-            f"infinite in {t.dtype.code} where the values they are made from are finite",
-            hint=hint,
-        )
 
     def _owner(self, module: str) -> _Module:
         return next(m for m in self.modules.values() if m.factors.module == module)
