@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-memory completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory completions clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,9 @@ bench-save: setup
 
 bench-convert: setup
 	$(BIN)/python benchmarks/convert.py
+
+bench-convert-8b: setup
+	$(BIN)/python benchmarks/convert_8b.py
 
 bench-memory: setup
 	$(BIN)/python benchmarks/memory.py

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from adapterctl.cli.columns import natural_key, shorten, table, width, wrap
 from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
@@ -170,11 +170,21 @@ def _text(label: str) -> Any:
     return Text(visible(label))
 
 
+class Advance(Protocol):
+    def __call__(self, advance: int, total: int, phase: str | None = None, /) -> None: ...
+
+
+def _no_progress(advance: int, total: int, phase: str | None = None, /) -> None:
+    return None
+
+
 @contextlib.contextmanager
-def progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A byte progress bar on stderr (drawn only when stderr is a terminal)."""
+def progress(description: str) -> Iterator[Advance]:
+    """A byte progress bar on stderr (drawn only when stderr is a terminal). `update(advance,
+    total, phase)`: a phase other than the bar's current one restarts it under that label,
+    counting items (modules, checks) rather than bytes."""
     if not sys.stderr.isatty():
-        yield lambda advance, total: None
+        yield _no_progress
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
@@ -187,8 +197,13 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
     )
     with bar:
         task = bar.add_task(visible(description), total=None)
+        current = [description]
 
-        def update(advance: int, total: int) -> None:
+        def update(advance: int, total: int, phase: str | None = None, /) -> None:
+            label = phase or description
+            if label != current[0]:
+                current[0] = label
+                bar.reset(task, total=total, description=visible(label))
             bar.update(task, advance=advance, total=total)
 
         yield update

@@ -69,6 +69,21 @@ class SafetensorsReader:
             raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
         return data
 
+    def iter_bytes(self, name: str, size: int = _CHUNK) -> Iterator[bytes]:
+        """The tensor's bytes in pieces of about `size` bytes, cut at element boundaries (memory
+        stays one piece, whatever the tensor's size)."""
+        t = self.header.tensors[name]
+        element = max(1, t.dtype.bits // 8)
+        step = max(element, size - size % element)
+        self._f.seek(self.header.data_start + t.start)
+        left = t.nbytes
+        while left > 0:
+            data = self._f.read(min(step, left))
+            if not data:
+                raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
+            left -= len(data)
+            yield data
+
     def array(self, name: str) -> np.ndarray[Any, Any]:
         """The tensor as a numpy array over its raw bytes (bfloat16/float8 as uint16/uint8)."""
         import numpy as np

@@ -10,6 +10,7 @@ from adapterctl.format.config import LoraConfig, residual_init
 from adapterctl.format.factors import pair_problem
 from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, KeyInfo, classify
 from adapterctl.format.variants import free_shapes, variant_message, variant_tensor, variants_in
+from adapterctl.ops.rawtensor import NonFinite
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    nonfinite: NonFinite | None = None  # NaN/±Inf counts, where the values were scanned
 
     @property
     def numel(self) -> int:
@@ -116,6 +118,12 @@ def analyse(
 
     if not tensors:
         error("the weights file holds no tensors")
+    for t in tensors:
+        if t.nonfinite is not None and t.nonfinite.total:
+            warn(
+                f"`{t.name}` holds {t.nonfinite.describe()} (of {t.numel:,} values); they are "
+                "carried through casts and copies, a rank reduction refuses them"
+            )
     if config is None:
         warn("no `adapter_config.json` beside the weights: r, alpha and scaling are unknown")
     else:

@@ -20,7 +20,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +29,10 @@ from adapterctl.format.config import LoraConfig, reload_drift, residual_init
 from adapterctl.format.dtypes import DTYPES, Dtype
 from adapterctl.format.factors import as_matrix, matrix_shapes, pair_problem
 from adapterctl.format.keys import classify
+from adapterctl.ops.blas import one_blas_thread
+from adapterctl.ops.finite import refuse_new_nonfinite
 from adapterctl.ops.initial import Factors, Initial, RebuiltInitial, SavedInitial
-from adapterctl.ops.lowrank import Spectrum, apply, basis
+from adapterctl.ops.lowrank import BUDGET, Spectrum, apply, basis
 from adapterctl.ops.rawtensor import (
     FLOAT_CODES,
     DictStore,
@@ -96,7 +98,7 @@ class OutputTensor:
     name: str
     dtype: Dtype
     shape: tuple[int, ...]
-    produce: Callable[[], RawTensor]
+    produce: Callable[[], RawTensor]  # checked: see `Plan._output`
     computed: bool  # values were cast or computed (elementwise checks allow rounding)
 
 
@@ -130,10 +132,24 @@ def check_pair(
     return warnings
 
 
-def converted_config(trained: LoraConfig, initial: LoraConfig | None = None) -> LoraConfig:
+def converted_config(
+    trained: LoraConfig,
+    initial: LoraConfig | None = None,
+    label: str = "<memory>",
+    modules: Sequence[str] = (),
+) -> LoraConfig:
     """r ×2 (patterns too), α ×2 (√2 with rslora; patterns likewise), init_lora_weights true; the
-    base is the initial adapter's (the trained one names the residual base it was trained on)."""
+    base is the initial adapter's (the trained one names the residual base it was trained on).
+    An α that the doubling takes past the largest float is an error naming a module using it."""
     factor = math.sqrt(2) if trained.use_rslora else 2
+    for module in modules:
+        alpha = trained.alpha_for(module)
+        if not math.isfinite(alpha * factor):
+            raise ConversionError(
+                f"`{label}`: `{module}`: lora_alpha {alpha:g} becomes {alpha * factor:g} in the "
+                f"converted adapter (×{factor:g} for twice the rank): not a finite number",
+                hint="nothing was written; the config's lora_alpha is too large to convert",
+            )
     changes: dict[str, Any] = {
         "r": trained.r * 2,
         "lora_alpha": trained.lora_alpha * factor,
@@ -169,9 +185,17 @@ class Plan:
     computed) and how each tensor is made (`outputs`, produced in any order: one tensor at a
     time, or one module at a time when a rank reduction needs both factors)."""
 
-    def __init__(self, source: TensorStore, config: LoraConfig, options: Options) -> None:
+    def __init__(
+        self,
+        source: TensorStore,
+        config: LoraConfig,
+        options: Options,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """`progress(1, modules)` after each module whose spectrum planning needs (--energy)."""
         self.source = source
         self.options = options
+        self._progress = progress
         self.specs = source.specs()
         self.config_in = config
         self.warnings: list[str] = []
@@ -287,7 +311,8 @@ class Plan:
         out = config
         if opts.initial is not None:
             saved = opts.initial.config if isinstance(opts.initial, SavedInitial) else None
-            out = converted_config(config, saved)
+            modules = [m.factors.module for m in self.modules.values()]
+            out = converted_config(config, saved, self.source.label, modules)
             for m in self.modules.values():
                 init = config.init_lora_weights
                 m.report.actions.append(f"{init}->lora" if isinstance(init, str) else "to lora")
@@ -297,6 +322,8 @@ class Plan:
             for m in self.modules.values():
                 if opts.energy is not None:  # the rank depends on the spectrum: computed now
                     self._compute(m)
+                    if self._progress is not None:
+                        self._progress(1, len(self.modules))
                 else:
                     m.report.r = m.report.alpha = self._target_rank(m)
             out = reduced_config(out, {m.report.module: m.report.r for m in self.modules.values()})
@@ -320,7 +347,14 @@ class Plan:
                 )
                 axis = _RANK_AXIS[info.kind]  # convolutions keep their other axes
                 new_shape = tuple(r if i == axis else d for i, d in enumerate(shape))
-                outputs.append(OutputTensor(key, new_dtype, new_shape, self._lora(m, key), True))
+                which = "A" if axis == 0 else "B"
+                origin = None if self.options.reduce else self._origin_factor(m, which)
+                outputs.append(
+                    self._output(
+                        key, new_dtype, new_shape, self._lora(m, key), True, origin,
+                        m.factors.module, exact=not self.options.reduce and new_dtype == dtype,
+                    )
+                )  # fmt: skip
                 continue
             residual = (
                 self.options.initial is not None
@@ -338,20 +372,72 @@ class Plan:
                         hint="convert it with PEFT",
                     )
                 outputs.append(
-                    OutputTensor(key, new_dtype, shape, self._original(key, owner), True)
-                )
+                    self._output(
+                        key, new_dtype, shape, self._original(key, owner), True,
+                        self._source(key), info.module,
+                    )
+                )  # fmt: skip
             elif m is not None:  # lora_B.bias
-                outputs.append(OutputTensor(key, new_dtype, shape, self._lora(m, key), True))
+                outputs.append(
+                    self._output(
+                        key, new_dtype, shape, self._lora(m, key), True, self._source(key),
+                        m.factors.module, exact=not self.options.reduce and new_dtype == dtype,
+                    )
+                )  # fmt: skip
             else:  # DoRA magnitudes, modules_to_save, biases, embeddings: copied (or cast)
                 outputs.append(
-                    OutputTensor(key, new_dtype, shape, self._copy(key), new_dtype != dtype)
-                )
+                    self._output(
+                        key, new_dtype, shape, self._copy(key), new_dtype != dtype,
+                        self._source(key), info.module or None, exact=new_dtype == dtype,
+                    )
+                )  # fmt: skip
         return outputs
+
+    def _output(
+        self,
+        key: str,
+        dtype: Dtype,
+        shape: tuple[int, ...],
+        make: Callable[[], RawTensor],
+        computed: bool,
+        origin: Callable[[], RawTensor] | None,
+        module: str | None,
+        exact: bool = False,
+    ) -> OutputTensor:
+        """Every output tensor goes through here: a computed one must be finite wherever the
+        values it came from are. `origin` gives the input it was made from element by element
+        (a cast, a join, W_res of W_res + s0·B0·A0, the bias a scaling multiplies): the NaN
+        and ±Inf that input holds are carried, any other is an error. A tensor that mixes its
+        inputs (rank reduction: `origin` None; its inputs were checked finite) must be finite.
+        An `exact` one (bits copied, joined or sign-flipped) cannot make a value that is not
+        finite and is not checked: exact conversions never import numpy."""
+
+        def produce() -> RawTensor:
+            if exact:  # bits copied, joined or sign-flipped: finite stays finite (no numpy)
+                return make()
+            import numpy as np
+
+            with np.errstate(over="ignore", invalid="ignore"):  # found below, not warned
+                t = make()
+            owner = next((m for m in self.modules.values() if m.factors.module == module), None)
+            refuse_new_nonfinite(
+                t, origin, label=self.source.label, key=key, module=module,
+                scaling=owner.factors.scaling if owner is not None else None,
+            )  # fmt: skip
+            return t
+
+        return OutputTensor(key, dtype, shape, produce, computed)
 
     def _owner(self, module: str) -> _Module:
         return next(m for m in self.modules.values() if m.factors.module == module)
 
     # --- producing -----------------------------------------------------------------------------
+
+    def _source(self, key: str) -> Callable[[], RawTensor]:
+        return lambda: self.source.get(key)
+
+    def _origin_factor(self, m: _Module, which: str) -> Callable[[], RawTensor]:
+        return lambda: self._joined(m, which)
 
     def _copy(self, key: str) -> Callable[[], RawTensor]:
         def produce() -> RawTensor:
@@ -397,7 +483,10 @@ class Plan:
         values = as_matrix(to_floats(t), which)
         if not np.isfinite(values).all():
             raise ConversionError(
-                f"`{m.factors.module}` holds values that are not finite: its rank cannot be reduced"
+                f"`{self.source.label}`: `{m.factors.module}` holds NaN or infinite values "
+                f"(lora_{which}{' or its initial factor' if self.options.initial else ''}): "
+                "the rank of its delta cannot be reduced",
+                hint="nothing was written; a --dtype cast alone carries NaN and Inf unchanged",
             )
         return values
 
@@ -408,34 +497,10 @@ class Plan:
         out: dict[str, RawTensor] = {}
         code = opts.dtype or f.dtype_code
         if opts.reduce:
-            # one side in memory at a time: B's basis; A's basis and reduced A; B again
-            r = f.rank * (2 if opts.initial is not None else 1)
-            b_basis = basis(self._values(m, "B"), "B")
-            av = self._values(m, "A")
-            spec = Spectrum.from_bases(b_basis, basis(av, "A"), f.scaling, r)
-            k = self._target_rank(m)
-            if opts.energy is not None:
-                k = spec.rank_for_energy(opts.energy)
-                rep.r = rep.alpha = k
-            to_b, to_a = spec.transforms(k)
-            new_a = apply(av, to_a, "A")
-            del av
-            new_b = apply(self._values(m, "B"), to_b, "B")
-            kept, dropped = spec.loss(k)
-            total = math.sqrt(spec.energy)
-            rep.energy, rep.dropped_norm = kept, dropped
-            rep.relative_error = dropped / total if total else 0.0
-            label = f"rank {r}->{k}"
-            if label not in rep.actions:
-                rep.actions.append(label)
-            a_shape = (k, *f.a_shape[1:])
-            b_shape = (f.b_shape[0], k, *f.b_shape[2:])
-            out[f.a_key] = from_float(new_a.reshape(a_shape), code)
-            out[f.b_key] = from_float(new_b.reshape(b_shape), code)
-            if m.bias_key:  # the scaling is now 1: the bias carries the old one
-                bias = self.source.get(m.bias_key)
-                code_b = opts.dtype or bias.dtype.code  # rounded once
-                out[m.bias_key] = from_float(f.scaling * to_float64(bias), code_b)
+            import numpy as np
+
+            with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
+                self._reduce(m, out, code)
         else:
             for key, which in ((f.a_key, "A"), (f.b_key, "B")):
                 if only is None or only == key:  # each factor in its own dtype, or --dtype
@@ -451,6 +516,50 @@ class Plan:
             if label not in rep.actions:
                 rep.actions.append(label)
         return out
+
+    def _reduce(self, m: _Module, out: dict[str, RawTensor], code: str) -> None:
+        """The module's reduced factors (and its bias, scaled) into `out`."""
+        f, opts, rep = m.factors, self.options, m.report
+        import numpy as np
+
+        # a factor that fits one chunk is made float64 once and kept for every pass; a larger
+        # one is read in float64 chunks, one side in memory at a time: B's basis; A's basis
+        # and reduced A; B again
+        r = f.rank * (2 if opts.initial is not None else 1)
+        bv = self._values(m, "B")
+        small = bv.size <= BUDGET
+        if small:
+            bv = bv.astype(np.float64)
+        b_basis = basis(bv, "B")
+        if not small:
+            del bv
+        av = self._values(m, "A")
+        if av.size <= BUDGET:
+            av = av.astype(np.float64)
+        spec = Spectrum.from_bases(b_basis, basis(av, "A"), f.scaling, r)
+        k = self._target_rank(m)
+        if opts.energy is not None:
+            k = spec.rank_for_energy(opts.energy)
+            rep.r = rep.alpha = k
+        to_b, to_a = spec.transforms(k)
+        new_a = apply(av, to_a, "A")
+        del av
+        new_b = apply(bv if small else self._values(m, "B"), to_b, "B")
+        kept, dropped = spec.loss(k)
+        total = math.sqrt(spec.energy)
+        rep.energy, rep.dropped_norm = kept, dropped
+        rep.relative_error = dropped / total if total else 0.0
+        label = f"rank {r}->{k}"
+        if label not in rep.actions:
+            rep.actions.append(label)
+        a_shape = (k, *f.a_shape[1:])  # a convolution's factors keep their other axes
+        b_shape = (f.b_shape[0], k, *f.b_shape[2:])
+        out[f.a_key] = from_float(new_a.reshape(a_shape), code)
+        out[f.b_key] = from_float(new_b.reshape(b_shape), code)
+        if m.bias_key:  # the scaling is now 1: the bias carries the old one
+            bias = self.source.get(m.bias_key)
+            code_b = opts.dtype or bias.dtype.code  # rounded once
+            out[m.bias_key] = from_float(f.scaling * to_float64(bias), code_b)
 
     @property
     def reports(self) -> list[ModuleReport]:

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOptionError
 from adapterctl.format.atomic import atomic_directory, preflight
@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 
 #: a variant's tensors are not plain LoRA factors: no cast, rank or residual rule applies as is
 _VARIANT_HINT = "convert it with PEFT; `adapterctl select` copies it unchanged"
+
+
+class Progress(Protocol):
+    """`progress(advance, total)` while the output is written (bytes), and
+    `progress(advance, total, phase)` in the steps around it: "finding ranks" (--energy:
+    modules, before writing) and "verifying" (checks, after writing); a new phase starts at 0."""
+
+    def __call__(self, advance: int, total: int, phase: str = "converting", /) -> None: ...
 
 
 @dataclass
@@ -162,7 +170,7 @@ def convert_adapter(
     energy: float | None = None,
     verify_output: bool = False,
     force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
@@ -211,7 +219,8 @@ def convert_adapter(
             method = rebuild_method(config, init)
             checkpoint = stack.enter_context(BaseCheckpoint(base))
             provider = RebuiltInitial(checkpoint, method, config)
-        plan = Plan(store, config, Options(provider, code, rank, energy))
+        ranking = _phase(progress, "finding ranks") if energy is not None else None
+        plan = Plan(store, config, Options(provider, code, rank, energy), progress=ranking)
         missing = missing_from_trained(plan)
         if missing:
             raise ConversionError(
@@ -240,15 +249,29 @@ def convert_adapter(
             if readme is not None:
                 (tmp / README_NAME).write_bytes(readme)
             if verify_output:
-                result.verification = verify(plan, tmp)
+                result.verification = verify(plan, tmp, _phase(progress, "verifying"))
                 if not result.verification.passed:
                     raise VerificationFailed(result)
     return result
 
 
-def _write(
-    plan: Plan, directory: Path, total: int, progress: Callable[[int, int], None] | None
-) -> int:
+def _phase(progress: Progress | None, phase: str) -> Callable[[int, int], None] | None:
+    """A two-argument progress callback for one phase (started at once, at 0)."""
+    if progress is None:
+        return None
+    started = False
+
+    def advance(n: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            progress(0, total, phase)
+            started = True
+        progress(n, total, phase)
+
+    return advance
+
+
+def _write(plan: Plan, directory: Path, total: int, progress: Progress | None) -> int:
     def source(o: OutputTensor) -> TensorSource:
         def data() -> Any:
             t = o.produce()

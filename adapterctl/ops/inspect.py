@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.header import read_header
 from adapterctl.format.layout import AdapterFiles, find_adapters, pick_adapters
-from adapterctl.format.tensors import bin_tensors
+from adapterctl.format.tensors import SafetensorsReader, bin_tensors
 from adapterctl.ops.checks import ModuleEntry, Problem, TensorEntry, analyse, target_summary
+from adapterctl.ops.rawtensor import NONFINITE_CODES, NonFinite, count_nonfinite
 
 SCHEMA_VERSION = 1
 
@@ -75,15 +76,23 @@ class AdapterReport:
             "path": self.path,
             "format": self.format,
             "config": self.config.raw if self.config else None,
-            "tensors": [
-                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "nbytes": t.nbytes}
-                for t in self.tensors
-            ],
+            "tensors": [_tensor_dict(t) for t in self.tensors],
             "modules": [m.to_dict() for m in self.modules],
             "num_parameters": self.num_parameters,
             "total_bytes": self.total_bytes,
             "problems": [p.to_dict() for p in self.problems],
         }
+
+
+def _tensor_dict(t: TensorEntry) -> dict[str, Any]:
+    """A tensor in the JSON report; `nonfinite` counts ({"nan", "posinf", "neginf"}) only where
+    the values were scanned (`inspect --check` of local files)."""
+    out: dict[str, Any] = {
+        "name": t.name, "shape": list(t.shape), "dtype": t.dtype, "nbytes": t.nbytes
+    }  # fmt: skip
+    if t.nonfinite is not None:
+        out["nonfinite"] = t.nonfinite.to_dict()
+    return out
 
 
 @dataclass(frozen=True)
@@ -103,17 +112,44 @@ class InspectReport:
         }
 
 
-def _tensor_entries(files: AdapterFiles) -> list[TensorEntry]:
+def _tensor_entries(files: AdapterFiles, scan: bool) -> list[TensorEntry]:
     if files.format == "bin":
-        return [
+        entries = [
             TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes)
             for t in bin_tensors(files.weights_path)
         ]
-    header = read_header(files.weights_path)
-    return [
-        TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes)
-        for t in header.tensors.values()
-    ]
+    else:
+        header = read_header(files.weights_path)
+        entries = [
+            TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes)
+            for t in header.tensors.values()
+        ]
+    if not scan:
+        return entries
+    counts = scan_nonfinite(files)
+    return [replace(t, nonfinite=counts.get(t.name)) for t in entries]
+
+
+def scan_nonfinite(files: AdapterFiles) -> dict[str, NonFinite]:
+    """NaN, +Inf and -Inf per float tensor, read in 1 MiB pieces and counted on the bits (no
+    float conversion); memory stays one piece (a `.bin` is loaded whole by torch, as always)."""
+    if files.format == "bin":
+        from adapterctl.format.tensors import bin_arrays
+
+        return {
+            name: count_nonfinite(array.reshape(-1).view("u1"), dtype.code)
+            for name, (dtype, _, array) in bin_arrays(files.weights_path).items()
+            if dtype.code in NONFINITE_CODES
+        }
+    counts = {}
+    with SafetensorsReader(files.weights_path) as reader:
+        for name, t in reader.tensors.items():
+            if t.dtype.code in NONFINITE_CODES:
+                total = NonFinite()
+                for piece in reader.iter_bytes(name):
+                    total += count_nonfinite(piece, t.dtype.code)
+                counts[name] = total
+    return counts
 
 
 def build_report(
@@ -131,12 +167,13 @@ def build_report(
     return AdapterReport(name, path, fmt, config, tuple(tensors), tuple(modules), tuple(problems))
 
 
-def report_adapter(files: AdapterFiles) -> AdapterReport:
-    """Read one adapter's config and header and check them."""
+def report_adapter(files: AdapterFiles, scan: bool = False) -> AdapterReport:
+    """Read one adapter's config and header and check them; with `scan`, count the NaN and
+    ±Inf in its values too (a warning per tensor that holds any)."""
     config = LoraConfig.from_file(files.config_path) if files.config_path else None
     path = os.fspath(files.weights_path.parent if files.directory is None else files.directory)
     return build_report(
-        files.name, path, files.format, config, _tensor_entries(files), files.warnings
+        files.name, path, files.format, config, _tensor_entries(files, scan), files.warnings
     )
 
 
@@ -146,12 +183,15 @@ def inspect_adapter(
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
+    scan: bool = False,
 ) -> InspectReport:
     """Report every adapter at `source` (or only `adapter`): tensors, modules and problems.
 
     Reads adapter_config.json and the safetensors header only; a `.bin` file is read with
     `torch.load(weights_only=True)`, the one path that imports torch. `source` may be a Hub repo
-    id: then only the headers are read, over HTTP range requests.
+    id: then only the headers are read, over HTTP range requests. With `scan` (what
+    `inspect --check` asks), the values of local files are read too, in bounded pieces, and
+    NaN/±Inf counted per tensor.
     """
     from adapterctl.ops.hub import hub_or_local, offline, refuse_local_revision
 
@@ -168,4 +208,4 @@ def inspect_adapter(
     adapters = find_adapters(source)
     if adapter is not None:
         adapters = pick_adapters(adapters, [adapter], source)
-    return InspectReport(os.fspath(source), tuple(report_adapter(f) for f in adapters))
+    return InspectReport(os.fspath(source), tuple(report_adapter(f, scan) for f in adapters))

@@ -2,7 +2,9 @@
 Frobenius norms of products, without ever building the full (out, in) matrix, and with memory
 bounded by the factors themselves (the long dimension is processed in chunks, in float64).
 
-s·B·A with B (m, r) and A (r, n): B = Qb·Rb and Aᵀ = Qa·Ra (thin QR, R accumulated chunk by chunk),
+s·B·A with B (m, r) and A (r, n): B = Qb·Rb and Aᵀ = Qa·Ra (thin QR: R is the Cholesky factor of
+the r x r Gram matrix, summed chunk by chunk, refined by a second pass where the factor is not
+well-conditioned; Householder for a rank-deficient one),
 so s·B·A = Qb·(s·Rb·Raᵀ)·Qaᵀ, and the SVD of the small r x r middle gives the SVD of the delta. The
 singular vectors are kept as small transforms of B and A (Qb = B·Rb⁻¹), applied in chunks when
 the reduced factors are written.
@@ -32,21 +34,89 @@ def _chunks(x: Array, side: str, width: int) -> Iterator[tuple[slice, Array]]:
     step = max(1, BUDGET // max(width, 1))
     for start in range(0, length, step):
         where = slice(start, start + step)
-        yield where, (x[where] if side == "B" else x[:, where]).astype(np.float64)
+        yield where, (x[where] if side == "B" else x[:, where]).astype(np.float64, copy=False)
+
+
+#: Cholesky QR's R is accurate to about unit roundoff x cond(M)²: one pass where the factor's
+#: condition number is below this (float64: 1e-10 relative), else a second pass (CholeskyQR2,
+#: as accurate as Householder QR up to cond(M) ~ 1e8; its first pass then leaves Q1 = M·R1⁻¹
+#: nearly orthonormal, R2 within _NEAR_IDENTITY of the identity), else Householder
+_ONE_PASS_COND = 1e3
+_NEAR_IDENTITY = 1e-2
+
+
+def _gram_of(x: Array, side: str, r: int, right: Array | None = None) -> Array:
+    """Mᵀ·M for M = B (side "B") or Aᵀ, or for M·right: r x r, summed over float64 chunks."""
+    import numpy as np
+
+    g = np.zeros((r, r))
+    for _, piece in _chunks(x, side, r):
+        block = piece if side == "B" else piece.T
+        if right is not None:
+            block = block @ right
+        g += block.T @ block
+    return g
+
+
+def _cholesky_r(g: Array) -> Array | None:
+    """Upper R with Rᵀ·R = g, or None where g is not (numerically) positive definite."""
+    import numpy as np
+
+    try:
+        r = np.linalg.cholesky(g).T
+    except np.linalg.LinAlgError:
+        return None
+    return r if np.isfinite(r).all() else None
+
+
+def _svd(tri: Array) -> tuple[Array, Array]:
+    import numpy as np
+
+    _, values, vt = np.linalg.svd(tri, full_matrices=False)
+    return values, vt
+
+
+def _cholesky_svd(x: Array, side: str, r: int) -> tuple[Array, Array] | None:
+    """(singular values, right singular vectors ᵀ) of M, as the SVD of R (M = Q·R) gives them:
+    from the eigendecomposition of the Gram matrix MᵀM where M is well-conditioned (the same
+    accuracy as one pass of Cholesky QR), else from CholeskyQR2; None where M is rank-deficient
+    or too ill-conditioned for either."""
+    import numpy as np
+
+    g = _gram_of(x, side, r)
+    if np.isfinite(g).all():
+        squares, vectors = np.linalg.eigh(g)  # ascending: R's singular values squared
+        if squares[0] > 0 and squares[0] * _ONE_PASS_COND**2 >= squares[-1]:
+            return np.sqrt(squares[::-1]), vectors[:, ::-1].T
+    r1 = _cholesky_r(g)
+    if r1 is None:
+        return None
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        inverse = np.linalg.inv(r1)
+    if not np.isfinite(inverse).all():
+        return None
+    r2 = _cholesky_r(_gram_of(x, side, r, inverse))  # of Q1 = M·R1⁻¹
+    if r2 is None or np.abs(r2 - np.eye(r)).max() > _NEAR_IDENTITY:
+        return None
+    return _svd(r2 @ r1)
 
 
 def basis(x: Array, side: str) -> tuple[Array, Array]:
-    """(v, s) with B = Q·diag(s)·vᵀ (or Aᵀ = Q·diag(s)·vᵀ), Q orthonormal, s > 0 only: a
-    chunked (TSQR) QR, then the SVD of its r x r triangle."""
+    """(v, s) with B = Q·diag(s)·vᵀ (or Aᵀ = Q·diag(s)·vᵀ), Q orthonormal, s > 0 only: the R of
+    a thin QR (Cholesky QR from r x r Gram matrices, BLAS-3; a chunked Householder QR, TSQR,
+    for a rank-deficient or ill-conditioned factor), then the SVD of that r x r triangle."""
     import numpy as np
 
     r = x.shape[1] if side == "B" else x.shape[0]
-    tri = np.zeros((0, r))
-    for _, piece in _chunks(x, side, r):
-        block = piece if side == "B" else piece.T
-        stacked: Any = np.linalg.qr(np.vstack([tri, block]), mode="r")  # R only
-        tri = stacked
-    _, values, vt = np.linalg.svd(tri, full_matrices=False)
+    found = _cholesky_svd(x, side, r)
+    if found is None:
+        tri = np.zeros((0, r))
+        for _, piece in _chunks(x, side, r):
+            block = piece if side == "B" else piece.T
+            stacked: Any = np.linalg.qr(np.vstack([tri, block]), mode="r")  # R only
+            tri = stacked
+        found = _svd(tri)
+    values, vt = found
     keep = values > (values[0] * 1e-13 if len(values) and values[0] > 0 else np.inf)
     return vt[keep].T, values[keep]
 
@@ -110,7 +180,11 @@ class Spectrum:
         (vb, sb), (va, sa) = b, a
         if not len(sb) or not len(sa):  # a zero factor: a zero delta
             return cls(np.zeros(1), np.zeros((r, 1)), np.zeros((1, r)))
-        middle = scaling * ((sb[:, None] * vb.T) @ (va * sa))
+        with np.errstate(over="ignore", invalid="ignore"):
+            middle = scaling * ((sb[:, None] * vb.T) @ (va * sa))
+        if not np.isfinite(middle).all():  # an overflowing scaling: factors that are not finite
+            k = min(len(sb), len(sa))  # (refused where they are produced: conversion.py)
+            return cls(np.full(k, np.inf), np.full((r, k), np.nan), np.full((k, r), np.nan))
         u, values, wt = np.linalg.svd(middle, full_matrices=False)
         return cls(values, (vb / sb) @ u, wt @ (va / sa).T)
 
@@ -163,3 +237,73 @@ def gram(parts: list[tuple[Array, float, bool]], side: str, budget: int = 1 << 2
             chunk = np.vstack(pieces)
             out += chunk @ chunk.T
     return out
+
+
+def side_grams(
+    factors: list[Array], scales: list[float], side: str, magnitude: float, budget: int = 1 << 22
+) -> tuple[Array, Array]:
+    """What `gram` gives for the stacked c_i·x_i (float64: the signed differences of a
+    verification cancel), block by block with no stacked copy, and in the same pass the Gram
+    matrix of |magnitude·x_last| (float32: it only sets a rounding bound)."""
+    import numpy as np
+
+    widths = [x.shape[1] if side == "B" else x.shape[0] for x in factors]
+    edges = np.cumsum([0, *widths])
+    length = factors[0].shape[0 if side == "B" else 1]
+    out = np.zeros((edges[-1], edges[-1]))
+    last = np.zeros((widths[-1], widths[-1]))
+    step = max(1, budget // max(int(edges[-1]), 1))
+    for start in range(0, length, step):
+        where = slice(start, start + step)
+        raw = [x[where] if side == "B" else x[:, where].T for x in factors]  # (rows, r_i)
+        pieces = [p.astype(np.float64) * c for p, c in zip(raw, scales, strict=True)]
+        for i, p in enumerate(pieces):
+            for j in range(i, len(pieces)):
+                block = p.T @ p if i == j else p.T @ pieces[j]
+                out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] += block
+        with np.errstate(over="ignore", invalid="ignore"):
+            absolute = np.abs(raw[-1], dtype=np.float32)
+            block = absolute.T @ absolute
+        if not np.isfinite(block).all():  # past float32's range: this piece in float64
+            wide = np.abs(raw[-1], dtype=np.float64)
+            block = wide.T @ wide
+        last += block
+    upper = np.triu(out)
+    return upper + np.triu(out, 1).T, last * magnitude**2
+
+
+def cast_grams(
+    source: Array, output: Array, side: str, budget: int = 1 << 22
+) -> tuple[Array, Array, Array]:
+    """For a factor that was only cast (s·B·A − s·B'·A' = s·[B, B − B']·[A − A'; A']): the Gram
+    matrix of [source, source − output] (side "B", PᵀP) or of [source − output; output] (side
+    "A", Q·Qᵀ), the source's own, and that of |output|. The differences are exact in float32
+    (a rounding moves a value by less than itself), so nothing large cancels and float32
+    products (summed in float64 from piece to piece) measure the error to float32 precision.
+    Block by block, without a stacked copy; A's own Gram is the sum of the four blocks of
+    [A − A'; A'] (A = (A − A') + A')."""
+    import numpy as np
+
+    r = source.shape[1] if side == "B" else source.shape[0]
+    length = source.shape[0 if side == "B" else 1]
+    stacked, magnitude = np.zeros((2 * r, 2 * r)), np.zeros((r, r))
+    step = max(1, budget // max(2 * r, 1))
+    for start in range(0, length, step):
+        where = slice(start, start + step)
+        xs, xo = (
+            (x[where] if side == "B" else x[:, where].T).astype(np.float32, copy=False)
+            for x in (source, output)
+        )
+        difference = xs - xo
+        first, second = (xs, difference) if side == "B" else (difference, xo)
+        stacked[:r, :r] += first.T @ first
+        stacked[:r, r:] += first.T @ second
+        stacked[r:, r:] += second.T @ second
+        absolute = np.abs(xo)
+        magnitude += absolute.T @ absolute
+    stacked[r:, :r] = stacked[:r, r:].T
+    if side == "B":
+        own = stacked[:r, :r].copy()
+    else:
+        own = stacked[:r, :r] + stacked[:r, r:] + stacked[r:, :r] + stacked[r:, r:]
+    return stacked, own, magnitude

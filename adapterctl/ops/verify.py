@@ -9,7 +9,7 @@ exact, plus the rounding bound of a cast, plus what a rank reduction reported dr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +19,9 @@ from adapterctl.format.factors import as_matrix, matrix_shapes
 from adapterctl.format.keys import classify
 from adapterctl.format.layout import SAFETENSORS_NAME
 from adapterctl.format.tensors import SafetensorsReader
+from adapterctl.ops.blas import one_blas_thread
 from adapterctl.ops.initial import SavedInitial
-from adapterctl.ops.lowrank import gram
+from adapterctl.ops.lowrank import cast_grams, side_grams
 from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_floats
 
 if TYPE_CHECKING:
@@ -92,16 +93,71 @@ def _side_gram(
 
     factors = _side(plan, m, out, which)
     if not all(np.isfinite(x).all() for x in factors):
-        return None
+        return None  # the caller compares element by element where it can
     scale = signs if which == "B" else [1.0] * len(signs)
-    signed = gram([(x, c, False) for x, c in zip(factors, scale, strict=True)], which)
-    magnitude = gram([(factors[-1], abs(s) if which == "B" else 1.0, True)], which)
-    return signed, magnitude  # |s'B'| or |A'|
+    return side_grams(factors, scale, which, abs(s) if which == "B" else 1.0)  # |s'B'| or |A'|
 
 
-def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
+def _factor_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
+    """A module whose factors hold NaN or ±Inf has no meaningful delta: where the factors were
+    only joined and cast (no reduction, the scaling unchanged), each output factor is compared
+    element by element with the source's (NaN must meet NaN, an infinity the same infinity);
+    anything else is a failure (an overflow, or a rank reduction, which refuses such inputs)."""
+    f = m.factors
+    s_out = config.scaling(config.alpha_for(f.module), out.specs()[f.a_key][1][0])
+    if plan.options.reduce or not math.isclose(s_out, f.scaling, rel_tol=1e-12):
+        return Check(f.module, math.inf, EXACT)
+    worst = Check(f.module, 0.0, EXACT)
+    for which in ("A", "B"):
+        got = out.get(f.a_key if which == "A" else f.b_key)
+        expected = to_floats(plan._joined(m, which))
+        check = _compare(f.module, to_floats(got), _flat_chunks(expected), _rounded(plan, got))
+        worst = max(worst, check, key=lambda c: _ratio(c.error, c.threshold))
+    return worst
+
+
+def _rounded(plan: Plan, got: RawTensor) -> float:
+    """The unit roundoff an output may carry: none where it kept its dtype."""
+    return UNIT.get(got.dtype.code, 0.0) if plan.options.dtype else 0.0
+
+
+#: dtypes whose cast differences are exact in float32 (see `cast_grams`)
+_NARROW = ("F32", "BF16", "F16")
+
+
+def _cast_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig, s: float) -> Check:
+    """`_module_check` of a module whose factors were only cast (or copied), with the scaling
+    unchanged: the same error and threshold, from `cast_grams` (float32, no cancellation)."""
+    import numpy as np
+
+    f = m.factors
+    code = out.specs()[f.a_key][0].code
+    if f.dtype_code not in _NARROW or code not in _NARROW:
+        return _module_check(plan, m, out, config, general=True)
+    sides = []
+    for which in ("B", "A"):
+        source, output = _side(plan, m, out, which)
+        grams = cast_grams(source, output, which)
+        if not all(np.isfinite(g).all() for g in grams):  # NaN/Inf, or past float32's range
+            return _module_check(plan, m, out, config, general=True)
+        sides.append(grams)
+    (gb, ob, mb), (ga, oa, ma) = sides
+    denominator = abs(s) * math.sqrt(max(float((ob * oa).sum()), 0.0))
+    error = _ratio(abs(s) * math.sqrt(max(float((gb * ga).sum()), 0.0)), denominator)
+    threshold = EXACT
+    if code != f.dtype_code:
+        u = UNIT[code]
+        magnitude = abs(s) * math.sqrt(max(float((mb * ma).sum()), 0.0))  # || |s'B'| |A'| ||
+        threshold += _ratio((2 * u + u * u) * magnitude, denominator)
+    return Check(f.module, error, threshold)
+
+
+def _module_check(
+    plan: Plan, m: _Module, out: FileStore, config: LoraConfig, general: bool = False
+) -> Check:
     """||s·B·A − s0·B0·A0 − s'·B'·A'|| from the Gram matrices of the stacked factors, each side
-    loaded alone and summed in row chunks: memory stays near one side's factors."""
+    loaded alone and summed in row chunks: memory stays near one side's factors (`_cast_check`
+    where the factors were only cast, unless `general`)."""
     import numpy as np
 
     f = m.factors
@@ -111,12 +167,14 @@ def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) ->
     s = config.scaling(config.alpha_for(f.module), r)
     s0 = f.scaling
     initial = plan.options.initial
+    if not general and initial is None and not plan.options.reduce and (s, r) == (s0, f.rank):
+        return _cast_check(plan, m, out, config, s)
     if isinstance(initial, SavedInitial):
         s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
     signs = [f.scaling] + ([-s0] if initial is not None else []) + [-s]
     sides = [_side_gram(plan, m, out, which, signs, s) for which in ("B", "A")]
     if sides[0] is None or sides[1] is None:
-        return Check(f.module, math.inf, EXACT)  # an overflow (or a source not finite)
+        return _factor_check(plan, m, out, config)
     (gb, mb), (ga, ma) = sides
     edges = np.cumsum([0] + [f.rank] * (len(signs) - 1) + [r])
     k = len(signs)  # blocks: source, (initial), output
@@ -235,15 +293,20 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
     return _compare(name, to_floats(got), _flat_chunks(to_floats(source)), rounded)
 
 
-def verify(plan: Plan, directory: Path) -> Verification:
-    """Check the adapter written to `directory` against `plan`'s source; memory stays one module."""
+def verify(
+    plan: Plan, directory: Path, progress: Callable[[int, int], None] | None = None
+) -> Verification:
+    """Check the adapter written to `directory` against `plan`'s source; memory stays one module.
+    `progress(done, total)` after each check (in checks)."""
     import numpy as np
 
-    with np.errstate(all="ignore"):  # overflows and NaNs are findings here, not warnings
-        return _verify(plan, directory)
+    with one_blas_thread(), np.errstate(all="ignore"):  # NaNs are findings, not warnings
+        return _verify(plan, directory, progress)
 
 
-def _verify(plan: Plan, directory: Path) -> Verification:
+def _verify(
+    plan: Plan, directory: Path, progress: Callable[[int, int], None] | None
+) -> Verification:
     config = LoraConfig.from_file(directory / CONFIG_NAME)
     checks: list[Check] = []
     with SafetensorsReader(directory / SAFETENSORS_NAME) as reader:
@@ -254,18 +317,30 @@ def _verify(plan: Plan, directory: Path) -> Verification:
             checks.append(Check(name, math.inf, EXACT))
         # a grouped convolution's delta is no one product: its factors (only ever copied or
         # cast) are compared elementwise instead
-        products = {
-            m.factors.module
+        products = [
+            m
             for m in plan.modules.values()
             if matrix_shapes(m.factors.a_shape, m.factors.b_shape) is not None
-        }
-        for m in plan.modules.values():
-            if m.factors.module in products:
-                checks.append(_module_check(plan, m, out, config))
-        for name in sorted(names & set(planned)):
-            owner = plan.by_key.get(name)
-            if owner is not None and name != owner.bias_key and owner.factors.module in products:
-                continue
+        ]
+        in_products = {m.factors.module for m in products}
+        others = [
+            n
+            for n in sorted(names & set(planned))
+            if n not in plan.by_key
+            or n == plan.by_key[n].bias_key
+            or plan.by_key[n].factors.module not in in_products
+        ]
+        total = len(products) + len(others)
+
+        def advance() -> None:
+            if progress is not None:
+                progress(1, total)
+
+        for m in products:
+            checks.append(_module_check(plan, m, out, config))
+            advance()
+        for name in others:
             checks.append(_tensor_check(plan, name, out.get(name), config))
+            advance()
     worst = max(checks, key=lambda c: _ratio(c.error, c.threshold), default=None)
     return Verification(len(checks), worst)

@@ -53,8 +53,9 @@ def test_table_report(adapter: Path, tmp_path: Path) -> None:
     assert f"✓ {tmp_path / 'out'} (2 modules" in result.stdout
 
 
-def test_failed_verification_writes_nothing(adapter: Path, tmp_path: Path) -> None:
-    """float16 overflows 1e6: the check catches the inf, exits 1, and the old output stays."""
+def test_overflow_writes_nothing(adapter: Path, tmp_path: Path) -> None:
+    """float16 overflows 1e6: refused where the tensor is made (one error line naming the file
+    and the module, before any verification), and the old output stays."""
     tensors = lora_tensors(Q)
     tensors[f"{P}{Q}.lora_B.weight"][0, 0] = 1e6
     src = write_adapter(tmp_path / "big", tensors)
@@ -62,6 +63,39 @@ def test_failed_verification_writes_nothing(adapter: Path, tmp_path: Path) -> No
     assert invoke(src, out, "--dtype", "bfloat16").exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     result = invoke(src, out, "--dtype", "float16", "--verify", "--force", "--json")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    message = json.loads(result.stderr)["error"]["message"]
+    assert f"`{Q}` (lora_B.weight)" in message, message
+    assert str(src) in message, message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_failed_verification_writes_nothing(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite error planted in the written file: the report still comes out, exit 1, and the
+    old output stays."""
+    import adapterctl.ops.convert as mod
+    from adapterctl.format.header import read_header
+
+    out = tmp_path / "out"
+    assert invoke(adapter, out, "--dtype", "bfloat16").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write = mod._write
+
+    def write_then_plant(plan: Any, directory: Path, total: int, progress: Any) -> int:
+        n = real_write(plan, directory, total, progress)
+        header = read_header(directory / "adapter_model.safetensors")
+        t = header.tensors[f"{P}{Q}.lora_B.weight"]
+        with open(directory / "adapter_model.safetensors", "r+b") as f:
+            f.seek(header.data_start + t.start)
+            f.write(b"\x00\x3c")  # 1.0 in float16
+        return n
+
+    monkeypatch.setattr(mod, "_write", write_then_plant)
+    result = invoke(adapter, out, "--dtype", "float16", "--verify", "--force", "--json")
     assert result.exit_code == 1
     doc = json.loads(result.stdout)  # the report still comes out
     assert doc["verification"]["passed"] is False

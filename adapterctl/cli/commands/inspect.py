@@ -24,7 +24,11 @@ def inspect_cmd(
     ] = None,
     check: Annotated[
         bool,
-        typer.Option("--check", help="Exit 1 when the report finds an error (after printing it)."),
+        typer.Option(
+            "--check",
+            help="Also scan the values for NaN/Inf (a warning per tensor); exit 1 when the report "
+            "finds an error (after printing it).",
+        ),
     ] = False,
     tensors: Annotated[
         bool,
@@ -41,12 +45,13 @@ def inspect_cmd(
     """Show what an adapter holds: tensors, shapes, dtypes, config and problems.
 
     Reads adapter_config.json and the safetensors header only (never the tensor data), so it is
-    instant on any size of adapter and never imports torch. SOURCE may be a Hub repo id
+    instant on any size of adapter and never imports torch; --check also reads the values, in
+    bounded pieces, to count NaN and Inf. SOURCE may be a Hub repo id
     (OWNER/NAME): then the headers are read over HTTP range requests, not the weights.
     """
     from adapterctl.ops.inspect import inspect_adapter
 
-    report = inspect_adapter(source, adapter, revision, subfolder, token)
+    report = inspect_adapter(source, adapter, revision, subfolder, token, scan=check)
     if json_:
         output.emit_json(report.to_dict())
     else:

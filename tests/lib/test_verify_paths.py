@@ -1,0 +1,46 @@
+"""--verify of a module that was only cast takes the float32 difference path (`cast_grams`): it
+must report what the general float64 path reports, error and threshold alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapterctl.ops import verify as verify_mod
+from adapterctl.ops.convert import convert_adapter
+from tests.helpers import P, Q, V, write_adapter
+
+
+@pytest.mark.parametrize(
+    ("stored", "dtype"),
+    [(np.float32, "bfloat16"), (np.float32, "float16"), (np.float16, "float32"),
+     (np.float16, "bfloat16"), (np.float32, "float32")],
+)  # fmt: skip
+def test_cast_path_equals_the_general_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: type, dtype: str
+) -> None:
+    rng = np.random.default_rng(7)
+    tensors = {}
+    for module, (out_dim, in_dim) in {Q: (96, 64), V: (40, 64)}.items():
+        tensors[f"{P}{module}.lora_A.weight"] = rng.standard_normal((8, in_dim)).astype(stored)
+        b = rng.standard_normal((out_dim, 8)) * np.logspace(0, -3, 8)  # ill-conditioned B
+        tensors[f"{P}{module}.lora_B.weight"] = b.astype(stored)
+    src = write_adapter(tmp_path / "src", tensors, {"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    fast = convert_adapter(src, tmp_path / "fast", dtype=dtype, verify_output=True).verification
+    monkeypatch.setattr(verify_mod, "_NARROW", ())  # every module through the general path
+    slow = convert_adapter(src, tmp_path / "slow", dtype=dtype, verify_output=True).verification
+    assert fast is not None
+    assert slow is not None
+    assert fast.passed
+    assert slow.passed
+    assert fast.worst is not None
+    assert slow.worst is not None
+    assert fast.worst.name == slow.worst.name
+    assert fast.worst.threshold == pytest.approx(slow.worst.threshold, rel=1e-5)
+    assert fast.worst.error == pytest.approx(slow.worst.error, rel=1e-3, abs=1e-9)
+    if dtype != "float32":  # a real rounding was measured, not a vacuous zero
+        assert fast.worst.error > 0
+    else:  # widening (or the same dtype) is exact
+        assert fast.worst.error == slow.worst.error == 0.0
