@@ -209,7 +209,9 @@ def test_inspect_check_counts_nonfinite_values(tmp_path: Path) -> None:
     src = _with_nonfinite(tmp_path)
     result = _cli("inspect", src, "--check")
     assert result.exit_code == 0, result.stderr  # warnings, not errors
-    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    # problem lines wrap at the terminal's width: joined again, one warning each
+    text = " ".join(result.stdout.split()).replace(" warning: ", "\nwarning: ")
+    warnings = [line for line in text.splitlines() if line.startswith("warning: ")]
     assert f"warning: `{A_KEY}` holds 1 NaN, 1 +Inf (of 32 values)" in "\n".join(warnings)
     assert any(f"`{B_KEY}` holds 1 -Inf" in w for w in warnings)
     assert any(f"`{HEAD}` holds 1 NaN, 1 -Inf" in w for w in warnings)
