@@ -10,6 +10,7 @@ from typing import Any
 
 from adapterctl.errors import AdapterctlError, AdapterNotFoundError, IncompatibleModelError
 from adapterctl.format.config import LoraConfig
+from adapterctl.format.files import read_small
 
 #: --model-class values and the transformers auto class each one means.
 MODEL_CLASSES = {
@@ -54,8 +55,10 @@ def model_class_for(base: Path, config: LoraConfig, choice: str = "auto") -> tup
     if cls_name and str(parent).startswith("transformers") and hasattr(transformers, cls_name):
         return getattr(transformers, cls_name), "auto_mapping"
     try:
-        archs = json.loads((base / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
+        archs = (
+            json.loads(read_small(base / "config.json", "model config")).get("architectures") or []
+        )
+    except (AdapterctlError, ValueError, RecursionError, AttributeError):
         archs = []
     for arch in archs:
         if hasattr(transformers, arch):

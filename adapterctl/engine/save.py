@@ -43,14 +43,13 @@ def _layer_tensors(path: str, layer: LoraLayer, name: str) -> Iterator[tuple[str
 
 def embedding_targeted(config: LoraConfig, module_names: list[str]) -> bool:
     """PEFT's test for "an embedding layer is in target_modules" (peft-format.md 2.4)."""
-    import re
-
     tm = config.target_modules
     if isinstance(tm, str):
         if tm == "all-linear":
             return False
+        regex = config.regex(tm, "`target_modules`")
         return any(
-            re.fullmatch(tm, n) for n in module_names if n.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+            regex.fullmatch(n) for n in module_names if n.rsplit(".", 1)[-1] in EMBEDDING_NAMES
         )
     return any(e in (tm or []) for e in EMBEDDING_NAMES)
 
@@ -62,10 +61,13 @@ def _base_vocab_size(config: LoraConfig) -> int | None:
     base = config.base_model_name_or_path
     if not base or not os.path.isfile(os.path.join(base, "config.json")):
         return None
+    from adapterctl.errors import AdapterctlError
+    from adapterctl.format.files import read_small
+
     try:
-        with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
-            value = json.load(f).get("vocab_size")
-    except (OSError, ValueError):
+        value = json.loads(read_small(os.path.join(base, "config.json"), "model config"))
+        value = value.get("vocab_size")
+    except (AdapterctlError, ValueError, RecursionError, AttributeError):
         return None
     return value if isinstance(value, int) else None
 
@@ -285,6 +287,7 @@ def save_pretrained(
         raise AdapterctlError(f"`{root}` is not a directory")
     root.mkdir(parents=True, exist_ok=True)
     written = []
+    saved: dict[str, Any] = {}
     for name in names:
         targets = [p for p, layer in model.base_model.lora_layers() if name in layer.r]
         drift = reload_drift(model.peft_config[name], targets)
@@ -318,6 +321,7 @@ def save_pretrained(
                 lambda f, sd=sd: torch.save({k: v.contiguous() for k, v in sd.items()}, f),
             )
             written.append(target / BIN_NAME)
+        saved[name] = config
         text = config.to_json().encode()
         _atomic_write(target / CONFIG_NAME, lambda f, text=text: f.write(text))
         written.append(target / CONFIG_NAME)
@@ -326,7 +330,10 @@ def save_pretrained(
 
         config = saved_config(model, names[0])
         tags = getattr(model.base_model.model, "model_tags", None)
-        card = card_text(config, read_card(root), list(tags) if tags else None).encode("utf-8")
+        existing, where = read_card(root), f"`{root / 'README.md'}`"
+        card = card_text(
+            config, existing, list(tags) if tags else None, adapters=saved, label=where
+        ).encode("utf-8")
         _atomic_write(root / "README.md", lambda f: f.write(card))
         written.append(root / "README.md")
     return written

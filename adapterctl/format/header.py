@@ -248,8 +248,10 @@ def read_header_from(f: BinaryIO, size: int, label: str) -> Header:
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at `path`."""
+    from adapterctl.format.files import open_regular
+
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "weights file") as f:
             size = os.fstat(f.fileno()).st_size
             return read_header_from(f, size, os.fspath(path))
     except OSError as e:

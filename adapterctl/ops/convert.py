@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,13 +214,29 @@ def convert_adapter(
         )
         with atomic_directory(out, force=force) as tmp:
             result.bytes_out = _write(plan, tmp, total, progress)
-            if files.directory is not None and (files.directory / README_NAME).is_file():
-                shutil.copyfile(files.directory / README_NAME, tmp / README_NAME)
+            if files.directory is not None:
+                _write_card(files.directory, tmp, plan.config, result.warnings)
             if verify_output:
                 result.verification = verify(plan, tmp)
                 if not result.verification.passed:
                     raise VerificationFailed(result)
     return result
+
+
+def _write_card(source: Path, tmp: Path, config: LoraConfig, warnings: list[str]) -> None:
+    """SOURCE's card (if any) with its adapter facts rewritten for the converted config."""
+    from adapterctl.ops.card import card_text, facts_note, read_card
+
+    existing = read_card(source)
+    if existing is None:
+        return
+    where = f"`{source / README_NAME}`"
+    text = card_text(config, existing, label=where)
+    (tmp / README_NAME).write_bytes(text.encode("utf-8"))
+    note = facts_note(existing, {"default": config}, where)
+    if note:
+        warnings.append(note)
+        log.warning("%s", note)
 
 
 def _write(

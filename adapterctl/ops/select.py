@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.header import read_header
 from adapterctl.format.layout import (
     BIN_NAME,
+    DEFAULT_ADAPTER,
     README_NAME,
     SAFETENSORS_NAME,
     AdapterFiles,
@@ -133,8 +133,8 @@ def select_adapters(
     results = []
     with atomic_directory(out, force=force) as tmp:
         root = Path(source)
-        if root.is_dir() and (root / README_NAME).is_file():
-            shutil.copyfile(root / README_NAME, tmp / README_NAME)
+        if root.is_dir():
+            _copy_card(root, tmp, picked, new_names if renames else None)
         for files, new in zip(picked, new_names, strict=True):
             sub = adapter_subdir(new)
             target = tmp / sub if sub else tmp
@@ -149,3 +149,29 @@ def select_adapters(
                 written.append(f"{sub}/{name}" if sub else name)
             results.append(SelectedAdapter(new, files.name, sub, tuple(written), nbytes))
     return SelectionResult(os.fspath(source), os.fspath(out), tuple(results))
+
+
+def _copy_card(
+    root: Path, tmp: Path, picked: list[AdapterFiles], new_names: list[str] | None
+) -> None:
+    """SOURCE's card, as it is; with renames, its adapter facts rewritten for the new names."""
+    from adapterctl.format.files import read_optional
+
+    data = read_optional(root / README_NAME, "model card")
+    if data is None:
+        return
+    if new_names is not None:
+        from adapterctl.ops.card import card_text, facts_note, read_card
+
+        existing = read_card(root)
+        configs = {}
+        for files, name in zip(picked, new_names, strict=True):
+            assert files.config_path is not None
+            configs[name] = LoraConfig.from_file(files.config_path)
+        where = f"`{root / README_NAME}`"
+        first = configs.get(DEFAULT_ADAPTER) or next(iter(configs.values()))
+        data = card_text(first, existing, adapters=configs, label=where).encode("utf-8")
+        note = facts_note(existing, configs, where)
+        if note:
+            log.warning("%s", note)
+    (tmp / README_NAME).write_bytes(data)
