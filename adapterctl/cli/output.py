@@ -122,11 +122,12 @@ def render_inspect(report: InspectReport) -> None:
         from adapterctl.format.keys import classify
 
         mts = adapter.config.modules_to_save or [] if adapter.config else []
+        rows = []
         for t in adapter.tensors:
             info = classify(t.name, mts)
             shape = "×".join(str(d) for d in t.shape) or "scalar"
-            table.add_row(info.module or t.name, info.kind, shape, t.dtype, human_size(t.nbytes))
-        console.print(table)
+            rows.append([info.module or t.name, info.kind, shape, t.dtype, human_size(t.nbytes)])
+        _print_table(console, table, rows, left=2)
         _render_modules(console, adapter)
         for p in adapter.problems:
             console.print(f"{p.severity}: {p.message}", markup=False, soft_wrap=True)
@@ -180,9 +181,24 @@ def _render_modules(console: Any, a: AdapterReport) -> None:
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for col in ("module", "r", "alpha", "scaling"):
         table.add_column(col, justify="left" if col == "module" else "right")
-    for m in lora:
-        table.add_row(m.path, str(m.r), _num(m.alpha), _num(m.scaling))
     console.print()
+    rows = [[m.path, str(m.r), _num(m.alpha), _num(m.scaling)] for m in lora]
+    _print_table(console, table, rows, left=1)
+
+
+#: rich lays a table out at about a millisecond a row: past this many, plain columns are printed
+RICH_TABLE_ROWS = 2000
+
+
+def _print_table(console: Any, table: Any, rows: list[list[str]], left: int) -> None:
+    """`table` with `rows` through rich, or, for a table of more than RICH_TABLE_ROWS rows (a
+    100k-tensor adapter), as plain aligned columns in linear time."""
+    if len(rows) > RICH_TABLE_ROWS:
+        console.file.flush()
+        plain_table([str(c.header) for c in table.columns], rows, left=left)
+        return
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

@@ -308,9 +308,20 @@ class LoraConfig:
     def matching_patterns(self, field: str, module: str) -> list[str]:
         """The keys of `rank_pattern` / `alpha_pattern` that match `module`, in file order."""
         patterns = getattr(self, field) or {}
-        return [k for k in patterns if self._key_matches(field, k, module)]
+        if not patterns:
+            return []
+        # each (key, module) pair is matched once per config: every caller asks again per module
+        memo = self._patterns.memo(field)
+        found = memo.get(module)
+        if found is None:
+            keys = tuple(k for k in patterns if self._key_matches(field, k, module))
+            found = memo[module] = self._patterns.shared(keys)
+        return list(found)
 
     def _key_matches(self, field: str, key: str, module: str) -> bool:
+        plain = self._patterns.plain(key)
+        if plain is not None:
+            return plain.matches(module)
         return (
             self.regex(pattern_regex(key), f"`{field}` key", source=key).match(module) is not None
         )

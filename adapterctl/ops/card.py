@@ -250,13 +250,20 @@ def card_text(
 
 
 def facts_note(existing: str | None, adapters: dict[str, LoraConfig], where: str) -> str | None:
-    """What to tell the user when a card's adapter facts are rewritten (None: nothing changed)."""
+    """What to tell the user when the facts an existing card states change (None: it stated none,
+    or the same ones)."""
     if existing is None:
         return None
     old = _FACTS.search(existing)
-    new = facts_block(adapters)
-    if old is not None and old.group(0).rstrip("\n") == new.rstrip("\n"):
+    if old is not None:
+        stale = old.group(0).rstrip("\n") != facts_block(adapters).rstrip("\n")
+    else:  # a card written by an older adapterctl: "(r=8, lora_alpha=16)."
+        sentence = _OLD_FACTS.search(existing)
+        first = next(iter(adapters.values()))
+        stale = sentence is not None and sentence.group(0) != (
+            f" (r={first.r}, lora_alpha={first.lora_alpha})."
+        )
+    if not stale:
         return None
     what = "; ".join(_fact_line(n, c).removeprefix("- ") for n, c in adapters.items())
-    verb = "updated" if old is not None or _OLD_FACTS.search(existing) else "added"
-    return f"{where}: the model card's adapter facts were {verb} ({what})"
+    return f"{where}: the model card's adapter facts were updated ({what})"

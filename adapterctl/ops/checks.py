@@ -23,7 +23,7 @@ _VARIANT_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Problem:
     severity: str  # "error" | "warning"
     message: str
@@ -32,7 +32,7 @@ class Problem:
         return {"severity": self.severity, "message": self.message}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     name: str
     dtype: str
@@ -47,7 +47,7 @@ class TensorEntry:
         return n
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModuleEntry:
     path: str
     kinds: tuple[str, ...]
@@ -106,7 +106,10 @@ def analyse(
             )
         # nested target_parameters wrappers of one module are separate LoRA modules
         path = info.module + ".base_layer" * info.depth if info.is_lora else info.module
-        modules.setdefault(path, _Module()).keys[info.kind] = (info, t)
+        entry = modules.get(path)
+        if entry is None:  # (setdefault would build a _Module for every tensor)
+            entry = modules[path] = _Module()
+        entry.keys[info.kind] = (info, t)
 
     if not tensors:
         error("the weights file holds no tensors")
