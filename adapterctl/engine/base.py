@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,11 @@ def load_base(
         model, info = model_class.from_pretrained(
             str(base), local_files_only=True, output_loading_info=True, **kwargs
         )
+    except pickle.UnpicklingError as e:  # transformers loads .bin weights with weights_only
+        from adapterctl.format.tensors import refused_pickle
+
+        bins = sorted(base.glob("*.bin"))
+        raise refused_pickle(str(bins[0] if len(bins) == 1 else base / "*.bin"), e) from None
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IncompatibleModelError(

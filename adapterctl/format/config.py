@@ -219,10 +219,11 @@ class LoraConfig:
     (`config.r`, `config.lora_alpha`, ...). Unknown keys are kept and written back verbatim.
     """
 
-    __slots__ = ("_data", "_patterns")
+    __slots__ = ("_data", "_encoding", "_patterns")
 
     def __init__(self, **fields: Any) -> None:
         fields.setdefault("peft_type", "LORA")
+        self._encoding = "utf-8"
         self._patterns = PatternSet("LoraConfig")
         validate(fields, "LoraConfig", self._patterns)
         self._data = fields
@@ -232,6 +233,7 @@ class LoraConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"`{label}` does not hold a JSON object")
         obj = cls.__new__(cls)
+        obj._encoding = "utf-8"
         obj._patterns = PatternSet(label)
         validate(data, label, obj._patterns)
         obj._data = dict(data)
@@ -250,7 +252,23 @@ class LoraConfig:
         from adapterctl.format.files import read_small
 
         label = os.fspath(path)
-        return cls.from_json(read_small(path, "adapter config"), label=label)
+        raw = read_small(path, "adapter config")
+        config = cls.from_json(raw, label=label)
+        config._encoding = json.detect_encoding(raw)
+        return config
+
+    @property
+    def encoding_problem(self) -> str | None:
+        """Why PEFT 0.21.2 cannot read the file this config came from, when the only problem is
+        its encoding (a UTF-8 BOM, UTF-16 or UTF-32: PEFT reads plain UTF-8); else None."""
+        if self._encoding == "utf-8":
+            return None
+        what = (
+            "has a UTF-8 byte order mark"
+            if self._encoding == "utf-8-sig"
+            else (f"is encoded in {self._encoding.upper()}")
+        )
+        return f"the config file {what}: PEFT 0.21.2 cannot read it (it reads UTF-8 only)"
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

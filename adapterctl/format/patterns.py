@@ -25,7 +25,7 @@ from typing import Any
 from adapterctl.errors import ConfigError
 
 #: seconds one pattern may spend matching in one run, beyond PER_MATCH_S for each match it makes
-BUDGET_S = 1.0
+BUDGET_S = 0.5
 #: what a plain pattern needs for one module name, many times over (they take microseconds)
 PER_MATCH_S = 0.002
 #: the longest pattern accepted (PEFT users write module names and short alternations)
@@ -159,7 +159,7 @@ _PLAIN_KEY = re.compile(r"(?:[A-Za-z0-9_-]|\\\.|\.)+")
 
 
 class PlainKey:
-    """`re.match(pattern_regex(key), name) is not None` for a plain key, in time linear in the key
+    r"""`re.match(pattern_regex(key), name) is not None` for a plain key, in time linear in the key
     (PEFT's regex backtracks over every dot of the name): the name's suffix of the key's length
     (before a final newline too, as `$` allows) must match the key and start the name or follow a
     `.` with no newline before it (what `(.*\.)?` can consume)."""

@@ -166,6 +166,23 @@ class BinTensor:
     nbytes: int
 
 
+def refused_pickle(label: str, e: BaseException) -> AdapterFormatError:
+    """The one error line for a `.bin` file that torch.load(weights_only=True) refuses: the
+    file and torch's reason, without its paragraphs of advice."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    # torch's first sentences are about its defaults; the reason comes after "WeightsUnpickler error:"
+    text = " ".join(lines)
+    _, sep, reason = text.partition("WeightsUnpickler error:")
+    if sep:
+        reason = reason.strip().split(". ")[0].rstrip(".")
+    else:
+        reason = next((x for x in lines if "Unsupported" in x), lines[0] if lines else "")
+    return AdapterFormatError(
+        f"`{label}` is not a plain tensor checkpoint: {reason[:300] or type(e).__name__}",
+        hint="adapterctl only reads .bin files that hold plain tensors (weights_only)",
+    )
+
+
 def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a `.bin` state dict with `torch.load(weights_only=True)`: plain tensors only.
 
@@ -187,14 +204,7 @@ def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
                 warnings.simplefilter("ignore")
                 obj = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
         except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-            # torch's first line is a paragraph about its defaults; the reason is further down
-            reasons = [x for x in lines if "Unsupported" in x or "WeightsUnpickler error" in x]
-            first = (reasons or lines or [type(e).__name__])[0]
-            raise AdapterFormatError(
-                f"`{label}` is not a plain tensor checkpoint: {first}",
-                hint="adapterctl only reads .bin files that hold plain tensors (weights_only)",
-            ) from None
+            raise refused_pickle(label, e) from None
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):

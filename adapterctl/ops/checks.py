@@ -116,6 +116,8 @@ def analyse(
     if config is None:
         warn("no `adapter_config.json` beside the weights: r, alpha and scaling are unknown")
     else:
+        if config.encoding_problem:  # `--check` means "PEFT loads this"
+            error(f"{config.encoding_problem}; save it as UTF-8 without a BOM")
         _config_warnings(config, warn)
 
     entries = []

@@ -196,6 +196,11 @@ def convert_adapter(
                 f"`{missing[0]}` is in the initial adapter but not in the trained one",
                 hint="pass the initial adapter saved right before this adapter was trained",
             )
+        if config.encoding_problem:
+            plan.warnings.insert(
+                0,
+                f"`{files.config_path}`: {config.encoding_problem}; the output's config is UTF-8",
+            )
         for message in plan.warnings:
             log.warning("%s", message)
         total = sum(o.dtype.bits * numel(o.shape) // 8 for o in plan.outputs)

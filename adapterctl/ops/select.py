@@ -83,7 +83,9 @@ def _validate(files: AdapterFiles) -> None:
         raise AdapterFormatError(
             f"`{files.weights_path}` has no `{CONFIG_NAME}` beside it; a PEFT directory needs one"
         )
-    LoraConfig.from_file(files.config_path)
+    problem = LoraConfig.from_file(files.config_path).encoding_problem
+    if problem:  # copied as it is: the copy has the same problem
+        log.warning("`%s`: %s; the copy keeps its bytes", files.config_path, problem)
     if files.format == "bin":
         load_bin(files.weights_path)
     else:
