@@ -237,6 +237,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         raise _HeaderError(
             f"its {len(raw)}-byte header needs more memory to parse than is available"
         ) from None
+    del text  # a 10 MB header's decoded copy is not needed while its objects are built
     if not isinstance(obj, dict):
         raise _HeaderError("header is not a JSON object")
     _check_values(obj, raw)
@@ -248,6 +249,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
             _check_str(k, "a metadata key")
             _check_str(v, "a metadata value")
     tensors = {name: _tensor_info(name, entry) for name, entry in obj.items()}
+    del obj  # the parsed entries: TensorInfo holds what is kept
     end = 0
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if t.start != end or t.end < t.start:
