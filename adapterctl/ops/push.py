@@ -136,6 +136,11 @@ def _remote_card(repo_id: str, revision: str, token: str | None) -> bytes | None
     return read_small(path, "model card")  # decoded in with_card: bad bytes are an error line
 
 
+def _encoding_only(message: str, config: LoraConfig) -> bool:
+    problem = config.encoding_problem
+    return problem is not None and message.startswith(problem)
+
+
 def _is_trainer_checkpoint(directory: Path | None) -> bool:
     return directory is not None and any((directory / n).exists() for n in TRAINER_FILES)
 
@@ -175,13 +180,16 @@ def plan_push(
     configs = []
     for adapter in picked:  # every chosen adapter passes the check before anything else
         report = report_adapter(adapter)
-        if report.errors:
+        assert adapter.config_path is not None
+        config = LoraConfig.from_file(adapter.config_path)
+        # a config PEFT cannot read for its encoding alone is uploaded re-encoded (below)
+        errors = [p for p in report.errors if not _encoding_only(p.message, config)]
+        if errors:
             raise AdapterctlError(
-                f"`{report.path}` fails the check: {report.errors[0].message}",
+                f"`{report.path}` fails the check: {errors[0].message}",
                 hint=f"run `adapterctl inspect {source} --check` for the whole report",
             )
-        assert adapter.config_path is not None
-        configs.append(LoraConfig.from_file(adapter.config_path))
+        configs.append(config)
     hub_base = _base_model(configs, base_model)
     files: list[PushFile] = []
     for adapter, config in zip(picked, configs, strict=True):
@@ -189,12 +197,18 @@ def plan_push(
         sub = adapter_subdir(adapter.name) if adapter.directory != root else ""
         weights = SAFETENSORS_NAME if adapter.format == "safetensors" else BIN_NAME
         config_in_repo = f"{sub}/{CONFIG_NAME}" if sub else CONFIG_NAME
-        if config.base_model_name_or_path != hub_base:
+        if config.base_model_name_or_path != hub_base or config.encoding_problem:
             # what PEFT's AutoPeftModel reads from the repo must name the base on the Hub
             raw = read_small(adapter.config_path, "adapter config")
             text = edited_json(raw, base_model_name_or_path=hub_base).encode()
             files.append(PushFile(config_in_repo, len(text), None, text))
-            if config.base_model_name_or_path:  # filling in a missing name needs no word
+            if config.encoding_problem:
+                notes.append(
+                    f"`{config_in_repo}` is uploaded as UTF-8 without a BOM (PEFT reads only "
+                    "that; the local file is not changed)"
+                )
+            named = config.base_model_name_or_path
+            if named and named != hub_base:  # filling in a missing name needs no word
                 notes.append(
                     f"`{config_in_repo}` is uploaded naming base model `{hub_base}` (the local "
                     f"file names `{config.base_model_name_or_path}`)"
