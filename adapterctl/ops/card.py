@@ -122,12 +122,13 @@ def load_card(text: str, label: str) -> Any:
     from huggingface_hub import ModelCard
 
     match = _YAML_BLOCK.search(text)
-    if match:
-        _scan(match.group(2), label)
-        _check_shapes(yaml.safe_load(match.group(2)), label)
     try:
+        if match:
+            _scan(match.group(2), label)
+            _check_shapes(yaml.safe_load(match.group(2)), label)
         return ModelCard(text)
-    except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, yaml.YAMLError) as e:
+        # a constructor's error (a date that is no date, say) or a CardData field it refuses
         raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
 
 

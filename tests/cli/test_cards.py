@@ -45,6 +45,8 @@ BAD_CARDS = {
     "huge front matter": "---\ntags:\n" + "- tag\n" * 60_000 + "---\n",
     "not yaml": "---\ntags: [unclosed\n---\n",
     "bad base_model": "---\nbase_model: {a: b}\n---\n",
+    "a date that is no date": "---\nd: 2020-99-99\n---\n",
+    "bad model-index": "---\nmodel-index: 5\n---\n",
 }
 
 
