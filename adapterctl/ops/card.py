@@ -115,6 +115,27 @@ def _check_shapes(data: Any, label: str) -> None:
             raise _bad(label, f"its `{field}` must be a string or a list of strings")
 
 
+def check_front_matter(block: str, label: str) -> None:
+    """The bounded scan, then the YAML (safe_load: now bounded) and the shapes of its fields."""
+    import yaml
+
+    _scan(block, label)
+    try:
+        _check_shapes(yaml.safe_load(block), label)
+    except (ValueError, TypeError, RecursionError, yaml.YAMLError) as e:  # a date that is no date
+        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+
+
+def refresh_card(existing: str, adapters: dict[str, LoraConfig], label: str) -> str:
+    """`existing` with only its adapter facts rewritten (front matter checked, kept byte for byte):
+    what convert and select write, without huggingface_hub."""
+    match = _YAML_BLOCK.search(existing)
+    if match:
+        check_front_matter(match.group(2), label)
+    head, body = (existing[: match.end()], existing[match.end() :]) if match else ("", existing)
+    return head + _with_facts(body, facts_block(adapters))
+
+
 def load_card(text: str, label: str) -> Any:
     """huggingface_hub's ModelCard for `text`, parsed only once the front matter has passed the
     bounded scan; `label` names the card in errors (a path in backticks, or a phrase)."""
@@ -122,10 +143,9 @@ def load_card(text: str, label: str) -> Any:
     from huggingface_hub import ModelCard
 
     match = _YAML_BLOCK.search(text)
+    if match:
+        check_front_matter(match.group(2), label)
     try:
-        if match:
-            _scan(match.group(2), label)
-            _check_shapes(yaml.safe_load(match.group(2)), label)
         return ModelCard(text)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, yaml.YAMLError) as e:
         # a constructor's error (a date that is no date, say) or a CardData field it refuses

@@ -230,13 +230,13 @@ def convert_adapter(
 
 def _write_card(source: Path, tmp: Path, config: LoraConfig, warnings: list[str]) -> None:
     """SOURCE's card (if any) with its adapter facts rewritten for the converted config."""
-    from adapterctl.ops.card import card_text, facts_note, read_card
+    from adapterctl.ops.card import facts_note, read_card, refresh_card
 
     existing = read_card(source)
     if existing is None:
         return
     where = f"`{source / README_NAME}`"
-    text = card_text(config, existing, label=where)
+    text = refresh_card(existing, {"default": config}, where)
     (tmp / README_NAME).write_bytes(text.encode("utf-8"))
     note = facts_note(existing, {"default": config}, where)
     if note:

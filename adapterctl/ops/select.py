@@ -15,7 +15,6 @@ from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.header import read_header
 from adapterctl.format.layout import (
     BIN_NAME,
-    DEFAULT_ADAPTER,
     README_NAME,
     SAFETENSORS_NAME,
     AdapterFiles,
@@ -163,16 +162,17 @@ def _copy_card(
     if data is None:
         return
     if new_names is not None:
-        from adapterctl.ops.card import card_text, facts_note, read_card
+        from adapterctl.ops.card import facts_note, read_card, refresh_card
 
         existing = read_card(root)
+        if existing is None:  # removed meanwhile
+            return
         configs = {}
         for files, name in zip(picked, new_names, strict=True):
             assert files.config_path is not None
             configs[name] = LoraConfig.from_file(files.config_path)
         where = f"`{root / README_NAME}`"
-        first = configs.get(DEFAULT_ADAPTER) or next(iter(configs.values()))
-        data = card_text(first, existing, adapters=configs, label=where).encode("utf-8")
+        data = refresh_card(existing, configs, where).encode("utf-8")
         note = facts_note(existing, configs, where)
         if note:
             log.warning("%s", note)
