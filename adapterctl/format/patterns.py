@@ -27,7 +27,7 @@ from adapterctl.errors import ConfigError
 #: seconds one pattern may spend matching in one run, beyond PER_MATCH_S for each match it makes
 BUDGET_S = 0.5
 #: what a plain pattern needs for one module name, many times over (they take microseconds)
-PER_MATCH_S = 0.002
+PER_MATCH_S = 0.0002
 #: the longest pattern accepted (PEFT users write module names and short alternations)
 MAX_CHARS = 20_000
 _SHOWN_CHARS = 60
