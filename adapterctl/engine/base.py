@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from adapterctl.errors import (
     InvalidOptionError,
 )
 from adapterctl.format.config import LoraConfig
+from adapterctl.format.files import read_small
 
 #: --model-class values and the transformers auto class each one means.
 MODEL_CLASSES = {
@@ -75,8 +77,10 @@ def model_class_for(base: Path, config: LoraConfig, choice: str = "auto") -> tup
     if cls_name and str(parent).startswith("transformers") and hasattr(transformers, cls_name):
         return getattr(transformers, cls_name), "auto_mapping"
     try:
-        archs = json.loads((base / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
+        archs = (
+            json.loads(read_small(base / "config.json", "model config")).get("architectures") or []
+        )
+    except (AdapterctlError, ValueError, RecursionError, AttributeError):
         archs = []
     for arch in archs:
         if hasattr(transformers, arch):
@@ -132,6 +136,11 @@ def load_base(
         model, info = model_class.from_pretrained(
             str(base), local_files_only=True, output_loading_info=True, **kwargs
         )
+    except pickle.UnpicklingError as e:  # transformers loads .bin weights with weights_only
+        from adapterctl.format.tensors import refused_pickle
+
+        bins = sorted(base.glob("*.bin"))
+        raise refused_pickle(str(bins[0] if len(bins) == 1 else base / "*.bin"), e) from None
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IncompatibleModelError(

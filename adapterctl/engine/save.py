@@ -45,14 +45,13 @@ def _layer_tensors(path: str, layer: LoraLayer, name: str) -> Iterator[tuple[str
 
 def embedding_targeted(config: LoraConfig, module_names: list[str]) -> bool:
     """PEFT's test for "an embedding layer is in target_modules" (peft-format.md 2.4)."""
-    import re
-
     tm = config.target_modules
     if isinstance(tm, str):
         if tm == "all-linear":
             return False
+        regex = config.regex(tm, "`target_modules`")
         return any(
-            re.fullmatch(tm, n) for n in module_names if n.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+            regex.fullmatch(n) for n in module_names if n.rsplit(".", 1)[-1] in EMBEDDING_NAMES
         )
     return any(e in (tm or []) for e in EMBEDDING_NAMES)
 
@@ -64,10 +63,13 @@ def _base_vocab_size(config: LoraConfig) -> int | None:
     base = config.base_model_name_or_path
     if not base or not os.path.isfile(os.path.join(base, "config.json")):
         return None
+    from adapterctl.errors import AdapterctlError
+    from adapterctl.format.files import read_small
+
     try:
-        with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
-            value = json.load(f).get("vocab_size")
-    except (OSError, ValueError):
+        value = json.loads(read_small(os.path.join(base, "config.json"), "model config"))
+        value = value.get("vocab_size")
+    except (AdapterctlError, ValueError, RecursionError, AttributeError):
         return None
     return value if isinstance(value, int) else None
 
@@ -303,17 +305,22 @@ def save_pretrained(
         tuple[Path, Path]
     ] = []  # (temp file, final path): renamed in only once all are written
     try:
+        saved: dict[str, Any] = {}
         for name in names:
-            staged += _stage_adapter(
+            files, saved[name] = _stage_adapter(
                 model, root, name, state_dict, save_embedding_layers, safe_serialization,
                 path_initial_model_for_weight_conversion,
             )  # fmt: skip
+            staged += files
         if names:  # the card goes to the root only, as PEFT writes it
             from adapterctl.ops.card import card_text, read_card
 
             config = saved_config(model, names[0])
             tags = getattr(model.base_model.model, "model_tags", None)
-            card = card_text(config, read_card(root), list(tags) if tags else None).encode()
+            existing, where = read_card(root), f"`{root / 'README.md'}`"
+            card = card_text(
+                config, existing, list(tags) if tags else None, adapters=saved, label=where
+            ).encode("utf-8")
             staged.append((_stage(root / "README.md", lambda f: f.write(card)), root / "README.md"))
         for tmp, final in staged:
             os.replace(tmp, final)
@@ -336,8 +343,9 @@ def _stage_adapter(
     save_embedding_layers: str | bool,
     safe_serialization: bool,
     initial: str | os.PathLike[str] | None,
-) -> list[tuple[Path, Path]]:
-    """Adapter `name`'s weights and config, written to temp files in its folder."""
+) -> tuple[list[tuple[Path, Path]], LoraConfig]:
+    """Adapter `name`'s weights and config, written to temp files in its folder, and the config
+    as written."""
     from adapterctl.format.atomic import check_inputs
 
     targets = [p for p, layer in model.base_model.lora_layers() if name in layer.r]
@@ -379,4 +387,4 @@ def _stage_adapter(
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
-    return staged
+    return staged, config

@@ -190,6 +190,14 @@ def _load_session(
     base, directory = Path(base), adapter_dir(adapter)
     config = LoraConfig.from_file(directory / "adapter_config.json")
     refuse_variants(config, str(directory))  # before the base is loaded
+    if config.encoding_problem:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "`%s`: %s; adapterctl reads it",
+            directory / "adapter_config.json",
+            config.encoding_problem,
+        )
     cls, source = model_class_for(base, config, model_class)
     tokenizer = load_tokenizer(base) if prompt is not None else None
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from adapterctl.errors import IncompatibleModelError
 from adapterctl.format.config import LoraConfig
+from adapterctl.format.patterns import layers_pattern_regex, modules_to_save_regex
 
 #: target_modules PEFT uses when a config leaves it null, by transformers model_type.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -32,6 +33,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"],
 }
 SEQ_CLS_HEADS = ("classifier", "score")
+#: the first numbered segment of a module path (ours, not from a file: plain `re`)
+_FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 ALL_LINEAR = "all-linear"
 
 
@@ -43,15 +46,16 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
     match = None
     if not pattern:
         # the first numbered segment is the layer index (not an expert index further in)
-        match = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        match = _FIRST_INDEX.match(key)
     else:
         for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key)
+            regex = config.regex(layers_pattern_regex(p), "`layers_pattern`", source=p)
+            match = regex.match(key)
             if match:
                 break
     if match is None:
         return False
-    index = int(match.group(1))
+    index = int(match.group("idx"))
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
@@ -63,11 +67,14 @@ def is_excluded(config: LoraConfig, key: str) -> bool:
     """exclude_modules, and anything inside a modules_to_save module."""
     exclude = config.exclude_modules
     if exclude:
-        if isinstance(exclude, str) and re.fullmatch(exclude, key):
+        if isinstance(exclude, str) and config.regex(exclude, "`exclude_modules`").fullmatch(key):
             return True
         if not isinstance(exclude, str) and _in_list(exclude, key):
             return True
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save or [])
+    return any(
+        config.regex(modules_to_save_regex(m), "`modules_to_save` entry", source=m).match(key)
+        for m in config.modules_to_save or []
+    )
 
 
 def is_target(config: LoraConfig, key: str, target_modules: Any) -> bool:
@@ -75,7 +82,7 @@ def is_target(config: LoraConfig, key: str, target_modules: Any) -> bool:
     if is_excluded(config, key):
         return False
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, key) is not None
+        return config.regex(target_modules, "`target_modules`").fullmatch(key) is not None
     if key in target_modules:
         return True  # named in full: layers_to_transform is not consulted (as in PEFT)
     if not any(key.endswith("." + t) for t in target_modules):

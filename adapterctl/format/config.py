@@ -11,10 +11,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from typing import Any
 
-from adapterctl.errors import AdapterNotFoundError, ConfigError
+from adapterctl.errors import ConfigError
+from adapterctl.format.patterns import (
+    Pattern,
+    PatternSet,
+    layers_pattern_regex,
+    modules_to_save_regex,
+    pattern_regex,
+)
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_VERSION = "0.21.2"
@@ -96,24 +102,14 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-def _compile(regex: str, what: str, label: str) -> re.Pattern[str]:
-    try:
-        return re.compile(regex)
-    except (re.error, RecursionError, OverflowError) as e:
-        raise ConfigError(f"`{label}`: {what} is not a valid regular expression: {e}") from None
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"`{name}` is not a JSON value")
 
 
-def pattern_regex(key: str) -> str:
-    """The regex PEFT builds from a rank_pattern/alpha_pattern key: a dot-aligned suffix match."""
-    return r"(.*\.)?(" + key + r")$"
-
-
-def validate(data: dict[str, Any], label: str) -> None:
-    """Raise ConfigError naming `label` and the field for anything PEFT would reject or misread."""
+def validate(data: dict[str, Any], label: str, patterns: PatternSet | None = None) -> None:
+    """Raise ConfigError naming `label` and the field for anything PEFT would reject or misread
+    (every regex in it is compiled, into `patterns` when given)."""
+    patterns = patterns if patterns is not None else PatternSet(label)
 
     def fail(field: str, problem: str, hint: str | None = None) -> ConfigError:
         return ConfigError(f"`{label}`: `{field}` {problem}", hint=hint)
@@ -169,27 +165,29 @@ def validate(data: dict[str, Any], label: str) -> None:
     for field in SET_FIELDS:
         value = data.get(field)
         if isinstance(value, str):
-            _compile(value, f"`{field}`", label)
+            patterns.get(value, f"`{field}`")
         elif value is not None and not _is_str_list(value):
             raise fail(field, "must be a list of module names, a regex string or null")
     mts = data.get("modules_to_save")
     if mts is not None and not _is_str_list(mts):
         raise fail("modules_to_save", "must be a list of module names or null")
+    for name in mts or []:
+        patterns.get(modules_to_save_regex(name), "`modules_to_save` entry", source=name)
     for field, check, kind in (
         ("rank_pattern", lambda v: _is_int(v) and 0 < v <= 2**32, "a positive integer"),
         ("alpha_pattern", _is_number, "a number"),
     ):
-        patterns = data.get(field, {})
-        if patterns is None:
+        mapping = data.get(field, {})
+        if mapping is None:
             continue
-        if not isinstance(patterns, dict):
+        if not isinstance(mapping, dict):
             raise fail(field, "must be an object mapping module patterns to values")
-        for key, value in patterns.items():
+        for key, value in mapping.items():
             if not check(value):
                 raise fail(
                     field, f"value for {json.dumps(key)} must be {kind}, not {json.dumps(value)}"
                 )
-            _compile(pattern_regex(key), f"`{field}` key {json.dumps(key)}", label)
+            patterns.get(pattern_regex(key), f"`{field}` key", source=key)
     ltt = data.get("layers_to_transform")
     if (
         ltt is not None
@@ -200,6 +198,8 @@ def validate(data: dict[str, Any], label: str) -> None:
     lp = data.get("layers_pattern")
     if lp is not None and not isinstance(lp, str) and not _is_str_list(lp):
         raise fail("layers_pattern", "must be a string, a list of strings or null")
+    for name in [lp] if isinstance(lp, str) else lp or []:
+        patterns.get(layers_pattern_regex(name), "`layers_pattern`", source=name)
     if lp and ltt is None:
         raise fail(
             "layers_pattern", "is set but `layers_to_transform` is not", "PEFT refuses this too"
@@ -219,19 +219,23 @@ class LoraConfig:
     (`config.r`, `config.lora_alpha`, ...). Unknown keys are kept and written back verbatim.
     """
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_encoding", "_patterns")
 
     def __init__(self, **fields: Any) -> None:
         fields.setdefault("peft_type", "LORA")
-        validate(fields, "LoraConfig")
+        self._encoding = "utf-8"
+        self._patterns = PatternSet("LoraConfig")
+        validate(fields, "LoraConfig", self._patterns)
         self._data = fields
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, label: str = CONFIG_NAME) -> LoraConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"`{label}` does not hold a JSON object")
-        validate(data, label)
         obj = cls.__new__(cls)
+        obj._encoding = "utf-8"
+        obj._patterns = PatternSet(label)
+        validate(data, label, obj._patterns)
         obj._data = dict(data)
         return obj
 
@@ -245,15 +249,29 @@ class LoraConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> LoraConfig:
-        label = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise AdapterNotFoundError(f"`{label}` does not exist") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read `{label}`: {e.strerror}") from None
-        return cls.from_json(text, label=label)
+        from adapterctl.format.files import read_small
+
+        return cls.from_raw(read_small(path, "adapter config"), label=os.fspath(path))
+
+    @classmethod
+    def from_raw(cls, raw: bytes, *, label: str = CONFIG_NAME) -> LoraConfig:
+        """A config from a file's bytes, remembering their encoding (see `encoding_problem`)."""
+        config = cls.from_json(raw, label=label)
+        config._encoding = json.detect_encoding(raw)
+        return config
+
+    @property
+    def encoding_problem(self) -> str | None:
+        """Why PEFT 0.21.2 cannot read the file this config came from, when the only problem is
+        its encoding (a UTF-8 BOM, UTF-16 or UTF-32: PEFT reads plain UTF-8); else None."""
+        if self._encoding == "utf-8":
+            return None
+        what = (
+            "has a UTF-8 byte order mark"
+            if self._encoding == "utf-8-sig"
+            else (f"is encoded in {self._encoding.upper()}")
+        )
+        return f"the config file {what}: PEFT 0.21.2 cannot read it (it reads UTF-8 only)"
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -303,10 +321,31 @@ class LoraConfig:
 
     # --- per-module rank, alpha and scaling (peft-format.md 3.1) -------------------------------
 
+    def regex(self, regex: str, field: str, *, source: str | None = None) -> Pattern:
+        """A regex from this config (`field` names it in errors), compiled once, matched within
+        its budget for the run (adapterctl.format.patterns)."""
+        return self._patterns.get(regex, field, source=source)
+
     def matching_patterns(self, field: str, module: str) -> list[str]:
         """The keys of `rank_pattern` / `alpha_pattern` that match `module`, in file order."""
         patterns = getattr(self, field) or {}
-        return [k for k in patterns if re.match(pattern_regex(k), module)]
+        if not patterns:
+            return []
+        # each (key, module) pair is matched once per config: every caller asks again per module
+        memo = self._patterns.memo(field)
+        found = memo.get(module)
+        if found is None:
+            keys = tuple(k for k in patterns if self._key_matches(field, k, module))
+            found = memo[module] = self._patterns.shared(keys)
+        return list(found)
+
+    def _key_matches(self, field: str, key: str, module: str) -> bool:
+        plain = self._patterns.plain(key)
+        if plain is not None:
+            return plain.matches(module)
+        return (
+            self.regex(pattern_regex(key), f"`{field}` key", source=key).match(module) is not None
+        )
 
     def rank_for(self, module: str) -> int:
         keys = self.matching_patterns("rank_pattern", module)
@@ -342,8 +381,8 @@ def reload_drift(config: LoraConfig, modules: list[str]) -> list[str]:
         patterns: dict[str, Any] = getattr(config, field) or {}
         resorted = {k: patterns[k] for k in sorted(patterns)}
         for module in modules:
-            now = [k for k in patterns if re.match(pattern_regex(k), module)]
-            later = [k for k in resorted if re.match(pattern_regex(k), module)]
+            now = config.matching_patterns(field, module)
+            later = [k for k in resorted if k in now]
             if now and later and patterns[now[0]] != patterns[later[0]]:
                 problems.append(
                     f"`{module}`: {field} gives {patterns[now[0]]} (key {now[0]!r}) now but "

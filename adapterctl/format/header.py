@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -61,7 +62,7 @@ def check_path_not_lfs_pointer(path: str | os.PathLike[str]) -> None:
         raise lfs_pointer_error(os.fspath(path))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
     dtype: Dtype
@@ -98,12 +99,19 @@ class _HeaderError(ValueError):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _HeaderError(f"key `{k}` appears more than once")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _HeaderError(f"key `{k}` appears more than once")
+            seen.add(k)
     return out
+
+
+#: the integer literal the default parser reads differently from serde: `-0` (literals beyond
+#: u64 are found by _check_values, which a scan of the bytes for 20 digits would cost more than)
+_SPECIAL_INT = re.compile(rb"-0(?![.0-9eE])")
 
 
 def _reject_constant(name: str) -> Any:
@@ -112,6 +120,16 @@ def _reject_constant(name: str) -> Any:
 
 class _NegativeZero(int):
     """`-0`: serde reads it as a float, so it is no size or offset (but fine in ignored fields)."""
+
+
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+def _check_big(value: int) -> None:
+    try:
+        float(value)  # serde reads such a literal as a float: fine unless out of range
+    except OverflowError:
+        raise _HeaderError(f"number {str(value)[:20]}... is out of range") from None
 
 
 def _parse_int(literal: str) -> int:
@@ -136,22 +154,47 @@ def _parse_float(literal: str) -> float:
 _MAX_DEPTH = 127  # serde_json's recursion limit, as safetensors parses the header
 
 
-def _check_values(obj: Any) -> None:
-    """Every string valid UTF-8 (no lone surrogates), nesting within serde_json's limit."""
-    stack = [(obj, 1)]
+#: the only way valid UTF-8 JSON text spells a lone surrogate: a \uD800-\uDFFF escape
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_values(obj: dict[str, Any], raw: bytes) -> None:
+    """Every string valid UTF-8 (no lone surrogates), nesting within serde_json's limit, every
+    integer beyond u64 readable as a float (as serde reads it).
+
+    Linear in the header and cheap on the usual one: strings are checked only when `raw` holds a
+    surrogate escape at all, and a tensor entry's dtype, shape and data_offsets are not walked
+    (_tensor_info accepts only a known dtype and lists of u64 there)."""
+    strings = _SURROGATE_ESCAPE.search(raw) is not None
+    stack: list[tuple[Any, int]] = []
+    for k, entry in obj.items():
+        if strings:
+            _check_str(k, "a key")
+        if type(entry) is dict and k != "__metadata__":
+            for field, v in entry.items():
+                if field not in _ENTRY_FIELDS or strings:
+                    stack.append(({field: v}, 2))
+        else:
+            stack.append(([entry], 1))
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, str):
-            _check_str(value, "a string")
-        elif isinstance(value, (dict, list)):
-            if depth > _MAX_DEPTH:
-                raise _HeaderError(f"header JSON is nested more than {_MAX_DEPTH} levels deep")
-            if isinstance(value, dict):
-                for k, v in value.items():
+        if depth > _MAX_DEPTH:
+            raise _HeaderError(f"header JSON is nested more than {_MAX_DEPTH} levels deep")
+        if type(value) is dict:
+            if strings:
+                for k in value:
                     _check_str(k, "a key")
-                    stack.append((v, depth + 1))
-            else:
-                stack.extend((v, depth + 1) for v in value)
+            children = value.values()
+        else:
+            children = value
+        for v in children:
+            t = type(v)
+            if t is dict or t is list:
+                stack.append((v, depth + 1))
+            elif strings and t is str:
+                _check_str(v, "a string")
+            elif t is int and not -_U64_MAX <= v <= _U64_MAX:
+                _check_big(v)
 
 
 def _is_uint(v: Any) -> bool:
@@ -167,7 +210,7 @@ def _check_str(s: str, what: str) -> None:
 
 
 def _tensor_info(name: str, entry: Any) -> TensorInfo:
-    _check_str(name, "a tensor name")
+    # the name is a key: _check_values has checked it is valid UTF-8
     if not isinstance(entry, dict):
         raise _HeaderError(f"entry for tensor `{name}` is not an object")
     for field in ("dtype", "shape", "data_offsets"):
@@ -178,7 +221,7 @@ def _tensor_info(name: str, entry: Any) -> TensorInfo:
         raise _HeaderError(f"tensor `{name}` has unknown dtype {json.dumps(code)}")
     dtype = DTYPES[code]
     shape = entry["shape"]
-    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+    if type(shape) is not list or not all(type(d) is int and 0 <= d <= _U64_MAX for d in shape):
         raise _HeaderError(f"tensor `{name}` has an invalid shape {json.dumps(shape)}")
     offsets = entry["data_offsets"]
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
@@ -217,7 +260,8 @@ def parse_header(raw: bytes, data_size: int) -> Header:
             text,
             object_pairs_hook=_no_duplicates,
             parse_constant=_reject_constant,
-            parse_int=_parse_int,
+            # the int hook costs a call per number: only when a literal needs it
+            parse_int=_parse_int if _SPECIAL_INT.search(raw) else None,
             parse_float=_parse_float,
         )
     except _HeaderError:
@@ -232,9 +276,10 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         raise _HeaderError(
             f"its {len(raw)}-byte header needs more memory to parse than is available"
         ) from None
+    del text  # a 10 MB header's decoded copy is not needed while its objects are built
     if not isinstance(obj, dict):
         raise _HeaderError("header is not a JSON object")
-    _check_values(obj)
+    _check_values(obj, raw)
     metadata = obj.pop("__metadata__", None)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -243,6 +288,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
             _check_str(k, "a metadata key")
             _check_str(v, "a metadata value")
     tensors = {name: _tensor_info(name, entry) for name, entry in obj.items()}
+    del obj  # the parsed entries: TensorInfo holds what is kept
     end = 0
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if t.start != end or t.end < t.start:
@@ -288,8 +334,10 @@ def read_header_from(f: BinaryIO, size: int, label: str) -> Header:
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at `path`."""
+    from adapterctl.format.files import open_regular
+
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "weights file") as f:
             size = os.fstat(f.fileno()).st_size
             return read_header_from(f, size, os.fspath(path))
     except OSError as e:

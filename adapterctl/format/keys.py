@@ -34,7 +34,7 @@ _KNOWN_EMBEDDING_MODULES = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyInfo:
     """What a stored key means.
 
@@ -63,6 +63,8 @@ class KeyInfo:
 
 
 def _strip_base_layers(path: str) -> tuple[str, int]:
+    if "base_layer" not in path:
+        return path, 0
     parts = path.split(".")
     kept = [p for p in parts if p != "base_layer"]
     return ".".join(kept), len(parts) - len(kept)

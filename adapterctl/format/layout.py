@@ -26,7 +26,6 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 README_NAME = "README.md"
 DEFAULT_ADAPTER = "default"
-MAX_README_SIZE = 16 * 2**20  # a model card, not a data set
 
 
 def validate_adapter_name(name: str) -> str:
@@ -244,26 +243,6 @@ def adapter_subdir(name: str) -> str:
 def read_readme(directory: Path) -> bytes | None:
     """The bytes of `directory`/README.md, None when there is none. Read before any output is
     written, so a card that cannot be read is blamed on itself, never on the output."""
-    import stat
+    from adapterctl.format.files import read_optional
 
-    path = directory / README_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise AdapterFormatError(f"cannot read `{path}`: it is not a regular file")
-        if info.st_size > MAX_README_SIZE:
-            raise AdapterFormatError(
-                f"cannot read `{path}`: {info.st_size} bytes, over the {MAX_README_SIZE}-byte limit"
-            )
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_README_SIZE + 1)[:MAX_README_SIZE]
-    except OSError as e:
-        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    return read_optional(directory / README_NAME, "model card")

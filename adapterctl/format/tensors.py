@@ -37,10 +37,9 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        try:
-            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
-        except OSError as e:
-            raise AdapterFormatError(f"cannot read `{self.path}`: {e.strerror}") from None
+        from adapterctl.format.files import open_regular
+
+        self._f: BinaryIO = open_regular(self.path, "weights file")  # closed by close()/__exit__
         try:
             size = os.fstat(self._f.fileno()).st_size
             self.header: Header = read_header_from(self._f, size, self.path)
@@ -187,12 +186,31 @@ class BinTensor:
     nbytes: int
 
 
+def refused_pickle(label: str, e: BaseException) -> AdapterFormatError:
+    """The one error line for a `.bin` file that torch.load(weights_only=True) refuses: the
+    file and torch's reason, without its paragraphs of advice."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    # torch's first sentences are about its defaults; the reason comes after "WeightsUnpickler error:"
+    text = " ".join(lines)
+    _, sep, reason = text.partition("WeightsUnpickler error:")
+    if sep:
+        reason = reason.strip().split(". ")[0].rstrip(".")
+    else:
+        reason = next((x for x in lines if "Unsupported" in x), lines[0] if lines else "")
+    return AdapterFormatError(
+        f"`{label}` is not a plain tensor checkpoint: {reason[:300] or type(e).__name__}",
+        hint="adapterctl only reads .bin files that hold plain tensors (weights_only)",
+    )
+
+
 def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a `.bin` state dict with `torch.load(weights_only=True)`: plain tensors only.
 
     Anything that would run code or import a module when unpickled is refused, as is any value
     that is not a tensor.
     """
+    from adapterctl.format.files import open_regular
+
     label = os.fspath(path)
     check_path_not_lfs_pointer(path)  # torch would say "invalid load key, 'v'"
     try:
@@ -201,19 +219,13 @@ def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise MissingDependencyError(
             f"reading `{label}` needs torch", hint="pip install torch, or convert to safetensors"
         ) from None
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
-            warnings.simplefilter("ignore")
-            obj = torch.load(label, map_location="cpu", weights_only=True, mmap=False)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-        # torch's first line is a paragraph about its defaults; the reason is further down
-        reasons = [x for x in lines if "Unsupported" in x or "WeightsUnpickler error" in x]
-        first = (reasons or lines or [type(e).__name__])[0]
-        raise AdapterFormatError(
-            f"`{label}` is not a plain tensor checkpoint: {first}",
-            hint="adapterctl only reads .bin files that hold plain tensors (weights_only)",
-        ) from None
+    with open_regular(path, "weights file") as f:
+        try:
+            with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
+                warnings.simplefilter("ignore")
+                obj = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            raise refused_pickle(label, e) from None
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):

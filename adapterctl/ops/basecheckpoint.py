@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterFormatError, ConversionError
+from adapterctl.errors import AdapterctlError, AdapterFormatError, ConversionError
+from adapterctl.format.files import read_small
 from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.rawtensor import RawTensor
 
@@ -42,7 +43,7 @@ class BaseCheckpoint:
         if (self.path / INDEX).is_file():
             label = self.path / INDEX
             try:
-                index = json.loads(label.read_bytes())
+                index = json.loads(read_small(label, "weights index"))
                 weight_map = index["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise AdapterFormatError(f"`{label}` is not a safetensors index: {e}") from None
@@ -63,8 +64,8 @@ class BaseCheckpoint:
 
     def _tied(self) -> bool:
         try:
-            config: Any = json.loads((self.path / "config.json").read_bytes())
-        except (OSError, ValueError):
+            config: Any = json.loads(read_small(self.path / "config.json", "model config"))
+        except (AdapterctlError, ValueError, RecursionError):
             return False
         return isinstance(config, dict) and bool(config.get("tie_word_embeddings", False))
 

@@ -1,16 +1,27 @@
 """The model card (README.md) written with an adapter (peft-format.md section 9), and kept by push.
 
 Front matter as PEFT writes it (`library_name: peft`, `base_model`, tags, `pipeline_tag` for causal
-LMs; adapterctl also tags the other task types), with two differences: `base_model` is written only when it is a Hub id (a local path means
-nothing on the Hub), and tags already in an existing card are kept (PEFT replaces them: Trap T15).
+LMs; adapterctl also tags the other task types), with these differences: `base_model` is written only
+when it is a Hub id (a local path means nothing on the Hub, so a `base_model` or
+`base_model:adapter:...` tag naming one is dropped), tags already in an existing card are kept (PEFT
+replaces them: Trap T15), and the card holds an "adapter facts" block (r, alpha, init, targets per
+adapter) that every writer (save, convert, select --rename, push) rewrites, so a copied card never
+describes the adapter it was copied from.
+
+Cards are untrusted: the front matter is YAML, parsed only after a bounded scan (size, nesting,
+node count; no anchors or aliases, so no alias bomb; only the standard tags, so no
+`!!python/object`), and every odd shape is one error naming the file.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from adapterctl.format.config import LoraConfig
+from adapterctl.errors import AdapterctlError
+from adapterctl.format.config import LoraConfig, residual_init
+from adapterctl.format.files import read_optional
 
 _FRAMEWORK = "### Framework versions"
 #: the Hub's pipeline tag for each PEFT task type
@@ -22,6 +33,23 @@ PIPELINE_TAGS = {
     "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
+_FACTS_START = "<!-- adapterctl: adapter facts (rewritten on every save, convert and push) -->"
+_FACTS_END = "<!-- adapterctl: end of adapter facts -->"
+_FACTS = re.compile(re.escape(_FACTS_START) + r".*?" + re.escape(_FACTS_END) + r"\n?", re.DOTALL)
+#: the facts sentence older adapterctl versions wrote into a new card's first paragraph
+_OLD_FACTS = re.compile(r" \(r=\d+, lora_alpha=[-+0-9.eE]+\)\.")
+#: huggingface_hub's front matter block (repocard.REGEX_YAML_BLOCK)
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+MAX_FRONT_MATTER = 256 * 1024
+_MAX_DEPTH = 32
+_MAX_NODES = 20_000
+_STANDARD_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")
+)
+
+
+class CardError(AdapterctlError):
+    """A model card adapterctl cannot read or update."""
 
 
 def hub_id(name: str | None) -> str | None:
@@ -31,14 +59,171 @@ def hub_id(name: str | None) -> str | None:
     return name if name and is_repo_id(name, bare=True) else None
 
 
-def _default_text(config: LoraConfig, base: str | None) -> str:
+# --- reading a card -----------------------------------------------------------------------------
+
+
+def _bad(label: str, problem: str) -> CardError:
+    return CardError(
+        f"{label} is not a model card adapterctl can update: {problem}",
+        hint="fix its front matter (YAML between --- lines) or remove it",
+    )
+
+
+def _scan(block: str, label: str) -> None:
+    """Refuse, before any YAML object is built, what could blow up or run code."""
+    import yaml
+
+    if len(block) > MAX_FRONT_MATTER:
+        raise _bad(label, f"its front matter is over {MAX_FRONT_MATTER // 1024} KiB")
+    depth = nodes = 0
+    try:
+        for event in yaml.parse(block, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise _bad(label, "its front matter uses YAML anchors or aliases (`&`, `*`)")
+            tag = getattr(event, "tag", None)
+            if tag not in (None, "!") and tag not in _STANDARD_TAGS:
+                raise _bad(label, f"its front matter uses the YAML tag {tag[:60]!r}")
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    raise _bad(label, f"its front matter nests deeper than {_MAX_DEPTH} levels")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.ScalarEvent):
+                nodes += 1
+                if nodes > _MAX_NODES:
+                    raise _bad(label, f"its front matter holds over {_MAX_NODES} values")
+    except yaml.YAMLError as e:
+        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+    except RecursionError:
+        raise _bad(label, "its front matter nests too deeply") from None
+
+
+def _check_shapes(data: Any, label: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise _bad(label, "its front matter is not a mapping of fields")
+    for key in data:
+        if not isinstance(key, str):
+            raise _bad(label, f"its front matter has a field named {str(key)[:40]!r}, not a string")
+    for field in ("tags", "base_model", "datasets", "language"):
+        value = data.get(field)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _bad(label, f"its `{field}` must be a string or a list of strings")
+
+
+def check_front_matter(block: str, label: str) -> None:
+    """The bounded scan, then the YAML (safe_load: now bounded) and the shapes of its fields."""
+    import yaml
+
+    _scan(block, label)
+    try:
+        _check_shapes(yaml.safe_load(block), label)
+    except (ValueError, TypeError, RecursionError, yaml.YAMLError) as e:  # a date that is no date
+        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+
+
+def refresh_card(existing: str, adapters: dict[str, LoraConfig], label: str) -> str:
+    """`existing` with only its adapter facts rewritten (front matter checked, kept byte for byte):
+    what convert and select write, without huggingface_hub."""
+    match = _YAML_BLOCK.search(existing)
+    if match:
+        check_front_matter(match.group(2), label)
+    head, body = (existing[: match.end()], existing[match.end() :]) if match else ("", existing)
+    return head + _with_facts(body, facts_block(adapters))
+
+
+def load_card(text: str, label: str) -> Any:
+    """huggingface_hub's ModelCard for `text`, parsed only once the front matter has passed the
+    bounded scan; `label` names the card in errors (a path in backticks, or a phrase)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    match = _YAML_BLOCK.search(text)
+    if match:
+        check_front_matter(match.group(2), label)
+    try:
+        return ModelCard(text)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, yaml.YAMLError) as e:
+        # a constructor's error (a date that is no date, say) or a CardData field it refuses
+        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+
+
+def read_card(directory: Path) -> str | None:
+    """SOURCE/README.md (a regular file of at most 4 MiB, UTF-8), or None when there is none."""
+    path = directory / "README.md"
+    data = read_optional(path, "model card")
+    return None if data is None else decode_card(data, f"`{path}`")
+
+
+def decode_card(data: bytes, label: str) -> str:
+    """A card's bytes as text: UTF-8, or an error naming the card (`label`)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(label, f"it is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def card_tags(text: str | None, label: str = "the card") -> list[str]:
+    """The tags in a card's front matter (none for no card or no front matter)."""
+    if not text or not text.startswith("---"):
+        return []
+    tags: Any = getattr(load_card(text, label).data, "tags", None)
+    return [str(t) for t in tags or []]
+
+
+# --- writing a card -----------------------------------------------------------------------------
+
+
+def _fact_line(name: str, config: LoraConfig) -> str:
+    from adapterctl.ops.checks import target_summary
+
+    init = config.init_lora_weights
+    parts = [f"r={config.r}", f"lora_alpha={config.lora_alpha}"]
+    if config.rank_pattern:
+        parts.append(f"rank_pattern for {len(config.rank_pattern)} pattern(s)")
+    if config.alpha_pattern:
+        parts.append(f"alpha_pattern for {len(config.alpha_pattern)} pattern(s)")
+    for flag in ("use_rslora", "use_dora"):
+        if getattr(config, flag):
+            parts.append(flag)
+    parts.append(f"init_lora_weights={init!r}" + (" (residual)" if residual_init(init) else ""))
+    parts.append(f"target_modules: {target_summary(config)}")
+    return f"- `{name}`: " + ", ".join(parts)
+
+
+def facts_block(adapters: dict[str, LoraConfig]) -> str:
+    """The card's adapter facts: one line per adapter, between markers adapterctl rewrites."""
+    lines = [_fact_line(name, config) for name, config in adapters.items()]
+    return "\n".join([_FACTS_START, "## Adapter", "", *lines, _FACTS_END]) + "\n"
+
+
+def _with_facts(body: str, block: str) -> str:
+    body = _OLD_FACTS.sub(".", body, count=1)
+    if _FACTS.search(body):
+        return _FACTS.sub(lambda _: block, body, count=1)
+    if _FRAMEWORK in body:
+        head, _, tail = body.partition(_FRAMEWORK)
+        return f"{head.rstrip()}\n\n{block}\n{_FRAMEWORK}{tail}"
+    return f"{body.rstrip()}\n\n{block}"
+
+
+def _default_text(base: str | None) -> str:
     about = (
         f"a LoRA adapter for [{base}](https://huggingface.co/{base})" if base else "a LoRA adapter"
     )
-    return (
-        f"# Model card\n\nThis repository holds {about} in the PEFT format "
-        f"(r={config.r}, lora_alpha={config.lora_alpha}).\n"
-    )
+    return f"# Model card\n\nThis repository holds {about} in the PEFT format.\n"
+
+
+def _local_base_tag(tag: str, base: str | None) -> bool:
+    """A `base_model:...:NAME` tag that names a local path, or another base than the card's."""
+    kind, sep, name = tag.rpartition(":")
+    if not sep or not kind.startswith("base_model"):
+        return False
+    return hub_id(name) is None or (base is not None and name != base)
 
 
 def card_text(
@@ -46,27 +231,36 @@ def card_text(
     existing: str | None,
     model_tags: list[str] | None = None,
     base_model: str | None = None,
+    *,
+    adapters: dict[str, LoraConfig] | None = None,
+    label: str = "the card",
 ) -> str:
     """The README.md to write: `existing` (a card already there) updated, or a new one. The base
-    model is `base_model` (a Hub id already checked), else the config's when it is a Hub id."""
-    from huggingface_hub import ModelCard
-
+    model is `base_model` (a Hub id already checked), else the config's when it is a Hub id.
+    `adapters` (name -> config; default: `config` as `default`) fill the adapter facts."""
     base = base_model or hub_id(config.base_model_name_or_path)
-    body = existing if existing is not None else _default_text(config, base)
+    body = existing if existing is not None else _default_text(base)
     if not body.startswith("---"):  # no front matter yet: start one
         body = f"---\nlibrary_name: peft\n---\n{body}"
-    card = ModelCard(body)
+    card = load_card(body, label)
     data: Any = card.data  # a CardData: fields are plain attributes
     data.library_name = "peft"
+    old_base = getattr(data, "base_model", None)
     if base:
         data.base_model = base
+    elif old_base is not None and not all(
+        hub_id(b) for b in ([old_base] if isinstance(old_base, str) else old_base)
+    ):
+        data.base_model = None  # a local path means nothing on the Hub
     tags = set(data.tags or []) | set(model_tags or []) | {"lora", "transformers"}
+    tags = {t for t in tags if not _local_base_tag(str(t), base)}
     if base:
         tags.add(f"base_model:adapter:{base}")
     data.tags = sorted(tags)
     pipeline = PIPELINE_TAGS.get(config.task_type or "")
     if pipeline and not getattr(data, "pipeline_tag", None):
         data.pipeline_tag = pipeline
+    card.text = _with_facts(card.text, facts_block(adapters or {"default": config}))
     text = str(card)
     if _FRAMEWORK not in text:
         from adapterctl.format.config import PEFT_VERSION
@@ -74,24 +268,26 @@ def card_text(
 
         text = (
             text.rstrip("\n")
-            + f"\n{_FRAMEWORK}\n\n- PEFT {PEFT_VERSION} (format)\n- adapterctl {__version__}\n"
+            + f"\n\n{_FRAMEWORK}\n\n- PEFT {PEFT_VERSION} (format)\n- adapterctl {__version__}\n"
         )
     return text
 
 
-def read_card(directory: Path) -> str | None:
-    path = directory / "README.md"
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+def facts_note(existing: str | None, adapters: dict[str, LoraConfig], where: str) -> str | None:
+    """What to tell the user when the facts an existing card states change (None: it stated none,
+    or the same ones)."""
+    if existing is None:
         return None
-
-
-def card_tags(text: str | None) -> list[str]:
-    """The tags in a card's front matter (none for no card or no front matter)."""
-    if not text or not text.startswith("---"):
-        return []
-    from huggingface_hub import ModelCard
-
-    tags: Any = getattr(ModelCard(text).data, "tags", None)
-    return [str(t) for t in tags or []]
+    old = _FACTS.search(existing)
+    if old is not None:
+        stale = old.group(0).rstrip("\n") != facts_block(adapters).rstrip("\n")
+    else:  # a card written by an older adapterctl: "(r=8, lora_alpha=16)."
+        sentence = _OLD_FACTS.search(existing)
+        first = next(iter(adapters.values()))
+        stale = sentence is not None and sentence.group(0) != (
+            f" (r={first.r}, lora_alpha={first.lora_alpha})."
+        )
+    if not stale:
+        return None
+    what = "; ".join(_fact_line(n, c).removeprefix("- ") for n, c in adapters.items())
+    return f"{where}: the model card's adapter facts were updated ({what})"

@@ -13,7 +13,7 @@ from adapterctl.format.variants import free_shapes, variant_message, variant_ten
 from adapterctl.ops.rawtensor import NonFinite
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Problem:
     severity: str  # "error" | "warning"
     message: str
@@ -22,7 +22,7 @@ class Problem:
         return {"severity": self.severity, "message": self.message}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     name: str
     dtype: str
@@ -38,7 +38,7 @@ class TensorEntry:
         return n
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModuleEntry:
     path: str
     kinds: tuple[str, ...]
@@ -114,7 +114,10 @@ def analyse(
             warn(
                 f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
             )
-        modules.setdefault(path, _Module()).keys[kind] = (info, t)
+        entry = modules.get(path)
+        if entry is None:  # (setdefault would build a _Module for every tensor)
+            entry = modules[path] = _Module()
+        entry.keys[kind] = (info, t)
 
     if not tensors:
         error("the weights file holds no tensors")
@@ -127,6 +130,8 @@ def analyse(
     if config is None:
         warn("no `adapter_config.json` beside the weights: r, alpha and scaling are unknown")
     else:
+        if config.encoding_problem:  # `--check` means "PEFT loads this"
+            error(f"{config.encoding_problem}; save it as UTF-8 without a BOM")
         _config_warnings(config, warn)
 
     entries = []

@@ -14,13 +14,7 @@ from typing import Any, Protocol
 from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOptionError
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
-from adapterctl.format.layout import (
-    README_NAME,
-    SAFETENSORS_NAME,
-    AdapterFiles,
-    find_adapters,
-    read_readme,
-)
+from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops.conversion import (
@@ -227,6 +221,11 @@ def convert_adapter(
                 f"`{missing[0]}` is in the initial adapter but not in the trained one",
                 hint="pass the initial adapter saved right before this adapter was trained",
             )
+        if config.encoding_problem:
+            plan.warnings.insert(
+                0,
+                f"`{files.config_path}`: {config.encoding_problem}; the output's config is UTF-8",
+            )
         for message in plan.warnings:
             log.warning("%s", message)
         total = sum(o.dtype.bits * numel(o.shape) // 8 for o in plan.outputs)
@@ -243,11 +242,14 @@ def convert_adapter(
             modules=plan.reports,
             warnings=list(plan.warnings),
         )
-        readme = read_readme(files.directory) if files.directory is not None else None
+        # SOURCE's card, read before any output exists: a card that cannot be read is its error
+        from adapterctl.ops.card import read_card
+
+        existing_card = read_card(files.directory) if files.directory is not None else None
         with atomic_directory(out, force=force, inputs=inputs) as tmp:
             result.bytes_out = _write(plan, tmp, total, progress)
-            if readme is not None:
-                (tmp / README_NAME).write_bytes(readme)
+            if existing_card is not None and files.directory is not None:
+                _write_card(existing_card, files.directory, tmp, plan.config, result.warnings)
             if verify_output:
                 result.verification = verify(plan, tmp, _phase(progress, "verifying"))
                 if not result.verification.passed:
@@ -269,6 +271,21 @@ def _phase(progress: Progress | None, phase: str) -> Callable[[int, int], None] 
         progress(n, total, phase)
 
     return advance
+
+
+def _write_card(
+    existing: str, source: Path, tmp: Path, config: LoraConfig, warnings: list[str]
+) -> None:
+    """SOURCE's card with its adapter facts rewritten for the converted config."""
+    from adapterctl.ops.card import facts_note, refresh_card
+
+    where = f"`{source / README_NAME}`"
+    text = refresh_card(existing, {"default": config}, where)
+    (tmp / README_NAME).write_bytes(text.encode("utf-8"))
+    note = facts_note(existing, {"default": config}, where)
+    if note:
+        warnings.append(note)
+        log.warning("%s", note)
 
 
 def _write(plan: Plan, directory: Path, total: int, progress: Progress | None) -> int:

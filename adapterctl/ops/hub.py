@@ -18,6 +18,7 @@ from typing import Any
 
 from adapterctl.errors import AdapterctlError, AdapterNotFoundError, InvalidOptionError
 from adapterctl.format.config import CONFIG_NAME
+from adapterctl.format.files import read_optional, read_small
 from adapterctl.format.layout import BIN_NAME, README_NAME, SAFETENSORS_NAME, missing
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -185,16 +186,30 @@ def _in_client_dirs(filename: object) -> str | None:
     return None
 
 
+def check_token_file() -> None:
+    """The token file huggingface_hub reads when no token is given (HF_TOKEN_PATH, else
+    HF_HOME/token) must be a small regular file: a FIFO or `/dev/zero` there would block or fill
+    memory inside the client. Checked by adapterctl's own bounded reader before the client runs."""
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return  # the client takes the environment's token and never opens the file
+    from huggingface_hub import constants
+
+    read_optional(constants.HF_TOKEN_PATH, "token file")
+
+
 @contextlib.contextmanager
 def hub_errors(
     repo_id: str, revision: str | None = None, path: str | None = None, action: str = "read"
 ) -> Iterator[None]:
-    """huggingface_hub's exceptions as one `error:` line each (never a traceback, never a token)."""
+    """huggingface_hub's exceptions as one `error:` line each (never a traceback, never a token);
+    the token file the client would read is checked first."""
     from huggingface_hub import errors
+
+    check_client_dirs()
+    check_token_file()
 
     where = f"`{repo_id}`" + (f" at revision `{revision}`" if revision else "")
     token_hint = "pass --token, set HF_TOKEN, or log in with `hf auth login`"
-    check_client_dirs()
     client_log = logging.getLogger("huggingface_hub")
     level = client_log.level
     client_log.setLevel(logging.ERROR)  # its warnings ("no files matched", "skipping empty
@@ -352,7 +367,7 @@ def download_base(repo_id: str, revision: str | None = None, token: str | None =
             index = hf_hub_download(
                 repo_id, INDEX_NAME, revision=revision, token=token, endpoint=endpoint()
             )
-            weight_map = json.loads(Path(index).read_text()).get("weight_map", {})
+            weight_map = json.loads(read_small(index, "weights index")).get("weight_map", {})
             weights = [INDEX_NAME, *sorted({v for v in weight_map.values() if "/" not in v})]
         except errors.EntryNotFoundError:
             weights = ["model.safetensors"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from adapterctl.errors import AdapterctlError, AdapterNotFoundError
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, edited_json
+from adapterctl.format.files import read_small
 from adapterctl.format.layout import (
     BIN_NAME,
     DEFAULT_ADAPTER,
@@ -29,7 +30,7 @@ from adapterctl.format.layout import (
     pick_adapters,
 )
 from adapterctl.format.variants import variant_message, variants_in
-from adapterctl.ops.card import card_tags, card_text, hub_id, read_card
+from adapterctl.ops.card import CardError, card_tags, card_text, facts_note, hub_id, read_card
 from adapterctl.ops.hub import api, endpoint, hub_errors, valid_repo_id
 from adapterctl.ops.inspect import report_adapter
 
@@ -133,7 +134,12 @@ def _remote_card(repo_id: str, revision: str, token: str | None) -> bytes | None
             raise
         except errors.EntryNotFoundError:  # the Hub answered: no such file
             return None
-    return Path(path).read_bytes()  # decoded in with_card, where bad bytes are an error line
+    return read_small(path, "model card")  # decoded in with_card: bad bytes are an error line
+
+
+def _encoding_only(message: str, config: LoraConfig) -> bool:
+    problem = config.encoding_problem
+    return problem is not None and message.startswith(problem)
 
 
 def _is_trainer_checkpoint(directory: Path | None) -> bool:
@@ -144,9 +150,10 @@ def plan_push(
     source: str | os.PathLike[str],
     adapters: list[str] | None = None,
     base_model: str | None = None,
-) -> tuple[list[PushFile], LoraConfig, list[str]]:
+) -> tuple[list[PushFile], LoraConfig, list[str], dict[str, LoraConfig]]:
     """The adapter files to upload, after the same checks as `inspect --check`; the config the
-    card describes (with the base model's Hub id); and what the user should be told."""
+    card describes (with the base model's Hub id); what the user should be told; and each chosen
+    adapter's config by name, for the card's adapter facts."""
     root = Path(source)
     if not os.path.lexists(root):
         raise AdapterNotFoundError(
@@ -178,14 +185,17 @@ def plan_push(
     configs = []
     for adapter in picked:  # every chosen adapter passes the check before anything else
         report = report_adapter(adapter)
-        if report.errors:
+        assert adapter.config_path is not None
+        config = LoraConfig.from_file(adapter.config_path)
+        # a config PEFT cannot read for its encoding alone is uploaded re-encoded (below)
+        errors = [p for p in report.errors if not _encoding_only(p.message, config)]
+        if errors:
             raise AdapterctlError(
-                f"`{report.path}` fails the check: {report.errors[0].message}",
+                f"`{report.path}` fails the check: {errors[0].message}",
                 hint=f"run `adapterctl inspect {source} --check` for the whole report",
             )
-        assert adapter.config_path is not None
-        configs.append(LoraConfig.from_file(adapter.config_path))
-        variants = variants_in(configs[-1])
+        configs.append(config)
+        variants = variants_in(config)
         if variants:  # a copy is fine; say what the Hub's readers will need
             notes.append(f"`{report.path}`: {variant_message(variants)}; it is uploaded as is")
     hub_base = _base_model(configs, base_model)
@@ -195,12 +205,18 @@ def plan_push(
         sub = adapter_subdir(adapter.name) if adapter.directory != root else ""
         weights = SAFETENSORS_NAME if adapter.format == "safetensors" else BIN_NAME
         config_in_repo = f"{sub}/{CONFIG_NAME}" if sub else CONFIG_NAME
-        if config.base_model_name_or_path != hub_base:
+        if config.base_model_name_or_path != hub_base or config.encoding_problem:
             # what PEFT's AutoPeftModel reads from the repo must name the base on the Hub
-            raw = adapter.config_path.read_bytes()
+            raw = read_small(adapter.config_path, "adapter config")
             text = edited_json(raw, base_model_name_or_path=hub_base).encode()
             files.append(PushFile(config_in_repo, len(text), None, text))
-            if config.base_model_name_or_path:  # filling in a missing name needs no word
+            if config.encoding_problem:
+                notes.append(
+                    f"`{config_in_repo}` is uploaded as UTF-8 without a BOM (PEFT reads only "
+                    "that; the local file is not changed)"
+                )
+            named = config.base_model_name_or_path
+            if named and named != hub_base:  # filling in a missing name needs no word
                 notes.append(
                     f"`{config_in_repo}` is uploaded naming base model `{hub_base}` (the local "
                     f"file names `{config.base_model_name_or_path}`)"
@@ -213,27 +229,43 @@ def plan_push(
     first = next(
         (c for a, c in zip(picked, configs, strict=True) if a.name == DEFAULT_ADAPTER), configs[0]
     )
-    return files, first.replace(base_model_name_or_path=hub_base), notes
+    facts = {
+        a.name: c.replace(base_model_name_or_path=hub_base)
+        for a, c in zip(picked, configs, strict=True)
+    }
+    note = facts_note(read_card(root), facts, f"`{root / README_NAME}`")
+    if note:
+        notes.append(note)
+    return files, first.replace(base_model_name_or_path=hub_base), notes, facts
 
 
 def with_card(
-    files: list[PushFile], config: LoraConfig, source: str | os.PathLike[str], remote: bytes | None
+    files: list[PushFile],
+    config: LoraConfig,
+    source: str | os.PathLike[str],
+    remote: bytes | None,
+    adapters: dict[str, LoraConfig] | None = None,
 ) -> tuple[list[PushFile], str]:
-    """`files` and the card: SOURCE's own card (or a new one), with the repo's card's tags too."""
+    """`files` and the card: SOURCE's own card (or a new one), with the repo's card's tags too,
+    its adapter facts rewritten for `adapters` (name -> config) and no local base model in it."""
     local = Path(source) / README_NAME
     where = "the repo's README.md"
     try:
-        tags = card_tags(remote.decode("utf-8") if remote is not None else None)
-        where = f"`{local}`"
-        card = card_text(config, read_card(Path(source)), tags, config.base_model_name_or_path)
-    except Exception as e:  # bad bytes, or front matter that is not YAML (PyYAML's errors)
-        if not isinstance(e, ValueError) and not type(e).__module__.startswith("yaml"):
-            raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AdapterctlError(
-            f"{where} is not a model card adapterctl can update: {first}",
+        text = remote.decode("utf-8") if remote is not None else None
+    except UnicodeDecodeError as e:
+        raise CardError(
+            f"{where} is not a model card adapterctl can update: it is not UTF-8 ({e.reason})",
             hint="fix its front matter (YAML between --- lines) or remove it",
         ) from None
+    tags = card_tags(text, where)
+    card = card_text(
+        config,
+        read_card(Path(source)),
+        tags,
+        config.base_model_name_or_path,
+        adapters=adapters,
+        label=f"`{local}`",
+    )
     data = card.encode("utf-8")
     return [*files, PushFile(README_NAME, len(data), None, data)], card
 
@@ -254,11 +286,11 @@ def push_adapter(
     """Check the adapter, build its card and upload it in one commit (nothing with `dry_run`)."""
     _check_repo_id(repo_id)
     branch = revision or "main"
-    adapter_files, config, notes = plan_push(source, adapters, base_model)  # before the network
+    adapter_files, config, notes, facts = plan_push(source, adapters, base_model)  # no network
     for note in notes:
         log.warning("%s", note)
     if dry_run:
-        files, card = with_card(adapter_files, config, source, None)
+        files, card = with_card(adapter_files, config, source, None, facts)
         return PushResult(repo_id, branch, files, card, True, private, warnings=notes)
     hf = api(token)
     with hub_errors(repo_id, revision, action="write to"):
@@ -268,7 +300,8 @@ def push_adapter(
         info = hf.repo_info(repo_id, revision=branch)
     before, private = info.sha, bool(info.private)  # an existing repo keeps its visibility
     # the card is read at the very commit the push is made on (never a cached other one)
-    files, card = with_card(adapter_files, config, source, _remote_card(repo_id, before, token))
+    remote = _remote_card(repo_id, before, token)
+    files, card = with_card(adapter_files, config, source, remote, facts)
     from huggingface_hub import CommitOperationAdd
 
     operations = [CommitOperationAdd(f.path_in_repo, f.local or f.content or b"") for f in files]

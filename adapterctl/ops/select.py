@@ -12,6 +12,7 @@ from typing import Any
 from adapterctl.errors import AdapterFormatError, InvalidOptionError, SelectionError
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.files import read_small
 from adapterctl.format.header import read_header
 from adapterctl.format.layout import (
     BIN_NAME,
@@ -96,15 +97,19 @@ def _validate(files: AdapterFiles) -> _Checked:
             f"`{files.weights_path}` has no `{CONFIG_NAME}` beside it; a PEFT directory needs one"
         )
     label = os.fspath(files.config_path)
+    config = read_small(files.config_path, "adapter config")
     try:
-        with open(files.config_path, "rb") as f:
-            config = f.read()
         size = os.path.getsize(files.weights_path)
     except OSError as e:
         raise AdapterFormatError(f"cannot read `{e.filename or label}`: {e.strerror}") from None
-    variants = variants_in(LoraConfig.from_json(config, label=label))
+    parsed = LoraConfig.from_raw(config, label=label)
+    variants = variants_in(parsed)
     if variants:  # a byte copy is exact for any variant
         log.warning("`%s`: %s; it is copied as is", files.name, variant_message(variants))
+    if parsed.encoding_problem:  # copied as it is: the copy has the same problem
+        log.warning(
+            "`%s`: %s; the copy keeps its bytes", files.config_path, parsed.encoding_problem
+        )
     if files.format == "bin":
         load_bin(files.weights_path)
         return _Checked(files, config, size, None)
@@ -200,7 +205,7 @@ def select_adapters(
     results = []
     with atomic_directory(out, force=force, inputs=[source]) as tmp:
         if readme is not None:
-            (tmp / README_NAME).write_bytes(readme)
+            _write_card(readme, Path(source), tmp, checked, new_names if renames else None)
         for check, new in zip(checked, new_names, strict=True):
             files = check.files
             sub = adapter_subdir(new)
@@ -216,3 +221,24 @@ def select_adapters(
             written = [f"{sub}/{n}" if sub else n for n in (CONFIG_NAME, weights_name)]
             results.append(SelectedAdapter(new, files.name, sub, tuple(written), nbytes))
     return SelectionResult(os.fspath(source), os.fspath(out), tuple(results))
+
+
+def _write_card(
+    data: bytes, root: Path, tmp: Path, checked: list[_Checked], new_names: list[str] | None
+) -> None:
+    """SOURCE's card (its bytes, read before any output existed), as it is; with renames, its
+    adapter facts rewritten for the new names."""
+    if new_names is not None:
+        from adapterctl.ops.card import decode_card, facts_note, refresh_card
+
+        where = f"`{root / README_NAME}`"
+        existing = decode_card(data, where)
+        configs = {
+            name: LoraConfig.from_raw(check.config, label=str(check.files.config_path))
+            for check, name in zip(checked, new_names, strict=True)
+        }
+        data = refresh_card(existing, configs, where).encode("utf-8")
+        note = facts_note(existing, configs, where)
+        if note:
+            log.warning("%s", note)
+    (tmp / README_NAME).write_bytes(data)
