@@ -211,7 +211,7 @@ def interrupted_swap(dest: StrPath) -> Path | None:
     """The aside copy holding `dest`'s previous contents, when `dest` is missing because a
     --force replace was interrupted between its two renames; else None."""
     path = output_path(dest)
-    if path.exists() or path.is_symlink():
+    if os.path.lexists(path):  # (lexists: a path the system cannot even look up is no swap)
         return None
     olds = _siblings(path, _OLD)
     return olds[-1] if olds else None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterctl.errors import (
+    AdapterctlError,
     AdapterFormatError,
     AdapterNotFoundError,
     NotAnAdapterError,
@@ -134,10 +135,19 @@ def refuse_model(path: Path) -> None:
         )
 
 
-def missing(path: str | Path, why: str = "", hint: str | None = None) -> AdapterNotFoundError:
-    """The error for a local path that does not exist: an interrupted --force replace, when its
-    aside copy lies beside it, else "does not exist" (`why` and `hint` add the caller's reason)."""
+def missing(path: str | Path, why: str = "", hint: str | None = None) -> AdapterctlError:
+    """The error for a local path that cannot be found: one the system cannot look up (a folder
+    that may not be searched, a name too long), an interrupted --force replace when its aside copy
+    lies beside it, else "does not exist" (`why` and `hint` add the caller's reason)."""
+    import errno
+
     from adapterctl.format.atomic import interrupted_swap
+
+    try:
+        os.lstat(path)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return AdapterFormatError(f"cannot read `{path}`: {e.strerror}")
 
     aside = interrupted_swap(path)
     if aside is not None:
