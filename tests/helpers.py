@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.dtypes import DTYPES
@@ -60,3 +65,19 @@ def write_adapter(
 def raw_safetensors(header: Any, data: bytes = b"", *, raw: bytes | None = None) -> bytes:
     body = raw if raw is not None else json.dumps(header).encode()
     return struct.pack("<Q", len(body)) + body + data
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that runs as `nobody` (skips where that cannot import this checkout)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv to drop root")
+    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(
+        [*drop, sys.executable, "-c", "import adapterctl"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip("an unprivileged user cannot import this checkout")
+    return drop

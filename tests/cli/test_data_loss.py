@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Q, V, lora_tensors, write_adapter
+from tests.helpers import Q, V, lora_tensors, unprivileged, write_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 BIG = {"r": 64, "target_modules": ["q_proj", "v_proj"]}
@@ -113,22 +113,6 @@ def limited_disk(d: Path, size: int) -> Iterator[tuple[Preexec, str]]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
     yield limit, "File too large"
-
-
-def unprivileged() -> list[str]:
-    """A command prefix that runs as `nobody` (skips where that cannot import this checkout)."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("needs setpriv to drop root")
-    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run(
-        [*drop, sys.executable, "-c", "import adapterctl"], capture_output=True, check=False
-    )
-    if probe.returncode != 0:
-        pytest.skip("an unprivileged user cannot import this checkout")
-    return drop
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from adapterctl.errors import InvalidOptionError, OutputError, SelectionError
 from adapterctl.ops.inspect import inspect_adapter
 from adapterctl.ops.select import parse_renames, select_adapters
 from tests.fixtures import tiny_llama
-from tests.helpers import write_adapter
+from tests.helpers import unprivileged, write_adapter
 
 
 def _files(root: Path) -> list[str]:
@@ -154,18 +154,8 @@ def test_unwritable_parent(tmp_path: Path) -> None:
     src = write_adapter(top / "src")
     ro = top / "ro"
     ro.mkdir(mode=0o555)
-    cmd = [sys.executable, "-m", "adapterctl", "select", str(src), str(ro / "out"), "-a", "default"]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("needs setpriv to drop root")
-        drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-        probe = subprocess.run(
-            [*drop, sys.executable, "-c", "import adapterctl"], capture_output=True, check=False
-        )
-        if probe.returncode != 0:
-            pytest.skip("an unprivileged user cannot import this checkout")
-        cmd = [*drop, *cmd]
+    cmd = [*unprivileged(), sys.executable, "-m", "adapterctl", "select", str(src), str(ro / "out")]
+    cmd += ["-a", "default"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith(f"error: cannot write `{ro / 'out'}`: Permission denied")
