@@ -68,6 +68,22 @@ class SafetensorsReader:
             raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
         return data
 
+    def read_into(self, name: str, buffer: Any) -> memoryview:
+        """The tensor's bytes read into `buffer` (writable, at least the tensor's size; one
+        buffer can serve many reads without a new allocation each): the filled part."""
+        t = self.header.tensors[name]
+        view = memoryview(buffer).cast("B")[: t.nbytes]
+        if len(view) != t.nbytes:
+            raise ValueError(f"a buffer of {len(view)} bytes cannot hold `{name}`")
+        self._f.seek(self.header.data_start + t.start)
+        done = 0
+        while done < t.nbytes:
+            n = self._f.readinto(view[done:])
+            if not n:
+                raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
+            done += n
+        return view
+
     def iter_bytes(self, name: str, size: int = _CHUNK) -> Iterator[bytes]:
         """The tensor's bytes in pieces of about `size` bytes, cut at element boundaries (memory
         stays one piece, whatever the tensor's size)."""

@@ -22,7 +22,14 @@ from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.blas import one_blas_thread
 from adapterctl.ops.initial import SavedInitial
 from adapterctl.ops.lowrank import cast_grams, side_grams
-from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_floats
+from adapterctl.ops.rawtensor import (
+    FLOAT_CODES,
+    FileStore,
+    RawTensor,
+    TensorStore,
+    numel,
+    to_floats,
+)
 
 if TYPE_CHECKING:
     from adapterctl.ops.conversion import Plan, _Module
@@ -125,9 +132,27 @@ def _rounded(plan: Plan, got: RawTensor) -> float:
 _NARROW = ("F32", "BF16", "F16")
 
 
-def _cast_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig, s: float) -> Check:
+def _read(store: TensorStore, key: str, buffer: bytearray) -> RawTensor:
+    """A tensor of a file read into `buffer` (no allocation per tensor), else `store.get`."""
+    if isinstance(store, FileStore) and len(buffer) >= store.specs()[key][0].bits // 8 * numel(
+        store.specs()[key][1]
+    ):
+        return store.get_into(key, buffer)
+    return store.get(key)
+
+
+def _cast_check(
+    plan: Plan,
+    m: _Module,
+    out: FileStore,
+    config: LoraConfig,
+    s: float,
+    buffers: tuple[bytearray, bytearray],
+) -> Check:
     """`_module_check` of a module whose factors were only cast (or copied), with the scaling
-    unchanged: the same error and threshold, from `cast_grams` (float32, no cancellation)."""
+    unchanged: the same error and threshold, from `cast_grams` (float32, no cancellation), on
+    the factors' raw bytes, read into `buffers` (source, output: reused from module to
+    module)."""
     import numpy as np
 
     f = m.factors
@@ -136,8 +161,14 @@ def _cast_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig, s: f
         return _module_check(plan, m, out, config, general=True)
     sides = []
     for which in ("B", "A"):
-        source, output = _side(plan, m, out, which)
-        grams = cast_grams(source, output, which)
+        key = f.a_key if which == "A" else f.b_key
+        source, output = _read(plan.source, key, buffers[0]), _read(out, key, buffers[1])
+        codes = (source.dtype.code, output.dtype.code)
+        if not set(codes) <= set(_NARROW):  # a B of another dtype than A's
+            return _module_check(plan, m, out, config, general=True)
+        raw = [as_matrix(t.data.reshape(t.shape), which) for t in (source, output)]
+        grams = cast_grams(raw[0], raw[1], which, codes)
+        del source, output, raw
         if not all(np.isfinite(g).all() for g in grams):  # NaN/Inf, or past float32's range
             return _module_check(plan, m, out, config, general=True)
         sides.append(grams)
@@ -153,7 +184,12 @@ def _cast_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig, s: f
 
 
 def _module_check(
-    plan: Plan, m: _Module, out: FileStore, config: LoraConfig, general: bool = False
+    plan: Plan,
+    m: _Module,
+    out: FileStore,
+    config: LoraConfig,
+    general: bool = False,
+    buffers: tuple[bytearray, bytearray] = (bytearray(), bytearray()),
 ) -> Check:
     """||s·B·A − s0·B0·A0 − s'·B'·A'|| from the Gram matrices of the stacked factors, each side
     loaded alone and summed in row chunks: memory stays near one side's factors (`_cast_check`
@@ -168,7 +204,7 @@ def _module_check(
     s0 = f.scaling
     initial = plan.options.initial
     if not general and initial is None and not plan.options.reduce and (s, r) == (s0, f.rank):
-        return _cast_check(plan, m, out, config, s)
+        return _cast_check(plan, m, out, config, s, buffers)
     if isinstance(initial, SavedInitial):
         s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
     signs = [f.scaling] + ([-s0] if initial is not None else []) + [-s]
@@ -336,8 +372,19 @@ def _verify(
             if progress is not None:
                 progress(1, total)
 
+        largest = max(
+            (
+                store.specs()[k][0].bits // 8 * numel(store.specs()[k][1])
+                for m in products
+                for k in (m.factors.a_key, m.factors.b_key)
+                for store in (plan.source, out)
+                if k in store.specs()
+            ),
+            default=0,
+        )
+        buffers = (bytearray(largest), bytearray(largest))  # every factor read into these
         for m in products:
-            checks.append(_module_check(plan, m, out, config))
+            checks.append(_module_check(plan, m, out, config, buffers=buffers))
             advance()
         for name in others:
             checks.append(_tensor_check(plan, name, out.get(name), config))

@@ -10,6 +10,8 @@ import pytest
 
 from adapterctl.ops import verify as verify_mod
 from adapterctl.ops.convert import convert_adapter
+from adapterctl.ops.lowrank import cast_grams
+from adapterctl.ops.rawtensor import from_float, to_float32
 from tests.helpers import P, Q, V, write_adapter
 
 
@@ -44,3 +46,34 @@ def test_cast_path_equals_the_general_path(
         assert fast.worst.error > 0
     else:  # widening (or the same dtype) is exact
         assert fast.worst.error == slow.worst.error == 0.0
+
+
+@pytest.mark.parametrize("side", ["B", "A"])
+@pytest.mark.parametrize(("stored", "written"), [("F32", "BF16"), ("F16", "F32"), ("F32", "F16")])
+def test_cast_grams_piece_by_piece_equals_one_piece(side: str, stored: str, written: str) -> None:
+    """The verification reads a long factor in pieces (float32 buffers reused from piece to
+    piece, a bfloat16 widened by a shift): any piece size gives the float64 Gram matrices of
+    [B, B − B'] / [A − A'; A'] and |B'| / |A'|, a last piece shorter than the others included."""
+    rng = np.random.default_rng(3)
+    b = rng.standard_normal((1000, 6)) * np.logspace(0, -3, 6)  # B: (out, r); A: (r, in)
+    values = np.ascontiguousarray(b if side == "B" else b.T).astype(np.float32)
+    source = values.astype(np.float16) if stored == "F16" else values
+    widened = source.astype(np.float32)
+    if written == "BF16":
+        output = from_float(widened, "BF16").data
+        written_values = to_float32(from_float(widened, "BF16"))
+    else:
+        output = widened.astype(np.float16) if written == "F16" else widened
+        written_values = output.astype(np.float32)
+    x, y = widened.astype(np.float64), written_values.astype(np.float64)
+    if side == "B":
+        stacked, own, magnitude = np.hstack([x, x - y]), x, np.abs(y)
+        expected = [stacked.T @ stacked, own.T @ own, magnitude.T @ magnitude]
+    else:
+        stacked, own, magnitude = np.vstack([x - y, y]), x, np.abs(y)
+        expected = [stacked @ stacked.T, own @ own.T, magnitude @ magnitude.T]
+    assert (x != y).any() or written == "F32"  # a real rounding where one was made
+    for piece in (6, 6 * 7, 6 * 333, 1 << 18):  # one row/column at a time .. all at once
+        got = cast_grams(source, output, side, (stored, written), piece)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7 * np.abs(e).max())
