@@ -134,9 +134,7 @@ _NARROW = ("F32", "BF16", "F16")
 
 def _read(store: TensorStore, key: str, buffer: bytearray) -> RawTensor:
     """A tensor of a file read into `buffer` (no allocation per tensor), else `store.get`."""
-    if isinstance(store, FileStore) and len(buffer) >= store.specs()[key][0].bits // 8 * numel(
-        store.specs()[key][1]
-    ):
+    if isinstance(store, FileStore) and len(buffer) >= _nbytes(store, key):
         return store.get_into(key, buffer)
     return store.get(key)
 
@@ -218,22 +216,18 @@ def _cast_checks(
     }
     if not scalings:
         return {}
-    largest = max(
-        store.specs()[k][0].bits // 8 * numel(store.specs()[k][1])
-        for i in scalings
-        for k in (products[i].factors.a_key, products[i].factors.b_key)
-        for store in (plan.source, out)
-    )
+    keys = [k for i in scalings for k in (products[i].factors.a_key, products[i].factors.b_key)]
+    largest = [max(_nbytes(store, k) for k in keys) for store in (plan.source, out)]
     local, lock = threading.local(), threading.Lock()
 
     def work(i: int) -> list[Any] | None:
         if not hasattr(local, "buffers"):  # every factor this thread reads goes into these
-            local.buffers = (bytearray(largest), bytearray(largest))
+            local.buffers = (bytearray(largest[0]), bytearray(largest[1]))
         with np.errstate(all="ignore"):  # per thread: NaNs are findings, not warnings
             return _cast_sides(plan, products[i], out, local.buffers, lock)
 
     checks = {}
-    pool = ThreadPoolExecutor(max_workers=_workers())
+    pool = ThreadPoolExecutor(max_workers=_workers() if max(largest) <= _TWO_THREADS else 1)
     try:
         for i, sides in zip(scalings, pool.map(work, scalings), strict=True):
             if sides is not None:  # else the general path, after these
@@ -242,6 +236,16 @@ def _cast_checks(
     finally:
         pool.shutdown(cancel_futures=True)
     return checks
+
+
+#: the largest factor (bytes) checked on two threads: above it one thread, so that memory stays
+#: near one module's factors (each thread holds one source and one output factor)
+_TWO_THREADS = 16 << 20
+
+
+def _nbytes(store: TensorStore, key: str) -> int:
+    dtype, shape = store.specs()[key]
+    return dtype.bits // 8 * numel(shape)
 
 
 def _workers() -> int:

@@ -77,3 +77,44 @@ def test_cast_grams_piece_by_piece_equals_one_piece(side: str, stored: str, writ
         got = cast_grams(source, output, side, (stored, written), piece)
         for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7 * np.abs(e).max())
+
+
+def test_threads_and_one_thread_find_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cast-only modules are checked on two threads (where two cores are there and the factors
+    are small enough): the checks, their order (the first of equal ratios is the worst), and
+    the progress are those of one thread; a module holding NaN (carried by the cast) still goes
+    the elementwise way, after the others."""
+    rng = np.random.default_rng(11)
+    tensors: dict[str, np.ndarray] = {}
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")]
+    for k, module in enumerate(modules):
+        a = rng.standard_normal((8, 64)).astype(np.float32)
+        b = (rng.standard_normal((48, 8)) * 10.0 ** -(k % 3)).astype(np.float32)
+        if k == 5:
+            b[3, 2] = np.nan
+        tensors[f"{P}{module}.lora_A.weight"] = a
+        tensors[f"{P}{module}.lora_B.weight"] = b
+    src = write_adapter(tmp_path / "src", tensors, {"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    found = []
+    for workers, limit in ((2, verify_mod._TWO_THREADS), (2, 0), (1, verify_mod._TWO_THREADS)):
+        monkeypatch.setattr(verify_mod, "_workers", lambda w=workers: w)
+        monkeypatch.setattr(verify_mod, "_TWO_THREADS", limit)
+        events: list[tuple[int, int, str]] = []
+
+        def progress(n: int, total: int, phase: str = "converting") -> None:
+            events.append((n, total, phase))  # noqa: B023 - called before the loop moves on
+
+        result = convert_adapter(
+            src, tmp_path / f"out-{workers}-{limit}", dtype="bfloat16", verify_output=True,
+            progress=progress,
+        )  # fmt: skip
+        assert result.verification is not None
+        verifying = [e for e in events if e[2] == "verifying"]
+        assert sum(n for n, _, _ in verifying) == len(modules)
+        found.append(result.verification.to_dict())
+    assert found[0]["passed"]
+    assert found[0]["checked"] == len(modules)
+    assert found[0]["worst"]["error"] > 0
+    assert found[0] == found[1] == found[2]
