@@ -7,13 +7,14 @@ tensor. Only the `.bin` readers import torch, and only through `torch.load(weigh
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from adapterctl.errors import AdapterFormatError, MissingDependencyError
 from adapterctl.format import testhook
@@ -76,9 +77,10 @@ class SafetensorsReader:
         if len(view) != t.nbytes:
             raise ValueError(f"a buffer of {len(view)} bytes cannot hold `{name}`")
         self._f.seek(self.header.data_start + t.start)
+        f = cast("io.BufferedIOBase", self._f)  # what open_regular opens
         done = 0
         while done < t.nbytes:
-            n = self._f.readinto(view[done:])
+            n = f.readinto(view[done:])
             if not n:
                 raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
             done += n
