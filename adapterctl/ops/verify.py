@@ -4,6 +4,10 @@ Each LoRA module's delta s·B·A (minus the initial s0·B0·A0) is compared with
 from the factors alone, in float64: ||difference|| / (||s·B·A|| + ||s0·B0·A0||). Every other tensor
 is compared elementwise: max |out − expected| / max |expected|. The thresholds: 1e-6 for what is
 exact, plus the rounding bound of a cast, plus what a rank reduction reported dropping.
+
+A module whose factors were only cast (the common `--dtype` case) takes a float32 path with the same
+error and threshold (`_cast_checks`): its factors' raw bytes, read again from both files into reused
+buffers, are checked piece by piece, two modules at a time on two cores.
 """
 
 from __future__ import annotations
@@ -396,7 +400,8 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
 def verify(
     plan: Plan, directory: Path, progress: Callable[[int, int], None] | None = None
 ) -> Verification:
-    """Check the adapter written to `directory` against `plan`'s source; memory stays one module.
+    """Check the adapter written to `directory` against `plan`'s source; memory stays near one
+    module's factors (two modules' where two threads check small ones).
     `progress(done, total)` after each check (in checks)."""
     import numpy as np
 
