@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapterctl.errors import AdapterFormatError
+from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops import verify as verify_mod
 from adapterctl.ops.convert import convert_adapter
 from adapterctl.ops.lowrank import cast_grams
@@ -118,3 +120,23 @@ def test_threads_and_one_thread_find_the_same(
     assert found[0]["checked"] == len(modules)
     assert found[0]["worst"]["error"] > 0
     assert found[0] == found[1] == found[2]
+
+
+def test_read_into_refuses_a_short_buffer_and_a_truncated_file(tmp_path: Path) -> None:
+    """The verification reads factors into reused buffers: a buffer too small is a bug (an
+    error, never a partial read), and a file cut short is the same error as `read_bytes`."""
+    values = np.arange(8 * 4096, dtype=np.float32).reshape(8, 4096)  # past any read-ahead
+    src = write_adapter(
+        tmp_path / "src",
+        {f"{P}{Q}.lora_A.weight": values, f"{P}{Q}.lora_B.weight": values.T.copy()},
+        {"r": 8, "target_modules": ["q_proj"]},
+    )
+    path = src / "adapter_model.safetensors"
+    key = f"{P}{Q}.lora_B.weight"
+    with SafetensorsReader(path) as reader:
+        with pytest.raises(ValueError, match="cannot hold"):
+            reader.read_into(key, bytearray(values.nbytes - 1))
+        data = path.read_bytes()
+        path.write_bytes(data[:-5])  # the last tensor (lora_B) loses its tail under the reader
+        with pytest.raises(AdapterFormatError, match="truncated while reading"):
+            reader.read_into(key, bytearray(values.nbytes))
