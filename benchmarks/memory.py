@@ -55,6 +55,11 @@ def main() -> None:
         "convert --dtype bfloat16": (
             [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--dtype", "bfloat16"], 1
         ),
+        "convert --dtype bfloat16 --verify": (
+            [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--dtype", "bfloat16",
+             "--verify"],
+            1,
+        ),
         "convert --rank 64": (
             [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--initial", str(SRC / "init"),
              "--rank", "64"],

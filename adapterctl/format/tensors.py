@@ -7,13 +7,14 @@ tensor. Only the `.bin` readers import torch, and only through `torch.load(weigh
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from adapterctl.errors import AdapterFormatError, MissingDependencyError
 from adapterctl.format import testhook
@@ -67,6 +68,23 @@ class SafetensorsReader:
         if len(data) != t.nbytes:
             raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
         return data
+
+    def read_into(self, name: str, buffer: Any) -> memoryview:
+        """The tensor's bytes read into `buffer` (writable, at least the tensor's size; one
+        buffer can serve many reads without a new allocation each): the filled part."""
+        t = self.header.tensors[name]
+        view = memoryview(buffer).cast("B")[: t.nbytes]
+        if len(view) != t.nbytes:
+            raise ValueError(f"a buffer of {len(view)} bytes cannot hold `{name}`")
+        self._f.seek(self.header.data_start + t.start)
+        f = cast("io.BufferedIOBase", self._f)  # what open_regular opens
+        done = 0
+        while done < t.nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
+            done += n
+        return view
 
     def iter_bytes(self, name: str, size: int = _CHUNK) -> Iterator[bytes]:
         """The tensor's bytes in pieces of about `size` bytes, cut at element boundaries (memory

@@ -272,35 +272,61 @@ def side_grams(
     return upper + np.triu(out, 1).T, last * magnitude**2
 
 
+#: elements of a factor per piece of `cast_grams` (float32: 1 MiB): a piece's values, its
+#: difference and its magnitude stay in the core's cache between the elementwise steps and the
+#: products (a whole 14336 x 64 factor at once runs at half the speed, from memory)
+PIECE = 1 << 18
+
+
+def _float32_into(raw: Array, code: str, buffer: Array) -> Array:
+    """The values of a piece of a `code` factor in its raw storage (F32, BF16 as uint16, F16) as
+    float32: a view for F32, else written into `buffer` (a bfloat16 is the top half of its
+    float32: one widening shift, no float conversion)."""
+    import numpy as np
+
+    if code == "F32":
+        return raw
+    if code == "BF16":
+        np.left_shift(raw, 16, out=buffer.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(buffer, raw, casting="same_kind")
+    return buffer
+
+
 def cast_grams(
-    source: Array, output: Array, side: str, budget: int = 1 << 22
+    source: Array, output: Array, side: str, codes: tuple[str, str], piece: int = PIECE
 ) -> tuple[Array, Array, Array]:
     """For a factor that was only cast (s·B·A − s·B'·A' = s·[B, B − B']·[A − A'; A']): the Gram
     matrix of [source, source − output] (side "B", PᵀP) or of [source − output; output] (side
-    "A", Q·Qᵀ), the source's own, and that of |output|. The differences are exact in float32
-    (a rounding moves a value by less than itself), so nothing large cancels and float32
-    products (summed in float64 from piece to piece) measure the error to float32 precision.
-    Block by block, without a stacked copy; A's own Gram is the sum of the four blocks of
-    [A − A'; A'] (A = (A − A') + A')."""
+    "A", Q·Qᵀ), the source's own, and that of |output|. `source` and `output` are the factors'
+    raw storage (`codes`: F32, BF16 or F16 each). The differences are exact in float32 (a
+    rounding moves a value by less than itself), so nothing large cancels and float32 products
+    (summed in float64 from piece to piece) measure the error to float32 precision. Piece by
+    piece through four small float32 buffers: no stacked copy, no copy of a whole factor; A's
+    own Gram is the sum of the four blocks of [A − A'; A'] (A = (A − A') + A')."""
     import numpy as np
 
     r = source.shape[1] if side == "B" else source.shape[0]
     length = source.shape[0 if side == "B" else 1]
+    step = max(1, piece // max(r, 1))
     stacked, magnitude = np.zeros((2 * r, 2 * r)), np.zeros((r, r))
-    step = max(1, budget // max(2 * r, 1))
+    buffers = np.empty((4, min(step, length) * r), dtype=np.float32)
+
+    def gram(x: Array, y: Array) -> Array:
+        return x.T @ y if side == "B" else x @ y.T
+
     for start in range(0, length, step):
         where = slice(start, start + step)
-        xs, xo = (
-            (x[where] if side == "B" else x[:, where].T).astype(np.float32, copy=False)
-            for x in (source, output)
-        )
-        difference = xs - xo
+        rs, ro = (x[where] if side == "B" else x[:, where] for x in (source, output))
+        ts, to, td, ta = (b[: ro.size].reshape(ro.shape) for b in buffers)
+        xs, xo = _float32_into(rs, codes[0], ts), _float32_into(ro, codes[1], to)
+        difference = np.subtract(xs, xo, out=td)
         first, second = (xs, difference) if side == "B" else (difference, xo)
-        stacked[:r, :r] += first.T @ first
-        stacked[:r, r:] += first.T @ second
-        stacked[r:, r:] += second.T @ second
-        absolute = np.abs(xo)
-        magnitude += absolute.T @ absolute
+        stacked[:r, :r] += gram(first, first)
+        stacked[:r, r:] += gram(first, second)
+        stacked[r:, r:] += gram(second, second)
+        absolute = np.abs(xo, out=ta)
+        magnitude += gram(absolute, absolute)
     stacked[r:, :r] = stacked[:r, r:].T
     if side == "B":
         own = stacked[:r, :r].copy()

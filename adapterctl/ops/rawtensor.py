@@ -95,13 +95,22 @@ class FileStore:
     def __init__(self, reader: SafetensorsReader) -> None:
         self.label = reader.path
         self._reader = reader
+        self._specs: dict[str, tuple[Dtype, tuple[int, ...]]] | None = None
 
     def specs(self) -> dict[str, tuple[Dtype, tuple[int, ...]]]:
-        return {k: (t.dtype, t.shape) for k, t in self._reader.tensors.items()}
+        if self._specs is None:  # the header does not change: made once
+            self._specs = {k: (t.dtype, t.shape) for k, t in self._reader.tensors.items()}
+        return self._specs
 
     def get(self, key: str) -> RawTensor:
         t = self._reader.tensors[key]
         return RawTensor(t.dtype, t.shape, self._reader.read_bytes(key))
+
+    def get_into(self, key: str, buffer: Any) -> RawTensor:
+        """`get`, its bytes read into `buffer` (see `SafetensorsReader.read_into`): valid until
+        the buffer is reused."""
+        t = self._reader.tensors[key]
+        return RawTensor(t.dtype, t.shape, self._reader.read_into(key, buffer))
 
 
 class _Closing(Protocol):

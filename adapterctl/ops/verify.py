@@ -4,6 +4,10 @@ Each LoRA module's delta s·B·A (minus the initial s0·B0·A0) is compared with
 from the factors alone, in float64: ||difference|| / (||s·B·A|| + ||s0·B0·A0||). Every other tensor
 is compared elementwise: max |out − expected| / max |expected|. The thresholds: 1e-6 for what is
 exact, plus the rounding bound of a cast, plus what a rank reduction reported dropping.
+
+A module whose factors were only cast (the common `--dtype` case) takes a float32 path with the same
+error and threshold (`_cast_checks`): its factors' raw bytes, read again from both files into reused
+buffers, are checked piece by piece, two modules at a time on two cores.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.blas import one_blas_thread
 from adapterctl.ops.initial import SavedInitial
 from adapterctl.ops.lowrank import cast_grams, side_grams
-from adapterctl.ops.rawtensor import FLOAT_CODES, FileStore, RawTensor, to_floats
+from adapterctl.ops.rawtensor import (
+    FLOAT_CODES,
+    FileStore,
+    RawTensor,
+    TensorStore,
+    numel,
+    to_floats,
+)
 
 if TYPE_CHECKING:
     from adapterctl.ops.conversion import Plan, _Module
@@ -125,22 +136,56 @@ def _rounded(plan: Plan, got: RawTensor) -> float:
 _NARROW = ("F32", "BF16", "F16")
 
 
-def _cast_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig, s: float) -> Check:
-    """`_module_check` of a module whose factors were only cast (or copied), with the scaling
-    unchanged: the same error and threshold, from `cast_grams` (float32, no cancellation)."""
+def _read(store: TensorStore, key: str, buffer: bytearray) -> RawTensor:
+    """A tensor of a file read into `buffer` (no allocation per tensor), else `store.get`."""
+    if isinstance(store, FileStore) and len(buffer) >= _nbytes(store, key):
+        return store.get_into(key, buffer)
+    return store.get(key)
+
+
+def _cast_scaling(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> float | None:
+    """The scaling of a module whose factors were only cast (or copied), the scaling unchanged,
+    in dtypes whose differences `cast_grams` takes exactly; None for every other module."""
+    f = m.factors
+    r = out.specs()[f.a_key][1][0]
+    if plan.options.initial is not None or plan.options.reduce or config.rank_for(f.module) != r:
+        return None
+    s = config.scaling(config.alpha_for(f.module), r)
+    if (s, r) != (f.scaling, f.rank):
+        return None
+    keys = (f.a_key, f.b_key)
+    codes = {store.specs()[k][0].code for store in (plan.source, out) for k in keys}
+    return s if codes <= set(_NARROW) else None
+
+
+def _cast_sides(
+    plan: Plan, m: _Module, out: FileStore, buffers: tuple[bytearray, bytearray], lock: Any
+) -> list[Any] | None:
+    """`cast_grams` of B and of A, from the factors' raw bytes read into `buffers` (source,
+    output: reused from module to module; the reads hold `lock`, the files being shared
+    between threads), or None where a factor is not finite (or past float32's range)."""
     import numpy as np
 
-    f = m.factors
-    code = out.specs()[f.a_key][0].code
-    if f.dtype_code not in _NARROW or code not in _NARROW:
-        return _module_check(plan, m, out, config, general=True)
     sides = []
     for which in ("B", "A"):
-        source, output = _side(plan, m, out, which)
-        grams = cast_grams(source, output, which)
-        if not all(np.isfinite(g).all() for g in grams):  # NaN/Inf, or past float32's range
-            return _module_check(plan, m, out, config, general=True)
+        key = m.factors.a_key if which == "A" else m.factors.b_key
+        with lock:
+            source, output = _read(plan.source, key, buffers[0]), _read(out, key, buffers[1])
+        codes = (source.dtype.code, output.dtype.code)
+        raw = [as_matrix(t.data.reshape(t.shape), which) for t in (source, output)]
+        grams = cast_grams(raw[0], raw[1], which, codes)
+        del source, output, raw
+        if not all(np.isfinite(g).all() for g in grams):
+            return None
         sides.append(grams)
+    return sides
+
+
+def _cast_check(m: _Module, out: FileStore, s: float, sides: list[Any]) -> Check:
+    """`_module_check` of a module whose factors were only cast (`_cast_scaling`): the same
+    error and threshold, from `_cast_sides` (float32, no cancellation)."""
+    f = m.factors
+    code = out.specs()[f.a_key][0].code
     (gb, ob, mb), (ga, oa, ma) = sides
     denominator = abs(s) * math.sqrt(max(float((ob * oa).sum()), 0.0))
     error = _ratio(abs(s) * math.sqrt(max(float((gb * ga).sum()), 0.0)), denominator)
@@ -152,12 +197,73 @@ def _cast_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig, s: f
     return Check(f.module, error, threshold)
 
 
-def _module_check(
-    plan: Plan, m: _Module, out: FileStore, config: LoraConfig, general: bool = False
-) -> Check:
+def _cast_checks(
+    plan: Plan,
+    products: list[_Module],
+    out: FileStore,
+    config: LoraConfig,
+    advance: Callable[[], None],
+) -> dict[int, Check]:
+    """The checks of every module `_cast_scaling` admits (by index in `products`), where its
+    factors are finite: on two threads where two cores are there (each runs its module's
+    products on one BLAS thread: no waiting on each other, unlike two BLAS threads on one
+    small product), in order; `advance()` after each."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    scalings = {
+        i: s
+        for i, m in enumerate(products)
+        if (s := _cast_scaling(plan, m, out, config)) is not None
+    }
+    if not scalings:
+        return {}
+    keys = [k for i in scalings for k in (products[i].factors.a_key, products[i].factors.b_key)]
+    largest = [max(_nbytes(store, k) for k in keys) for store in (plan.source, out)]
+    local, lock = threading.local(), threading.Lock()
+
+    def work(i: int) -> list[Any] | None:
+        if not hasattr(local, "buffers"):  # every factor this thread reads goes into these
+            local.buffers = (bytearray(largest[0]), bytearray(largest[1]))
+        with np.errstate(all="ignore"):  # per thread: NaNs are findings, not warnings
+            return _cast_sides(plan, products[i], out, local.buffers, lock)
+
+    checks = {}
+    pool = ThreadPoolExecutor(max_workers=_workers() if max(largest) <= _TWO_THREADS else 1)
+    try:
+        for i, sides in zip(scalings, pool.map(work, scalings), strict=True):
+            if sides is not None:  # else the general path, after these
+                checks[i] = _cast_check(products[i], out, scalings[i], sides)
+                advance()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return checks
+
+
+#: the largest factor (bytes) checked on two threads: above it one thread, so that memory stays
+#: near one module's factors (each thread holds one source and one output factor)
+_TWO_THREADS = 16 << 20
+
+
+def _nbytes(store: TensorStore, key: str) -> int:
+    dtype, shape = store.specs()[key]
+    return dtype.bits // 8 * numel(shape)
+
+
+def _workers() -> int:
+    """Two threads where this process may run on two cores or more, else one."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 2 if (cores or 1) >= 2 else 1
+
+
+def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
     """||s·B·A − s0·B0·A0 − s'·B'·A'|| from the Gram matrices of the stacked factors, each side
-    loaded alone and summed in row chunks: memory stays near one side's factors (`_cast_check`
-    where the factors were only cast, unless `general`)."""
+    loaded alone and summed in row chunks, in float64: memory stays near one side's factors
+    (the general path; `_cast_checks` takes the modules that were only cast)."""
     import numpy as np
 
     f = m.factors
@@ -167,8 +273,6 @@ def _module_check(
     s = config.scaling(config.alpha_for(f.module), r)
     s0 = f.scaling
     initial = plan.options.initial
-    if not general and initial is None and not plan.options.reduce and (s, r) == (s0, f.rank):
-        return _cast_check(plan, m, out, config, s)
     if isinstance(initial, SavedInitial):
         s0 = initial.config.scaling(initial.config.alpha_for(f.module), f.rank)
     signs = [f.scaling] + ([-s0] if initial is not None else []) + [-s]
@@ -296,7 +400,8 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
 def verify(
     plan: Plan, directory: Path, progress: Callable[[int, int], None] | None = None
 ) -> Verification:
-    """Check the adapter written to `directory` against `plan`'s source; memory stays one module.
+    """Check the adapter written to `directory` against `plan`'s source; memory stays near one
+    module's factors (two modules' where two threads check small ones).
     `progress(done, total)` after each check (in checks)."""
     import numpy as np
 
@@ -336,9 +441,12 @@ def _verify(
             if progress is not None:
                 progress(1, total)
 
-        for m in products:
-            checks.append(_module_check(plan, m, out, config))
-            advance()
+        done = _cast_checks(plan, products, out, config, advance)
+        for i, m in enumerate(products):
+            if i not in done:
+                done[i] = _module_check(plan, m, out, config)
+                advance()
+        checks += [done[i] for i in range(len(products))]
         for name in others:
             checks.append(_tensor_check(plan, name, out.get(name), config))
             advance()

@@ -150,6 +150,8 @@ def test_reader_round_trips_what_we_write(
             info = r.tensors[name]
             assert (info.dtype.code, info.shape) == (code, arr.shape)
             assert r.read_bytes(name) == arr.tobytes()
+            buffer = bytearray(b"\xff" * (arr.nbytes + 3))  # one buffer, larger than needed
+            assert bytes(r.read_into(name, buffer)) == arr.tobytes()
             got: Any = r.array(name)
             assert got.dtype == arr.dtype
             assert got.shape == arr.shape
