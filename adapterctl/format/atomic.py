@@ -262,6 +262,44 @@ def check_output(dest: Path, force: bool) -> None:
         raise OutputError(f"output `{dest}` already exists", hint="pass --force to replace it")
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"output `{dest}` exists and is not a directory")
+    if dest.exists():
+        problem = _not_replaceable(dest)
+        if problem is not None:
+            raise OutputError(
+                f"--force will not replace `{dest}`: {problem}",
+                hint="--force replaces only an empty folder or an adapter or model folder; "
+                "choose another OUTPUT",
+            )
+
+
+#: what an adapter or model folder holds at its root (or in an adapter's subfolder)
+_MARKERS = ("adapter_config.json", "config.json")
+
+
+def _not_replaceable(dest: Path) -> str | None:
+    """Why `--force` must not replace the existing folder `dest`, if it must not: only an empty
+    folder, or one that holds an adapter or model (a marker file at its root or in a subfolder)
+    and nothing hidden (`.git`, `.ssh`...), is ever deleted; never a mount point or a home."""
+    if os.path.ismount(dest):
+        return "it is a mount point"
+    home = os.path.expanduser("~")
+    with contextlib.suppress(OSError):
+        if os.path.samefile(dest, home):
+            return "it is the home folder"
+    marked = False
+    seen = 0
+    for dirpath, dirs, files in os.walk(dest):
+        depth = len(Path(dirpath).relative_to(dest).parts)
+        hidden = next((n for n in sorted(dirs + files) if n.startswith(".")), None)
+        if hidden is not None:
+            return f"it holds `{os.path.join(dirpath, hidden)}`, which adapterctl never writes"
+        marked = marked or (depth <= 1 and any(m in files for m in _MARKERS))
+        seen += len(dirs) + len(files)
+        if seen > _MAX_WALK:
+            return f"it holds more than {_MAX_WALK} entries"
+    if seen and not marked:
+        return "it holds no adapter or model (no adapter_config.json or config.json)"
+    return None
 
 
 def _flags(path: str) -> int:

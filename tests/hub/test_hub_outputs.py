@@ -32,13 +32,17 @@ def test_outputs_in_the_hub_cache_are_refused(hub: Any, tmp_path: Path) -> None:
     (snapshot,) = (repo / "snapshots").iterdir()
     before = _tree(repo)
     cases = [
-        (repo / "blobs", "holds the input"),  # what the snapshot's symlinks point at
+        # what the snapshot's symlinks point at: no adapter folder, so --force refuses it first
+        (repo / "blobs", "--force will not replace"),
         (snapshot, "is the input"),
         (snapshot / "new", "lies inside the input"),
-        (repo, "holds the input"),
+        (repo, "--force will not replace"),  # the cache folder is no adapter folder either
     ]
     for out, how in cases:
         proc = cli(env, "convert", "alice/ad", out, "--dtype", "bfloat16", "--force")
         assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.startswith(f"error: output `{out}` {how}"), proc.stderr
+        expected = (
+            f"error: {how} `{out}`" if how.startswith("--") else f"error: output `{out}` {how}"
+        )
+        assert proc.stderr.startswith(expected), proc.stderr
     assert _tree(repo) == before

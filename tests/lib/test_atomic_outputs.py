@@ -43,6 +43,7 @@ def test_second_rename_failing_rolls_back_the_first(
         for d in (a, b):
             d.mkdir()
             _fill(d, f"old {d.name}")
+            (d / "config.json").write_text("{}")  # old model folders: --force may replace them
     real_rename = os.rename
 
     def rename(src: object, dst: object) -> None:
@@ -55,8 +56,8 @@ def test_second_rename_failing_rolls_back_the_first(
         _write_two(a, b, force=True)
     monkeypatch.undo()
     if old:
-        assert _contents(a) == {"file.txt": "old a"}
-        assert _contents(b) == {"file.txt": "old b"}
+        assert _contents(a) == {"config.json": "{}", "file.txt": "old a"}
+        assert _contents(b) == {"config.json": "{}", "file.txt": "old b"}
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     else:
         assert list(tmp_path.iterdir()) == []

@@ -123,13 +123,57 @@ def test_existing_output_needs_force_and_is_swapped_whole(tmp_path: Path) -> Non
     src = write_adapter(tmp_path / "src")
     out = tmp_path / "out"
     out.mkdir()
+    (out / "adapter_config.json").write_text("{}")  # an old adapter folder
     (out / "keep.txt").write_text("old")
     with pytest.raises(OutputError, match="already exists"):
         select_adapters(src, out, ["default"])
-    assert _files(out) == ["keep.txt"]
+    assert _files(out) == ["adapter_config.json", "keep.txt"]
     select_adapters(src, out, ["default"], force=True)
     assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("layout", "why"),
+    [
+        ({"notes.txt": "mine"}, "holds no adapter or model"),
+        (
+            {"adapter_config.json": "{}", ".git/config": "x"},
+            "/.git`, which adapterctl never writes",
+        ),
+        ({"config.json": "{}", "sub/.ssh/id": "k"}, "/sub/.ssh`, which adapterctl never writes"),
+    ],
+    ids=["documents", "a-repository", "hidden-deeper"],
+)
+def test_force_replaces_only_adapter_or_model_folders(
+    tmp_path: Path, layout: dict[str, str], why: str
+) -> None:
+    """--force deletes the old OUTPUT: only an empty folder, or an adapter or model folder with
+    nothing hidden in it, is ever replaced (a mistyped OUTPUT such as `~` must not be deleted)."""
+    src = write_adapter(tmp_path / "src")
+    out = tmp_path / "out"
+    for name, text in layout.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = _files(out)
+    with pytest.raises(OutputError, match="--force will not replace") as info:
+        select_adapters(src, out, ["default"], force=True)
+    assert why in str(info.value)
+    assert _files(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_force_never_replaces_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = write_adapter(tmp_path / "src")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.json").write_text("{}")  # even one that looks like a model folder
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(OutputError, match="it is the home folder"):
+        select_adapters(src, home, ["default"], force=True)
+    assert _files(home) == ["config.json"]
 
 
 def test_symlink_output_is_refused(tmp_path: Path) -> None:
@@ -240,6 +284,7 @@ def test_interrupt_at_the_second_rename_of_a_swap(
     src = write_adapter(tmp_path / "src")
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an old model folder
     (out / "old.txt").write_text("old")
     real_rename = os.rename
     calls = []
@@ -258,7 +303,7 @@ def test_interrupt_at_the_second_rename_of_a_swap(
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     if when == "before":
-        assert _files(out) == ["old.txt"]
+        assert _files(out) == ["config.json", "old.txt"]
     else:
         assert _files(out) == ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -281,6 +326,7 @@ def test_output_that_appears_after_the_last_check(
         checks.append(dest)
         if len(checks) == 2:  # the check in _swap_in passed; now the other writer wins
             dest.mkdir()
+            (dest / "adapter_config.json").write_text("{}")  # another writer's adapter
             (dest / "winner.txt").write_text("theirs")
 
     monkeypatch.setattr(atomic, "check_output", check_then_race)
@@ -291,7 +337,7 @@ def test_output_that_appears_after_the_last_check(
         with pytest.raises(OutputError, match="already exists"):
             select_adapters(src, out, ["default"])
         assert (out / "winner.txt").read_text() == "theirs"
-        assert _files(out) == ["winner.txt"]
+        assert _files(out) == ["adapter_config.json", "winner.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
