@@ -227,12 +227,47 @@ def distinct_names(names: Sequence[str], room: int, ellipsis: str = "…") -> li
     cut = {n: shorten(s, room, ellipsis) for n, s in short.items()}
     if len(set(cut.values())) == len(cut):
         short = cut  # still all different when cut to the room: take it
-    if len(set(short.values())) < len(short):  # a collision the segments did not prevent
-        seen: dict[str, list[str]] = {}
-        for n, s in short.items():
-            seen.setdefault(s, []).append(n)
-        short = {n: n if len(seen[s]) > 1 else s for n, s in short.items()}
+    for fallback in (
+        _windows(distinct, room, ellipsis),
+        dict(zip(distinct, distinct, strict=True)),
+    ):
+        clashing = _clashes(short)
+        if not clashing:
+            break
+        short |= {n: fallback[n] for n in clashing}  # a collision the segments did not prevent
     return [short[n] for n in names]
+
+
+def _clashes(short: dict[str, str]) -> set[str]:
+    """The names whose short form is another name's too."""
+    seen: dict[str, list[str]] = {}
+    for n, s in short.items():
+        seen.setdefault(s, []).append(n)
+    return {n for group in seen.values() if len(group) > 1 for n in group}
+
+
+def _windows(names: list[str], room: int, ellipsis: str) -> dict[str, str]:
+    """Each name in `room` columns as its start, the characters around where it first parts
+    from the name nearest to it, and its end: for names that differ inside one long segment."""
+    order = sorted(names)
+    common = [0] * len(order)
+    for i, (a, b) in enumerate(itertools.pairwise(order)):
+        n = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+        common[i], common[i + 1] = max(common[i], n), max(common[i + 1], n)
+    return {n: _window(n, d, room, ellipsis) for n, d in zip(order, common, strict=True)}
+
+
+def _window(name: str, at: int, room: int, ellipsis: str) -> str:
+    if cells(name) <= room:
+        return name
+    budget = max(3, room - 2 * cells(ellipsis))
+    left = _tail(name[:at], budget // 6)
+    middle = left + _head(name[at:], budget // 2 - cells(left))
+    before, after = name[: at - len(left)], name[at - len(left) + len(middle) :]
+    end = _tail(after, (budget - cells(middle)) // 2)
+    start = _head(before, budget - cells(middle) - cells(end))
+    out = start + ("" if start == before else ellipsis) + middle
+    return out + ("" if end == after else ellipsis) + end
 
 
 def table(

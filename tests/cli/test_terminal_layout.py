@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from adapterctl.cli.columns import cells, natural_key, shorten, table
+from adapterctl.cli.columns import cells, distinct_names, natural_key, shorten, table
 from adapterctl.cli.main import app
 from tests.helpers import P, lora_tensors, write_adapter
 
@@ -380,3 +380,23 @@ def test_an_ascii_stream_gets_the_escapes_measured(cwd: Path) -> None:
     assert len({ln.split()[0] for ln in rows}) == 3
     assert "\\xe9" in result.stdout  # escaped
     assert "..." in result.stdout  # and shortened
+
+
+def test_names_that_differ_inside_one_long_segment_stay_distinct() -> None:
+    """No dot to cut at: the characters around where each name parts from the others are kept,
+    with its start and its end, within the room."""
+    names = ["x" * 300 + str(i) + "y" * 300 for i in range(50)]
+    short = distinct_names(names, 60)
+    assert len(set(short)) == 50
+    assert all(cells(s) <= 60 for s in short)
+    assert all(s.startswith("xxx") and s.endswith("yyy") for s in short)
+    assert all(re.search(rf"x{i}y", s) for i, s in enumerate(short))
+
+
+def test_distinct_names_never_merges_two_names() -> None:
+    """Names built to collide under any one cutting rule (equal starts, ends and lengths):
+    every room from 16 columns up keeps them apart."""
+    names = [f"a.{p}.{m}.{q}.z" for p in ("bb", "bc") for m in ("x" * 40, "y" * 40) for q in "01"]
+    for room in range(16, 60):
+        short = distinct_names(names, room)
+        assert len(set(short)) == len(names), (room, short)
