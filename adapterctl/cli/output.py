@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from adapterctl.cli.columns import natural_key, shorten, table, width, wrap
+from adapterctl.cli.columns import natural_key, shorten, shown, table, width, wrap
 from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
 from adapterctl.ops.checks import human_size
 
@@ -377,7 +377,7 @@ def render_conversion(result: ConversionResult) -> None:
     v = result.verification
     if v is not None and v.worst is not None:
         room = max(16, (cols or 10**6) - 40)
-        name = shorten(v.worst.name, room, _ellipsis())
+        name = shorten(shown(v.worst.name), room, _ellipsis())  # measured as shown
         worst = f"{name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
         _lines(wrap(f"verified {v.checked} checks, worst {worst}", cols, first="  "))
 

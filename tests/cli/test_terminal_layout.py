@@ -5,7 +5,10 @@ system and one dtype spelling."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +16,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from adapterctl.cli.columns import natural_key, shorten, table
+from adapterctl.cli.columns import cells, distinct_names, natural_key, shorten, table
 from adapterctl.cli.main import app
-from tests.helpers import P, write_adapter
+from tests.helpers import P, lora_tensors, write_adapter
+
+ROOT = Path(__file__).resolve().parents[2]
 
 runner = CliRunner()
 LLAMA = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
@@ -104,18 +109,19 @@ def test_big_adapters_get_one_row_per_module(cwd: Path) -> None:
 
 
 def test_long_module_names_keep_their_distinguishing_end(cwd: Path) -> None:
-    """A multimodal prefix makes names too long for 80 columns: they are shortened in the
-    middle, each still ending with its layer number and module, all still distinct."""
+    """A multimodal prefix makes names too long for 80 columns: the prefix every row shares is
+    said once above the table and the rows show the rest, each with its layer number and
+    module, all still distinct."""
     prefix = "model.language_model.transformer.decoder.layers"
     llama_adapter(cwd / "mm", 12, prefix=prefix)
     for args in (["inspect", "mm"], ["convert", "mm", "out", "--dtype", "bfloat16"]):
         result = invoke(*args)
         assert result.exit_code == 0, result.stderr
         assert_fits(result.stdout)
+        assert "module: model.language_model.transformer.decoder.… in every row" in result.stdout
         lines = result.stdout.splitlines()
-        names = [ln.split()[0] for ln in lines if ln.startswith("mo") and ln.split()[0] != "module"]
-        assert any("…" in n for n in names), result.stdout
-        assert all(re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj$", n) for n in names)
+        names = [ln.split()[0] for ln in lines if ln.startswith("layers.")]
+        assert all(re.fullmatch(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj", n) for n in names)
         assert layer_order(result.stdout) == list(range(12))
         if args[0] == "inspect":  # two rows (lora_A, lora_B) per module, nothing else equal
             assert len(set(names)) == len(names) // 2 == 12 * 7
@@ -232,6 +238,165 @@ def test_table_never_cuts_the_end_of_a_name() -> None:
     rows = [[f"model.decoder.block.{i}.layer.0.SelfAttention.q", "lora_A"] for i in range(12)]
     lines = table(["module", "kind"], rows, "ll", columns=40)
     assert all(len(line) <= 40 for line in lines)
-    assert [line.split()[0][-20:] for line in lines[1:]] == [
+    assert lines[0].startswith("module: mo")
+    assert lines[0].endswith("decoder.… in every row below")
+    assert [line.split()[0][-20:] for line in lines[2:]] == [
         f"{i}.layer.0.SelfAttention.q"[-20:] for i in range(12)
     ]
+
+
+LEAF = "self_attn.out_proj_extremely_long_name_here"
+VISION = "model.vision_tower.vision_model.encoder.layers"
+LANGUAGE = "model.language_model.model.layers"
+
+
+def towers(
+    directory: Path, layers: dict[str, list[int]], ranks: dict[str, int] | None = None
+) -> list[str]:
+    """An adapter with module `{tower}.{layer}.{LEAF}` for each tower and layer (rank 4, or
+    `ranks[module]`); returns the module names."""
+    modules = [f"{tower}.{i}.{LEAF}" for tower, ids in layers.items() for i in ids]
+    tensors: dict[str, Any] = {}
+    for m in modules:
+        tensors |= lora_tensors(module=m, r=(ranks or {}).get(m, 4), d_in=4, d_out=4)
+    config = {"target_modules": [LEAF.split(".")[1]], "rank_pattern": ranks or {}}
+    write_adapter(directory, tensors, config)
+    return modules
+
+
+def name_rows(text: str) -> list[str]:
+    """The module cells of every table row of ours (they all end with the leaf's end)."""
+    cells = [ln.split()[0] for ln in text.splitlines() if ln.split()]
+    return [c for c in cells if c.endswith("_here") and not c.startswith("module")]
+
+
+def assert_told_apart(text: str, modules: list[str], rows_per_module: int) -> None:
+    """Every module's rows are the same and no two modules' are: as many distinct cells as
+    modules, each naming its layer (and its tower where the towers differ)."""
+    rows = name_rows(text)
+    assert len(rows) == rows_per_module * len(modules), text
+    assert len(set(rows)) == len(modules), text
+    towers_seen = {m.rsplit(".layers.", 1)[0] for m in modules}
+    for row in rows:
+        assert re.search(r"(^|[.…])\d+([.…]|$)", row), row  # its layer number, whole
+        if len(towers_seen) > 1:
+            assert "vision" in row or "language" in row, row
+
+
+def test_reviewer_repro_convert_and_inspect_tell_the_modules_apart(cwd: Path) -> None:
+    """Three modules that differ only in their layer number, behind a long common prefix, at
+    80 columns: convert printed three identical rows `…self_attn.out_proj_…`."""
+    modules = towers(cwd / "src", {VISION: [0, 1, 11]})
+    for args, per in ((["convert", "src", "out", "--rank", "2"], 1), (["inspect", "src"], 2)):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.stderr
+        assert_fits(result.stdout)
+        assert_told_apart(result.stdout, modules, per)
+        assert "module: model.vision_tower.vision_model.encoder.… in every row" in result.stdout
+        assert re.search(
+            r"^layers\.11[.…]\S*out_proj_extremely_long_name_here ", result.stdout, re.M
+        )
+
+
+def test_vision_and_language_towers_in_every_table(cwd: Path) -> None:
+    """Two towers with the same layers and leaves: tensor table, per-module r/alpha table and
+    convert's table keep the tower and the layer of each row, within 80 columns."""
+    ranks = {f"{LANGUAGE}.1.{LEAF}": 2}
+    modules = towers(cwd / "src", {VISION: [0, 1, 11], LANGUAGE: [0, 1, 11]}, ranks)
+    inspect = invoke("inspect", "src")
+    assert inspect.exit_code == 0, inspect.stderr
+    assert_fits(inspect.stdout)
+    tables = inspect.stdout.split("\nmodule ")
+    assert len(tables) == 3, inspect.stdout  # the tensor table, then the r/alpha one
+    assert_told_apart(tables[1], modules, 2)
+    assert_told_apart(tables[2], modules, 1)
+    assert re.search(r"language_model\S*1\S*  +2  +8  +4$", tables[2], re.M), tables[2]
+    convert = invoke("convert", "src", "out", "--rank", "2")
+    assert convert.exit_code == 0, convert.stderr
+    assert_fits(convert.stdout)
+    assert_told_apart(convert.stdout, modules, 1)
+
+
+def test_compact_view_of_two_towers_tells_every_module_apart(cwd: Path) -> None:
+    """448 tensors (one row per module) across two towers: 224 distinct rows in 80 columns."""
+    layers = list(range(112))
+    modules = towers(cwd / "src", {VISION: layers, LANGUAGE: layers})
+    result = invoke("inspect", "src")
+    assert result.exit_code == 0, result.stderr
+    assert "`--tensors` lists all 448 tensors" in result.stdout
+    assert_fits(result.stdout)
+    assert_told_apart(result.stdout, modules, 1)
+
+
+def test_cjk_names_are_measured_in_terminal_columns(cwd: Path) -> None:
+    """Wide characters take two columns: the next column starts at the same place in every
+    row, and no row is wider than 80 columns."""
+    names = [
+        f"model.层.{i}.注意力投影_非常长的名字_这里还有更多的字符_以及更多" for i in (0, 1, 11)
+    ]
+    tensors: dict[str, Any] = {}
+    for m in names:
+        tensors |= lora_tensors(module=m, d_in=4, d_out=4)
+    write_adapter(
+        cwd / "src",
+        tensors,
+        {"target_modules": ["注意力投影_非常长的名字_这里还有更多的字符_以及更多"]},
+    )
+    result = invoke("inspect", "src")
+    assert result.exit_code == 0, result.stderr
+    rows = [ln for ln in result.stdout.splitlines() if "lora_" in ln]
+    assert len(rows) == 6
+    assert all(cells(ln) <= 80 for ln in result.stdout.splitlines())
+    assert len({cells(ln.split("lora_")[0]) for ln in rows}) == 1, "\n".join(rows)
+    assert len({ln.split()[0] for ln in rows}) == 3
+    assert cells("层注意") == 6
+    assert cells("ab") == 2
+
+
+def test_an_ascii_stream_gets_the_escapes_measured(cwd: Path) -> None:
+    """Under PYTHONIOENCODING=ascii, `é` is written `\\xe9` (4 columns): widths are measured on
+    that, so the columns line up and the lines stay within 80 columns."""
+    names = [f"model.layers.{i}.self_attn.caméra_très_longue_projection_éééééé" for i in (0, 1)]
+    names += ["model.layers.2.mlp.down_proj"]
+    tensors: dict[str, Any] = {}
+    for m in names:
+        tensors |= lora_tensors(module=m, d_in=4, d_out=4)
+    write_adapter(cwd / "src", tensors, {"target_modules": ["down_proj"]})
+    result = subprocess.run(
+        [sys.executable, "-m", "adapterctl", "inspect", "src"],
+        capture_output=True,
+        encoding="ascii",
+        errors="strict",
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80", "PYTHONIOENCODING": "ascii"},
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_fits(result.stdout)
+    rows = [ln for ln in result.stdout.splitlines() if "lora_" in ln]
+    assert len(rows) == 6
+    assert len({ln.index("lora_") for ln in rows}) == 1, result.stdout
+    assert len({ln.split()[0] for ln in rows}) == 3
+    assert "\\xe9" in result.stdout  # escaped
+    assert "..." in result.stdout  # and shortened
+
+
+def test_names_that_differ_inside_one_long_segment_stay_distinct() -> None:
+    """No dot to cut at: the characters around where each name parts from the others are kept,
+    with its start and its end, within the room."""
+    names = ["x" * 300 + str(i) + "y" * 300 for i in range(50)]
+    short = distinct_names(names, 60)
+    assert len(set(short)) == 50
+    assert all(cells(s) <= 60 for s in short)
+    assert all(s.startswith("xxx") and s.endswith("yyy") for s in short)
+    assert all(re.search(rf"x{i}y", s) for i, s in enumerate(short))
+
+
+def test_distinct_names_never_merges_two_names() -> None:
+    """Names built to collide under any one cutting rule (equal starts, ends and lengths):
+    every room from 16 columns up keeps them apart."""
+    names = [f"a.{p}.{m}.{q}.z" for p in ("bb", "bc") for m in ("x" * 40, "y" * 40) for q in "01"]
+    for room in range(16, 60):
+        short = distinct_names(names, room)
+        assert len(set(short)) == len(names), (room, short)
