@@ -30,6 +30,10 @@ class UnreadableFileError(AdapterFormatError):
     """A file adapterctl must read is no regular file, is too large, or cannot be opened."""
 
 
+class NotRegularFileError(UnreadableFileError):
+    """A file adapterctl must read is a FIFO, a device, a directory or a socket."""
+
+
 def _kind_of(mode: int) -> str:
     for test, name in (
         (stat.S_ISDIR, "a directory"),
@@ -57,7 +61,7 @@ def open_regular(path: str | os.PathLike[str], kind: str) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise UnreadableFileError(
+            raise NotRegularFileError(
                 f"the {kind} `{label}` is {_kind_of(mode)}, not a regular file",
                 hint="replace it with a regular file or remove it",
             )

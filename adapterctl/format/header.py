@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from adapterctl.errors import AdapterFormatError
+from adapterctl.errors import AdapterFormatError, AdapterNotFoundError
 from adapterctl.format.dtypes import DTYPES, Dtype
 
 MAX_HEADER_SIZE = 100_000_000
@@ -52,11 +52,16 @@ def check_not_lfs_pointer(f: BinaryIO, label: str) -> None:
 
 
 def check_path_not_lfs_pointer(path: str | os.PathLike[str]) -> None:
-    """The same for the file at `path` (unreadable files are left to the reader to report)."""
+    """The same for the file at `path`, which must be a regular file (a FIFO would block, a device
+    never end); a missing or unreadable file is left to the reader to report."""
+    from adapterctl.format.files import NotRegularFileError, UnreadableFileError, open_regular
+
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "weights file") as f:
             head = f.read(_LFS_MAX)
-    except OSError:
+    except NotRegularFileError:
+        raise
+    except (OSError, AdapterNotFoundError, UnreadableFileError):
         return
     if is_lfs_pointer(head):
         raise lfs_pointer_error(os.fspath(path))

@@ -268,3 +268,28 @@ def test_a_refused_base_pickle_is_one_line(llama: Path, tmp_path: Path) -> None:
     result = _run("load", base, src)
     _one_error(result, "pytorch_model.bin")
     assert len(result.stderr.splitlines()) <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin"])
+@pytest.mark.parametrize("command", ["load", "save"])
+def test_a_special_weights_file_in_a_base_is_one_error_line(
+    command: str, name: str, kind: str, llama: Path, tmp_path: Path
+) -> None:
+    """Every weights file in BASE is looked at (Git LFS pointers): a FIFO there must not block."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    (base / name).unlink(missing_ok=True)
+    _special(kind, base / name)
+    src = _llama_adapter(tmp_path / "a", {})
+    args = (
+        [base, src]
+        if command == "load"
+        else [base, tmp_path / "out", "--r", "2", "--target", "q_proj"]
+    )
+    result = _run(command, *args)
+    _one_error(result, name)
+    assert "not a regular file" in result.stderr
