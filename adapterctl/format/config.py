@@ -19,7 +19,6 @@ from adapterctl.format.patterns import (
     PatternSet,
     layers_pattern_regex,
     modules_to_save_regex,
-    pattern_regex,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -187,7 +186,7 @@ def validate(data: dict[str, Any], label: str, patterns: PatternSet | None = Non
                 raise fail(
                     field, f"value for {json.dumps(key)} must be {kind}, not {json.dumps(value)}"
                 )
-            patterns.get(pattern_regex(key), f"`{field}` key", source=key)
+            patterns.check_key(field, key)
     ltt = data.get("layers_to_transform")
     if (
         ltt is not None
@@ -323,7 +322,7 @@ class LoraConfig:
 
     def regex(self, regex: str, field: str, *, source: str | None = None) -> Pattern:
         """A regex from this config (`field` names it in errors), compiled once, matched within
-        its budget for the run (adapterctl.format.patterns)."""
+        the budget its config's patterns share for the run (adapterctl.format.patterns)."""
         return self._patterns.get(regex, field, source=source)
 
     def matching_patterns(self, field: str, module: str) -> list[str]:
@@ -331,21 +330,13 @@ class LoraConfig:
         patterns = getattr(self, field) or {}
         if not patterns:
             return []
-        # each (key, module) pair is matched once per config: every caller asks again per module
+        # each module is looked up once per config: every caller asks again per module
         memo = self._patterns.memo(field)
         found = memo.get(module)
         if found is None:
-            keys = tuple(k for k in patterns if self._key_matches(field, k, module))
+            keys = self._patterns.keys_matching(field, patterns, module)
             found = memo[module] = self._patterns.shared(keys)
         return list(found)
-
-    def _key_matches(self, field: str, key: str, module: str) -> bool:
-        plain = self._patterns.plain(key)
-        if plain is not None:
-            return plain.matches(module)
-        return (
-            self.regex(pattern_regex(key), f"`{field}` key", source=key).match(module) is not None
-        )
 
     def rank_for(self, module: str) -> int:
         keys = self.matching_patterns("rank_pattern", module)

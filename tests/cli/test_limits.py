@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapterctl.cli.main import app
-from tests.helpers import Q, V, lora_tensors, write_adapter
+from tests.helpers import Q, V, lora_tensors, write_adapter, write_tensors
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +92,46 @@ def test_the_issue_example_finishes(tmp_path: Path) -> None:
         assert cpu < CPU_BOUND_S, (name, cpu)
         assert result.exit_code in (0, 1), (name, result.output)
         assert "Traceback" not in result.output
+
+
+#: one of many keys that each backtrack for ~0.3 s on the name below (Q's module + 29 x)
+MANY_SLOW_KEYS = "(x|xx)+y|q{}"
+
+
+def test_many_catastrophic_keys_spend_one_budget(tmp_path: Path) -> None:
+    """1,000 keys that each backtrack on a module name: one budget for the config, not one each
+    (before: ~0.25 s per key, so minutes, then exit 0)."""
+    name = "model.layers.0." + "x" * 29
+    src = _adapter(
+        tmp_path / "a", {"rank_pattern": {MANY_SLOW_KEYS.format(i): 4 for i in range(1000)}}
+    )
+    write_tensors(src / "adapter_model.safetensors", lora_tensors(name))
+    for command, argv in _commands(src, tmp_path).items():
+        result, cpu = _invoke(*argv)
+        assert cpu < CPU_BOUND_S, (command, cpu)
+        assert result.exit_code == 1, (command, result.output)
+        first = result.stderr.splitlines()[0]
+        assert first.startswith("error: "), (command, first)
+        assert "`rank_pattern` key" in first, (command, first)
+        assert "takes too long" in first, (command, first)
+
+
+def test_thousands_of_plain_keys_are_indexed(tmp_path: Path) -> None:
+    """8,000 plain rank_pattern keys x 8,000 modules (a 160 KB config, a 2 MB adapter): one key
+    check per module, not keys x modules (before: 30 s of CPU)."""
+    from adapterctl.format import patterns
+
+    n = 8000
+    tensors: dict[str, Any] = {}
+    for i in range(n):
+        tensors.update(lora_tensors(f"zz{i}.q_proj", r=2, d_in=2, d_out=2))
+    src = _adapter(tmp_path / "a", {"r": 2, "rank_pattern": {f"zz{i}.q_proj": 2 for i in range(n)}})
+    write_tensors(src / "adapter_model.safetensors", tensors)
+    before = patterns.match_calls
+    result, cpu = _invoke("inspect", src, "--check")
+    assert result.exit_code == 0, result.output
+    assert patterns.match_calls - before <= 2 * n
+    assert cpu < CPU_BOUND_S, cpu
 
 
 # --- load: the engine matches every regex field against the base's module names -----------------

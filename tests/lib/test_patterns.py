@@ -4,7 +4,9 @@ that stays linear in the number of modules (counted, not timed)."""
 
 from __future__ import annotations
 
+import itertools
 import re
+import resource
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from adapterctl.errors import ConfigError
 from adapterctl.format import patterns
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.patterns import (
+    PlainIndex,
     PlainKey,
     compile_pattern,
     layers_pattern_regex,
@@ -102,6 +105,32 @@ def test_plain_keys_answer_as_peft_regex(key: str, name: str) -> None:
     assert PlainKey(key).matches(name) == (re.match(pattern_regex(key), name) is not None)
 
 
+#: a few regex keys, to mix with plain ones (their order against the plain keys must hold)
+_REGEX_KEYS = st.sampled_from([r"a+", r"(a|b)\.1", r"[ab]", r".*", r"b?1", r"x|_"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.lists(_PLAIN_CHARS, min_size=1, max_size=5).map("".join), _REGEX_KEYS),
+        max_size=12,
+        unique=True,
+    ),
+    st.lists(_NAME_CHARS, max_size=14).map("".join),
+)
+def test_indexed_keys_answer_as_peft_regex_in_file_order(keys: list[str], name: str) -> None:
+    """The PlainIndex (plain keys) merged with the regex keys gives exactly the keys PEFT's regex
+    matches, in file order: the first is the one PEFT uses."""
+    expected = [k for k in keys if re.match(pattern_regex(k), name) is not None]
+    config = LoraConfig(rank_pattern=dict.fromkeys(keys, 2))
+    assert config.matching_patterns("rank_pattern", name) == expected
+    index = PlainIndex("`rank_pattern` key", "t")
+    for position, key in enumerate(keys):
+        if PlainKey.applies(key):
+            index.add(position, key)
+    assert [keys[p] for p in index.lookup(name)] == [k for k in expected if PlainKey.applies(k)]
+
+
 @pytest.mark.parametrize(
     ("field", "fields"),
     [
@@ -183,3 +212,96 @@ def test_inspect_matches_each_key_once_per_module() -> None:
         counts.append(patterns.match_calls - before)
         assert counts[-1] <= 3 * n
     assert counts[1] == 2 * counts[0]
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+#: backtracks for ~0.3 s on the name below, a new pattern for every `i`
+_SLOW_KEY = "(x|xx)+y|q{}"
+_SLOW_NAME = "model.layers.0." + "x" * 29
+
+
+def test_many_catastrophic_keys_share_one_budget() -> None:
+    """1,000 keys that each backtrack on a name spend one budget for the whole config, not one
+    each: the first few spend it, the next is refused unmatched, naming its field and itself."""
+    config = LoraConfig(rank_pattern={_SLOW_KEY.format(i): 2 for i in range(1000)})
+    before, start = patterns.match_calls, _cpu_s()
+    with pytest.raises(ConfigError, match="`rank_pattern` key") as e:
+        config.rank_for(_SLOW_NAME)
+    calls = patterns.match_calls - before
+    assert calls < 50, calls  # a few ran (each gets the time left), then the budget was spent
+    assert _cpu_s() - start < patterns.BUDGET_S + 5
+    assert _SLOW_KEY.format(calls - 1) in e.value.message  # the one running when it ran out
+    assert "takes too long" in e.value.message
+
+
+def test_the_budget_is_shared_across_fields() -> None:
+    """rank_pattern and alpha_pattern keys draw on one budget: spent by one, refused to the other."""
+    config = LoraConfig(
+        rank_pattern={_SLOW_KEY.format(i): 2 for i in range(100)}, alpha_pattern={"q.*": 4}
+    )
+    with pytest.raises(ConfigError):
+        config.rank_for(_SLOW_NAME)
+    with pytest.raises(ConfigError, match="`alpha_pattern` key"):
+        config.alpha_for("model.q_proj")
+
+
+def test_the_budget_grows_with_names_not_with_patterns() -> None:
+    """What the patterns of a config may spend: BUDGET_S plus PER_NAME_S for each distinct name,
+    however many patterns are matched against each (500 keys x 20 names here, each name asked
+    three times)."""
+    config = LoraConfig(
+        rank_pattern={f"q{i}.*_proj": 2 for i in range(500)}, alpha_pattern={"q1.*": 4}
+    )
+    names = [f"model.layers.{i}.q{i}x_proj" for i in range(20)]
+    before = patterns.match_calls
+    for name in names * 3:
+        assert config.rank_for(name) == 2
+        config.alpha_for(name)
+    assert patterns.match_calls - before == 501 * 20  # each (key, name) once: memoised
+    budget = config._patterns.budget  # the one budget of every pattern of this config
+    assert 0 < budget.left <= patterns.BUDGET_S + len(names) * patterns.PER_NAME_S
+
+
+def _plain_case(n: int) -> tuple[LoraConfig, list[str]]:
+    config = LoraConfig(rank_pattern={f"zz{i}.q_proj": 2 for i in range(n)})
+    return config, [f"base_model.model.zz{i}.q_proj" for i in range(n)]
+
+
+def test_plain_keys_are_indexed_not_tried_one_by_one() -> None:
+    """8,000 plain keys x 8,000 modules (a 160 KB config): one candidate check per module (the
+    key that matches), and trie steps linear in the characters of the names, not keys x modules."""
+    counts = []
+    for n in (2000, 8000):
+        config, names = _plain_case(n)
+        before = patterns.match_calls
+        ranks = [config.rank_for(name) for name in names]
+        calls = patterns.match_calls - before
+        assert ranks == [2] * n
+        assert calls == n  # one check per module: the one key that matches it
+        steps = config._patterns._keys["rank_pattern"].index.steps
+        assert steps <= 2 * sum(len(name) + 1 for name in names)
+        counts.append(steps)
+    assert counts[1] < 4 * counts[0] * 1.2  # linear in the names (4x the names, ~4x the steps)
+    config, names = _plain_case(8000)
+    assert config.matching_patterns("rank_pattern", "zz7.q_proj") == ["zz7.q_proj"]
+    assert config.matching_patterns("rank_pattern", "zz7_q_proj") == ["zz7.q_proj"]  # `.`: any
+    assert config.matching_patterns("rank_pattern", "a.bzz7.q_proj") == []  # not dot-aligned
+
+
+def test_keys_made_to_branch_run_out_of_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys with `.` where others have a letter make a walk branch at every step (here 4,096 keys
+    all followed to the last character for every name): the steps are bounded, then an error
+    naming the field, never keys x modules of work."""
+    monkeypatch.setattr(patterns, "INDEX_STEPS", 50_000)
+    keys = {"b" + "".join(p): 2 for p in itertools.product("a.", repeat=12)}
+    config = LoraConfig(rank_pattern=keys)
+    start = _cpu_s()
+    names = [f"m{i}.c" + "a" * 12 for i in range(1000)]
+    with pytest.raises(ConfigError, match="`rank_pattern` keys take too long") as e:
+        [config.rank_for(name) for name in names]
+    assert _cpu_s() - start < 5
+    assert e.value.hint is not None
