@@ -275,18 +275,26 @@ def _within(real: str, folder: str) -> bool:
         return False
 
 
-def check_inside(path: Path, root: Path) -> None:
+def _identity(real: str) -> os.stat_result | None:
+    try:
+        return os.stat(real)
+    except OSError:  # reported as what it is by whoever reads it
+        return None
+
+
+def check_inside(path: Path, root: Path) -> os.stat_result | None:
     """Refuse a file of the adapter directory `root` that is (or lies through) a symlink to a file
     outside it: push would upload it, convert and select copy it (a README.md linking to a token
-    file). Hugging Face cache snapshots link every file into their repo's `blobs` folder: allowed."""
-    if not os.path.lexists(path):
-        return
+    file). Hugging Face cache snapshots link every file into their repo's `blobs` folder: allowed.
+    Returns the file's stat (for reading it as that very file), None when there is none."""
+    if not os.path.exists(path):  # nothing, or a broken symlink: nothing to read
+        return None
     real, folder = os.path.realpath(path), os.path.realpath(root)
     if _within(real, folder):
-        return
+        return _identity(real)
     blobs = _hub_blobs(folder)
     if blobs is not None and os.path.isdir(blobs) and _within(real, blobs):
-        return
+        return _identity(real)
     how = "is a symlink to" if os.path.islink(path) else "lies, through a symlinked folder, in"
     raise AdapterFormatError(
         f"`{path}` {how} a file outside the adapter directory: `{real}`",
@@ -301,5 +309,5 @@ def read_readme(directory: Path) -> bytes | None:
     from adapterctl.format.files import read_optional
 
     path = directory / README_NAME
-    check_inside(path, directory)
-    return read_optional(path, "model card")
+    checked = check_inside(path, directory)
+    return read_optional(path, "model card", same_as=checked)

@@ -353,3 +353,22 @@ def test_a_snapshot_linking_elsewhere_is_refused(layout: str, tmp_path: Path) ->
         (snap / "README.md").symlink_to("../../secret.txt")
     with pytest.raises(AdapterFormatError, match="outside the adapter directory"):
         read_readme(snap)
+
+
+def test_a_card_swapped_after_its_check_is_not_read(tmp_path: Path) -> None:
+    from adapterctl.format.files import UnreadableFileError, read_small
+
+    (tmp_path / "README.md").write_text("# checked\n")
+    checked = (tmp_path / "README.md").stat()
+    (tmp_path / "other.md").write_text(SECRET)
+    (tmp_path / "README.md").unlink()
+    (tmp_path / "README.md").symlink_to(tmp_path / "other.md")  # the swap
+    with pytest.raises(UnreadableFileError, match="changed while it was being read"):
+        read_small(tmp_path / "README.md", "model card", same_as=checked)
+
+
+def test_a_broken_link_is_no_card(tmp_path: Path) -> None:
+    from adapterctl.format.layout import read_readme
+
+    (tmp_path / "README.md").symlink_to("../nowhere.md")
+    assert read_readme(tmp_path) is None
