@@ -73,13 +73,24 @@ def open_regular(path: str | os.PathLike[str], kind: str) -> BinaryIO:
         raise
 
 
-def read_small(path: str | os.PathLike[str], kind: str, *, limit: int | None = None) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes (LIMITS[kind] by default)."""
+def read_small(
+    path: str | os.PathLike[str],
+    kind: str,
+    *,
+    limit: int | None = None,
+    same_as: os.stat_result | None = None,
+) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (LIMITS[kind] by default); with
+    `same_as`, only when the file opened is that one (device and inode: nothing swapped it since
+    it was checked)."""
     cap = LIMITS[kind] if limit is None else limit
     label = os.fspath(path)
     with open_regular(path, kind) as f:
+        opened = os.fstat(f.fileno())
+        if same_as is not None and not os.path.samestat(opened, same_as):
+            raise UnreadableFileError(f"the {kind} `{label}` changed while it was being read")
         try:
-            size = os.fstat(f.fileno()).st_size
+            size = opened.st_size
             data = f.read(cap + 1) if size <= cap else b""
         except OSError as e:
             raise UnreadableFileError(f"cannot read the {kind} `{label}`: {e.strerror}") from None
@@ -90,11 +101,13 @@ def read_small(path: str | os.PathLike[str], kind: str, *, limit: int | None = N
     return data
 
 
-def read_optional(path: str | os.PathLike[str], kind: str) -> bytes | None:
+def read_optional(
+    path: str | os.PathLike[str], kind: str, *, same_as: os.stat_result | None = None
+) -> bytes | None:
     """`read_small`, or None when nothing is at `path` (a broken symlink included)."""
     if not os.path.lexists(path):
         return None
     try:
-        return read_small(path, kind)
+        return read_small(path, kind, same_as=same_as)
     except AdapterNotFoundError:
         return None

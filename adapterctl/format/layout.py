@@ -250,9 +250,64 @@ def adapter_subdir(name: str) -> str:
     return "" if name == DEFAULT_ADAPTER else validate_adapter_name(name)
 
 
+def _hub_blobs(root: str) -> str | None:
+    """For a folder inside a Hugging Face cache snapshot (`models--ORG--NAME/snapshots/REV/...`),
+    the repo cache's `blobs` folder its files link into; None for any other folder."""
+    parts = Path(root).parts
+    for i in range(len(parts) - 2, 0, -1):  # the nearest `snapshots` folder with a REV below it
+        if parts[i] == "snapshots":
+            repo = parts[i - 1]
+            if repo.partition("--")[0] in ("models", "datasets", "spaces") and "--" in repo:
+                return os.path.join(*parts[:i], "blobs")
+            return None
+    return None
+
+
+def _within(real: str, folder: str) -> bool:
+    """Whether the real path `real` lies inside the real folder `folder`: by path, else by
+    device and inode of its parents (a case-insensitive or bind-mounted file system)."""
+    if os.path.commonpath([real, folder]) == folder:
+        return True
+    try:
+        want = os.stat(folder)
+        return any(os.path.samestat(os.stat(p), want) for p in Path(real).parents)
+    except OSError:
+        return False
+
+
+def _identity(real: str) -> os.stat_result | None:
+    try:
+        return os.stat(real)
+    except OSError:  # reported as what it is by whoever reads it
+        return None
+
+
+def check_inside(path: Path, root: Path) -> os.stat_result | None:
+    """Refuse a file of the adapter directory `root` that is (or lies through) a symlink to a file
+    outside it: push would upload it, convert and select copy it (a README.md linking to a token
+    file). Hugging Face cache snapshots link every file into their repo's `blobs` folder: allowed.
+    Returns the file's stat (for reading it as that very file), None when there is none."""
+    if not os.path.exists(path):  # nothing, or a broken symlink: nothing to read
+        return None
+    real, folder = os.path.realpath(path), os.path.realpath(root)
+    if _within(real, folder):
+        return _identity(real)
+    blobs = _hub_blobs(folder)
+    if blobs is not None and os.path.isdir(blobs) and _within(real, blobs):
+        return _identity(real)
+    how = "is a symlink to" if os.path.islink(path) else "lies, through a symlinked folder, in"
+    raise AdapterFormatError(
+        f"`{path}` {how} a file outside the adapter directory: `{real}`",
+        hint="copy the file into the adapter directory if it belongs there",
+    )
+
+
 def read_readme(directory: Path) -> bytes | None:
-    """The bytes of `directory`/README.md, None when there is none. Read before any output is
-    written, so a card that cannot be read is blamed on itself, never on the output."""
+    """The bytes of `directory`/README.md, None when there is none; one that links outside
+    `directory` is an error (check_inside). Read before any output is written, so a card that
+    cannot be read is blamed on itself, never on the output."""
     from adapterctl.format.files import read_optional
 
-    return read_optional(directory / README_NAME, "model card")
+    path = directory / README_NAME
+    checked = check_inside(path, directory)
+    return read_optional(path, "model card", same_as=checked)

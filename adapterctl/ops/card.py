@@ -15,13 +15,14 @@ node count; no anchors or aliases, so no alias bomb; only the standard tags, so 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 from adapterctl.errors import AdapterctlError
 from adapterctl.format.config import LoraConfig, residual_init
-from adapterctl.format.files import read_optional
+from adapterctl.format.layout import README_NAME, read_readme
 
 _FRAMEWORK = "### Framework versions"
 #: the Hub's pipeline tag for each PEFT task type
@@ -35,7 +36,11 @@ PIPELINE_TAGS = {
 }
 _FACTS_START = "<!-- adapterctl: adapter facts (rewritten on every save, convert and push) -->"
 _FACTS_END = "<!-- adapterctl: end of adapter facts -->"
-_FACTS = re.compile(re.escape(_FACTS_START) + r".*?" + re.escape(_FACTS_END) + r"\n?", re.DOTALL)
+#: the facts block: its markers count only as whole lines (a value in it is never a whole line)
+_FACTS = re.compile(
+    "^" + re.escape(_FACTS_START) + r"\r?\n.*?^" + re.escape(_FACTS_END) + r"[ \t]*(?:\r?\n|\Z)",
+    re.DOTALL | re.MULTILINE,
+)
 #: the facts sentence older adapterctl versions wrote into a new card's first paragraph
 _OLD_FACTS = re.compile(r" \(r=\d+, lora_alpha=[-+0-9.eE]+\)\.")
 #: huggingface_hub's front matter block (repocard.REGEX_YAML_BLOCK)
@@ -153,10 +158,10 @@ def load_card(text: str, label: str) -> Any:
 
 
 def read_card(directory: Path) -> str | None:
-    """SOURCE/README.md (a regular file of at most 4 MiB, UTF-8), or None when there is none."""
-    path = directory / "README.md"
-    data = read_optional(path, "model card")
-    return None if data is None else decode_card(data, f"`{path}`")
+    """SOURCE/README.md (a regular file of at most 4 MiB inside SOURCE, UTF-8), or None when
+    there is none (layout.read_readme)."""
+    data = read_readme(directory)
+    return None if data is None else decode_card(data, f"`{directory / README_NAME}`")
 
 
 def decode_card(data: bytes, label: str) -> str:
@@ -178,9 +183,48 @@ def card_tags(text: str | None, label: str = "the card") -> list[str]:
 # --- writing a card -----------------------------------------------------------------------------
 
 
-def _fact_line(name: str, config: LoraConfig) -> str:
-    from adapterctl.ops.checks import target_summary
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
+
+def _visible(text: str) -> str:
+    """`text` with every invisible or line-breaking character (controls, bidi overrides, U+2028)
+    written as a \\uXXXX escape."""
+    import unicodedata
+
+    return "".join(
+        (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        if unicodedata.category(c) in _HIDDEN
+        else c
+        for c in text
+    )
+
+
+def _escaped(value: str) -> str:
+    """`value` on one line: JSON string escapes (newlines, quotes, backslashes), then `_visible`."""
+    return _visible(json.dumps(value, ensure_ascii=False)[1:-1])
+
+
+def inert(value: str) -> str:
+    """A config string as a Markdown code span nothing in it can leave: escaped onto one line
+    (`_escaped`), fenced with more backticks than its longest run of them."""
+    text = _escaped(value) or '""'
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    if text[0] in "` " or text[-1] in "` ":
+        text = f" {text} "  # CommonMark strips one space each side
+    return f"{fence}{text}{fence}"
+
+
+def _targets(config: LoraConfig) -> str:
+    tm = config.target_modules
+    if tm is None:
+        return "(architecture default)"
+    if isinstance(tm, str):
+        return f"regex {inert(tm)}"
+    return ", ".join(inert(t) for t in sorted(set(tm)))
+
+
+def _fact_line(name: str, config: LoraConfig) -> str:
+    """One adapter's facts: numbers and flags as they are, every string through `inert`."""
     init = config.init_lora_weights
     parts = [f"r={config.r}", f"lora_alpha={config.lora_alpha}"]
     if config.rank_pattern:
@@ -190,9 +234,10 @@ def _fact_line(name: str, config: LoraConfig) -> str:
     for flag in ("use_rslora", "use_dora"):
         if getattr(config, flag):
             parts.append(flag)
-    parts.append(f"init_lora_weights={init!r}" + (" (residual)" if residual_init(init) else ""))
-    parts.append(f"target_modules: {target_summary(config)}")
-    return f"- `{name}`: " + ", ".join(parts)
+    shown = inert(init) if isinstance(init, str) else str(init)
+    parts.append(f"init_lora_weights={shown}" + (" (residual)" if residual_init(init) else ""))
+    parts.append(f"target_modules: {_targets(config)}")
+    return f"- {inert(name)}: " + ", ".join(parts)
 
 
 def facts_block(adapters: dict[str, LoraConfig]) -> str:
@@ -273,21 +318,42 @@ def card_text(
     return text
 
 
-def facts_note(existing: str | None, adapters: dict[str, LoraConfig], where: str) -> str | None:
-    """What to tell the user when the facts an existing card states change (None: it stated none,
-    or the same ones)."""
+def _stated(existing: str) -> str | None:
+    """The adapter facts `existing` states (its facts block's lines, or an older adapterctl's
+    "(r=8, lora_alpha=16)."), one line, bounded; None when it states none."""
+    block = _FACTS.search(existing)
+    if block is not None:
+        lines = [ln.strip() for ln in block.group(0).splitlines()[1:-1]]
+        said = "; ".join(ln.removeprefix("- ") for ln in lines if ln.startswith("- "))
+    else:
+        sentence = _OLD_FACTS.search(existing)
+        if sentence is None:
+            return None
+        said = sentence.group(0).strip(" ().")
+    said = _visible(said) or "no adapters"
+    return said if len(said) <= 300 else said[:300] + "..."
+
+
+def facts_note(
+    existing: str | None, adapters: dict[str, LoraConfig], written: str, source: str
+) -> str | None:
+    """What to tell the user when the card `written` (a phrase: "the card written to `OUT`")
+    states other adapter facts than SOURCE's card (`source`, its path in backticks) did; None
+    when SOURCE's card stated none, or the same ones."""
     if existing is None:
         return None
     old = _FACTS.search(existing)
     if old is not None:
-        stale = old.group(0).rstrip("\n") != facts_block(adapters).rstrip("\n")
+        stated = old.group(0).replace("\r\n", "\n").rstrip("\n")
+        stale = stated != facts_block(adapters).rstrip("\n")
     else:  # a card written by an older adapterctl: "(r=8, lora_alpha=16)."
         sentence = _OLD_FACTS.search(existing)
         first = next(iter(adapters.values()))
         stale = sentence is not None and sentence.group(0) != (
             f" (r={first.r}, lora_alpha={first.lora_alpha})."
         )
-    if not stale:
+    said = _stated(existing)
+    if not stale or said is None:
         return None
-    what = "; ".join(_fact_line(n, c).removeprefix("- ") for n, c in adapters.items())
-    return f"{where}: the model card's adapter facts were updated ({what})"
+    now = "; ".join(_fact_line(n, c).removeprefix("- ") for n, c in adapters.items())
+    return f"{written} has new adapter facts: {source} said {said}; now {now}"

@@ -249,7 +249,7 @@ def convert_adapter(
         with atomic_directory(out, force=force, inputs=inputs) as tmp:
             result.bytes_out = _write(plan, tmp, total, progress)
             if existing_card is not None and files.directory is not None:
-                _write_card(existing_card, files.directory, tmp, plan.config, result.warnings)
+                _write_card(existing_card, files.directory, tmp, out, plan.config, result.warnings)
             if verify_output:
                 result.verification = verify(plan, tmp, _phase(progress, "verifying"))
                 if not result.verification.passed:
@@ -274,15 +274,17 @@ def _phase(progress: Progress | None, phase: str) -> Callable[[int, int], None] 
 
 
 def _write_card(
-    existing: str, source: Path, tmp: Path, config: LoraConfig, warnings: list[str]
+    existing: str, source: Path, tmp: Path, out: Path, config: LoraConfig, warnings: list[str]
 ) -> None:
-    """SOURCE's card with its adapter facts rewritten for the converted config."""
+    """SOURCE's card with its adapter facts rewritten for the converted config, into `tmp` (what
+    becomes `out`)."""
     from adapterctl.ops.card import facts_note, refresh_card
 
     where = f"`{source / README_NAME}`"
     text = refresh_card(existing, {"default": config}, where)
     (tmp / README_NAME).write_bytes(text.encode("utf-8"))
-    note = facts_note(existing, {"default": config}, where)
+    written = f"the card written to `{out / README_NAME}`"
+    note = facts_note(existing, {"default": config}, written, where)
     if note:
         warnings.append(note)
         log.warning("%s", note)

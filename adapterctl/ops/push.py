@@ -26,6 +26,7 @@ from adapterctl.format.layout import (
     README_NAME,
     SAFETENSORS_NAME,
     adapter_subdir,
+    check_inside,
     find_adapters,
     pick_adapters,
 )
@@ -150,6 +151,7 @@ def plan_push(
     source: str | os.PathLike[str],
     adapters: list[str] | None = None,
     base_model: str | None = None,
+    repo_id: str | None = None,
 ) -> tuple[list[PushFile], LoraConfig, list[str], dict[str, LoraConfig]]:
     """The adapter files to upload, after the same checks as `inspect --check`; the config the
     card describes (with the base model's Hub id); what the user should be told; and each chosen
@@ -184,8 +186,10 @@ def plan_push(
             )
     configs = []
     for adapter in picked:  # every chosen adapter passes the check before anything else
-        report = report_adapter(adapter)
         assert adapter.config_path is not None
+        for path in (adapter.config_path, adapter.weights_path):
+            check_inside(path, root)  # what is uploaded never links out of SOURCE
+        report = report_adapter(adapter)
         config = LoraConfig.from_file(adapter.config_path)
         # a config PEFT cannot read for its encoding alone is uploaded re-encoded (below)
         errors = [p for p in report.errors if not _encoding_only(p.message, config)]
@@ -233,7 +237,8 @@ def plan_push(
         a.name: c.replace(base_model_name_or_path=hub_base)
         for a, c in zip(picked, configs, strict=True)
     }
-    note = facts_note(read_card(root), facts, f"`{root / README_NAME}`")
+    written = f"the card push uploads to `{repo_id}`" if repo_id else "the card push uploads"
+    note = facts_note(read_card(root), facts, written, f"`{root / README_NAME}`")
     if note:
         notes.append(note)
     return files, first.replace(base_model_name_or_path=hub_base), notes, facts
@@ -286,7 +291,9 @@ def push_adapter(
     """Check the adapter, build its card and upload it in one commit (nothing with `dry_run`)."""
     _check_repo_id(repo_id)
     branch = revision or "main"
-    adapter_files, config, notes, facts = plan_push(source, adapters, base_model)  # no network
+    adapter_files, config, notes, facts = plan_push(
+        source, adapters, base_model, repo_id
+    )  # no network
     for note in notes:
         log.warning("%s", note)
     if dry_run:

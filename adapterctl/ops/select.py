@@ -205,7 +205,8 @@ def select_adapters(
     results = []
     with atomic_directory(out, force=force, inputs=[source]) as tmp:
         if readme is not None:
-            _write_card(readme, Path(source), tmp, checked, new_names if renames else None)
+            names = new_names if renames else None
+            _write_card(readme, Path(source), tmp, out, checked, names)
         for check, new in zip(checked, new_names, strict=True):
             files = check.files
             sub = adapter_subdir(new)
@@ -224,7 +225,12 @@ def select_adapters(
 
 
 def _write_card(
-    data: bytes, root: Path, tmp: Path, checked: list[_Checked], new_names: list[str] | None
+    data: bytes,
+    root: Path,
+    tmp: Path,
+    out: Path,
+    checked: list[_Checked],
+    new_names: list[str] | None,
 ) -> None:
     """SOURCE's card (its bytes, read before any output existed), as it is; with renames, its
     adapter facts rewritten for the new names."""
@@ -238,7 +244,8 @@ def _write_card(
             for check, name in zip(checked, new_names, strict=True)
         }
         data = refresh_card(existing, configs, where).encode("utf-8")
-        note = facts_note(existing, configs, where)
+        written = f"the card written to `{out / README_NAME}`"
+        note = facts_note(existing, configs, written, where)
         if note:
             log.warning("%s", note)
     (tmp / README_NAME).write_bytes(data)

@@ -654,3 +654,19 @@ def test_repo_not_found_on_a_write_is_an_authentication_failure(
     with pytest.raises(AdapterctlError) as info, hub_errors("alice/x", action=action):
         raise errors.RepositoryNotFoundError("401 Client Error", response=response)
     assert info.value.message.startswith(first_line)
+
+
+def test_a_hub_snapshots_card_links_into_its_blobs_and_is_read(
+    hub: FakeHub, adapter: Path, tmp_path: Path
+) -> None:
+    """huggingface_hub's cache keeps README.md in snapshots/REV as a link to ../../blobs/HASH:
+    that link leaves the adapter directory but stays in the repo's cache folder, so it is read."""
+    (adapter / "README.md").write_text("# Snapshot card\n")
+    hub.put_folder("alice/carded", adapter)
+    env = client_env(hub, tmp_path / "hf")
+    result = cli(env, "convert", "alice/carded", tmp_path / "out", "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    (cached,) = (tmp_path / "hf").rglob("snapshots/*/README.md")
+    assert cached.is_symlink()
+    assert "/blobs/" in os.readlink(cached)
+    assert "# Snapshot card" in (tmp_path / "out" / "README.md").read_text()
