@@ -187,12 +187,16 @@ def _cast_check(m: _Module, out: FileStore, s: float, sides: list[Any]) -> Check
     f = m.factors
     code = out.specs()[f.a_key][0].code
     (gb, ob, mb), (ga, oa, ma) = sides
-    denominator = abs(s) * math.sqrt(max(float((ob * oa).sum()), 0.0))
-    error = _ratio(abs(s) * math.sqrt(max(float((gb * ga).sum()), 0.0)), denominator)
+    if s == 0.0:  # both deltas are zero
+        return Check(f.module, 0.0, EXACT)
+    # the scaling |s| multiplies every norm below and cancels in each ratio: left out, so that a
+    # huge one (lora_alpha 1e308) cannot overflow them to inf/inf
+    denominator = math.sqrt(max(float((ob * oa).sum()), 0.0))
+    error = _ratio(math.sqrt(max(float((gb * ga).sum()), 0.0)), denominator)
     threshold = EXACT
     if code != f.dtype_code:
         u = UNIT[code]
-        magnitude = abs(s) * math.sqrt(max(float((mb * ma).sum()), 0.0))  # || |s'B'| |A'| ||
+        magnitude = math.sqrt(max(float((mb * ma).sum()), 0.0))  # || |B'| |A'| ||
         threshold += _ratio((2 * u + u * u) * magnitude, denominator)
     return Check(f.module, error, threshold)
 

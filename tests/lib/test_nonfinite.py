@@ -288,3 +288,17 @@ def test_has_nonfinite_agrees_with_the_mask(code: str) -> None:
         expected = mask is not None and bool(mask.any())
         for piece in (1, 5, 64, 1 << 16):
             assert has_nonfinite(t, piece) == expected, (code, trial, piece)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_a_huge_scaling_does_not_break_verification_of_a_cast(tmp_path: Path, dtype: str) -> None:
+    """The scaling cancels in --verify's ratios: alpha 1e308 (a scaling of 2.5e307) must not
+    turn them into inf/inf (a NaN allowance, reported as a bug)."""
+    src = write_adapter(
+        tmp_path / "src", {**lora_tensors(Q), **lora_tensors(V)}, {"lora_alpha": 1e308}
+    )
+    result = convert_adapter(src, tmp_path / "out", dtype=dtype, verify_output=True)
+    assert result.verification is not None
+    assert result.verification.passed
+    assert result.verification.worst is not None
+    assert 0 <= result.verification.worst.threshold < 0.1  # finite: bfloat16 allows ~1e-2
