@@ -350,6 +350,7 @@ class AdapterModel(nn.Module):
             if merge:
                 names = adapter_names or [a for a in layer.active_adapters if a in layer.r]
                 weight, bias = layer.merged_weight(names)
+                _refuse_new_nonfinite(path, names, base, weight, bias)
                 with torch.no_grad():
                     param(base).data = weight
                     if bias is not None:
@@ -365,6 +366,25 @@ class AdapterModel(nn.Module):
             setattr(parent, child, new)
         self.peft_config = {}
         return model
+
+
+def _refuse_new_nonfinite(
+    path: str, names: list[str], base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """A merge that makes a weight NaN or infinite where the base's was finite (a huge
+    lora_alpha, a half-precision overflow) is an error naming the module, never a broken model.
+    Raised before this module is changed (modules merged before it stay merged)."""
+    for new, old in ((weight, param(base)), (bias, getattr(base, "bias", None))):
+        if new is None or not isinstance(old, torch.Tensor):
+            continue
+        bad = ~torch.isfinite(new) & torch.isfinite(old.detach())
+        if bool(bad.any()):
+            raise AdapterctlError(
+                f"merging {', '.join(names)} into `{path}` gives {int(bad.sum())} values that are "
+                f"not finite in {str(new.dtype).removeprefix('torch.')} where the base's are",
+                hint="check the adapter's lora_alpha and factors (`adapterctl inspect --check`), "
+                "or merge into a float32 base",
+            )
 
 
 def _refuse_unsupported_base(model: nn.Module) -> None:

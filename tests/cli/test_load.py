@@ -350,3 +350,24 @@ def test_cuda_device_without_cuda_is_an_error(
     result = invoke(bases["llama"], peft_adapters["llama_basic"], "--device", "cuda")
     assert result.exit_code == 1
     assert result.stderr.startswith("error: --device cuda: CUDA is not available here")
+
+
+def test_merge_that_overflows_is_an_error(
+    bases: dict[str, Path], peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """A merged weight that is not finite where the base's is (lora_alpha 1e308) is an error
+    naming the module, and nothing is written (it used to be a broken model with exit 0)."""
+    import shutil
+
+    adapter = tmp_path / "huge"
+    shutil.copytree(peft_adapters["llama_basic"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e308}))
+    out = tmp_path / "merged"
+    result = invoke(bases["llama"], adapter, "--merge-to", out)
+    assert result.exit_code == 1, result.output
+    (line, *_) = result.stderr.splitlines()
+    assert line.startswith("error: merging default into `model.layers.0."), line
+    assert "not finite" in line
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["huge"]
