@@ -76,3 +76,8 @@ class InvalidOptionError(AdapterctlError):
     """Options that are invalid or conflict (`--rank 0`, `--rank` with `--energy`): a usage error."""
 
     exit_code = ExitCode.USAGE
+
+
+class StandardOutputError(AdapterctlError):
+    """The command's output could not be written to standard output (a full disk, a file-size
+    limit, an I/O error): the result is incomplete, so the command fails."""

@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 
 from adapterctl.cli import output
-from adapterctl.errors import AdapterctlError, ExitCode
+from adapterctl.errors import AdapterctlError, ExitCode, StandardOutputError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,12 +44,16 @@ def error_boundary(func: F) -> F:
         try:
             with warnings.catch_warnings():  # restores showwarning afterwards
                 warnings.showwarning = output.show_python_warning
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
+                output.flush_stdout()  # a write that fails now is the command's failure
+                return result
         except (typer.Exit, typer.Abort, typer.BadParameter):  # Typer renders these itself (exit 2)
             raise
         except AdapterctlError as e:
             if _debug():
                 raise
+            if isinstance(e, StandardOutputError):
+                _silence_stdout()  # what is buffered cannot be written at exit either
             output.error(e.message, e.hint, type_name=e.type_name, json_mode=json_mode)
             raise typer.Exit(int(e.exit_code)) from None
         except BrokenPipeError:

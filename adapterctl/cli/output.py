@@ -15,12 +15,14 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from adapterctl.cli.columns import natural_key, shorten, shown, table, width, wrap
 from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
+from adapterctl.errors import StandardOutputError
 from adapterctl.ops.checks import human_size
 
 if TYPE_CHECKING:
@@ -42,8 +44,45 @@ def set_json_mode(on: bool) -> None:
     _json_mode = on
 
 
+@contextlib.contextmanager
+def _writing(stream: TextIO) -> Iterator[None]:
+    """A failed write of a command's output (not a reader gone away: BrokenPipeError) is an
+    error: an incomplete report or document must never exit 0."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        name = "standard output" if stream is sys.stdout else "standard error"
+        raise StandardOutputError(
+            f"cannot write to {name}: {e.strerror or e}", hint="the output is incomplete"
+        ) from None
+
+
+def flush_stdout() -> None:
+    """Flush what is still buffered for stdout (its errors are the command's, see `_writing`)."""
+    with _writing(sys.stdout):
+        sys.stdout.flush()
+
+
 def _write(stream: TextIO, text: str) -> None:
-    stream.write(for_stream(stream, text))
+    with _writing(stream):
+        _write_all(stream, for_stream(stream, text))
+
+
+def _write_all(stream: TextIO, text: str) -> None:
+    """`text` written whole to the stream's file descriptor, or an OSError: Python's buffered
+    writer drops the rest of a short write to a file that cannot grow (a file-size limit) without
+    a word, which would leave an incomplete report and exit 0."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):  # not a file (a test runner's capture)
+        stream.write(text)
+        return
+    stream.flush()
+    data = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def _line(text: str, stream: TextIO | None = None) -> None:
@@ -97,8 +136,9 @@ def emit_json(obj: Any) -> None:
     """One JSON document on stdout, indented only for a person at a terminal."""
     indent = 2 if sys.stdout.isatty() else None
     ascii_only = symbol(sys.stdout, "✓") != "✓"
-    sys.stdout.write(json_text(obj, indent, ascii_only=ascii_only) + "\n")
-    sys.stdout.flush()
+    with _writing(sys.stdout):
+        _write_all(sys.stdout, json_text(obj, indent, ascii_only=ascii_only) + "\n")
+        sys.stdout.flush()
 
 
 def warning(message: str) -> None:

@@ -138,3 +138,32 @@ def test_hf_home_that_is_a_file(tmp_path: Path, args: list[str], offline: str, b
         assert "HF_HOME" in lines[0]
         assert len(lines) == 2
         assert lines[1].startswith("hint: ")
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_output_that_cannot_be_written_is_an_error(
+    adapter: Path, tmp_path: Path, json_flag: list[str]
+) -> None:
+    """stdout is a file that may not grow past 512 bytes (RLIMIT_FSIZE, SIGXFSZ ignored): the
+    report is cut short, so the command fails with one error line (never exit 0, never 3)."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "adapterctl", "inspect", str(adapter), *json_flag],
+            stdout=f, stderr=subprocess.PIPE, text=True, preexec_fn=limit, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    if json_flag:
+        assert json.loads(lines[-1])["error"]["type"] == "StandardOutputError"
+    else:
+        assert lines[0] == "error: cannot write to standard output: File too large", lines
+    assert "Exception ignored" not in proc.stderr
