@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from adapterctl.cli.columns import natural_key, shorten, table, width, wrap
+from adapterctl.cli.jsonstream import json_pieces
 from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
 from adapterctl.ops.checks import human_size
 
@@ -94,10 +95,17 @@ def _json_line(obj: Any, stream: TextIO) -> None:
 
 
 def emit_json(obj: Any) -> None:
-    """One JSON document on stdout, indented only for a person at a terminal."""
+    """One JSON document on stdout, indented only for a person at a terminal; written in pieces
+    (jsonstream: a generator in it is an array made as it is written)."""
     indent = 2 if sys.stdout.isatty() else None
     ascii_only = symbol(sys.stdout, "✓") != "✓"
-    sys.stdout.write(json_text(obj, indent, ascii_only=ascii_only) + "\n")
+
+    def encode(value: Any) -> str:
+        return json_text(value, indent, ascii_only=ascii_only)
+
+    for piece in json_pieces(obj, indent, encode):
+        sys.stdout.write(piece)
+    sys.stdout.write("\n")
     sys.stdout.flush()
 
 
@@ -291,7 +299,8 @@ def _render_tensors(a: AdapterReport, cols: int | None) -> None:
     from adapterctl.ops.checks import tensor_kinds
 
     rows = []
-    for t, (path, kind, info) in zip(a.tensors, tensor_kinds(a.tensors, a.config), strict=True):
+    kinds = a.kinds or tensor_kinds(a.tensors, a.config)
+    for t, (path, kind, info) in zip(a.tensors, kinds, strict=True):
         module = (info.module if kind == info.kind else path) or t.name  # a variant's: its module
         rows.append([module, kind, _shape(t.shape), t.dtype, human_size(t.nbytes)])
     rows.sort(key=lambda r: (natural_key(r[0]), r[1]))
@@ -315,7 +324,8 @@ def _render_compact(a: AdapterReport, cols: int | None) -> None:
 
     entries = {m.path: m for m in a.modules}
     groups: dict[str, list[tuple[str, str, int]]] = {}
-    for t, (path, kind, _) in zip(a.tensors, tensor_kinds(a.tensors, a.config), strict=True):
+    kinds = a.kinds or tensor_kinds(a.tensors, a.config)
+    for t, (path, kind, _) in zip(a.tensors, kinds, strict=True):
         groups.setdefault(path or t.name, []).append((kind, t.dtype, t.nbytes))
     rows = []
     for path in sorted(groups, key=natural_key):

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from adapterctl.errors import AdapterFormatError
 from adapterctl.format.dtypes import DTYPES, Dtype
+from adapterctl.format.gcpause import gc_paused
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
@@ -246,11 +247,73 @@ def _expected_nbytes(t: TensorInfo) -> int:
     return bits // 8
 
 
+def _usual_tensors(obj: dict[str, Any]) -> tuple[dict[str, TensorInfo], int | None]:
+    """The tensors of a usual header in one pass: every entry valid, its data the size its
+    dtype and shape need, and each following the one before (the order safetensors writes).
+    Stops at the first entry that is not so (the careful path, _tensor_info and _check_layout,
+    then finds what is wrong with the same messages); the end of the data when all were. Each
+    parsed entry is dropped once read, so the parsed header is never held twice."""
+    tensors: dict[str, TensorInfo] = {}
+    end = 0
+    in_order = True
+    for name, entry in obj.items():
+        if type(entry) is not dict:
+            return tensors, None
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        dtype = DTYPES.get(code) if type(code) is str else None
+        if dtype is None or type(shape) is not list or type(offsets) is not list:
+            return tensors, None
+        if len(offsets) != 2:
+            return tensors, None
+        start, stop = offsets
+        if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= _U64_MAX:
+            return tensors, None
+        n = 1
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= _U64_MAX:
+                return tensors, None
+            n *= d
+            if n > _U64_MAX:
+                return tensors, None
+        bits = n * dtype.bits
+        if bits > _U64_MAX or bits % 8 or bits // 8 != stop - start:
+            return tensors, None
+        in_order = in_order and start == end
+        end = stop
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), start, stop)
+        obj[name] = None
+    return tensors, end if in_order else None
+
+
+def _check_layout(tensors: dict[str, TensorInfo]) -> int:
+    """The data covered from 0 with no gap or overlap, each tensor the size it needs."""
+    end = 0
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if t.start != end or t.end < t.start:
+            raise _HeaderError(
+                f"tensor `{t.name}` has data_offsets [{t.start}, {t.end}]: "
+                "tensor data must follow each other with no gap or overlap"
+            )
+        expected = _expected_nbytes(t)
+        if t.nbytes != expected:
+            raise _HeaderError(
+                f"tensor `{t.name}` spans {t.nbytes} bytes but {t.dtype.display_name}{list(t.shape)} "
+                f"needs {expected}"
+            )
+        end = t.end
+    return end
+
+
 def parse_header(raw: bytes, data_size: int) -> Header:
     """Parse and validate a header's JSON bytes against a data section of `data_size` bytes.
 
     Raises ValueError (with a message naming the problem) when safetensors would reject it.
     """
+    with gc_paused():  # its many objects form no cycles: collecting would double the time
+        return _parse(raw, data_size)
+
+
+def _parse(raw: bytes, data_size: int) -> Header:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -287,22 +350,13 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         for k, v in metadata.items():
             _check_str(k, "a metadata key")
             _check_str(v, "a metadata value")
-    tensors = {name: _tensor_info(name, entry) for name, entry in obj.items()}
+    tensors, end = _usual_tensors(obj)
+    if end is None:  # from the first unusual entry on, the careful path (an error, most likely)
+        for name, entry in obj.items():
+            if name not in tensors:
+                tensors[name] = _tensor_info(name, entry)
+        end = _check_layout(tensors)
     del obj  # the parsed entries: TensorInfo holds what is kept
-    end = 0
-    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
-        if t.start != end or t.end < t.start:
-            raise _HeaderError(
-                f"tensor `{t.name}` has data_offsets [{t.start}, {t.end}]: "
-                "tensor data must follow each other with no gap or overlap"
-            )
-        expected = _expected_nbytes(t)
-        if t.nbytes != expected:
-            raise _HeaderError(
-                f"tensor `{t.name}` spans {t.nbytes} bytes but {t.dtype.display_name}{list(t.shape)} "
-                f"needs {expected}"
-            )
-        end = t.end
     if end != data_size:
         raise _HeaderError(
             f"the header describes {end} bytes of tensor data but the file holds {data_size}"

@@ -90,9 +90,12 @@ def tensor_kinds(
 
 
 def analyse(
-    tensors: Sequence[TensorEntry], config: LoraConfig | None
+    tensors: Sequence[TensorEntry],
+    config: LoraConfig | None,
+    kinds: Sequence[tuple[str, str, KeyInfo]] | None = None,
 ) -> tuple[list[ModuleEntry], list[Problem]]:
-    """Group tensors by module, work out r/alpha/scaling, and list the file's problems."""
+    """Group tensors by module, work out r/alpha/scaling, and list the file's problems
+    (`kinds`: what tensor_kinds gives for them, where the caller has it already)."""
     problems: list[Problem] = []
 
     def error(msg: str) -> None:
@@ -106,7 +109,9 @@ def analyse(
     variants = variants_in(config) if config is not None else []
     modules: dict[str, _Module] = {}
     infos = []
-    for t, (path, kind, info) in zip(tensors, tensor_kinds(tensors, config), strict=True):
+    if kinds is None:
+        kinds = tensor_kinds(tensors, config)
+    for t, (path, kind, info) in zip(tensors, kinds, strict=True):
         infos.append((info, t))
         if not info.prefixed:
             error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
@@ -135,9 +140,10 @@ def analyse(
         _config_warnings(config, warn)
 
     entries = []
+    rules = _Rules(config) if config is not None else None
+    any_shapes = free_shapes(variants)
     for path in sorted(modules):
-        m = modules[path].keys
-        entries.append(_module_entry(path, m, config, error, warn, free_shapes(variants)))
+        entries.append(_module_entry(path, modules[path].keys, rules, error, warn, any_shapes))
     if config is not None:
         lora_paths = sorted({e.path.replace(".base_layer", "") for e in entries if e.r is not None})
         pattern_warnings(config, lora_paths, warn)
@@ -172,10 +178,31 @@ def _config_warnings(config: LoraConfig, warn: Any) -> None:
         warn(f"keys unknown to PEFT 0.21.2 (it ignores them): {', '.join(config.unknown_keys)}")
 
 
+class _Rules:
+    """The config fields every module's entry reads, read once (a LoraConfig field is a lookup
+    through `__getattr__`; 50k modules ask for each), and scalings by (alpha, r)."""
+
+    __slots__ = ("_scalings", "config", "lora_bias", "target_parameters", "use_dora")
+
+    def __init__(self, config: LoraConfig) -> None:
+        self.config = config
+        self.use_dora = config.use_dora
+        self.lora_bias = config.lora_bias
+        self.target_parameters = config.target_parameters
+        self._scalings: dict[tuple[float, int], float] = {}
+
+    def scaling(self, alpha: float, r: int) -> float:
+        key = (alpha, r)
+        found = self._scalings.get(key)
+        if found is None:
+            found = self._scalings[key] = self.config.scaling(alpha, r)
+        return found
+
+
 def _module_entry(
     path: str,
     m: dict[str, tuple[KeyInfo, TensorEntry]],
-    config: LoraConfig | None,
+    rules: _Rules | None,
     error: Any,
     warn: Any,
     any_shapes: bool = False,
@@ -215,11 +242,12 @@ def _module_entry(
             if kind in m:
                 error(f"`{path}` has {kind} but no LoRA factors")
         return ModuleEntry(path, kinds, None, None, None)
-    if config is None:
+    if rules is None:
         return ModuleEntry(path, kinds, r, None, None)
+    config = rules.config
     module = path.replace(".base_layer", "")
     expected = config.rank_for(module)
-    if config.target_parameters and r != expected and r % expected == 0:
+    if rules.target_parameters and r != expected and r % expected == 0:
         r = expected  # 3-D expert tensors store r * num_experts rows (peft-format.md 3.5)
     if r != expected:
         keys = config.matching_patterns("rank_pattern", module)
@@ -228,16 +256,16 @@ def _module_entry(
             f"`{path}`: the config gives rank {expected} ({source}) but the stored factors have "
             f"rank {r}; PEFT cannot load this adapter (size mismatch)"
         )
-    if config.use_dora and "lora_magnitude_vector" not in m:
+    if rules.use_dora and "lora_magnitude_vector" not in m:
         error(f"`{path}`: `use_dora` is true but no lora_magnitude_vector is stored")
-    if not config.use_dora and "lora_magnitude_vector" in m:
+    if not rules.use_dora and "lora_magnitude_vector" in m:
         error(f"`{path}`: a lora_magnitude_vector is stored but `use_dora` is false")
-    if config.lora_bias and "lora_B" in m and "lora_B.bias" not in m:
+    if rules.lora_bias and "lora_B" in m and "lora_B.bias" not in m:
         warn(f"`{path}`: `lora_bias` is true but no lora_B.bias is stored")
-    if not config.lora_bias and "lora_B.bias" in m:
+    if not rules.lora_bias and "lora_B.bias" in m:
         warn(f"`{path}`: a lora_B.bias is stored but `lora_bias` is false; PEFT ignores it")
     alpha = config.alpha_for(module)
-    return ModuleEntry(path, kinds, r, alpha, config.scaling(alpha, r))
+    return ModuleEntry(path, kinds, r, alpha, rules.scaling(alpha, r))
 
 
 def pattern_warnings(
