@@ -110,6 +110,44 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _object(pairs: list[tuple[str, Any]]) -> Any:
+    """A parsed JSON object; a usual tensor entry (`dtype`, `shape`, `data_offsets` in the order
+    safetensors writes them, a known dtype, lists of u64) as the tuple (dtype, shape, start,
+    end): 100k entries then never exist as dicts of lists. JSON parses to no tuple, so a tuple is
+    always such an entry (_as_entry turns it back into the object where one is looked at)."""
+    if len(pairs) == 3:
+        (k0, code), (k1, shape), (k2, offsets) = pairs
+        if (
+            k0 == "dtype"
+            and k1 == "shape"
+            and k2 == "data_offsets"
+            and type(code) is str
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
+            dtype = DTYPES.get(code)
+            start, end = offsets
+            if (
+                dtype is not None
+                and type(start) is int
+                and type(end) is int
+                and 0 <= start <= _U64_MAX
+                and 0 <= end <= _U64_MAX
+                and all(type(d) is int and 0 <= d <= _U64_MAX for d in shape)
+            ):
+                return (dtype, tuple(shape), start, end)
+    return _no_duplicates(pairs)
+
+
+def _as_entry(value: Any) -> Any:
+    """`value` as the parser gave it: a tuple from _object back into its object."""
+    if type(value) is tuple:
+        dtype, shape, start, end = value
+        return {"dtype": dtype.code, "shape": list(shape), "data_offsets": [start, end]}
+    return value
+
+
 #: the integer literal the default parser reads differently from serde: `-0` (literals beyond
 #: u64 are found by _check_values, which a scan of the bytes for 20 digits would cost more than)
 _SPECIAL_INT = re.compile(rb"-0(?![.0-9eE])")
@@ -171,6 +209,8 @@ def _check_values(obj: dict[str, Any], raw: bytes) -> None:
     for k, entry in obj.items():
         if strings:
             _check_str(k, "a key")
+        if type(entry) is tuple:  # a usual entry (_object): a known dtype and u64s, 3 deep
+            continue
         if type(entry) is dict and k != "__metadata__":
             for field, v in entry.items():
                 if field not in _ENTRY_FIELDS or strings:
@@ -192,6 +232,8 @@ def _check_values(obj: dict[str, Any], raw: bytes) -> None:
             t = type(v)
             if t is dict or t is list:
                 stack.append((v, depth + 1))
+            elif t is tuple and depth + 2 > _MAX_DEPTH:  # an entry (_object): lists inside
+                raise _HeaderError(f"header JSON is nested more than {_MAX_DEPTH} levels deep")
             elif strings and t is str:
                 _check_str(v, "a string")
             elif t is int and not -_U64_MAX <= v <= _U64_MAX:
@@ -257,21 +299,17 @@ def _usual_tensors(obj: dict[str, Any]) -> tuple[dict[str, TensorInfo], int | No
     end = 0
     in_order = True
     for name, entry in obj.items():
-        if type(entry) is not dict:
-            return tensors, None
-        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        dtype = DTYPES.get(code) if type(code) is str else None
-        if dtype is None or type(shape) is not list or type(offsets) is not list:
-            return tensors, None
-        if len(offsets) != 2:
-            return tensors, None
-        start, stop = offsets
-        if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= _U64_MAX:
-            return tensors, None
+        if type(entry) is tuple:  # what _object made of a usual entry
+            dtype, shape, start, stop = entry
+            if start > stop:
+                return tensors, None
+        else:
+            found = _usual_entry(entry)
+            if found is None:
+                return tensors, None
+            dtype, shape, start, stop = found
         n = 1
         for d in shape:
-            if type(d) is not int or not 0 <= d <= _U64_MAX:
-                return tensors, None
             n *= d
             if n > _U64_MAX:
                 return tensors, None
@@ -280,9 +318,26 @@ def _usual_tensors(obj: dict[str, Any]) -> tuple[dict[str, TensorInfo], int | No
             return tensors, None
         in_order = in_order and start == end
         end = stop
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), start, stop)
+        tensors[name] = TensorInfo(name, dtype, shape, start, stop)
         obj[name] = None
     return tensors, end if in_order else None
+
+
+def _usual_entry(entry: Any) -> tuple[Dtype, tuple[int, ...], int, int] | None:
+    """A tensor entry object (fields in any order, maybe more of them) valid on its own, as
+    _object's tuple; None for anything else."""
+    if type(entry) is not dict:
+        return None
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    dtype = DTYPES.get(code) if type(code) is str else None
+    if dtype is None or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    start, stop = offsets
+    if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= _U64_MAX:
+        return None
+    if not all(type(d) is int and 0 <= d <= _U64_MAX for d in shape):
+        return None
+    return dtype, tuple(shape), start, stop
 
 
 def _check_layout(tensors: dict[str, TensorInfo]) -> int:
@@ -321,7 +376,7 @@ def _parse(raw: bytes, data_size: int) -> Header:
     try:
         obj = json.loads(
             text,
-            object_pairs_hook=_no_duplicates,
+            object_pairs_hook=_object,
             parse_constant=_reject_constant,
             # the int hook costs a call per number: only when a literal needs it
             parse_int=_parse_int if _SPECIAL_INT.search(raw) else None,
@@ -340,6 +395,7 @@ def _parse(raw: bytes, data_size: int) -> Header:
             f"its {len(raw)}-byte header needs more memory to parse than is available"
         ) from None
     del text  # a 10 MB header's decoded copy is not needed while its objects are built
+    obj = _as_entry(obj)
     if not isinstance(obj, dict):
         raise _HeaderError("header is not a JSON object")
     _check_values(obj, raw)
@@ -354,7 +410,7 @@ def _parse(raw: bytes, data_size: int) -> Header:
     if end is None:  # from the first unusual entry on, the careful path (an error, most likely)
         for name, entry in obj.items():
             if name not in tensors:
-                tensors[name] = _tensor_info(name, entry)
+                tensors[name] = _tensor_info(name, _as_entry(entry))
         end = _check_layout(tensors)
     del obj  # the parsed entries: TensorInfo holds what is kept
     if end != data_size:
