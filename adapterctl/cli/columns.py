@@ -75,22 +75,22 @@ def table(
 ) -> list[str]:
     """Aligned columns, two spaces apart; `justify` holds "l" or "r" per column. Where the lines
     would be wider than `columns`, column `name_col` is shortened in the middle to fit."""
-    cells = [[visible(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in [list(header), *cells]) for i in range(len(header))]
+    if " ".join(" ".join(row) for row in rows).isprintable():  # all shown as they are
+        cells = [list(row) for row in rows]
+    else:
+        cells = [[visible(c) for c in row] for row in rows]
+    widths = [max(map(len, column)) for column in zip(header, *cells, strict=True)]
     total = sum(widths) + 2 * (len(widths) - 1)
     if columns is not None and total > columns:
         room = max(MIN_NAME, widths[name_col] - (total - columns), len(header[name_col]))
         for r in cells:
             r[name_col] = shorten(r[name_col], room, ellipsis)
         widths[name_col] = max(len(r[name_col]) for r in [list(header), *cells])
-    lines = []
-    for row in [list(header), *cells]:
-        parts = [
-            c.ljust(w) if j == "l" else c.rjust(w)
-            for c, w, j in zip(row, widths, justify, strict=True)
-        ]
-        lines.append("  ".join(parts).rstrip())
-    return lines
+    # one format per table: "{:<12}  {:>4}..." (str.format pads as ljust/rjust do)
+    template = "  ".join(
+        f"{{:{'<' if j == 'l' else '>'}{w}}}" for w, j in zip(widths, justify, strict=True)
+    )
+    return [template.format(*row).rstrip() for row in [list(header), *cells]]
 
 
 def wrap(text: str, columns: int | None, indent: int = 2, first: str = "") -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from adapterctl.format.config import LoraConfig, residual_init
@@ -56,11 +56,6 @@ class ModuleEntry:
         }
 
 
-@dataclass
-class _Module:
-    keys: dict[str, tuple[KeyInfo, TensorEntry]] = field(default_factory=dict)
-
-
 def human_size(nbytes: int) -> str:
     """1536 -> "1.5 KiB" (bytes below 1 KiB as a plain count)."""
     value = float(nbytes)
@@ -107,12 +102,10 @@ def analyse(
     mts = list(config.modules_to_save or []) if config is not None else []
     # a variant's own tensors and factor shapes are what PEFT loads: named once, never errors
     variants = variants_in(config) if config is not None else []
-    modules: dict[str, _Module] = {}
-    infos = []
+    modules: dict[str, dict[str, tuple[KeyInfo, TensorEntry]]] = {}  # path -> kind -> tensor
     if kinds is None:
         kinds = tensor_kinds(tensors, config)
     for t, (path, kind, info) in zip(tensors, kinds, strict=True):
-        infos.append((info, t))
         if not info.prefixed:
             error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
         if kind == "unknown":
@@ -120,9 +113,9 @@ def analyse(
                 f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
             )
         entry = modules.get(path)
-        if entry is None:  # (setdefault would build a _Module for every tensor)
-            entry = modules[path] = _Module()
-        entry.keys[kind] = (info, t)
+        if entry is None:  # (setdefault would build a dict for every tensor)
+            entry = modules[path] = {}
+        entry[kind] = (info, t)
 
     if not tensors:
         error("the weights file holds no tensors")
@@ -143,16 +136,16 @@ def analyse(
     rules = _Rules(config) if config is not None else None
     any_shapes = free_shapes(variants)
     for path in sorted(modules):
-        entries.append(_module_entry(path, modules[path].keys, rules, error, warn, any_shapes))
+        entries.append(_module_entry(path, modules[path], rules, error, warn, any_shapes))
     if config is not None:
         lora_paths = sorted({e.path.replace(".base_layer", "") for e in entries if e.r is not None})
         pattern_warnings(config, lora_paths, warn)
-        if mts and not any(info.kind == "modules_to_save" for info, _ in infos):
+        if mts and not any(info.kind == "modules_to_save" for _, _, info in kinds):
             warn(
                 f"`modules_to_save` lists {', '.join(mts)} but no tensor for them is stored; "
                 "PEFT fails to load this adapter (KeyError) on a base that has such a module"
             )
-    for info, t in infos:
+    for t, (_, _, info) in zip(tensors, kinds, strict=True):
         last = info.module.rsplit(".", 1)[-1]
         if info.kind in ("embedding", "base_layer") and (
             info.kind == "embedding" or last in EMBEDDING_NAMES
