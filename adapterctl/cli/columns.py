@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from adapterctl.cli.safe import visible
 
@@ -46,6 +46,22 @@ def natural_key(text: str) -> tuple[str | tuple[int, str], ...]:
     return tuple(_number(p) if i % 2 else p for i, p in enumerate(parts))
 
 
+def natural_sorted(texts: Iterable[str]) -> list[str]:
+    """`sorted(texts, key=natural_key)`, the keys' equal parts one object each: 50k module paths
+    hold a few distinct words and numbers, so their keys cost about a tuple each, not 30 MB."""
+    words: dict[str, str] = {}
+    numbers: dict[str, tuple[int, str]] = {}
+
+    def key(text: str) -> tuple[str | tuple[int, str], ...]:
+        parts = _DIGITS.split(text)
+        return tuple(
+            numbers.get(p) or numbers.setdefault(p, _number(p)) if i % 2 else words.setdefault(p, p)
+            for i, p in enumerate(parts)
+        )
+
+    return sorted(texts, key=key)
+
+
 def shorten(name: str, room: int, ellipsis: str = "…") -> str:
     """`name` in at most `room` columns, shortened in the middle: the end that tells modules apart
     (`layers.10.self_attn.q_proj`) is kept whole from a dot on, and as much of the start as fits."""
@@ -75,16 +91,18 @@ def table(
 ) -> list[str]:
     """Aligned columns, two spaces apart; `justify` holds "l" or "r" per column. Where the lines
     would be wider than `columns`, column `name_col` is shortened in the middle to fit."""
-    if " ".join(" ".join(row) for row in rows).isprintable():  # all shown as they are
-        cells = [list(row) for row in rows]
+    cells: list[Sequence[str]]
+    if all(" ".join(row).isprintable() for row in rows):  # every cell shown as it is
+        cells = list(rows)
     else:
         cells = [[visible(c) for c in row] for row in rows]
     widths = [max(map(len, column)) for column in zip(header, *cells, strict=True)]
     total = sum(widths) + 2 * (len(widths) - 1)
     if columns is not None and total > columns:
         room = max(MIN_NAME, widths[name_col] - (total - columns), len(header[name_col]))
-        for r in cells:
-            r[name_col] = shorten(r[name_col], room, ellipsis)
+        cells = [
+            [*r[:name_col], shorten(r[name_col], room, ellipsis), *r[name_col + 1 :]] for r in cells
+        ]
         widths[name_col] = max(len(r[name_col]) for r in [list(header), *cells])
     # one format per table: "{:<12}  {:>4}..." (str.format pads as ljust/rjust do)
     template = "  ".join(

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from adapterctl.cli.columns import natural_key, shorten, table, width, wrap
+from adapterctl.cli.columns import natural_key, natural_sorted, shorten, table, width, wrap
 from adapterctl.cli.jsonstream import json_pieces
 from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
 from adapterctl.ops.checks import human_size
@@ -55,7 +55,8 @@ def _line(text: str, stream: TextIO | None = None) -> None:
 def _lines(lines: list[str], stream: TextIO | None = None) -> None:
     """Lines already made visible (laid out by `columns`)."""
     out = stream or sys.stdout
-    _write(out, "".join(line + "\n" for line in lines))
+    for start in range(0, len(lines), 4096):  # a 50k-row table is not one string
+        _write(out, "".join(line + "\n" for line in lines[start : start + 4096]))
 
 
 def _mark() -> str:
@@ -328,16 +329,17 @@ def _render_compact(a: AdapterReport, cols: int | None) -> None:
     for t, (path, kind, _) in zip(a.tensors, kinds, strict=True):
         groups.setdefault(path or t.name, []).append((kind, t.dtype, t.nbytes))
     rows = []
-    for path in sorted(groups, key=natural_key):
-        kinds = " ".join(_SHORT_KINDS.get(k, k) for k, _, _ in sorted(groups[path]))
+    for path in natural_sorted(groups):
+        group = groups.pop(path)  # each group freed once it is a row
+        kinds = " ".join(_SHORT_KINDS.get(k, k) for k, _, _ in sorted(group))
         m = entries.get(path)
-        dtypes = ", ".join(sorted({d for _, d, _ in groups[path]}))
-        size = human_size(sum(n for _, _, n in groups[path]))
+        dtypes = ", ".join(sorted({d for _, d, _ in group}))
+        size = human_size(sum(n for _, _, n in group))
         r = _num(m.r) if m else "-"
-        rows.append([path, kinds, r, _num(m.alpha) if m else "-", dtypes, size])
+        rows.append((path, kinds, r, _num(m.alpha) if m else "-", dtypes, size))
     header = ["module", "tensors", "r", "alpha", "dtype", "size"]
     _lines(table(header, rows, "llrrlr", columns=cols, ellipsis=_ellipsis()))
-    _line(f"({len(groups)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
+    _line(f"({len(rows)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
 
 
 def _render_modules(a: AdapterReport, cols: int | None) -> None:
