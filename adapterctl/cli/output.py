@@ -300,8 +300,8 @@ def _render_tensors(a: AdapterReport, cols: int | None) -> None:
     from adapterctl.ops.checks import tensor_kinds
 
     rows = []
-    kinds = a.kinds or tensor_kinds(a.tensors, a.config)
-    for t, (path, kind, info) in zip(a.tensors, kinds, strict=True):
+    classified = a.kinds or tensor_kinds(a.tensors, a.config)
+    for t, (path, kind, info) in zip(a.tensors, classified, strict=True):
         module = (info.module if kind == info.kind else path) or t.name  # a variant's: its module
         rows.append([module, kind, _shape(t.shape), t.dtype, human_size(t.nbytes)])
     rows.sort(key=lambda r: (natural_key(r[0]), r[1]))
@@ -324,13 +324,18 @@ def _render_compact(a: AdapterReport, cols: int | None) -> None:
     from adapterctl.ops.checks import tensor_kinds
 
     entries = {m.path: m for m in a.modules}
-    groups: dict[str, list[tuple[str, str, int]]] = {}
-    kinds = a.kinds or tensor_kinds(a.tensors, a.config)
-    for t, (path, kind, _) in zip(a.tensors, kinds, strict=True):
-        groups.setdefault(path or t.name, []).append((kind, t.dtype, t.nbytes))
+    groups: dict[str, list[Any]] = {}  # path -> [kind, tensor, kind, tensor...]: no pairs held
+    classified = a.kinds or tensor_kinds(a.tensors, a.config)
+    for t, (path, kind, _) in zip(a.tensors, classified, strict=True):
+        found = groups.get(path or t.name)
+        if found is None:
+            groups[path or t.name] = [kind, t]
+        else:
+            found += (kind, t)
     rows = []
     for path in natural_sorted(groups):
-        group = groups.pop(path)  # each group freed once it is a row
+        members = groups.pop(path)  # each group freed once it is a row
+        group = [(k, t.dtype, t.nbytes) for k, t in zip(members[::2], members[1::2], strict=True)]
         kinds = " ".join(_SHORT_KINDS.get(k, k) for k, _, _ in sorted(group))
         m = entries.get(path)
         dtypes = ", ".join(sorted({d for _, d, _ in group}))

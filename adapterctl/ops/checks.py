@@ -102,7 +102,7 @@ def analyse(
     mts = list(config.modules_to_save or []) if config is not None else []
     # a variant's own tensors and factor shapes are what PEFT loads: named once, never errors
     variants = variants_in(config) if config is not None else []
-    modules: dict[str, dict[str, tuple[KeyInfo, TensorEntry]]] = {}  # path -> kind -> tensor
+    modules: dict[str, dict[str, TensorEntry]] = {}  # path -> kind -> tensor
     if kinds is None:
         kinds = tensor_kinds(tensors, config)
     for t, (path, kind, info) in zip(tensors, kinds, strict=True):
@@ -115,7 +115,7 @@ def analyse(
         entry = modules.get(path)
         if entry is None:  # (setdefault would build a dict for every tensor)
             entry = modules[path] = {}
-        entry[kind] = (info, t)
+        entry[kind] = t
 
     if not tensors:
         error("the weights file holds no tensors")
@@ -194,7 +194,7 @@ class _Rules:
 
 def _module_entry(
     path: str,
-    m: dict[str, tuple[KeyInfo, TensorEntry]],
+    m: dict[str, TensorEntry],
     rules: _Rules | None,
     error: Any,
     warn: Any,
@@ -214,7 +214,7 @@ def _module_entry(
             error(f"`{path}` has {have} but no {lack}")
         if a is None or b is None:
             continue
-        at, bt = a[1], b[1]
+        at, bt = a, b
         problem = pair_problem(a_kind, at.shape, b_kind, bt.shape, free_rank=any_shapes)
         if problem is not None:
             error(f"`{path}`: {problem}")
@@ -223,7 +223,7 @@ def _module_entry(
         r, out_dim, ndim = at.shape[0], bt.shape[0], len(at.shape)
     for kind in ("lora_magnitude_vector", "lora_B.bias"):
         if kind in m and out_dim is not None:
-            t = m[kind][1]
+            t = m[kind]
             # a convolution's DoRA magnitude is (1, out, 1...), as PEFT's weight norm is
             conv_norm = (1, out_dim, *(1,) * (ndim - 2))
             if t.shape != (out_dim,) and not (

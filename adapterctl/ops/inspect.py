@@ -137,14 +137,22 @@ def _tensor_entries(files: AdapterFiles, scan: bool) -> list[TensorEntry]:
     if not scan:
         return _entries(read_header(files.weights_path).tensors, {})
     with SafetensorsReader(files.weights_path) as reader:  # one header read for both
-        return _entries(reader.tensors, _scan_safetensors(reader))
+        counts = _scan_safetensors(reader)
+        tensors = reader.tensors
+    del reader  # its header's raw bytes are not needed while the entries are made
+    return _entries(tensors, counts)
 
 
 def _entries(tensors: dict[str, TensorInfo], counts: dict[str, NonFinite]) -> list[TensorEntry]:
-    return [
-        TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes, counts.get(t.name))
-        for t in tensors.values()
-    ]
+    """The entries of a header's tensors (in any order: the report sorts them), each TensorInfo
+    dropped as its entry is made (the caller keeps no other reference to `tensors`' header)."""
+    entries = []
+    while tensors:
+        _, t = tensors.popitem()
+        entries.append(
+            TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes, counts.get(t.name))
+        )
+    return entries
 
 
 def scan_nonfinite(files: AdapterFiles) -> dict[str, NonFinite]:
