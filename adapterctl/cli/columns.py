@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from adapterctl.cli.safe import visible
 
@@ -91,6 +91,21 @@ def table(
 ) -> list[str]:
     """Aligned columns, two spaces apart; `justify` holds "l" or "r" per column. Where the lines
     would be wider than `columns`, column `name_col` is shortened in the middle to fit."""
+    return list(
+        table_lines(header, rows, justify, columns=columns, name_col=name_col, ellipsis=ellipsis)
+    )
+
+
+def table_lines(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    justify: str,
+    *,
+    columns: int | None = None,
+    name_col: int = 0,
+    ellipsis: str = "…",
+) -> Iterator[str]:
+    """`table`'s lines, each made as it is taken (a 50k-row table is not held twice)."""
     cells: list[Sequence[str]]
     if all(" ".join(row).isprintable() for row in rows):  # every cell shown as it is
         cells = list(rows)
@@ -108,7 +123,9 @@ def table(
     template = "  ".join(
         f"{{:{'<' if j == 'l' else '>'}{w}}}" for w, j in zip(widths, justify, strict=True)
     )
-    return [template.format(*row).rstrip() for row in [list(header), *cells]]
+    yield template.format(*header).rstrip()
+    for row in cells:
+        yield template.format(*row).rstrip()
 
 
 def wrap(text: str, columns: int | None, indent: int = 2, first: str = "") -> list[str]:

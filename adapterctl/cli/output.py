@@ -16,10 +16,19 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from adapterctl.cli.columns import natural_key, natural_sorted, shorten, table, width, wrap
+from adapterctl.cli.columns import (
+    natural_key,
+    natural_sorted,
+    shorten,
+    table,
+    table_lines,
+    width,
+    wrap,
+)
 from adapterctl.cli.jsonstream import json_pieces
 from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
 from adapterctl.ops.checks import human_size
@@ -52,11 +61,12 @@ def _line(text: str, stream: TextIO | None = None) -> None:
     _write(stream or sys.stdout, visible(text) + "\n")
 
 
-def _lines(lines: list[str], stream: TextIO | None = None) -> None:
+def _lines(lines: Iterable[str], stream: TextIO | None = None) -> None:
     """Lines already made visible (laid out by `columns`)."""
     out = stream or sys.stdout
-    for start in range(0, len(lines), 4096):  # a 50k-row table is not one string
-        _write(out, "".join(line + "\n" for line in lines[start : start + 4096]))
+    it = iter(lines)
+    while chunk := list(islice(it, 4096)):  # a 50k-row table is not one string
+        _write(out, "".join(line + "\n" for line in chunk))
 
 
 def _mark() -> str:
@@ -333,6 +343,7 @@ def _render_compact(a: AdapterReport, cols: int | None) -> None:
         else:
             found += (kind, t)
     rows = []
+    shared: dict[str, str] = {}  # 50k rows hold a few distinct cells besides their paths
     for path in natural_sorted(groups):
         members = groups.pop(path)  # each group freed once it is a row
         group = [(k, t.dtype, t.nbytes) for k, t in zip(members[::2], members[1::2], strict=True)]
@@ -341,9 +352,10 @@ def _render_compact(a: AdapterReport, cols: int | None) -> None:
         dtypes = ", ".join(sorted({d for _, d, _ in group}))
         size = human_size(sum(n for _, _, n in group))
         r = _num(m.r) if m else "-"
-        rows.append((path, kinds, r, _num(m.alpha) if m else "-", dtypes, size))
+        cells = (kinds, r, _num(m.alpha) if m else "-", dtypes, size)
+        rows.append((path, *(shared.setdefault(c, c) for c in cells)))
     header = ["module", "tensors", "r", "alpha", "dtype", "size"]
-    _lines(table(header, rows, "llrrlr", columns=cols, ellipsis=_ellipsis()))
+    _lines(table_lines(header, rows, "llrrlr", columns=cols, ellipsis=_ellipsis()))
     _line(f"({len(rows)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
 
 
