@@ -20,7 +20,12 @@ from adapterctl.ops.checks import (
     target_summary,
     tensor_kinds,
 )
-from adapterctl.ops.rawtensor import NONFINITE_CODES, NonFinite, count_nonfinite
+from adapterctl.ops.rawtensor import (
+    NONFINITE_CODES,
+    NonFinite,
+    count_nonfinite,
+    may_hold_nonfinite,
+)
 
 SCHEMA_VERSION = 1
 
@@ -193,7 +198,8 @@ def _scan_safetensors(reader: SafetensorsReader) -> dict[str, NonFinite]:
         if t.nbytes > piece:
             total = _NONE
             for data in reader.iter_bytes(t.name, piece):
-                total += count_nonfinite(data, code)
+                if may_hold_nonfinite(data, code):
+                    total += count_nonfinite(data, code)
             counts[t.name] = total if total.total else _NONE
             continue
         batch.append(t)
@@ -213,7 +219,7 @@ def _count_batch(
     """Count one run of contiguous tensors of one dtype (their bytes follow each other)."""
     code, base = batch[0].dtype.code, batch[0].start
     data = reader.read_span(base, batch[-1].end, batch[0].name)
-    if not count_nonfinite(data, code).total:
+    if not may_hold_nonfinite(data, code) or not count_nonfinite(data, code).total:
         for t in batch:
             counts[t.name] = _NONE
         return
