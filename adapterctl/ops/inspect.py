@@ -133,11 +133,10 @@ class InspectReport:
 
 def _tensor_entries(files: AdapterFiles, scan: bool) -> list[TensorEntry]:
     if files.format == "bin":
-        tensors = list(bin_tensors(files.weights_path))
+        found = list(bin_tensors(files.weights_path))
         counts = scan_nonfinite(files) if scan else {}
         return [
-            TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes, counts.get(t.name))
-            for t in tensors
+            TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes, counts.get(t.name)) for t in found
         ]
     if not scan:
         return _entries(read_header(files.weights_path).tensors, {})
