@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import textwrap
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from adapterctl.cli.safe import visible
 
@@ -46,20 +46,31 @@ def natural_key(text: str) -> tuple[str | tuple[int, str], ...]:
     return tuple(_number(p) if i % 2 else p for i, p in enumerate(parts))
 
 
-def natural_sorted(texts: Iterable[str]) -> list[str]:
-    """`sorted(texts, key=natural_key)`, the keys' equal parts one object each: 50k module paths
-    hold a few distinct words and numbers, so their keys cost about a tuple each, not 30 MB."""
+def natural_keyer() -> Callable[[str], tuple[str | tuple[int, str], ...]]:
+    """`natural_key`, with equal parts of its keys one object each and each text's key made
+    once: 50k module paths hold a few distinct words and numbers, so their keys cost about a
+    tuple each, not 30 MB."""
     words: dict[str, str] = {}
     numbers: dict[str, tuple[int, str]] = {}
+    keys: dict[str, tuple[str | tuple[int, str], ...]] = {}
 
     def key(text: str) -> tuple[str | tuple[int, str], ...]:
-        parts = _DIGITS.split(text)
-        return tuple(
-            numbers.get(p) or numbers.setdefault(p, _number(p)) if i % 2 else words.setdefault(p, p)
-            for i, p in enumerate(parts)
-        )
+        found = keys.get(text)
+        if found is None:
+            found = keys[text] = tuple(
+                numbers.get(p) or numbers.setdefault(p, _number(p))
+                if i % 2
+                else words.setdefault(p, p)
+                for i, p in enumerate(_DIGITS.split(text))
+            )
+        return found
 
-    return sorted(texts, key=key)
+    return key
+
+
+def natural_sorted(texts: Iterable[str]) -> list[str]:
+    """`sorted(texts, key=natural_key)`, its keys made by one `natural_keyer`."""
+    return sorted(texts, key=natural_keyer())
 
 
 def shorten(name: str, room: int, ellipsis: str = "…") -> str:

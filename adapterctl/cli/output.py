@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from adapterctl.cli.columns import (
     natural_key,
+    natural_keyer,
     natural_sorted,
     shorten,
     table,
@@ -310,13 +311,16 @@ def _render_tensors(a: AdapterReport, cols: int | None) -> None:
     from adapterctl.ops.checks import tensor_kinds
 
     rows = []
+    shared: dict[str, str] = {}  # 100k rows hold a few distinct shapes, dtypes and sizes
     classified = a.kinds or tensor_kinds(a.tensors, a.config)
     for t, (path, kind, info) in zip(a.tensors, classified, strict=True):
         module = (info.module if kind == info.kind else path) or t.name  # a variant's: its module
-        rows.append([module, kind, _shape(t.shape), t.dtype, human_size(t.nbytes)])
-    rows.sort(key=lambda r: (natural_key(r[0]), r[1]))
+        cells = (_shape(t.shape), t.dtype, human_size(t.nbytes))
+        rows.append((module, kind, *(shared.setdefault(c, c) for c in cells)))
+    key = natural_keyer()
+    rows.sort(key=lambda r: (key(r[0]), r[1]))
     header = ["module", "kind", "shape", "dtype", "size"]
-    _lines(table(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
+    _lines(table_lines(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
 
 
 _SHORT_KINDS = {
