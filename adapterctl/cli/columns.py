@@ -46,10 +46,10 @@ def natural_key(text: str) -> tuple[str | tuple[int, str], ...]:
     return tuple(_number(p) if i % 2 else p for i, p in enumerate(parts))
 
 
-def natural_keyer() -> Callable[[str], tuple[str | tuple[int, str], ...]]:
-    """`natural_key`, with equal parts of its keys one object each and each text's key made
-    once: 50k module paths hold a few distinct words and numbers, so their keys cost about a
-    tuple each, not 30 MB."""
+def natural_keyer(*, memo: bool = True) -> Callable[[str], tuple[str | tuple[int, str], ...]]:
+    """`natural_key`, with equal parts of its keys one object each (and, with `memo`, each
+    text's key made once): 50k module paths hold a few distinct words and numbers, so their
+    keys cost about a tuple each, not 30 MB."""
     words: dict[str, str] = {}
     numbers: dict[str, tuple[int, str]] = {}
     keys: dict[str, tuple[str | tuple[int, str], ...]] = {}
@@ -57,12 +57,14 @@ def natural_keyer() -> Callable[[str], tuple[str | tuple[int, str], ...]]:
     def key(text: str) -> tuple[str | tuple[int, str], ...]:
         found = keys.get(text)
         if found is None:
-            found = keys[text] = tuple(
+            found = tuple(
                 numbers.get(p) or numbers.setdefault(p, _number(p))
                 if i % 2
                 else words.setdefault(p, p)
                 for i, p in enumerate(_DIGITS.split(text))
             )
+            if memo:
+                keys[text] = found
         return found
 
     return key
@@ -70,7 +72,7 @@ def natural_keyer() -> Callable[[str], tuple[str | tuple[int, str], ...]]:
 
 def natural_sorted(texts: Iterable[str]) -> list[str]:
     """`sorted(texts, key=natural_key)`, its keys made by one `natural_keyer`."""
-    return sorted(texts, key=natural_keyer())
+    return sorted(texts, key=natural_keyer(memo=False))  # each text once: nothing to reuse
 
 
 def shorten(name: str, room: int, ellipsis: str = "…") -> str:
