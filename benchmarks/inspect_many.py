@@ -3,8 +3,10 @@
 table, and `--check`, side by side with a raw listing of the same header (safetensors' safe_open,
 every key's shape and dtype). Goal: each inspect run under 3 s and 100 MB peak RSS.
 
-Run with `.venv/bin/python benchmarks/inspect_many.py [--tensors N] [--runs N]`. The adapter is
-written by this script (synthetic, no torch) into benchmarks/out/inspect-many/.
+Run with `.venv/bin/python benchmarks/inspect_many.py [--tensors N] [--runs N] [--baseline DIR]`.
+The adapter is written by this script (synthetic, no torch) into benchmarks/out/inspect-many/.
+`--baseline DIR` also runs, interleaved, the adapterctl package found in DIR (an older commit:
+`git archive COMMIT adapterctl | tar -x -C DIR`), for before/after figures from one run.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def build(directory: Path, n_tensors: int) -> Path:
     return directory
 
 
+INSPECTS = {"inspect --json": ["--json"], "inspect (table)": [], "inspect --check": ["--check"]}
+
 RAW_LISTING = (
     "import sys\n"
     "from safetensors import safe_open\n"
@@ -77,9 +81,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tensors", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="a folder holding another adapterctl package")
     args = parser.parse_args()
     adapter = build(OUT / "inspect-many", args.tensors)
     env = child_env()
+    envs = dict.fromkeys(("raw listing (safetensors)", *INSPECTS), env)
     commands = {
         "raw listing (safetensors)": [
             sys.executable,
@@ -87,16 +93,21 @@ def main() -> None:
             RAW_LISTING,
             str(adapter / "adapter_model.safetensors"),
         ],
-        "inspect --json": [ADAPTERCTL, "inspect", str(adapter), "--json"],
-        "inspect (table)": [ADAPTERCTL, "inspect", str(adapter)],
-        "inspect --check": [ADAPTERCTL, "inspect", str(adapter), "--check"],
+        **{name: [ADAPTERCTL, "inspect", str(adapter), *extra] for name, extra in INSPECTS.items()},
     }
-    for argv in commands.values():  # once unmeasured: warm caches, and it must succeed
-        run_measured(argv, env)
+    if args.baseline is not None:
+        if not (args.baseline / "adapterctl" / "__init__.py").is_file():
+            parser.error(f"{args.baseline} holds no adapterctl package")
+        before = {**env, "PYTHONPATH": str(args.baseline.resolve())}
+        for name, extra in INSPECTS.items():
+            commands[f"baseline {name}"] = [ADAPTERCTL, "inspect", str(adapter), *extra]
+            envs[f"baseline {name}"] = before
+    for name, argv in commands.items():  # once unmeasured: warm caches, and it must succeed
+        run_measured(argv, envs[name])
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(args.runs):
         for name, argv in commands.items():
-            wall, rss, _ = run_measured(argv, env)
+            wall, rss, _ = run_measured(argv, envs[name])
             runs[name].append((wall, rss))
     print(f"\n{args.tensors} tensors\n{'':28}{'wall s':>10}{'peak MiB':>10}")
     results = {}

@@ -15,7 +15,7 @@ import shutil
 import sys
 import textwrap
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
 from adapterctl.cli.safe import for_stream, visible
@@ -89,7 +89,38 @@ def pad(text: str, w: int, justify: str = "l") -> str:
 def shown(text: str, stream: TextIO | None = None) -> str:
     """`text` as the terminal will show it: made visible, then spelled in what `stream`'s
     encoding can write (stdout by default), so that widths are measured on what is shown."""
+    if _plain(text):
+        return text
     return for_stream(stream or sys.stdout, visible(text))
+
+
+def natural_keyer(*, memo: bool = True) -> Callable[[str], tuple[str | tuple[int, str], ...]]:
+    """`natural_key`, with equal parts of its keys one object each (and, with `memo`, each
+    text's key made once): 50k module paths hold a few distinct words and numbers, so their
+    keys cost about a tuple each, not 30 MB."""
+    words: dict[str, str] = {}
+    numbers: dict[str, tuple[int, str]] = {}
+    keys: dict[str, tuple[str | tuple[int, str], ...]] = {}
+
+    def key(text: str) -> tuple[str | tuple[int, str], ...]:
+        found = keys.get(text)
+        if found is None:
+            found = tuple(
+                numbers.get(p) or numbers.setdefault(p, _number(p))
+                if i % 2
+                else words.setdefault(p, p)
+                for i, p in enumerate(_DIGITS.split(text))
+            )
+            if memo:
+                keys[text] = found
+        return found
+
+    return key
+
+
+def natural_sorted(texts: Iterable[str]) -> list[str]:
+    """`sorted(texts, key=natural_key)`, its keys made by one `natural_keyer`."""
+    return sorted(texts, key=natural_keyer(memo=False))  # each text once: nothing to reuse
 
 
 def shorten(name: str, room: int, ellipsis: str = "…") -> str:
@@ -284,28 +315,65 @@ def table(
     would be wider than `columns`, the prefix every name of column `name_col` shares is said once
     above the table and left out of the rows, and names still too long are shortened in the
     middle (distinct_names: names that differ stay different)."""
+    return list(
+        table_lines(
+            header, rows, justify, columns=columns, name_col=name_col, ellipsis=ellipsis,
+            stream=stream,
+        )
+    )  # fmt: skip
+
+
+def table_lines(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    justify: str,
+    *,
+    columns: int | None = None,
+    name_col: int = 0,
+    ellipsis: str = "…",
+    stream: TextIO | None = None,
+) -> Iterator[str]:
+    """`table`'s lines, each made as it is taken (a 50k-row table is not held twice)."""
     head = [shown(c, stream) for c in header]
-    cells_ = [[shown(c, stream) for c in row] for row in rows]
-    widths = [max(cells(r[i]) for r in [head, *cells_]) for i in range(len(head))]
+    plain = all(_plain(" ".join(row)) for row in rows)  # every cell shown as it is, 1 col/char
+    cells_: list[Sequence[str]] = (
+        list(rows) if plain else [[shown(c, stream) for c in row] for row in rows]
+    )
+    measure = len if plain and all(map(_plain, head)) else cells
+    widths = [max(map(measure, column)) for column in zip(head, *cells_, strict=True)]
     total = sum(widths) + 2 * (len(widths) - 1)
-    note: list[str] = []
     if columns is not None and total > columns and cells_:
         names = [r[name_col] for r in cells_]
         prefix = common_prefix(names)
         if prefix:
             names = [n[len(prefix) :] for n in names]
-            said = f"{head[name_col]}: {prefix}{ellipsis} in every row below"
-            note = [shorten(said, columns, ellipsis)]
+            yield shorten(
+                f"{head[name_col]}: {prefix}{ellipsis} in every row below", columns, ellipsis
+            )
         others = total - widths[name_col]
         room = max(MIN_NAME, columns - others, cells(head[name_col]))
-        for r, name in zip(cells_, distinct_names(names, room, ellipsis), strict=True):
-            r[name_col] = name
+        cells_ = [
+            [*r[:name_col], name, *r[name_col + 1 :]]
+            for r, name in zip(cells_, distinct_names(names, room, ellipsis), strict=True)
+        ]
         widths[name_col] = max(cells(r[name_col]) for r in [head, *cells_])
-    lines = []
+        measure = cells
+    if measure is len:  # one format per table: "{:<12}  {:>4}..." (pads as ljust/rjust do)
+        template = "  ".join(
+            f"{{:{'<' if j == 'l' else '>'}{w}}}" for w, j in zip(widths, justify, strict=True)
+        )
+        yield template.format(*head).rstrip()
+        for row in cells_:
+            yield template.format(*row).rstrip()
+        return
     for row in [head, *cells_]:
         parts = [pad(c, w, j) for c, w, j in zip(row, widths, justify, strict=True)]
-        lines.append("  ".join(parts).rstrip())
-    return note + lines
+        yield "  ".join(parts).rstrip()
+
+
+def _plain(text: str) -> bool:
+    """Shown as it is, one column a character: printable ASCII (`shown` is the identity)."""
+    return text.isascii() and text.isprintable()
 
 
 def wrap(text: str, columns: int | None, indent: int = 2, first: str = "") -> list[str]:

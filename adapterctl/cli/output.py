@@ -17,10 +17,22 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from adapterctl.cli.columns import natural_key, shorten, shown, table, width, wrap
+from adapterctl.cli.columns import (
+    natural_key,
+    natural_keyer,
+    natural_sorted,
+    shorten,
+    shown,
+    table,
+    table_lines,
+    width,
+    wrap,
+)
+from adapterctl.cli.jsonstream import json_pieces
 from adapterctl.cli.safe import for_stream, json_visible, symbol, visible
 from adapterctl.errors import StandardOutputError
 from adapterctl.ops.checks import human_size
@@ -90,10 +102,12 @@ def _line(text: str, stream: TextIO | None = None) -> None:
     _write(stream or sys.stdout, visible(text) + "\n")
 
 
-def _lines(lines: list[str], stream: TextIO | None = None) -> None:
+def _lines(lines: Iterable[str], stream: TextIO | None = None) -> None:
     """Lines already made visible (laid out by `columns`)."""
     out = stream or sys.stdout
-    _write(out, "".join(line + "\n" for line in lines))
+    it = iter(lines)
+    while chunk := list(islice(it, 4096)):  # a 50k-row table is not one string
+        _write(out, "".join(line + "\n" for line in chunk))
 
 
 def _mark() -> str:
@@ -133,11 +147,18 @@ def _json_line(obj: Any, stream: TextIO) -> None:
 
 
 def emit_json(obj: Any) -> None:
-    """One JSON document on stdout, indented only for a person at a terminal."""
+    """One JSON document on stdout, indented only for a person at a terminal; written in pieces
+    (jsonstream: a generator in it is an array made as it is written)."""
     indent = 2 if sys.stdout.isatty() else None
     ascii_only = symbol(sys.stdout, "✓") != "✓"
+
+    def encode(value: Any) -> str:
+        return json_text(value, indent, ascii_only=ascii_only)
+
     with _writing(sys.stdout):
-        _write_all(sys.stdout, json_text(obj, indent, ascii_only=ascii_only) + "\n")
+        for piece in json_pieces(obj, indent, encode):
+            _write_all(sys.stdout, piece)
+        _write_all(sys.stdout, "\n")
         sys.stdout.flush()
 
 
@@ -331,12 +352,16 @@ def _render_tensors(a: AdapterReport, cols: int | None) -> None:
     from adapterctl.ops.checks import tensor_kinds
 
     rows = []
-    for t, (path, kind, info) in zip(a.tensors, tensor_kinds(a.tensors, a.config), strict=True):
+    shared: dict[str, str] = {}  # 100k rows hold a few distinct shapes, dtypes and sizes
+    classified = a.kinds or tensor_kinds(a.tensors, a.config)
+    for t, (path, kind, info) in zip(a.tensors, classified, strict=True):
         module = (info.module if kind == info.kind else path) or t.name  # a variant's: its module
-        rows.append([module, kind, _shape(t.shape), t.dtype, human_size(t.nbytes)])
-    rows.sort(key=lambda r: (natural_key(r[0]), r[1]))
+        cells = (_shape(t.shape), t.dtype, human_size(t.nbytes))
+        rows.append((module, kind, *(shared.setdefault(c, c) for c in cells)))
+    key = natural_keyer()
+    rows.sort(key=lambda r: (key(r[0]), r[1]))
     header = ["module", "kind", "shape", "dtype", "size"]
-    _lines(table(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
+    _lines(table_lines(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
 
 
 _SHORT_KINDS = {
@@ -354,20 +379,29 @@ def _render_compact(a: AdapterReport, cols: int | None) -> None:
     from adapterctl.ops.checks import tensor_kinds
 
     entries = {m.path: m for m in a.modules}
-    groups: dict[str, list[tuple[str, str, int]]] = {}
-    for t, (path, kind, _) in zip(a.tensors, tensor_kinds(a.tensors, a.config), strict=True):
-        groups.setdefault(path or t.name, []).append((kind, t.dtype, t.nbytes))
+    groups: dict[str, list[Any]] = {}  # path -> [kind, tensor, kind, tensor...]: no pairs held
+    classified = a.kinds or tensor_kinds(a.tensors, a.config)
+    for t, (path, kind, _) in zip(a.tensors, classified, strict=True):
+        found = groups.get(path or t.name)
+        if found is None:
+            groups[path or t.name] = [kind, t]
+        else:
+            found += (kind, t)
     rows = []
-    for path in sorted(groups, key=natural_key):
-        kinds = " ".join(_SHORT_KINDS.get(k, k) for k, _, _ in sorted(groups[path]))
+    shared: dict[str, str] = {}  # 50k rows hold a few distinct cells besides their paths
+    for path in natural_sorted(groups):
+        members = groups.pop(path)  # each group freed once it is a row
+        group = [(k, t.dtype, t.nbytes) for k, t in zip(members[::2], members[1::2], strict=True)]
+        kinds = " ".join(_SHORT_KINDS.get(k, k) for k, _, _ in sorted(group))
         m = entries.get(path)
-        dtypes = ", ".join(sorted({d for _, d, _ in groups[path]}))
-        size = human_size(sum(n for _, _, n in groups[path]))
+        dtypes = ", ".join(sorted({d for _, d, _ in group}))
+        size = human_size(sum(n for _, _, n in group))
         r = _num(m.r) if m else "-"
-        rows.append([path, kinds, r, _num(m.alpha) if m else "-", dtypes, size])
+        cells = (kinds, r, _num(m.alpha) if m else "-", dtypes, size)
+        rows.append((path, *(shared.setdefault(c, c) for c in cells)))
     header = ["module", "tensors", "r", "alpha", "dtype", "size"]
-    _lines(table(header, rows, "llrrlr", columns=cols, ellipsis=_ellipsis()))
-    _line(f"({len(groups)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
+    _lines(table_lines(header, rows, "llrrlr", columns=cols, ellipsis=_ellipsis()))
+    _line(f"({len(rows)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
 
 
 def _render_modules(a: AdapterReport, cols: int | None) -> None:

@@ -327,13 +327,13 @@ class LoraConfig:
 
     def matching_patterns(self, field: str, module: str) -> list[str]:
         """The keys of `rank_pattern` / `alpha_pattern` that match `module`, in file order."""
-        patterns = getattr(self, field) or {}
-        if not patterns:
-            return []
         # each module is looked up once per config: every caller asks again per module
         memo = self._patterns.memo(field)
         found = memo.get(module)
         if found is None:
+            patterns = getattr(self, field) or {}
+            if not patterns:
+                return []
             keys = self._patterns.keys_matching(field, patterns, module)
             found = memo[module] = self._patterns.shared(keys)
         return list(found)

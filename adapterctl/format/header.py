@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from adapterctl.errors import AdapterFormatError, AdapterNotFoundError
 from adapterctl.format.dtypes import DTYPES, Dtype
+from adapterctl.format.gcpause import gc_paused
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
@@ -114,6 +115,44 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _object(pairs: list[tuple[str, Any]]) -> Any:
+    """A parsed JSON object; a usual tensor entry (`dtype`, `shape`, `data_offsets` in the order
+    safetensors writes them, a known dtype, lists of u64) as the tuple (dtype, shape, start,
+    end): 100k entries then never exist as dicts of lists. JSON parses to no tuple, so a tuple is
+    always such an entry (_as_entry turns it back into the object where one is looked at)."""
+    if len(pairs) == 3:
+        (k0, code), (k1, shape), (k2, offsets) = pairs
+        if (
+            k0 == "dtype"
+            and k1 == "shape"
+            and k2 == "data_offsets"
+            and type(code) is str
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
+            dtype = DTYPES.get(code)
+            start, end = offsets
+            if (
+                dtype is not None
+                and type(start) is int
+                and type(end) is int
+                and 0 <= start <= _U64_MAX
+                and 0 <= end <= _U64_MAX
+                and all(type(d) is int and 0 <= d <= _U64_MAX for d in shape)
+            ):
+                return (dtype, tuple(shape), start, end)
+    return _no_duplicates(pairs)
+
+
+def _as_entry(value: Any) -> Any:
+    """`value` as the parser gave it: a tuple from _object back into its object."""
+    if type(value) is tuple:
+        dtype, shape, start, end = value
+        return {"dtype": dtype.code, "shape": list(shape), "data_offsets": [start, end]}
+    return value
+
+
 #: the integer literal the default parser reads differently from serde: `-0` (literals beyond
 #: u64 are found by _check_values, which a scan of the bytes for 20 digits would cost more than)
 _SPECIAL_INT = re.compile(rb"-0(?![.0-9eE])")
@@ -175,6 +214,8 @@ def _check_values(obj: dict[str, Any], raw: bytes) -> None:
     for k, entry in obj.items():
         if strings:
             _check_str(k, "a key")
+        if type(entry) is tuple:  # a usual entry (_object): a known dtype and u64s, 3 deep
+            continue
         if type(entry) is dict and k != "__metadata__":
             for field, v in entry.items():
                 if field not in _ENTRY_FIELDS or strings:
@@ -196,6 +237,8 @@ def _check_values(obj: dict[str, Any], raw: bytes) -> None:
             t = type(v)
             if t is dict or t is list:
                 stack.append((v, depth + 1))
+            elif t is tuple and depth + 2 > _MAX_DEPTH:  # an entry (_object): lists inside
+                raise _HeaderError(f"header JSON is nested more than {_MAX_DEPTH} levels deep")
             elif strings and t is str:
                 _check_str(v, "a string")
             elif t is int and not -_U64_MAX <= v <= _U64_MAX:
@@ -251,11 +294,86 @@ def _expected_nbytes(t: TensorInfo) -> int:
     return bits // 8
 
 
+def _usual_tensors(obj: dict[str, Any]) -> tuple[dict[str, TensorInfo], int | None]:
+    """The tensors of a usual header in one pass: every entry valid, its data the size its
+    dtype and shape need, and each following the one before (the order safetensors writes).
+    Stops at the first entry that is not so (the careful path, _tensor_info and _check_layout,
+    then finds what is wrong with the same messages); the end of the data when all were. Each
+    parsed entry is dropped once read, so the parsed header is never held twice."""
+    tensors: dict[str, TensorInfo] = {}
+    end = 0
+    in_order = True
+    for name, entry in obj.items():
+        if type(entry) is tuple:  # what _object made of a usual entry
+            dtype, shape, start, stop = entry
+            if start > stop:
+                return tensors, None
+        else:
+            found = _usual_entry(entry)
+            if found is None:
+                return tensors, None
+            dtype, shape, start, stop = found
+        n = 1
+        for d in shape:
+            n *= d
+            if n > _U64_MAX:
+                return tensors, None
+        bits = n * dtype.bits
+        if bits > _U64_MAX or bits % 8 or bits // 8 != stop - start:
+            return tensors, None
+        in_order = in_order and start == end
+        end = stop
+        tensors[name] = TensorInfo(name, dtype, shape, start, stop)
+        obj[name] = None
+    return tensors, end if in_order else None
+
+
+def _usual_entry(entry: Any) -> tuple[Dtype, tuple[int, ...], int, int] | None:
+    """A tensor entry object (fields in any order, maybe more of them) valid on its own, as
+    _object's tuple; None for anything else."""
+    if type(entry) is not dict:
+        return None
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    dtype = DTYPES.get(code) if type(code) is str else None
+    if dtype is None or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    start, stop = offsets
+    if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= _U64_MAX:
+        return None
+    if not all(type(d) is int and 0 <= d <= _U64_MAX for d in shape):
+        return None
+    return dtype, tuple(shape), start, stop
+
+
+def _check_layout(tensors: dict[str, TensorInfo]) -> int:
+    """The data covered from 0 with no gap or overlap, each tensor the size it needs."""
+    end = 0
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if t.start != end or t.end < t.start:
+            raise _HeaderError(
+                f"tensor `{t.name}` has data_offsets [{t.start}, {t.end}]: "
+                "tensor data must follow each other with no gap or overlap"
+            )
+        expected = _expected_nbytes(t)
+        if t.nbytes != expected:
+            raise _HeaderError(
+                f"tensor `{t.name}` spans {t.nbytes} bytes but {t.dtype.display_name}{list(t.shape)} "
+                f"needs {expected}"
+            )
+        end = t.end
+    return end
+
+
 def parse_header(raw: bytes, data_size: int) -> Header:
     """Parse and validate a header's JSON bytes against a data section of `data_size` bytes.
 
     Raises ValueError (with a message naming the problem) when safetensors would reject it.
     """
+    with gc_paused():  # its many objects form no cycles: collecting would double the time
+        return _parse(raw, data_size)
+
+
+def _parse(raw: bytes, data_size: int) -> Header:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -263,7 +381,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
     try:
         obj = json.loads(
             text,
-            object_pairs_hook=_no_duplicates,
+            object_pairs_hook=_object,
             parse_constant=_reject_constant,
             # the int hook costs a call per number: only when a literal needs it
             parse_int=_parse_int if _SPECIAL_INT.search(raw) else None,
@@ -282,6 +400,7 @@ def parse_header(raw: bytes, data_size: int) -> Header:
             f"its {len(raw)}-byte header needs more memory to parse than is available"
         ) from None
     del text  # a 10 MB header's decoded copy is not needed while its objects are built
+    obj = _as_entry(obj)
     if not isinstance(obj, dict):
         raise _HeaderError("header is not a JSON object")
     _check_values(obj, raw)
@@ -292,22 +411,13 @@ def parse_header(raw: bytes, data_size: int) -> Header:
         for k, v in metadata.items():
             _check_str(k, "a metadata key")
             _check_str(v, "a metadata value")
-    tensors = {name: _tensor_info(name, entry) for name, entry in obj.items()}
+    tensors, end = _usual_tensors(obj)
+    if end is None:  # from the first unusual entry on, the careful path (an error, most likely)
+        for name, entry in obj.items():
+            if name not in tensors:
+                tensors[name] = _tensor_info(name, _as_entry(entry))
+        end = _check_layout(tensors)
     del obj  # the parsed entries: TensorInfo holds what is kept
-    end = 0
-    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
-        if t.start != end or t.end < t.start:
-            raise _HeaderError(
-                f"tensor `{t.name}` has data_offsets [{t.start}, {t.end}]: "
-                "tensor data must follow each other with no gap or overlap"
-            )
-        expected = _expected_nbytes(t)
-        if t.nbytes != expected:
-            raise _HeaderError(
-                f"tensor `{t.name}` spans {t.nbytes} bytes but {t.dtype.display_name}{list(t.shape)} "
-                f"needs {expected}"
-            )
-        end = t.end
     if end != data_size:
         raise _HeaderError(
             f"the header describes {end} bytes of tensor data but the file holds {data_size}"

@@ -7,6 +7,7 @@ it (ParameterDict entries such as `lora_embedding_A.default`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -87,7 +88,8 @@ def classify(key: str, modules_to_save: Iterable[str] = ()) -> KeyInfo:
         kind = _SUFFIX_TO_KIND.get(suffix)
         if kind is not None:
             module, depth = _strip_base_layers(rest[:idx])
-            return KeyInfo(key, kind, module, depth=depth, prefixed=prefixed)
+            # one string for a module's A and B (and the rest): 100k keys, half the copies
+            return KeyInfo(key, kind, sys.intern(module), depth=depth, prefixed=prefixed)
     if rest.endswith("." + TOKENS_SUFFIX):
         module = rest[: -len(TOKENS_SUFFIX) - 1]
         return KeyInfo(key, "trainable_tokens_delta", module, prefixed=prefixed)

@@ -86,6 +86,15 @@ class SafetensorsReader:
             done += n
         return view
 
+    def read_span(self, start: int, end: int, name: str) -> bytes:
+        """The data section's bytes `start`..`end` (several neighbouring tensors read at once;
+        `name`, the first of them, is named if the file turns out truncated)."""
+        self._f.seek(self.header.data_start + start)
+        data = self._f.read(end - start)
+        if len(data) != end - start:
+            raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
+        return data
+
     def iter_bytes(self, name: str, size: int = _CHUNK) -> Iterator[bytes]:
         """The tensor's bytes in pieces of about `size` bytes, cut at element boundaries (memory
         stays one piece, whatever the tensor's size)."""

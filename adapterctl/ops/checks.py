@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from adapterctl.format.config import LoraConfig, residual_init
@@ -56,11 +56,6 @@ class ModuleEntry:
         }
 
 
-@dataclass
-class _Module:
-    keys: dict[str, tuple[KeyInfo, TensorEntry]] = field(default_factory=dict)
-
-
 def human_size(nbytes: int) -> str:
     """1536 -> "1.5 KiB" (bytes below 1 KiB as a plain count)."""
     value = float(nbytes)
@@ -90,9 +85,12 @@ def tensor_kinds(
 
 
 def analyse(
-    tensors: Sequence[TensorEntry], config: LoraConfig | None
+    tensors: Sequence[TensorEntry],
+    config: LoraConfig | None,
+    kinds: Sequence[tuple[str, str, KeyInfo]] | None = None,
 ) -> tuple[list[ModuleEntry], list[Problem]]:
-    """Group tensors by module, work out r/alpha/scaling, and list the file's problems."""
+    """Group tensors by module, work out r/alpha/scaling, and list the file's problems
+    (`kinds`: what tensor_kinds gives for them, where the caller has it already)."""
     problems: list[Problem] = []
 
     def error(msg: str) -> None:
@@ -104,10 +102,10 @@ def analyse(
     mts = list(config.modules_to_save or []) if config is not None else []
     # a variant's own tensors and factor shapes are what PEFT loads: named once, never errors
     variants = variants_in(config) if config is not None else []
-    modules: dict[str, _Module] = {}
-    infos = []
-    for t, (path, kind, info) in zip(tensors, tensor_kinds(tensors, config), strict=True):
-        infos.append((info, t))
+    modules: dict[str, dict[str, TensorEntry]] = {}  # path -> kind -> tensor
+    if kinds is None:
+        kinds = tensor_kinds(tensors, config)
+    for t, (path, kind, info) in zip(tensors, kinds, strict=True):
         if not info.prefixed:
             error(f"`{t.name}` does not start with `{PREFIX}`; PEFT ignores it when loading")
         if kind == "unknown":
@@ -115,9 +113,9 @@ def analyse(
                 f"`{t.name}` is of no known kind (not a LoRA factor, bias, embedding or saved module)"
             )
         entry = modules.get(path)
-        if entry is None:  # (setdefault would build a _Module for every tensor)
-            entry = modules[path] = _Module()
-        entry.keys[kind] = (info, t)
+        if entry is None:  # (setdefault would build a dict for every tensor)
+            entry = modules[path] = {}
+        entry[kind] = t
 
     if not tensors:
         error("the weights file holds no tensors")
@@ -135,18 +133,19 @@ def analyse(
         _config_warnings(config, warn)
 
     entries = []
+    rules = _Rules(config) if config is not None else None
+    any_shapes = free_shapes(variants)
     for path in sorted(modules):
-        m = modules[path].keys
-        entries.append(_module_entry(path, m, config, error, warn, free_shapes(variants)))
+        entries.append(_module_entry(path, modules[path], rules, error, warn, any_shapes))
     if config is not None:
         lora_paths = sorted({e.path.replace(".base_layer", "") for e in entries if e.r is not None})
         pattern_warnings(config, lora_paths, warn)
-        if mts and not any(info.kind == "modules_to_save" for info, _ in infos):
+        if mts and not any(info.kind == "modules_to_save" for _, _, info in kinds):
             warn(
                 f"`modules_to_save` lists {', '.join(mts)} but no tensor for them is stored; "
                 "PEFT fails to load this adapter (KeyError) on a base that has such a module"
             )
-    for info, t in infos:
+    for t, (_, _, info) in zip(tensors, kinds, strict=True):
         last = info.module.rsplit(".", 1)[-1]
         if info.kind in ("embedding", "base_layer") and (
             info.kind == "embedding" or last in EMBEDDING_NAMES
@@ -172,10 +171,31 @@ def _config_warnings(config: LoraConfig, warn: Any) -> None:
         warn(f"keys unknown to PEFT 0.21.2 (it ignores them): {', '.join(config.unknown_keys)}")
 
 
+class _Rules:
+    """The config fields every module's entry reads, read once (a LoraConfig field is a lookup
+    through `__getattr__`; 50k modules ask for each), and scalings by (alpha, r)."""
+
+    __slots__ = ("_scalings", "config", "lora_bias", "target_parameters", "use_dora")
+
+    def __init__(self, config: LoraConfig) -> None:
+        self.config = config
+        self.use_dora = config.use_dora
+        self.lora_bias = config.lora_bias
+        self.target_parameters = config.target_parameters
+        self._scalings: dict[tuple[float, int], float] = {}
+
+    def scaling(self, alpha: float, r: int) -> float:
+        key = (alpha, r)
+        found = self._scalings.get(key)
+        if found is None:
+            found = self._scalings[key] = self.config.scaling(alpha, r)
+        return found
+
+
 def _module_entry(
     path: str,
-    m: dict[str, tuple[KeyInfo, TensorEntry]],
-    config: LoraConfig | None,
+    m: dict[str, TensorEntry],
+    rules: _Rules | None,
     error: Any,
     warn: Any,
     any_shapes: bool = False,
@@ -194,7 +214,7 @@ def _module_entry(
             error(f"`{path}` has {have} but no {lack}")
         if a is None or b is None:
             continue
-        at, bt = a[1], b[1]
+        at, bt = a, b
         problem = pair_problem(a_kind, at.shape, b_kind, bt.shape, free_rank=any_shapes)
         if problem is not None:
             error(f"`{path}`: {problem}")
@@ -203,7 +223,7 @@ def _module_entry(
         r, out_dim, ndim = at.shape[0], bt.shape[0], len(at.shape)
     for kind in ("lora_magnitude_vector", "lora_B.bias"):
         if kind in m and out_dim is not None:
-            t = m[kind][1]
+            t = m[kind]
             # a convolution's DoRA magnitude is (1, out, 1...), as PEFT's weight norm is
             conv_norm = (1, out_dim, *(1,) * (ndim - 2))
             if t.shape != (out_dim,) and not (
@@ -215,11 +235,12 @@ def _module_entry(
             if kind in m:
                 error(f"`{path}` has {kind} but no LoRA factors")
         return ModuleEntry(path, kinds, None, None, None)
-    if config is None:
+    if rules is None:
         return ModuleEntry(path, kinds, r, None, None)
+    config = rules.config
     module = path.replace(".base_layer", "")
     expected = config.rank_for(module)
-    if config.target_parameters and r != expected and r % expected == 0:
+    if rules.target_parameters and r != expected and r % expected == 0:
         r = expected  # 3-D expert tensors store r * num_experts rows (peft-format.md 3.5)
     if r != expected:
         keys = config.matching_patterns("rank_pattern", module)
@@ -228,16 +249,16 @@ def _module_entry(
             f"`{path}`: the config gives rank {expected} ({source}) but the stored factors have "
             f"rank {r}; PEFT cannot load this adapter (size mismatch)"
         )
-    if config.use_dora and "lora_magnitude_vector" not in m:
+    if rules.use_dora and "lora_magnitude_vector" not in m:
         error(f"`{path}`: `use_dora` is true but no lora_magnitude_vector is stored")
-    if not config.use_dora and "lora_magnitude_vector" in m:
+    if not rules.use_dora and "lora_magnitude_vector" in m:
         error(f"`{path}`: a lora_magnitude_vector is stored but `use_dora` is false")
-    if config.lora_bias and "lora_B" in m and "lora_B.bias" not in m:
+    if rules.lora_bias and "lora_B" in m and "lora_B.bias" not in m:
         warn(f"`{path}`: `lora_bias` is true but no lora_B.bias is stored")
-    if not config.lora_bias and "lora_B.bias" in m:
+    if not rules.lora_bias and "lora_B.bias" in m:
         warn(f"`{path}`: a lora_B.bias is stored but `lora_bias` is false; PEFT ignores it")
     alpha = config.alpha_for(module)
-    return ModuleEntry(path, kinds, r, alpha, config.scaling(alpha, r))
+    return ModuleEntry(path, kinds, r, alpha, rules.scaling(alpha, r))
 
 
 def pattern_warnings(

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapterctl.format.config import LoraConfig
-from adapterctl.format.header import read_header
+from adapterctl.format.header import TensorInfo, read_header
+from adapterctl.format.keys import KeyInfo
 from adapterctl.format.layout import AdapterFiles, find_adapters, pick_adapters
 from adapterctl.format.tensors import SafetensorsReader, bin_tensors
-from adapterctl.ops.checks import ModuleEntry, Problem, TensorEntry, analyse, target_summary
-from adapterctl.ops.rawtensor import NONFINITE_CODES, NonFinite, count_nonfinite
+from adapterctl.ops.checks import (
+    ModuleEntry,
+    Problem,
+    TensorEntry,
+    analyse,
+    target_summary,
+    tensor_kinds,
+)
+from adapterctl.ops.rawtensor import (
+    NONFINITE_CODES,
+    NonFinite,
+    count_nonfinite,
+    may_hold_nonfinite,
+)
 
 SCHEMA_VERSION = 1
 
@@ -26,6 +39,8 @@ class AdapterReport:
     tensors: tuple[TensorEntry, ...]  # sorted by name
     modules: tuple[ModuleEntry, ...]
     problems: tuple[Problem, ...]
+    #: per tensor, what `checks.tensor_kinds` says (module path, kind, key), as analysed
+    kinds: tuple[tuple[str, str, KeyInfo], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def num_parameters(self) -> int:
@@ -70,14 +85,18 @@ class AdapterReport:
             "lora_modules": len(lora),
         }
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, lazy: bool = False) -> dict[str, Any]:
+        """The JSON report; `lazy`: tensors and modules as generators of their dicts, for a
+        writer that makes each as it writes it (100k tensors' dicts never held at once)."""
+        tensors = (_tensor_dict(t) for t in self.tensors)
+        modules = (m.to_dict() for m in self.modules)
         return {
             "name": self.name,
             "path": self.path,
             "format": self.format,
             "config": self.config.raw if self.config else None,
-            "tensors": [_tensor_dict(t) for t in self.tensors],
-            "modules": [m.to_dict() for m in self.modules],
+            "tensors": tensors if lazy else list(tensors),
+            "modules": modules if lazy else list(modules),
             "num_parameters": self.num_parameters,
             "total_bytes": self.total_bytes,
             "problems": [p.to_dict() for p in self.problems],
@@ -104,30 +123,40 @@ class InspectReport:
     def has_errors(self) -> bool:
         return any(a.errors for a in self.adapters)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, lazy: bool = False) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
             "source": self.source,
-            "adapters": [a.to_dict() for a in self.adapters],
+            "adapters": [a.to_dict(lazy=lazy) for a in self.adapters],
         }
 
 
 def _tensor_entries(files: AdapterFiles, scan: bool) -> list[TensorEntry]:
     if files.format == "bin":
-        entries = [
-            TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes)
-            for t in bin_tensors(files.weights_path)
-        ]
-    else:
-        header = read_header(files.weights_path)
-        entries = [
-            TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes)
-            for t in header.tensors.values()
+        found = list(bin_tensors(files.weights_path))
+        counts = scan_nonfinite(files) if scan else {}
+        return [
+            TensorEntry(t.name, t.dtype_name, t.shape, t.nbytes, counts.get(t.name)) for t in found
         ]
     if not scan:
-        return entries
-    counts = scan_nonfinite(files)
-    return [replace(t, nonfinite=counts.get(t.name)) for t in entries]
+        return _entries(read_header(files.weights_path).tensors, {})
+    with SafetensorsReader(files.weights_path) as reader:  # one header read for both
+        counts = _scan_safetensors(reader)
+        tensors = reader.tensors
+    del reader  # its header's raw bytes are not needed while the entries are made
+    return _entries(tensors, counts)
+
+
+def _entries(tensors: dict[str, TensorInfo], counts: dict[str, NonFinite]) -> list[TensorEntry]:
+    """The entries of a header's tensors (in any order: the report sorts them), each TensorInfo
+    dropped as its entry is made (the caller keeps no other reference to `tensors`' header)."""
+    entries = []
+    while tensors:
+        _, t = tensors.popitem()
+        entries.append(
+            TensorEntry(t.name, t.dtype.display_name, t.shape, t.nbytes, counts.get(t.name))
+        )
+    return entries
 
 
 def scan_nonfinite(files: AdapterFiles) -> dict[str, NonFinite]:
@@ -141,15 +170,62 @@ def scan_nonfinite(files: AdapterFiles) -> dict[str, NonFinite]:
             for name, (dtype, _, array) in bin_arrays(files.weights_path).items()
             if dtype.code in NONFINITE_CODES
         }
-    counts = {}
     with SafetensorsReader(files.weights_path) as reader:
-        for name, t in reader.tensors.items():
-            if t.dtype.code in NONFINITE_CODES:
-                total = NonFinite()
-                for piece in reader.iter_bytes(name):
-                    total += count_nonfinite(piece, t.dtype.code)
-                counts[name] = total
+        return _scan_safetensors(reader)
+
+
+_NONE = NonFinite()  # one shared value for the (many) tensors without NaN or Inf
+
+
+def _scan_safetensors(reader: SafetensorsReader) -> dict[str, NonFinite]:
+    """Neighbouring small tensors of one dtype are read and counted together, up to a piece
+    (100k tiny tensors cost a few hundred reads, not 100k); each is counted on its own only
+    where its piece holds any NaN or Inf. A tensor larger than a piece is read in pieces."""
+    from adapterctl.format import tensors as tensors_mod
+
+    piece = tensors_mod._CHUNK
+    counts: dict[str, NonFinite] = {}
+    batch: list[TensorInfo] = []
+    size = 0
+    for t in sorted(reader.tensors.values(), key=_start):  # the data lies in offset order
+        code = t.dtype.code
+        if code not in NONFINITE_CODES:
+            continue
+        if batch and (code != batch[0].dtype.code or size + t.nbytes > piece):
+            _count_batch(reader, batch, counts)
+            batch, size = [], 0
+        if t.nbytes > piece:
+            total = _NONE
+            for data in reader.iter_bytes(t.name, piece):
+                if may_hold_nonfinite(data, code):
+                    total += count_nonfinite(data, code)
+            counts[t.name] = total if total.total else _NONE
+            continue
+        batch.append(t)
+        size += t.nbytes
+    if batch:
+        _count_batch(reader, batch, counts)
     return counts
+
+
+def _start(t: TensorInfo) -> int:
+    return t.start
+
+
+def _count_batch(
+    reader: SafetensorsReader, batch: list[TensorInfo], counts: dict[str, NonFinite]
+) -> None:
+    """Count one run of contiguous tensors of one dtype (their bytes follow each other)."""
+    code, base = batch[0].dtype.code, batch[0].start
+    data = reader.read_span(base, batch[-1].end, batch[0].name)
+    if not may_hold_nonfinite(data, code) or not count_nonfinite(data, code).total:
+        for t in batch:
+            counts[t.name] = _NONE
+        return
+    view = memoryview(data)
+    for t in batch:
+        found = count_nonfinite(view[t.start - base : t.end - base], code) if t.nbytes else _NONE
+        counts[t.name] = found if found.total else _NONE
 
 
 def build_report(
@@ -161,10 +237,17 @@ def build_report(
     warnings: tuple[str, ...] = (),
 ) -> AdapterReport:
     """Check one adapter's config against its tensors (wherever they were read from)."""
-    tensors = sorted(tensors, key=lambda t: t.name)
-    modules, problems = analyse(tensors, config)
+    tensors = sorted(tensors, key=_name)
+    kinds = tuple(tensor_kinds(tensors, config))
+    modules, problems = analyse(tensors, config, kinds)
     problems = [Problem("warning", w) for w in warnings] + problems
-    return AdapterReport(name, path, fmt, config, tuple(tensors), tuple(modules), tuple(problems))
+    return AdapterReport(
+        name, path, fmt, config, tuple(tensors), tuple(modules), tuple(problems), kinds
+    )
+
+
+def _name(t: TensorEntry) -> str:
+    return t.name
 
 
 def report_adapter(files: AdapterFiles, scan: bool = False) -> AdapterReport:

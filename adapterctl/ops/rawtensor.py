@@ -377,6 +377,24 @@ def nonfinite_mask(t: RawTensor) -> np.ndarray[Any, Any] | None:
     return (bits & bits.dtype.type(exponent)) == exponent  # type: ignore[no-any-return]
 
 
+#: code -> (bytes per value, the bits of its top byte that are all set in every NaN and ±Inf)
+_TOP_BYTE = {"F16": (2, 0x7C), "BF16": (2, 0x7F), "F32": (4, 0x7F), "F64": (8, 0x7F),
+             "F8_E5M2": (1, 0x7C), "F8_E4M3": (1, 0x7F)}  # fmt: skip
+#: code -> the top-byte values that no NaN or ±Inf has (deleted: what is left may be one)
+_NEVER_SPECIAL = {
+    code: bytes(b for b in range(256) if b & mask != mask) for code, (_, mask) in _TOP_BYTE.items()
+}
+
+
+def may_hold_nonfinite(raw: bytes | memoryview, code: str) -> bool:
+    """False when the little-endian values in `raw` are surely all finite, from their top bytes
+    alone (no numpy: 100k tiny tensors with no NaN are checked without importing it); True
+    when one may be NaN or ±Inf (then count_nonfinite counts). Only dtypes in NONFINITE_CODES."""
+    width, _ = _TOP_BYTE[code]
+    top = bytes(raw)[width - 1 :: width] if width > 1 else bytes(raw)
+    return bool(top.translate(None, _NEVER_SPECIAL[code]))
+
+
 def count_nonfinite(raw: Any, code: str) -> NonFinite:
     """NaN, +Inf and -Inf in the raw little-endian bytes of a `code` tensor (or of a piece of
     it, cut at element boundaries); nothing for dtypes without such values."""

@@ -49,13 +49,15 @@ def inspect_cmd(
     bounded pieces, to count NaN and Inf. SOURCE may be a Hub repo id
     (OWNER/NAME): then the headers are read over HTTP range requests, not the weights.
     """
+    from adapterctl.format.gcpause import gc_paused
     from adapterctl.ops.inspect import inspect_adapter
 
-    report = inspect_adapter(source, adapter, revision, subfolder, token, scan=check)
-    if json_:
-        output.emit_json(report.to_dict())
-    else:
-        output.render_inspect(report, all_tensors=tensors)
+    with gc_paused():  # a report of 100k tensors is many small objects, none in a cycle
+        report = inspect_adapter(source, adapter, revision, subfolder, token, scan=check)
+        if json_:
+            output.emit_json(report.to_dict(lazy=True))  # written as it is made
+        else:
+            output.render_inspect(report, all_tensors=tensors)
     if check and report.has_errors:
         bad = next(a for a in report.adapters if a.errors)
         count = sum(len(a.errors) for a in report.adapters)
