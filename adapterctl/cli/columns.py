@@ -301,28 +301,6 @@ def _window(name: str, at: int, room: int, ellipsis: str) -> str:
     return out + ("" if end == after else ellipsis) + end
 
 
-def table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    justify: str,
-    *,
-    columns: int | None = None,
-    name_col: int = 0,
-    ellipsis: str = "…",
-    stream: TextIO | None = None,
-) -> list[str]:
-    """Aligned columns, two spaces apart; `justify` holds "l" or "r" per column. Where the lines
-    would be wider than `columns`, the prefix every name of column `name_col` shares is said once
-    above the table and left out of the rows, and names still too long are shortened in the
-    middle (distinct_names: names that differ stay different)."""
-    return list(
-        table_lines(
-            header, rows, justify, columns=columns, name_col=name_col, ellipsis=ellipsis,
-            stream=stream,
-        )
-    )  # fmt: skip
-
-
 def table_lines(
     header: Sequence[str],
     rows: Sequence[Sequence[str]],
@@ -333,7 +311,11 @@ def table_lines(
     ellipsis: str = "…",
     stream: TextIO | None = None,
 ) -> Iterator[str]:
-    """`table`'s lines, each made as it is taken (a 50k-row table is not held twice)."""
+    """Aligned columns, two spaces apart; `justify` holds "l" or "r" per column. Where the lines
+    would be wider than `columns`, the prefix every name of column `name_col` shares is said once
+    above the table and left out of the rows, and names still too long are shortened in the
+    middle (distinct_names: names that differ stay different). Each line is made as it is taken
+    (a 50k-row table is not held twice)."""
     head = [shown(c, stream) for c in header]
     plain = all(_plain(" ".join(row)) for row in rows)  # every cell shown as it is, 1 col/char
     cells_: list[Sequence[str]] = (

@@ -27,7 +27,6 @@ from adapterctl.cli.columns import (
     natural_sorted,
     shorten,
     shown,
-    table,
     table_lines,
     width,
     wrap,
@@ -415,13 +414,13 @@ def _render_modules(a: AdapterReport, cols: int | None) -> None:
     ]
     _line("")
     header = ["module", "r", "alpha", "scaling"]
-    _lines(table(header, rows, "lrrr", columns=cols, ellipsis=_ellipsis()))
+    _lines(table_lines(header, rows, "lrrr", columns=cols, ellipsis=_ellipsis()))
 
 
 def plain_table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
     """Aligned columns on stdout, the first `left` left-aligned, fitted to the terminal."""
     justify = "".join("l" if i < left else "r" for i in range(len(header)))
-    _lines(table(header, rows, justify, columns=width(), ellipsis=_ellipsis()))
+    _lines(table_lines(header, rows, justify, columns=width(), ellipsis=_ellipsis()))
 
 
 def render_conversion(result: ConversionResult) -> None:
@@ -445,7 +444,7 @@ def render_conversion(result: ConversionResult) -> None:
         rows.append(row)
     left = 1 if same else 2
     justify = "".join("l" if i < left else "r" for i in range(len(header)))
-    _lines(table(header, rows, justify, columns=cols, ellipsis=_ellipsis()))
+    _lines(table_lines(header, rows, justify, columns=cols, ellipsis=_ellipsis()))
     sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
     _lines(wrap(f"{result.output} ({len(modules)} modules, {sizes})", cols, first=f"{_mark()} "))
     v = result.verification

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from adapterctl.cli.columns import cells, distinct_names, natural_key, shorten, table
+from adapterctl.cli.columns import cells, distinct_names, natural_key, shorten, table_lines
 from adapterctl.cli.main import app
 from tests.helpers import P, lora_tensors, write_adapter
 
@@ -236,7 +236,7 @@ def test_natural_key_and_shorten() -> None:
 
 def test_table_never_cuts_the_end_of_a_name() -> None:
     rows = [[f"model.decoder.block.{i}.layer.0.SelfAttention.q", "lora_A"] for i in range(12)]
-    lines = table(["module", "kind"], rows, "ll", columns=40)
+    lines = list(table_lines(["module", "kind"], rows, "ll", columns=40))
     assert all(len(line) <= 40 for line in lines)
     assert lines[0].startswith("module: mo")
     assert lines[0].endswith("decoder.… in every row below")
