@@ -23,6 +23,7 @@ from typing import Any
 from adapterctl.errors import AdapterctlError
 from adapterctl.format.config import LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, read_readme
+from adapterctl.ops.checks import target_summary
 
 _FRAMEWORK = "### Framework versions"
 #: the Hub's pipeline tag for each PEFT task type
@@ -215,12 +216,7 @@ def inert(value: str) -> str:
 
 
 def _targets(config: LoraConfig) -> str:
-    tm = config.target_modules
-    if tm is None:
-        return "(architecture default)"
-    if isinstance(tm, str):
-        return f"regex {inert(tm)}"
-    return ", ".join(inert(t) for t in sorted(set(tm)))
+    return target_summary(config, inert)
 
 
 def _fact_line(name: str, config: LoraConfig) -> str:

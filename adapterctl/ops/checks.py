@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,10 +289,11 @@ def pattern_warnings(
                 warn(f"{field_name} key {key!r} matches no module {where}{known}; PEFT ignores it")
 
 
-def target_summary(config: LoraConfig) -> str:
+def target_summary(config: LoraConfig, show: Callable[[str], str] = str) -> str:
+    """The config's target modules in one line, each name through `show` (a card quotes them)."""
     tm = config.target_modules
     if tm is None:
         return "(architecture default)"
     if isinstance(tm, str):
-        return f"regex {tm}"
-    return ", ".join(sorted(set(tm)))
+        return f"regex {show(tm)}"
+    return ", ".join(show(t) for t in sorted(set(tm)))
