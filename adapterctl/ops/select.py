@@ -162,6 +162,19 @@ def _check_copy(checked: _Checked, copy: Path) -> None:
         )
 
 
+def _check_new_name(name: str) -> None:
+    """A --rename target becomes a folder name: the adapter-name rule, and printable."""
+    try:
+        validate_adapter_name(name)
+    except SelectionError as e:
+        raise InvalidOptionError(e.message, hint=e.hint) from None
+    if not name.isprintable():
+        raise InvalidOptionError(
+            f"invalid adapter name {name!r}: it holds control or invisible characters",
+            hint="adapter names are folder names",
+        )
+
+
 def select_adapters(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -178,17 +191,21 @@ def select_adapters(
     along. The output appears atomically or not at all.
     """
     renames = dict(renames or {})
+    # what the options ask for, checked before the source is read: usage errors (exit 2)
     if not adapters:
-        raise SelectionError("no adapter chosen", hint="pass --adapter NAME at least once")
+        raise InvalidOptionError("no adapter chosen", hint="pass --adapter NAME at least once")
     if len(set(adapters)) != len(adapters):
-        raise SelectionError("an adapter is chosen more than once")
-    for old in renames:
+        raise InvalidOptionError("an adapter is chosen more than once")
+    for old, new in renames.items():
         if old not in adapters:
-            raise SelectionError(f"`{old}` is renamed but not chosen", hint=f"add --adapter {old}")
+            raise InvalidOptionError(
+                f"`{old}` is renamed but not chosen", hint=f"add --adapter {old}"
+            )
+        _check_new_name(new)
     picked = pick_adapters(find_adapters(source), list(adapters), source)
     new_names = [validate_adapter_name(renames.get(a.name, a.name)) for a in picked]
     if len(set(new_names)) != len(new_names):
-        raise SelectionError(f"two chosen adapters would both be named {sorted(new_names)}")
+        raise InvalidOptionError(f"two chosen adapters would both be named {sorted(new_names)}")
     out = Path(output)
     preflight([out], force=force, inputs=[source])
     checked = [_validate(files) for files in picked]

@@ -89,23 +89,28 @@ def test_single_file_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("adapters", "renames", "message"),
+    ("adapters", "renames", "message", "error"),
     [
-        ([], {}, "no adapter chosen"),
-        (["default", "default"], {}, "more than once"),
-        (["nope"], {}, "no adapter named `nope`"),
-        (["default"], {"other": "x"}, "renamed but not chosen"),
-        (["default"], {"default": "../x"}, "invalid adapter name"),
-        (["default"], {"default": ".hidden"}, "invalid adapter name"),
-        (["b"], {"b": "adapter_config.json"}, "invalid adapter name"),
-        (["b"], {"b": "README.md"}, "invalid adapter name"),
-        (["default", "b"], {"b": "default"}, "would both be named"),
+        ([], {}, "no adapter chosen", InvalidOptionError),
+        (["default", "default"], {}, "more than once", InvalidOptionError),
+        (["nope"], {}, "no adapter named `nope`", SelectionError),  # the source's, not a usage
+        (["default"], {"other": "x"}, "renamed but not chosen", InvalidOptionError),
+        (["default"], {"default": "../x"}, "invalid adapter name", InvalidOptionError),
+        (["default"], {"default": ".hidden"}, "invalid adapter name", InvalidOptionError),
+        (["default"], {"default": ""}, "invalid adapter name", InvalidOptionError),
+        (["default"], {"default": "a\x1b[2Jb"}, "control or invisible", InvalidOptionError),
+        (["b"], {"b": "adapter_config.json"}, "invalid adapter name", InvalidOptionError),
+        (["b"], {"b": "README.md"}, "invalid adapter name", InvalidOptionError),
+        (["default", "b"], {"b": "default"}, "would both be named", InvalidOptionError),
     ],
 )
-def test_bad_requests(tmp_path: Path, adapters: list[str], renames: dict, message: str) -> None:
+def test_bad_requests(
+    tmp_path: Path, adapters: list[str], renames: dict, message: str, error: type[Exception]
+) -> None:
+    """What the options ask for wrongly is a usage error (exit 2); what the source lacks, not."""
     src = write_adapter(tmp_path / "src")
     write_adapter(src / "b")
-    with pytest.raises(SelectionError, match=message):
+    with pytest.raises(error, match=message):
         select_adapters(src, tmp_path / "out", adapters, renames)
     assert not (tmp_path / "out").exists()
 
