@@ -40,8 +40,21 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(?::[0-9]+)?|xpu(?::[0-9]+)?")
 
 
-def check_options(model_class: str = "auto", dtype: str = "auto", device: str = "auto") -> None:
-    """--model-class, --dtype and --device, refused before anything is loaded or downloaded."""
+def check_options(
+    model_class: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    adapter_name: str = "default",
+) -> None:
+    """--model-class, --dtype, --device and --adapter-name, refused before anything is loaded or
+    downloaded."""
+    from adapterctl.errors import SelectionError
+    from adapterctl.format.layout import validate_adapter_name
+
+    try:
+        validate_adapter_name(adapter_name)
+    except SelectionError as e:
+        raise InvalidOptionError(f"--adapter-name: {e.message}", hint=e.hint) from None
     if model_class != "auto" and model_class not in MODEL_CLASSES:
         raise InvalidOptionError(
             f"--model-class: unknown model class {model_class!r}",

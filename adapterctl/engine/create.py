@@ -88,7 +88,7 @@ def _create(
     from adapterctl.engine.base import check_options
     from adapterctl.ops.hub import base_source, hub_or_local
 
-    check_options(dtype=dtype, device=device)
+    check_options(dtype=dtype, device=device, adapter_name=adapter_name)
     if isinstance(hub_or_local(base, bare=True), str):  # the config names the Hub id
         config_fields = {"base_model_name_or_path": str(base), **config_fields}
     try:  # the fields are the caller's options, not a file: a bad one is a usage error

@@ -139,7 +139,7 @@ def load_session(
     from adapterctl.format.atomic import preflight
     from adapterctl.ops.hub import base_source, hub_or_local, refuse_local_revision
 
-    check_options(model_class, dtype, device)
+    check_options(model_class, dtype, device, adapter_name)
     refuse_local_revision(hub_or_local(adapter), revision)
     if max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import AdapterctlError, AdapterNotFoundError
+from adapterctl.errors import AdapterctlError, AdapterNotFoundError, InvalidOptionError
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, edited_json
 from adapterctl.format.files import read_small
 from adapterctl.format.layout import (
@@ -86,7 +86,7 @@ class PushResult:
 
 def _check_repo_id(repo_id: str) -> None:
     if "/" not in repo_id or not valid_repo_id(repo_id):
-        raise AdapterctlError(
+        raise InvalidOptionError(
             f"`{repo_id}` is not a Hub repo id", hint="use OWNER/NAME, e.g. alice/my-adapter"
         )
 
@@ -95,7 +95,7 @@ def _base_model(configs: list[LoraConfig], override: str | None) -> str:
     """The card's base model: `--base-model`, else the one Hub id the adapters' configs name."""
     if override is not None:  # said to be a Hub id: a local folder of that name does not matter
         if not valid_repo_id(override):
-            raise AdapterctlError(
+            raise InvalidOptionError(
                 f"--base-model `{override}` is not a Hub repo id",
                 hint="the card links the base model on the Hub: pass OWNER/NAME",
             )
