@@ -208,6 +208,7 @@ class Case:
     extra: tuple[str, ...] = ()  # more arguments ({tmp} is the test's folder)
     output: str = "out"  # the OUTPUT argument ({tmp}/...), for commands that write
     names: str = "culprit"  # the line names the culprit file, the "source" folder, or this text
+    exit_code: int = 1  # 2 where the culprit is an option's value (a usage error)
 
 
 CASES: dict[str, Case] = {name: Case(make, problem) for name, (make, problem) in BASIC.items()}
@@ -240,13 +241,28 @@ CASES |= {
     "pickle that imports a module": Case(_importing_bin, "not a plain tensor checkpoint"),
     "empty directory": Case(_empty, "no adapter"),
     "adapter name with ..": Case(
-        _same, "invalid adapter name", ("select",), ("--rename", "default=.."), names="'..'"
+        _same,
+        "invalid adapter name",
+        ("select",),
+        ("--rename", "default=.."),
+        names="'..'",
+        exit_code=2,
     ),
     "adapter name with a separator": Case(
-        _same, "invalid adapter name", ("select",), ("--rename", "default=a/b"), names="'a/b'"
+        _same,
+        "invalid adapter name",
+        ("select",),
+        ("--rename", "default=a/b"),
+        names="'a/b'",
+        exit_code=2,
     ),
     "adapter name an absolute path": Case(
-        _same, "invalid adapter name", ("select",), ("--rename", "default=/etc"), names="'/etc'"
+        _same,
+        "invalid adapter name",
+        ("select",),
+        ("--rename", "default=/etc"),
+        names="'/etc'",
+        exit_code=2,
     ),
     "output is a symlink": Case(
         _same, "is a symlink", ("select", "convert"), output="link", names="link"
@@ -310,7 +326,7 @@ def test_corpus(
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])},
         )  # fmt: skip
         code, out, err = proc.returncode, proc.stdout, proc.stderr
-    assert code == 1, (code, out, err)
+    assert code == c.exit_code, (code, out, err)
     lines = err.splitlines()
     assert lines, out
     assert lines[0].startswith("error: "), err
