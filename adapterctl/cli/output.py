@@ -93,7 +93,12 @@ def _write_all(stream: TextIO, text: str) -> None:
     stream.flush()
     data = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
     while data:
-        data = data[os.write(fd, data) :]
+        try:
+            data = data[os.write(fd, data) :]
+        except BlockingIOError:  # a non-blocking pipe that is full: wait until it drains
+            import select
+
+            select.select([], [fd], [])
 
 
 def _line(text: str, stream: TextIO | None = None) -> None:

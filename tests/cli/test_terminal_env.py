@@ -167,3 +167,33 @@ def test_output_that_cannot_be_written_is_an_error(
     else:
         assert lines[0] == "error: cannot write to standard output: File too large", lines
     assert "Exception ignored" not in proc.stderr
+
+
+def test_a_full_non_blocking_pipe_is_waited_for(tmp_path: Path) -> None:
+    """stdout a non-blocking pipe (as some CI runners leave it) that fills up: the writer waits
+    for the reader instead of failing with EAGAIN."""
+    import fcntl
+    import time
+
+    tensors = {
+        f"{P}model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": np.zeros((1, 1), np.float32)
+        for i in range(1500)
+        for ab in "AB"
+    }
+    src = write_adapter(tmp_path / "src", tensors)
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterctl", "inspect", str(src), "--json"],
+        stdout=w, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    os.close(w)
+    time.sleep(1.5)  # the pipe (64 KiB) fills while nobody reads
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert len(data) > 1 << 17
+    assert len(json.loads(data)["adapters"][0]["tensors"]) == 3000
