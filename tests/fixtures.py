@@ -283,3 +283,13 @@ def residual_pair(
 
     result: tuple[Any, Path, Path, Path | None] = _quiet(run)
     return result
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama saved as a transformers directory (a BASE for load and save)."""
+    out = tmp_path_factory.mktemp("llama-base") / "llama"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_llama().save_pretrained(str(out))
+    return out

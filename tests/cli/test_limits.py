@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,17 +136,6 @@ def test_thousands_of_plain_keys_are_indexed(tmp_path: Path) -> None:
 # --- load: the engine matches every regex field against the base's module names -----------------
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.fixtures import tiny_llama
-
-    path = tmp_path_factory.mktemp("base") / "llama"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tiny_llama().save_pretrained(str(path))
-    return path
-
-
 def _llama_adapter(directory: Path, fields: dict[str, Any]) -> Path:
     from tests.helpers import lora_tensors as lt
 
@@ -161,7 +149,7 @@ def _llama_adapter(directory: Path, fields: dict[str, Any]) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("field", FIELDS)
 @pytest.mark.parametrize("kind", ["malformed", "catastrophic"])
-def test_load_bounds_every_regex(field: str, kind: str, llama: Path, tmp_path: Path) -> None:
+def test_load_bounds_every_regex(field: str, kind: str, llama_base: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -173,13 +161,13 @@ def test_load_bounds_every_regex(field: str, kind: str, llama: Path, tmp_path: P
     if field == "layers_pattern":
         fields["target_modules"] = ["q_proj", "v_proj"]
     src = _llama_adapter(tmp_path / "a", fields)
-    result, cpu = _invoke("load", llama, src)
+    result, cpu = _invoke("load", llama_base, src)
     assert cpu < CPU_BOUND_S + 5, cpu  # building the model is part of it
     assert result.exit_code == 1, result.output
     line = result.stderr.splitlines()[0]
     assert line.startswith("error: "), line
     assert f"`{field}`" in line, line
-    model = AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(llama_base), dtype=torch.float32)
     start = time.process_time()
     with pytest.raises(ConfigError, match=f"`{field}`"):
         AdapterModel.from_pretrained(model, src)
@@ -297,11 +285,11 @@ def test_a_refused_adapter_pickle_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_refused_base_pickle_is_one_line(llama: Path, tmp_path: Path) -> None:
+def test_a_refused_base_pickle_is_one_line(llama_base: Path, tmp_path: Path) -> None:
     import shutil
 
     base = tmp_path / "base"
-    shutil.copytree(llama, base)
+    shutil.copytree(llama_base, base)
     (base / "model.safetensors").unlink()
     _bad_pickle(base / "pytorch_model.bin")
     src = _llama_adapter(tmp_path / "a", {})
@@ -315,13 +303,13 @@ def test_a_refused_base_pickle_is_one_line(llama: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin"])
 @pytest.mark.parametrize("command", ["load", "save"])
 def test_a_special_weights_file_in_a_base_is_one_error_line(
-    command: str, name: str, kind: str, llama: Path, tmp_path: Path
+    command: str, name: str, kind: str, llama_base: Path, tmp_path: Path
 ) -> None:
     """Every weights file in BASE is looked at (Git LFS pointers): a FIFO there must not block."""
     import shutil
 
     base = tmp_path / "base"
-    shutil.copytree(llama, base)
+    shutil.copytree(llama_base, base)
     (base / name).unlink(missing_ok=True)
     _special(kind, base / name)
     src = _llama_adapter(tmp_path / "a", {})

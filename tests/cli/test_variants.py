@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import pytest
 from typer.testing import CliRunner
 
 from adapterctl.cli.main import app
-from tests.fixtures import tiny_llama
 from tests.helpers import write_adapter
 from tests.variant_adapters import PEFT_CASES, lfs_pointer, peft_variants, refusal
 
@@ -29,15 +27,6 @@ def cli(*args: str | Path) -> Any:
 
 def error_lines(result: Any) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture(scope="session")
-def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("variant-base") / "llama"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tiny_llama().save_pretrained(str(out))
-    return out
 
 
 @pytest.mark.slow
