@@ -49,6 +49,14 @@ class Target:
     def met(self) -> bool:
         return self.value <= self.limit
 
+    def line(self, width: int = 36, digits: int = 3) -> str:
+        """One report line: name, value against the limit, the verdict and the detail."""
+        verdict = "met" if self.met else "NOT MET"
+        value = f"{self.value:.{digits}f}{self.unit}"
+        return (
+            f"{self.name:{width}} {value:>10}  <= {self.limit}{self.unit}  {verdict}  {self.detail}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -147,8 +155,7 @@ def report_side_by_side(
         print(f"{key:28}{a[key]:12.3f}{p[key]:12.3f}")
     print()
     for g in goals:
-        verdict = "met" if g.met else "NOT MET"
-        print(f"{g.name:36} {g.value:8.3f}{g.unit}  <= {g.limit}{g.unit}  {verdict}  {g.detail}")
+        print(g.line())
     path = OUT / f"{name}-results.json"
     payload = {"schema_version": 1, "runs": runs, "medians": medians, **extra}
     payload |= {"versions": versions(), "targets": [g.to_dict() for g in goals]}

@@ -150,8 +150,7 @@ def _report(runs: dict[str, list[dict[str, float]]], name: str) -> None:
     print(f"{'--verify / plain':36}{verified / plain:10.2f}x")
     print()
     for g in goals:
-        verdict = "met" if g.met else "NOT MET"
-        print(f"{g.name:40} {g.value:6.2f}{g.unit}  <= {g.limit}{g.unit}  {verdict}  {g.detail}")
+        print(g.line(40, 2))
     path = OUT / f"{name}-results.json"
     payload = {
         "schema_version": 1,

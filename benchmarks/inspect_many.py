@@ -127,9 +127,7 @@ def main() -> None:
     ]
     print()
     for g in goals:
-        print(
-            f"{g.name:36} {g.value:8.2f}{g.unit} <= {g.limit}{g.unit}  {'met' if g.met else 'NOT MET'}"
-        )
+        print(g.line(36, 2))
     path = OUT / "inspect-many-results.json"
     payload = {"schema_version": 1, "tensors": args.tensors, "medians": results}
     payload |= {"versions": versions(), "targets": [g.to_dict() for g in goals]}

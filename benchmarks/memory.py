@@ -88,7 +88,7 @@ def main() -> None:
         )  # fmt: skip
         print(f"{name:32} {peak:8.0f} MiB  bound {limit:6.0f} MiB  {wall:6.1f} s", flush=True)
     for g in goals:
-        print(f"{g.name:40} {g.value:6.3f}x  {'met' if g.met else 'NOT MET'}  {g.detail}")
+        print(g.line(40))
     import json
 
     (OUT / "memory-results.json").write_text(
