@@ -55,15 +55,15 @@ def error_boundary(func: F) -> F:
             if isinstance(e, StandardOutputError):
                 _silence_stdout()  # what is buffered cannot be written at exit either
             output.error(e.message, e.hint, type_name=e.type_name, json_mode=json_mode)
-            raise typer.Exit(int(e.exit_code)) from None
-        except BrokenPipeError:
+            raise typer.Exit(int(e.exit_code)) from e
+        except BrokenPipeError as e:
             # the reader went away (`adapterctl inspect --json | head`): nothing left to tell it
             _silence_stdout()
-            raise typer.Exit(int(ExitCode.FAILURE)) from None
-        except KeyboardInterrupt:
+            raise typer.Exit(int(ExitCode.FAILURE)) from e
+        except KeyboardInterrupt as e:
             output.error("interrupted", None, type_name="Interrupted", json_mode=json_mode)
-            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
-        except MemoryError:  # not a bug: the input needs more memory than this process may use
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from e
+        except MemoryError as e:  # not a bug: the input needs more memory than this process may use
             if _debug():
                 raise
             output.error(
@@ -72,7 +72,7 @@ def error_boundary(func: F) -> F:
                 type_name="OutOfMemory",
                 json_mode=json_mode,
             )
-            raise typer.Exit(int(ExitCode.FAILURE)) from None
+            raise typer.Exit(int(ExitCode.FAILURE)) from e
         except Exception as e:
             if _debug():
                 raise
@@ -82,7 +82,7 @@ def error_boundary(func: F) -> F:
                 type_name="InternalError",
                 json_mode=json_mode,
             )
-            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+            raise typer.Exit(int(ExitCode.INTERNAL)) from e
 
     return wrapper  # type: ignore[return-value]
 

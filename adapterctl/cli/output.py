@@ -67,7 +67,7 @@ def _writing(stream: TextIO) -> Iterator[None]:
         name = "standard output" if stream is sys.stdout else "standard error"
         raise StandardOutputError(
             f"cannot write to {name}: {e.strerror or e}", hint="the output is incomplete"
-        ) from None
+        ) from e
 
 
 def flush_stdout() -> None:

@@ -53,9 +53,9 @@ def _convert(annotation: Any, value: Any) -> Any:
     if annotation in (int, float) and not isinstance(value, annotation):
         try:
             return annotation(value)
-        except ValueError:
+        except ValueError as e:
             kind = "an integer" if annotation is int else "a number"
-            raise BadParameter(f"{value!r} is not {kind}") from None
+            raise BadParameter(f"{value!r} is not {kind}") from e
     return value
 
 

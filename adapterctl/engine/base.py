@@ -54,7 +54,7 @@ def check_options(
     try:
         validate_adapter_name(adapter_name)
     except SelectionError as e:
-        raise InvalidOptionError(f"--adapter-name: {e.message}", hint=e.hint) from None
+        raise InvalidOptionError(f"--adapter-name: {e.message}", hint=e.hint) from e
     if model_class != "auto" and model_class not in MODEL_CLASSES:
         raise InvalidOptionError(
             f"--model-class: unknown model class {model_class!r}",
@@ -153,13 +153,13 @@ def load_base(
         from adapterctl.format.tensors import refused_pickle
 
         bins = sorted(base.glob("*.bin"))
-        raise refused_pickle(str(bins[0] if len(bins) == 1 else base / "*.bin"), e) from None
+        raise refused_pickle(str(bins[0] if len(bins) == 1 else base / "*.bin"), e) from e
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IncompatibleModelError(
             f"cannot load `{base}` as {getattr(model_class, '__name__', model_class)}: {first}",
             hint="check --model-class",
-        ) from None
+        ) from e
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or []) + sorted(
@@ -200,7 +200,7 @@ def load_tokenizer(base: Path) -> Any:
         raise AdapterNotFoundError(
             f"`{base}` has no usable tokenizer: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
             hint="--prompt needs the tokenizer files next to the base model",
-        ) from None
+        ) from e
 
 
 @contextlib.contextmanager
@@ -232,4 +232,4 @@ def save_model(model: Any, directory: Path) -> None:
     except SafetensorError as e:
         found = re.search(r"os error (\d+)", str(e))
         code = int(found.group(1)) if found else errno.EIO
-        raise OSError(code, os.strerror(code) if found else str(e)) from None
+        raise OSError(code, os.strerror(code) if found else str(e)) from e

@@ -94,7 +94,7 @@ def _create(
     try:  # the fields are the caller's options, not a file: a bad one is a usage error
         config = LoraConfig(**config_fields)
     except ConfigError as e:
-        raise InvalidOptionError(e.message, hint=e.hint) from None
+        raise InvalidOptionError(e.message, hint=e.hint) from e
     init = config.init_lora_weights
     residual = isinstance(init, str) and (
         init in ("pissa", "olora") or init.startswith("pissa_niter_")

@@ -187,7 +187,7 @@ class AdapterModel(nn.Module):
                 self, sd, name, expected=expected, assign=low_cpu_mem_usage, device_of=device_of
             )
         except IncompatibleModelError as e:  # say which file
-            raise IncompatibleModelError(f"`{directory}`: {e.message}", hint=e.hint) from None
+            raise IncompatibleModelError(f"`{directory}`: {e.message}", hint=e.hint) from e
         self._cast_adapter(name, autocast)
         self._set_trainable(name, is_trainable)
         return result

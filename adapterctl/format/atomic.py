@@ -420,7 +420,7 @@ class AtomicOutputs:
             raise OutputError(
                 f"cannot write `{path}`: {e.strerror}",
                 hint=f"check the permissions of `{path.parent}`",
-            ) from None
+            ) from e
         self.pairs.append((tmp, path))
         fd = _lock(tmp, wait=True)
         if fd is not None:
@@ -437,10 +437,10 @@ class AtomicOutputs:
                     for tmp, _ in self.pairs:
                         fsync_tree(tmp)
                 except OSError as e:
-                    raise self.write_error(e) from None
+                    raise self.write_error(e) from e
                 _commit(self.pairs, self.force, self.inputs)
             elif isinstance(exc, OSError):
-                raise self.write_error(exc) from None
+                raise self.write_error(exc) from exc
         finally:
             for fd in self._locks:
                 os.close(fd)
@@ -533,8 +533,8 @@ def _swap_in(tmp: Path, dest: Path, force: bool) -> tuple[Path | None, int | Non
             raise OutputError(
                 f"output `{dest}` already exists (written by another process meanwhile)",
                 hint="pass --force to replace it",
-            ) from None
-        raise OutputError(f"cannot write `{dest}`: {e.strerror}") from None
+            ) from e
+        raise OutputError(f"cannot write `{dest}`: {e.strerror}") from e
     return None, None
 
 
@@ -556,7 +556,7 @@ def _replace(tmp: Path, dest: Path) -> tuple[Path, int | None]:
     except OSError as e:
         if old_fd is not None:
             os.close(old_fd)
-        raise OutputError(f"cannot replace `{dest}`: {e.strerror}") from None
+        raise OutputError(f"cannot replace `{dest}`: {e.strerror}") from e
     except BaseException:
         if old_fd is not None:
             os.close(old_fd)

@@ -243,7 +243,7 @@ class LoraConfig:
         try:
             data = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:
-            raise ConfigError(f"`{label}` is not valid JSON: {e}") from None
+            raise ConfigError(f"`{label}` is not valid JSON: {e}") from e
         return cls.from_dict(data, label=label)
 
     @classmethod

@@ -54,10 +54,10 @@ def open_regular(path: str | os.PathLike[str], kind: str) -> BinaryIO:
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise AdapterNotFoundError(f"`{label}` does not exist") from None
+    except FileNotFoundError as e:
+        raise AdapterNotFoundError(f"`{label}` does not exist") from e
     except OSError as e:
-        raise UnreadableFileError(f"cannot read the {kind} `{label}`: {e.strerror}") from None
+        raise UnreadableFileError(f"cannot read the {kind} `{label}`: {e.strerror}") from e
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -93,7 +93,7 @@ def read_small(
             size = opened.st_size
             data = f.read(cap + 1) if size <= cap else b""
         except OSError as e:
-            raise UnreadableFileError(f"cannot read the {kind} `{label}`: {e.strerror}") from None
+            raise UnreadableFileError(f"cannot read the {kind} `{label}`: {e.strerror}") from e
     if size > cap or len(data) > cap:
         raise UnreadableFileError(
             f"the {kind} `{label}` is larger than the {cap // 1024} KiB adapterctl reads for one"

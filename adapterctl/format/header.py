@@ -172,8 +172,8 @@ _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 def _check_big(value: int) -> None:
     try:
         float(value)  # serde reads such a literal as a float: fine unless out of range
-    except OverflowError:
-        raise _HeaderError(f"number {str(value)[:20]}... is out of range") from None
+    except OverflowError as e:
+        raise _HeaderError(f"number {str(value)[:20]}... is out of range") from e
 
 
 def _parse_int(literal: str) -> int:
@@ -183,8 +183,8 @@ def _parse_int(literal: str) -> int:
     if abs(value) > _U64_MAX:
         try:
             float(value)  # serde reads such a literal as a float: fine unless out of range
-        except OverflowError:
-            raise _HeaderError(f"number {literal[:20]}... is out of range") from None
+        except OverflowError as e:
+            raise _HeaderError(f"number {literal[:20]}... is out of range") from e
     return value
 
 
@@ -253,8 +253,8 @@ def _check_str(s: str, what: str) -> None:
     # JSON may spell a lone surrogate (\ud800) that Python accepts but no UTF-8 string can hold.
     try:
         s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _HeaderError(f"{what} is not valid UTF-8") from None
+    except UnicodeEncodeError as e:
+        raise _HeaderError(f"{what} is not valid UTF-8") from e
 
 
 def _tensor_info(name: str, entry: Any) -> TensorInfo:
@@ -377,7 +377,7 @@ def _parse(raw: bytes, data_size: int) -> Header:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _HeaderError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise _HeaderError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
     try:
         obj = json.loads(
             text,
@@ -390,15 +390,15 @@ def _parse(raw: bytes, data_size: int) -> Header:
     except _HeaderError:
         raise
     except json.JSONDecodeError as e:
-        raise _HeaderError(f"header is not valid JSON ({e.msg} at character {e.pos})") from None
+        raise _HeaderError(f"header is not valid JSON ({e.msg} at character {e.pos})") from e
     except ValueError as e:  # e.g. an integer literal with more digits than Python converts
-        raise _HeaderError(f"header is not valid JSON ({e})") from None
-    except RecursionError:
-        raise _HeaderError("header JSON is nested too deeply") from None
-    except MemoryError:  # a legal (<= 100 MB) header of tiny values parses to many objects
+        raise _HeaderError(f"header is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise _HeaderError("header JSON is nested too deeply") from e
+    except MemoryError as e:  # a legal (<= 100 MB) header of tiny values parses to many objects
         raise _HeaderError(
             f"its {len(raw)}-byte header needs more memory to parse than is available"
-        ) from None
+        ) from e
     del text  # a 10 MB header's decoded copy is not needed while its objects are built
     obj = _as_entry(obj)
     if not isinstance(obj, dict):
@@ -444,7 +444,7 @@ def read_header_from(f: BinaryIO, size: int, label: str) -> Header:
         raise AdapterFormatError(
             f"`{label}` is not a valid safetensors file: {e}",
             hint="the file may be truncated or corrupted; re-save or re-download it",
-        ) from None
+        ) from e
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -456,4 +456,4 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             size = os.fstat(f.fileno()).st_size
             return read_header_from(f, size, os.fspath(path))
     except OSError as e:
-        raise AdapterFormatError(f"cannot read `{os.fspath(path)}`: {e.strerror}") from None
+        raise AdapterFormatError(f"cannot read `{os.fspath(path)}`: {e.strerror}") from e

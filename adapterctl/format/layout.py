@@ -68,7 +68,7 @@ def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
     except OSError as e:
-        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
+        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from e
 
 
 def _weights_in(directory: Path) -> tuple[Path, str, tuple[str, ...]] | None:
@@ -170,7 +170,7 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     try:
         exists = path.exists()
     except OSError as e:  # e.g. a parent folder that may not be searched
-        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from None
+        raise AdapterFormatError(f"cannot read `{path}`: {e.strerror}") from e
     if not exists:
         raise missing(path)
     if _is_file(path):
@@ -203,7 +203,7 @@ def find_adapters(source: str | os.PathLike[str]) -> list[AdapterFiles]:
     try:
         children = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir())
     except OSError as e:
-        raise AdapterFormatError(f"cannot list `{path}`: {e.strerror}") from None
+        raise AdapterFormatError(f"cannot list `{path}`: {e.strerror}") from e
     for child in children:  # temp siblings and hidden folders are never adapters
         found = probe(child, child.name)
         if found is not None:

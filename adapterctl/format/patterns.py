@@ -102,9 +102,9 @@ class Pattern:
         start = time.perf_counter()
         try:
             return fn(s, timeout=budget.left)
-        except TimeoutError:
+        except TimeoutError as e:
             budget.left = 0.0
-            raise self._too_slow() from None
+            raise self._too_slow() from e
         finally:
             budget.left -= time.perf_counter() - start
 
@@ -141,7 +141,7 @@ def compile_pattern(
         problem = getattr(e, "msg", None) if source is not None else None
         raise ConfigError(
             f"`{label}`: {field} {shown(text)} is not a valid regular expression: {problem or e}"
-        ) from None
+        ) from e
     return Pattern(text, compiled, field, label, budget)
 
 

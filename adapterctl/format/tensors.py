@@ -242,17 +242,17 @@ def load_bin(path: str | os.PathLike[str]) -> dict[str, Any]:
     check_path_not_lfs_pointer(path)  # torch would say "invalid load key, 'v'"
     try:
         import torch
-    except ImportError:  # pragma: no cover - torch is a declared dependency
+    except ImportError as e:  # pragma: no cover - torch is a declared dependency
         raise MissingDependencyError(
             f"reading `{label}` needs torch", hint="pip install torch, or convert to safetensors"
-        ) from None
+        ) from e
     with open_regular(path, "weights file") as f:
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
                 warnings.simplefilter("ignore")
                 obj = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
         except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            raise refused_pickle(label, e) from None
+            raise refused_pickle(label, e) from e
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):

@@ -46,7 +46,7 @@ class BaseCheckpoint:
                 index = json.loads(read_small(label, "weights index"))
                 weight_map = index["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise AdapterFormatError(f"`{label}` is not a safetensors index: {e}") from None
+                raise AdapterFormatError(f"`{label}` is not a safetensors index: {e}") from e
             if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) and "/" not in v and v not in ("", "..")
                 for k, v in weight_map.items()

@@ -100,9 +100,9 @@ def _scan(block: str, label: str) -> None:
                 if nodes > _MAX_NODES:
                     raise _bad(label, f"its front matter holds over {_MAX_NODES} values")
     except yaml.YAMLError as e:
-        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
-    except RecursionError:
-        raise _bad(label, "its front matter nests too deeply") from None
+        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from e
+    except RecursionError as e:
+        raise _bad(label, "its front matter nests too deeply") from e
 
 
 def _check_shapes(data: Any, label: str) -> None:
@@ -129,7 +129,7 @@ def check_front_matter(block: str, label: str) -> None:
     try:
         _check_shapes(yaml.safe_load(block), label)
     except (ValueError, TypeError, RecursionError, yaml.YAMLError) as e:  # a date that is no date
-        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from e
 
 
 def refresh_card(existing: str, adapters: dict[str, LoraConfig], label: str) -> str:
@@ -155,7 +155,7 @@ def load_card(text: str, label: str) -> Any:
         return ModelCard(text)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, yaml.YAMLError) as e:
         # a constructor's error (a date that is no date, say) or a CardData field it refuses
-        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+        raise _bad(label, (str(e).strip().splitlines() or [type(e).__name__])[0]) from e
 
 
 def read_card(directory: Path) -> str | None:
@@ -170,7 +170,7 @@ def decode_card(data: bytes, label: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _bad(label, f"it is not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise _bad(label, f"it is not UTF-8 ({e.reason} at byte {e.start})") from e
 
 
 def card_tags(text: str | None, label: str = "the card") -> list[str]:

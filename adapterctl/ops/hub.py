@@ -215,63 +215,63 @@ def hub_errors(
     client_log.setLevel(logging.ERROR)  # its warnings ("no files matched", "skipping empty
     try:  # commit") become our own messages and results
         yield
-    except errors.RevisionNotFoundError:
+    except errors.RevisionNotFoundError as e:
         raise AdapterNotFoundError(
             f"Hub repo `{repo_id}` has no revision `{revision or 'main'}`",
             hint="check the branch, tag or commit id",
-        ) from None
-    except errors.LocalEntryNotFoundError:
+        ) from e
+    except errors.LocalEntryNotFoundError as e:
         why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
         raise AdapterNotFoundError(
             f"Hub repo {where} is not in the local cache and {why}",
             hint="unset HF_HUB_OFFLINE and check the connection (HF_ENDPOINT)"
             if offline()
             else f"check the connection to {shown_endpoint()} (HF_ENDPOINT)",
-        ) from None
-    except errors.EntryNotFoundError:
+        ) from e
+    except errors.EntryNotFoundError as e:
         raise AdapterNotFoundError(
             f"Hub repo {where} has no file `{path or '?'}`",
             hint="check --subfolder and the repo's files",
-        ) from None
-    except errors.GatedRepoError:
+        ) from e
+    except errors.GatedRepoError as e:
         raise AdapterctlError(
             f"Hub repo `{repo_id}` is gated: access must be requested on its page",
             hint=token_hint,
-        ) from None
-    except errors.RepositoryNotFoundError:
+        ) from e
+    except errors.RepositoryNotFoundError as e:
         if action != "read":  # the Hub answers 401 as "not found" on https repo URLs for writes
             raise AdapterctlError(
                 f"authentication failed for {repo_id}",
                 hint=f"{token_hint}, with a token that may write to `{repo_id}`",
-            ) from None
+            ) from e
         raise AdapterNotFoundError(
             f"`{repo_id}` is not a local path, and the Hub at {shown_endpoint()} has no repo "
             f"`{repo_id}` (or it is private and the token given cannot see it)",
             hint=f"check the path or id; for a private repo {token_hint}",
-        ) from None
+        ) from e
     except errors.HFValidationError as e:
         raise AdapterNotFoundError(
             f"`{repo_id}` is neither a local path nor a valid Hub repo id: {str(e).splitlines()[0]}"
-        ) from None
-    except errors.OfflineModeIsEnabled:
+        ) from e
+    except errors.OfflineModeIsEnabled as e:
         raise AdapterctlError(
             f"cannot {action} Hub repo `{repo_id}`: HF_HUB_OFFLINE is set",
             hint="unset HF_HUB_OFFLINE",
-        ) from None
+        ) from e
     except errors.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
-            raise AdapterctlError(f"authentication failed for {repo_id}", hint=token_hint) from None
+            raise AdapterctlError(f"authentication failed for {repo_id}", hint=token_hint) from e
         if status == 412:  # the parent commit given is no longer the branch's head
             raise AdapterctlError(
                 f"Hub repo {where} changed while pushing: another commit landed meanwhile, and "
                 "nothing was committed over it",
                 hint="push again",
-            ) from None
+            ) from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AdapterctlError(
             f"the Hub at {shown_endpoint()} refused to {action} `{repo_id}` ({status}): {first}"
-        ) from None
+        ) from e
     except OSError as e:
         variable = _in_client_dirs(e.filename)
         if variable is None and not _is_connection_error(e):
@@ -281,25 +281,25 @@ def hub_errors(
                 f"cannot use the Hugging Face folder for `{repo_id}`: {e.strerror or e}: "
                 f"`{e.filename}`",
                 hint=f"{variable} must name a directory this user may write",
-            ) from None
+            ) from e
         raise AdapterctlError(
             f"lost the connection to the Hub at {shown_endpoint()} while trying to {action} "
             f"`{repo_id}`: {type(e).__name__}",
             hint="check the connection and try again; nothing was claimed done",
-        ) from None
+        ) from e
     except Exception as e:
         if not _is_connection_error(e):
             if isinstance(e, RuntimeError) and str(e).startswith("Error while uploading"):
                 raise AdapterctlError(
                     f"upload to `{repo_id}` failed: {e.__cause__ or e}",
                     hint="nothing was committed; try again",
-                ) from None
+                ) from e
             raise
         raise AdapterctlError(
             f"lost the connection to the Hub at {shown_endpoint()} while trying to {action} "
             f"`{repo_id}`: {type(e).__name__}",
             hint="check the connection and try again; nothing was claimed done",
-        ) from None
+        ) from e
     finally:
         client_log.setLevel(level)
 

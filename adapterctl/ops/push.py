@@ -261,7 +261,7 @@ def with_card(
         raise CardError(
             f"{where} is not a model card adapterctl can update: it is not UTF-8 ({e.reason})",
             hint="fix its front matter (YAML between --- lines) or remove it",
-        ) from None
+        ) from e
     tags = card_tags(text, where)
     card = card_text(
         config,

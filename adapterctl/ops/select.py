@@ -101,7 +101,7 @@ def _validate(files: AdapterFiles) -> _Checked:
     try:
         size = os.path.getsize(files.weights_path)
     except OSError as e:
-        raise AdapterFormatError(f"cannot read `{e.filename or label}`: {e.strerror}") from None
+        raise AdapterFormatError(f"cannot read `{e.filename or label}`: {e.strerror}") from e
     parsed = LoraConfig.from_raw(config, label=label)
     variants = variants_in(parsed)
     if variants:  # a byte copy is exact for any variant
@@ -125,7 +125,7 @@ class _Reader:
         try:
             self.file = open(path, "rb")  # noqa: SIM115 - closed by __exit__
         except OSError as e:
-            raise self.error(e) from None
+            raise self.error(e) from e
 
     def error(self, e: OSError) -> AdapterFormatError:
         return AdapterFormatError(f"cannot read `{self.path}`: {e.strerror}")
@@ -134,7 +134,7 @@ class _Reader:
         try:
             return self.file.read(n)
         except OSError as e:
-            raise self.error(e) from None
+            raise self.error(e) from e
 
     def __enter__(self) -> _Reader:
         return self
@@ -167,7 +167,7 @@ def _check_new_name(name: str) -> None:
     try:
         validate_adapter_name(name)
     except SelectionError as e:
-        raise InvalidOptionError(e.message, hint=e.hint) from None
+        raise InvalidOptionError(e.message, hint=e.hint) from e
     if not name.isprintable():
         raise InvalidOptionError(
             f"invalid adapter name {name!r}: it holds control or invisible characters",

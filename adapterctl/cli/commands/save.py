@@ -29,10 +29,8 @@ def _pairs(values: list[str], flag: str, cast: Any) -> dict[str, Any]:
             raise typer.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint=flag)
         try:
             out[key] = cast(value)
-        except ValueError:
-            raise typer.BadParameter(
-                f"{item!r}: {value!r} is not a number", param_hint=flag
-            ) from None
+        except ValueError as e:
+            raise typer.BadParameter(f"{item!r}: {value!r} is not a number", param_hint=flag) from e
     return out
 
 
