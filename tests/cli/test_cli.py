@@ -237,3 +237,30 @@ def test_push_base_model_is_a_hub_id_whatever_lies_in_the_cwd(
     card = json.loads(result.stdout)["card"]
     assert "base_model: gpt2" in card
     assert "base_model:adapter:gpt2" in card
+
+
+def test_debug_keeps_the_cause_of_an_error(tmp_path: Path) -> None:
+    """The user sees one `error:` line; ADAPTERCTL_DEBUG=1 raises it with its cause chained."""
+    bad = write_adapter(tmp_path / "bad", lora_tensors(), {})
+    (bad / "adapter_config.json").write_text("{not json")
+    result = invoke("inspect", bad)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ")
+    debug = invoke("inspect", bad, env={"ADAPTERCTL_DEBUG": "1"})
+    assert isinstance(debug.exception.__cause__, ValueError)
+
+
+def test_no_translated_error_drops_its_cause() -> None:
+    """`raise X from None` hides the OS/library cause from ADAPTERCTL_DEBUG=1: chain with `from e`."""
+    import ast
+
+    package = Path(__file__).parents[2] / "adapterctl"
+    dropped = [
+        f"{path.relative_to(package.parent)}:{node.lineno}"
+        for path in sorted(package.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Raise)
+        and isinstance(node.cause, ast.Constant)
+        and node.cause.value is None
+    ]
+    assert dropped == []
