@@ -29,7 +29,7 @@ OUTSIDE = re.compile(
     r"|(?<![\w/-])(?:peft-format|hub-protocol|architecture)\.md"
 )
 HEADING = re.compile(r"^#+\s+(§\d+(?:\.\d+)*|Trap T\d+)\b", re.MULTILINE)
-TEST_REF = re.compile(r"\b(tests/[\w/]+\.py)((?:::\w+)*)")
+TEST_REF = re.compile(r"\b(tests/[\w/]+\.py)((?:::\w+)+)")
 
 
 def headings(doc: Path) -> set[str]:
