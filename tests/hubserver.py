@@ -1,5 +1,5 @@
 """A small Hub-protocol HTTP server (standard library only) for end-to-end tests of `push` and Hub
-sources, spoken to by the real huggingface_hub client (../shared/docs/hub-protocol.md).
+sources, spoken to by the real huggingface_hub client (docs/hub-protocol.md).
 
 Repos are model repos with branches, commits (full file trees), pull requests (`refs/pr/N`),
 private visibility and per-user tokens. Uploads work in both client modes: `lfs` files go through

@@ -1,4 +1,4 @@
-"""Initial values of a new adapter (peft-format.md 4.6): LoRA's default and gaussian."""
+"""Initial values of a new adapter (docs/peft-format.md §4.6): LoRA's default and gaussian."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def init_default(model: AdapterModel, name: str, config: LoraConfig) -> None:
 
 #: init_lora_weights values with no effect on the base model when an adapter is loaded.
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-#: values that rewrite the base into a residual when the layer is built (peft-format.md 7.1).
+#: values that rewrite the base into a residual when the layer is built (docs/peft-format.md §7.1).
 RESIDUAL_METHODS = ("pissa", "olora")
 
 

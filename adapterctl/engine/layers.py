@@ -1,4 +1,5 @@
-"""LoRA layers that wrap nn.Linear, transformers' Conv1D and nn.Embedding (peft-format.md 3.2-3.3).
+"""LoRA layers that wrap nn.Linear, transformers' Conv1D and nn.Embedding
+(docs/peft-format.md §3.2, §3.3).
 
 The attribute names and nesting follow PEFT's, so the in-memory state-dict keys are PEFT's keys
 (`…q_proj.lora_A.default.weight`, `…lora_magnitude_vector.default.weight`,

@@ -388,7 +388,8 @@ def _refuse_new_nonfinite(
 
 
 def _refuse_unsupported_base(model: nn.Module) -> None:
-    """Quantized bases and architectures whose adapter keys transformers v5 rewrites (Trap T18)."""
+    """Quantized bases and architectures whose adapter keys transformers v5 rewrites
+    (docs/peft-format.md, Trap T18)."""
     config = getattr(model, "config", None)
     if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None):
         raise IncompatibleModelError(
@@ -423,7 +424,7 @@ def get_adapter_model(
 ) -> AdapterModel:
     """A fresh adapter on `model`, initialised as the config says (LoRA's default: random A,
     zero B), its tensors in float32 on a half-precision base unless `autocast_adapter_dtype` is
-    off (PEFT's rule, peft-format.md 6.4)."""
+    off (PEFT's rule, docs/peft-format.md §6.4)."""
     from adapterctl.engine.init import init_default
 
     wrapped = AdapterModel(model, config, adapter_name)

@@ -44,7 +44,7 @@ def _layer_tensors(path: str, layer: LoraLayer, name: str) -> Iterator[tuple[str
 
 
 def embedding_targeted(config: LoraConfig, module_names: list[str]) -> bool:
-    """PEFT's test for "an embedding layer is in target_modules" (peft-format.md 2.4)."""
+    """PEFT's test for "an embedding layer is in target_modules" (docs/peft-format.md §2.4)."""
     tm = config.target_modules
     if isinstance(tm, str):
         if tm == "all-linear":
@@ -75,8 +75,9 @@ def _base_vocab_size(config: LoraConfig) -> int | None:
 
 
 def _save_embeddings(model: AdapterModel, name: str, choice: str | bool) -> bool:
-    """PEFT's save_embedding_layers rule (Trap T5): explicit, or "auto" when an embedding is a
-    target (without trainable tokens) or the vocabulary was resized against the base's config."""
+    """PEFT's save_embedding_layers rule (docs/peft-format.md, Trap T5): explicit, or "auto" when
+    an embedding is a target (without trainable tokens) or the vocabulary was resized against the
+    base's config."""
     if choice is True or choice is False:
         return choice
     if choice != "auto":
@@ -167,7 +168,8 @@ def adapter_state_dict(
 
 
 def _untied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage: clone all but the first of each group (Trap T13)."""
+    """safetensors refuses shared storage: clone all but the first of each group
+    (docs/peft-format.md, Trap T13)."""
     seen: set[tuple[str, int, int]] = set()
     out = {}
     for key, t in sd.items():

@@ -1,4 +1,5 @@
-"""Which modules an adapter targets (peft-format.md 4.4): PEFT's matching rules, on module paths."""
+"""Which modules an adapter targets (docs/peft-format.md §4.4): PEFT's matching rules, on module
+paths."""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def resolve_target_modules(config: LoraConfig, model: Any) -> Any:
 
 def condense(targets: list[str], others: list[str]) -> list[str]:
     """A minimal set of suffixes that selects `targets` and none of `others` (PEFT condenses a
-    target list of 20 or more entries this way before it stores it; peft-format.md 4.3)."""
+    target list of 20 or more entries this way before it stores it; docs/peft-format.md §4.3)."""
 
     def suffixes(name: str) -> list[str]:
         parts = name.split(".")

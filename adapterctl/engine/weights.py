@@ -1,4 +1,5 @@
-"""Adapter files into a live model: locate, read, rename keys, check shapes, assign (peft-format.md 6)."""
+"""Adapter files into a live model: locate, read, rename keys, check shapes, assign
+(docs/peft-format.md §6)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def adapter_dir(
 ) -> Path:
     """The local directory holding the adapter: a local path, or a Hub repo id (`owner/name`)
     fetched through huggingface_hub's cache (HF_HUB_OFFLINE with a warm cache works, subfolder
-    too: PEFT's Trap T6 does not exist here)."""
+    too: PEFT's bug in docs/peft-format.md, Trap T6 does not exist here)."""
     from adapterctl.ops.hub import download_adapter, hub_or_local
 
     found = hub_or_local(model_id)

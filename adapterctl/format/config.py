@@ -75,7 +75,8 @@ TASK_TYPES = frozenset(
 BIAS_VALUES = ("none", "all", "lora_only")
 #: Fields PEFT holds as sets: written in arbitrary order by PEFT, sorted by us.
 SET_FIELDS = ("target_modules", "exclude_modules")
-#: init_lora_weights values that rewrite the base model when PEFT builds the layer (Trap T9).
+#: init_lora_weights values that rewrite the base model when PEFT builds the layer
+#: (docs/peft-format.md, Trap T9).
 RESIDUAL_INITS = ("pissa", "olora", "corda")
 
 
@@ -318,7 +319,7 @@ class LoraConfig:
         """PEFT's serialization: indent 2, sorted keys, no trailing newline."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    # --- per-module rank, alpha and scaling (peft-format.md 3.1) -------------------------------
+    # --- per-module rank, alpha and scaling (docs/peft-format.md §3.1) -------------------------
 
     def regex(self, regex: str, field: str, *, source: str | None = None) -> Pattern:
         """A regex from this config (`field` names it in errors), compiled once, matched within
@@ -354,14 +355,16 @@ class LoraConfig:
 def edited_json(raw: bytes, **fields: Any) -> str:
     """A config file's JSON (bytes, as `from_file` reads them: a BOM or UTF-16 is fine) with
     `fields` set and everything else as the file has it: key order too, nested keys included,
-    since `rank_pattern`/`alpha_pattern` are tried in file order (Trap T1)."""
+    since `rank_pattern`/`alpha_pattern` are tried in file order
+    (docs/peft-format.md, Trap T1)."""
     doc = json.loads(raw, parse_constant=_reject_constant)
     doc.update(fields)
     return json.dumps(doc, indent=2)
 
 
 def reload_drift(config: LoraConfig, modules: list[str]) -> list[str]:
-    """Trap T1: modules whose rank or alpha would change once the config is written and read back.
+    """Modules whose rank or alpha would change once the config is written and read back
+    (docs/peft-format.md, Trap T1).
 
     In memory PEFT tries pattern keys in insertion order; the file is written with sorted keys, and
     a reader tries them in that order. Where overlapping keys resolve differently, the reloaded

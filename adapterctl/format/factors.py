@@ -1,5 +1,5 @@
 """What a pair of LoRA factors is, from their shapes alone: the one rule that `inspect --check`
-and `convert` share (peft-format.md 3).
+and `convert` share (docs/peft-format.md §3).
 
 Linear, Conv1D and Embedding LoRA store 2-D factors, A (r, in) and B (out, r). A convolution's
 LoRA (PEFT's `_ConvNd`) stores A as a convolution (r, in/groups, k...) and B as a 1x1

@@ -1,4 +1,5 @@
-"""Stored tensor keys <-> module paths <-> kinds (peft-format.md section 2): the one place for them.
+"""Stored tensor keys <-> module paths <-> kinds (docs/peft-format.md §2): the one place for
+them.
 
 A stored key is `base_model.model.` + module path + suffix. The adapter name never appears in a
 stored key; in memory PEFT inserts it before the last component (`lora_A.default.weight`) or appends
@@ -132,7 +133,7 @@ def to_memory_key(stored: str, adapter_name: str) -> str:
 
 
 def to_stored_key(memory: str, adapter_name: str) -> str:
-    """Remove the adapter name from an in-memory key (peft-format.md 2.3)."""
+    """Remove the adapter name from an in-memory key (docs/peft-format.md §2.3)."""
     tag = "." + adapter_name
     msave = f".modules_to_save{tag}."
     if msave in memory:

@@ -218,7 +218,7 @@ class KeyLookup:
                 self.others.append((position, key))
 
 
-# --- the regexes PEFT builds from config fields (peft-format.md 3.1, 4.4) -----------------------
+# --- the regexes PEFT builds from config fields (docs/peft-format.md §3.1, §4.4) --------------
 
 
 def pattern_regex(key: str) -> str:

@@ -1,12 +1,12 @@
-"""The model card (README.md) written with an adapter (peft-format.md section 9), and kept by push.
+"""The model card (README.md) written with an adapter (docs/peft-format.md §9), and kept by push.
 
 Front matter as PEFT writes it (`library_name: peft`, `base_model`, tags, `pipeline_tag` for causal
 LMs; adapterctl also tags the other task types), with these differences: `base_model` is written only
 when it is a Hub id (a local path means nothing on the Hub, so a `base_model` or
 `base_model:adapter:...` tag naming one is dropped), tags already in an existing card are kept (PEFT
-replaces them: Trap T15), and the card holds an "adapter facts" block (r, alpha, init, targets per
-adapter) that every writer (save, convert, select --rename, push) rewrites, so a copied card never
-describes the adapter it was copied from.
+replaces them: docs/peft-format.md, Trap T15), and the card holds an "adapter facts" block (r,
+alpha, init, targets per adapter) that every writer (save, convert, select --rename, push)
+rewrites, so a copied card never describes the adapter it was copied from.
 
 Cards are untrusted: the front matter is YAML, parsed only after a bounded scan (size, nesting,
 node count; no anchors or aliases, so no alias bomb; only the standard tags, so no

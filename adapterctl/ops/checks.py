@@ -241,7 +241,7 @@ def _module_entry(
     module = path.replace(".base_layer", "")
     expected = config.rank_for(module)
     if rules.target_parameters and r != expected and r % expected == 0:
-        r = expected  # 3-D expert tensors store r * num_experts rows (peft-format.md 3.5)
+        r = expected  # 3-D expert tensors store r * num_experts rows (docs/peft-format.md §3.5)
     if r != expected:
         keys = config.matching_patterns("rank_pattern", module)
         source = f"rank_pattern key {keys[0]!r}" if keys else "`r`"

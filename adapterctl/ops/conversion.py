@@ -1,7 +1,7 @@
 """Adapter tensors transformed one module at a time: PiSSA/OLoRA/CorDA to plain LoRA, dtype casts
 and rank reduction, planned from the headers and computed when the writer asks for each tensor.
 
-PiSSA to LoRA (peft-format.md 7.2): W_res + s·B·A = W_orig − s·B0·A0 + s·B·A
+PiSSA to LoRA (docs/peft-format.md §7.2): W_res + s·B·A = W_orig − s·B0·A0 + s·B·A
 = W_orig + s'·[B | −B0]·[A ; A0] with r' = 2r and the scaling kept (α' = 2α, or √2·α with rslora).
 Unlike PEFT nothing is dropped: DoRA magnitudes, modules_to_save, biases, lora_bias and saved
 embeddings are carried over, embedding LoRA is concatenated like A/B, and a saved
@@ -164,7 +164,8 @@ def converted_config(
 
 def reduced_config(config: LoraConfig, ranks: Mapping[str, int]) -> LoraConfig:
     """Scaling exactly 1 everywhere: r = α = the most common rank, the others by exact-name
-    rank/alpha patterns (no two can match one module, so sorting cannot change them, Trap T1)."""
+    rank/alpha patterns (no two can match one module, so sorting cannot change them:
+    docs/peft-format.md, Trap T1)."""
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else int(config.r)
     patterns = {"^" + re.escape(m): k for m, k in sorted(ranks.items()) if k != common}
     out = config.replace(

@@ -176,8 +176,8 @@ def test_push_chooses_adapters_and_leaves_trainer_checkpoints_out(
 def test_pushed_config_names_the_hub_base(hub: FakeHub, adapter: Path, tmp_path: Path) -> None:
     """A config naming a local base is uploaded naming --base-model (so that PEFT's AutoPeftModel
     finds the base from the repo), everything else as the file has it: key order too, where
-    overlapping rank_pattern keys mean something (Trap T1), and a BOM is no problem; the local
-    file stays as it is."""
+    overlapping rank_pattern keys mean something (docs/peft-format.md, Trap T1), and a BOM is no
+    problem; the local file stays as it is."""
     from adapterctl.format.config import LoraConfig
 
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -281,7 +281,7 @@ def test_peft_and_adapterctl_load_what_was_pushed(
 ) -> None:
     """PEFT's from_pretrained by repo id (subfolder too) computes what the local files compute;
     then, with the server gone and HF_HUB_OFFLINE set, AdapterModel loads the subfolder from the
-    warm cache (PEFT cannot: Trap T6)."""
+    warm cache (PEFT cannot: docs/peft-format.md, Trap T6)."""
     multi = peft_adapters["multi"]
     env = client_env(hub, tmp_path / "hf")
     assert cli(env, "push", multi, "alice/multi", "--base-model", "org/tiny-llama").returncode == 0

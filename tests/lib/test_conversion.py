@@ -66,7 +66,8 @@ def test_equal_to_peft_and_nothing_lost(tmp_path: Path) -> None:
     for key, t in theirs.items():  # every factor PEFT writes, bit for bit
         assert mine[key].shape == t.shape
         assert mine[key].data.tobytes() == t.data.tobytes(), key
-    assert set(mine) - set(theirs) == {"base_model.model.lm_head.weight"}  # PEFT drops it (Trap T7)
+    # PEFT drops the lm_head copy (docs/peft-format.md, Trap T7)
+    assert set(mine) - set(theirs) == {"base_model.model.lm_head.weight"}
     pc, mc = (
         LoraConfig.from_file(peft_dir / "adapter_config.json"),
         LoraConfig.from_file(ours / "adapter_config.json"),

@@ -149,7 +149,8 @@ def test_single_file_without_config(tmp_path: Path) -> None:
 
 
 def test_overlapping_patterns_warn_and_resolve_in_file_order(tmp_path: Path) -> None:
-    # Trap T1: PEFT tries keys in file order (sorted after a save), not in training order.
+    # docs/peft-format.md, Trap T1: PEFT tries keys in file order (sorted after a save), not in
+    # training order.
     k = "model.layers.0.self_attn.q_proj"
     d = write_adapter(
         tmp_path / "a",

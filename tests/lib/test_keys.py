@@ -1,4 +1,4 @@
-"""The key rules (peft-format.md section 2) against PEFT's own in-memory and stored key names."""
+"""The key rules (docs/peft-format.md §2) against PEFT's own in-memory and stored key names."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_classify(key: str, kind: str, module: str, depth: int) -> None:
 
 
 def test_adapter_named_like_a_module_segment() -> None:
-    # peft-format.md 2.3: only the segment before the last component is the adapter's
+    # docs/peft-format.md §2.3: only the segment before the last component is the adapter's
     mem = f"{P}model.layers.0.self_attn.q_proj.lora_A.self_attn.weight"
     assert to_stored_key(mem, "self_attn") == f"{P}model.layers.0.self_attn.q_proj.lora_A.weight"
     assert to_memory_key(f"{P}model.layers.0.self_attn.q_proj.lora_A.weight", "self_attn") == mem

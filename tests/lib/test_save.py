@@ -150,7 +150,8 @@ def test_model_card(peft_adapters: dict[str, Path], tmp_path: Path) -> None:
     text = (out / "README.md").read_text()
     data = ModelCard(text).data.to_dict()
     assert data["license"] == "mit"
-    assert data["tags"] == ["lora", "mytag", "transformers"]  # kept, unlike PEFT (Trap T15)
+    # kept, unlike PEFT (docs/peft-format.md, Trap T15)
+    assert data["tags"] == ["lora", "mytag", "transformers"]
     assert text.count("### Framework versions") == 1
     assert "# Mine" in text
     hub = card_text(
