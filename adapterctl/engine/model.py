@@ -260,7 +260,9 @@ class AdapterModel(nn.Module):
                 for p in container[name].parameters()
             ]
             tensors += [
-                p[name] for p in (layer.lora_embedding_A, layer.lora_embedding_B) if name in p
+                pdict[name]
+                for pdict in (layer.lora_embedding_A, layer.lora_embedding_B)
+                if name in pdict
             ]
             for p in tensors:
                 if p.is_floating_point() and not p.is_meta:

@@ -138,10 +138,7 @@ def load_session(
 ) -> LoadReport:
     """Load `base`, inject and load `adapter`, and report; refuse any missing or unexpected key.
     Either may be a Hub repo id (`revision`/`subfolder` apply to the adapter)."""
-    import torch
-
-    from adapterctl.engine.base import check_options, load_base, load_tokenizer, model_class_for
-    from adapterctl.engine.model import AdapterModel
+    from adapterctl.engine.base import check_options
     from adapterctl.format.atomic import preflight
     from adapterctl.ops.hub import hub_or_local, refuse_local_revision, resolve
 
@@ -157,6 +154,11 @@ def load_session(
     base = resolve(base, kind="base", token=token)
     if merge_to is not None:  # the Hub's cache folders are inputs too
         preflight([merge_to], force=force, inputs=[base, adapter, directory])
+    import torch
+
+    from adapterctl.engine.base import load_base, load_tokenizer, model_class_for
+    from adapterctl.engine.model import AdapterModel
+
     step = on_step or (lambda _msg: None)
     with quiet_transformers():
         config = _read_config(directory)
