@@ -425,15 +425,18 @@ def resolve(
     cache_dir: str | os.PathLike[str] | None = None,
     local_revision: Literal["refuse", "ignore"] = "refuse",
 ) -> Path:
-    """THE resolver for a SOURCE or BASE: the local path it names (it must exist), or the Hub
-    repo id it names fetched through huggingface_hub's cache; returns a local path.
+    """THE resolver for a SOURCE or BASE, used by every command and by the engine: the local path
+    it names (which must exist), or the Hub repo id it names fetched through huggingface_hub's
+    cache. Everything after `source` is a keyword: `revision` and `subfolder` are both strings.
 
-    `kind`: `"adapters"` returns a local path as it is (the caller finds the adapters in it) and
-    fetches every adapter's files of a Hub repo (or the subfolder's); `"adapter"` also requires a
-    folder holding adapter_config.json; `"base"` takes a bare name (`gpt2`) as a Hub id
-    too and fetches a base model's files. `subfolder` applies to adapters only. `revision`
-    with a local path is refused (`local_revision="ignore"`: ignored, as PEFT's from_pretrained
-    does).
+    kind="adapters": a local file or folder as it is (the caller finds the adapters in it); from
+        the Hub, every adapter's files, or the subfolder's.
+    kind="adapter": the same, and it must be a folder holding adapter_config.json.
+    kind="base": a bare name (`gpt2`) is a Hub id too; from the Hub, a base model's config,
+        tokenizer and safetensors weights. No subfolder.
+
+    `revision` with a local path is an error, or ignored with `local_revision="ignore"` (PEFT's
+    from_pretrained ignores it).
     """
     if kind == "base" and subfolder is not None:
         raise ValueError("a base model is resolved without a subfolder")
