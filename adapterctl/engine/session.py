@@ -20,6 +20,7 @@ from adapterctl.errors import (
 )
 
 if TYPE_CHECKING:
+    from adapterctl.engine.model import AdapterModel
     from adapterctl.engine.weights import LoadResult
     from adapterctl.format.config import LoraConfig
 
@@ -188,8 +189,7 @@ def load_session(
         adapter_s = time.perf_counter() - t0
         _refuse_key_mismatch(loaded.load_result)
         wrapped = loaded.model
-        kinds: Counter[str] = Counter(layer.kind for _, layer in wrapped.base_model.lora_layers())
-        kinds["modules_to_save"] = sum(1 for _ in wrapped.base_model.wrappers())
+        injected = _injected(wrapped)
         trainable, _ = wrapped.get_nb_trainable_parameters()
         adapter_params = wrapped.base_model.adapter_parameters(adapter_name)
         adapter_count = sum(p.numel() for _, p in adapter_params)
@@ -214,7 +214,7 @@ def load_session(
             dtype=str(first.dtype).removeprefix("torch."),
             adapter=str(directory),
             adapter_name=adapter_name,
-            injected={k: v for k, v in sorted(kinds.items()) if v},
+            injected=injected,
             trainable_parameters=trainable,
             adapter_parameters=adapter_count,
             missing_keys=list(loaded.load_result.missing_keys),
@@ -264,6 +264,13 @@ def _refuse_key_mismatch(result: LoadResult) -> None:
     raise IncompatibleModelError(
         "; ".join(what), hint="the adapter does not fit this base (or --model-class)"
     )
+
+
+def _injected(wrapped: AdapterModel) -> dict[str, int]:
+    """Layer kind -> how many were injected (linear, conv1d, embedding, modules_to_save)."""
+    kinds: Counter[str] = Counter(layer.kind for _, layer in wrapped.base_model.lora_layers())
+    kinds["modules_to_save"] = sum(1 for _ in wrapped.base_model.wrappers())
+    return {k: v for k, v in sorted(kinds.items()) if v}
 
 
 def _generation(

@@ -19,7 +19,7 @@ from adapterctl.format.layout import BIN_NAME, SAFETENSORS_NAME
 from adapterctl.format.tensors import load_bin
 
 #: the keywords PEFT's from_pretrained takes in its `**kwargs`
-HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "torch_device")
+PEFT_KWARGS = ("subfolder", "revision", "cache_dir", "token", "torch_device")
 
 
 class HubOptions(TypedDict, total=False):
@@ -200,7 +200,7 @@ def warn_missing(result: LoadResult) -> None:
 def hub_options(kwargs: dict[str, Any]) -> HubOptions:
     """The Hub keywords from PEFT's `**kwargs`; any keyword PEFT does not take is an error. For a
     local directory revision/cache_dir/token do nothing, as in PEFT."""
-    unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+    unknown = sorted(set(kwargs) - set(PEFT_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
     return HubOptions(
