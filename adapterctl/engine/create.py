@@ -86,7 +86,7 @@ def _create(
 
     start = time.perf_counter()
     from adapterctl.engine.base import check_options
-    from adapterctl.ops.hub import base_source, hub_or_local
+    from adapterctl.ops.hub import hub_or_local, resolve
 
     check_options(dtype=dtype, device=device, adapter_name=adapter_name)
     if isinstance(hub_or_local(base, bare=True), str):  # the config names the Hub id
@@ -109,7 +109,7 @@ def _create(
             "--residual-out does nothing without --init pissa, pissa_niter_K or olora",
             hint="drop --residual-out, or pass --init pissa/olora",
         )
-    base, output = base_source(base), Path(output)
+    base, output = resolve(base, kind="base"), Path(output)
     outputs = [output] if residual_out is None else [output, Path(residual_out)]
     preflight(outputs, force=force, inputs=[base])
     cls, _ = model_class_for(base, config, "auto")

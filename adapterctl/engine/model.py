@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Unpack
 
 import torch
 from torch import nn
@@ -18,34 +21,57 @@ from torch import nn
 from adapterctl.engine.inject import LoraModel, parent_of
 from adapterctl.engine.layers import param
 from adapterctl.engine.weights import (
+    HubOptions,
     LoadResult,
-    adapter_dir,
+    WeightOptions,
     apply_key_mapping,
-    check_kwargs,
-    hub_kwargs,
+    hub_options,
     load_into,
+    locate,
     memory_keys,
     read_weights,
     warn_missing,
 )
 from adapterctl.errors import AdapterctlError, IncompatibleModelError
-from adapterctl.format.config import LoraConfig
+from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.keys import PREFIX
 from adapterctl.format.layout import validate_adapter_name
 from adapterctl.format.variants import refuse_variants
 
 
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """What `AdapterModel.load` made: the model, the folder the adapter was read from (the Hub
+    cache's for a repo id), and which keys were loaded, missing or unexpected."""
+
+    model: AdapterModel
+    directory: Path
+    load_result: LoadResult
+
+
 class AdapterModel(nn.Module):
     """A transformers model with LoRA adapters, API-compatible with PEFT's `PeftModel`."""
 
-    last_load: LoadResult | None = None  # what the last from_pretrained loaded
+    #: what the last from_pretrained loaded (PEFT has no such attribute; `load` returns it)
+    last_load: LoadResult | None = None
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoraConfig,
+        adapter_name: str = "default",
+        *,
+        low_cpu_mem_usage: bool = False,
+        loading: bool = False,
+    ) -> None:
+        """Inject the adapter `config` describes into `model` (in place). `low_cpu_mem_usage`:
+        its tensors are made on the meta device, to be assigned when its weights are loaded.
+        `loading`: `config` is a saved adapter's (its weights follow), not a new one."""
         super().__init__()
         self.base_model = LoraModel(model)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter = adapter_name
-        self._add(config, adapter_name, loading=False)
+        self._add(config, adapter_name, meta=low_cpu_mem_usage, loading=loading)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -98,9 +124,34 @@ class AdapterModel(nn.Module):
                 "their residual, as PEFT does when loading such an adapter; convert it to plain "
                 "LoRA with `adapterctl convert` to load it on an unmodified base",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=_caller_outside(),
             )
         return injected
+
+    @classmethod
+    def load(
+        cls,
+        model: nn.Module,
+        source: str | os.PathLike[str],
+        *,
+        adapter_name: str = "default",
+        config: LoraConfig | None = None,
+        hub: HubOptions | None = None,
+        **options: Unpack[WeightOptions],
+    ) -> LoadedAdapter:
+        """Inject the adapter saved at `source` (a folder, or a Hub repo id found as `hub` says)
+        into `model` (in place) and load its weights; missing and unexpected keys are returned,
+        not warned of."""
+        directory = locate(source, hub or HubOptions())
+        if config is None:
+            config = LoraConfig.from_file(directory / CONFIG_NAME)
+        refuse_variants(config, str(directory))
+        low_cpu_mem_usage = options.get("low_cpu_mem_usage", False)
+        wrapped = cls(
+            model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, loading=True
+        )
+        result = wrapped._load_weights(directory, adapter_name, options)
+        return LoadedAdapter(wrapped, directory, result)
 
     @classmethod
     def from_pretrained(
@@ -116,26 +167,24 @@ class AdapterModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> AdapterModel:
-        """Inject an adapter saved in `model_id` into `model` (in place) and load its weights."""
-        check_kwargs(kwargs)
+        """PEFT's from_pretrained: `load`, warning of missing keys; `last_load` holds the keys."""
+        hub = hub_options(kwargs)
         _refuse_ephemeral(ephemeral_gpu_offload)
-        directory = adapter_dir(model_id, **hub_kwargs(kwargs))
-        if config is None:
-            config = LoraConfig.from_file(directory / "adapter_config.json")
-        refuse_variants(config, str(directory))
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.base_model = LoraModel(model)
-        self.peft_config = {}
-        self.active_adapter = adapter_name
-        self._add(config, adapter_name, meta=low_cpu_mem_usage)
-        result = self._load_weights(
-            directory, adapter_name, is_trainable, autocast_adapter_dtype, low_cpu_mem_usage,
-            key_mapping, kwargs.get("torch_device"),
-        )  # fmt: skip
-        warn_missing(result)
-        self.last_load = result
-        return self
+        loaded = cls.load(
+            model,
+            model_id,
+            adapter_name=adapter_name,
+            config=config,
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            key_mapping=key_mapping,
+            torch_device=kwargs.get("torch_device"),
+            hub=hub,
+        )
+        warn_missing(loaded.load_result)
+        loaded.model.last_load = loaded.load_result
+        return loaded.model
 
     def load_adapter(
         self,
@@ -150,31 +199,28 @@ class AdapterModel(nn.Module):
         **kwargs: Any,
     ) -> LoadResult:
         """Load another adapter next to the loaded ones; it is not activated (as in PEFT)."""
-        check_kwargs(kwargs)
+        hub = hub_options(kwargs)
         _refuse_ephemeral(ephemeral_gpu_offload)
-        directory = adapter_dir(model_id, **hub_kwargs(kwargs))
-        config = LoraConfig.from_file(directory / "adapter_config.json")
+        directory = locate(model_id, hub)
+        config = LoraConfig.from_file(directory / CONFIG_NAME)
         refuse_variants(config, str(directory))
         active = self.active_adapter
         self._add(config, adapter_name, meta=low_cpu_mem_usage)
         self.base_model.set_adapter(active)
-        return self._load_weights(
-            directory, adapter_name, is_trainable, autocast_adapter_dtype, low_cpu_mem_usage,
-            key_mapping, torch_device,
-        )  # fmt: skip
+        options = WeightOptions(
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            key_mapping=key_mapping,
+            torch_device=torch_device,
+        )
+        return self._load_weights(directory, adapter_name, options)
 
-    def _load_weights(
-        self,
-        directory: Any,
-        name: str,
-        is_trainable: bool,
-        autocast: bool,
-        low_cpu_mem_usage: bool,
-        key_mapping: dict[str, str] | None,
-        torch_device: str | None,
-    ) -> LoadResult:
+    def _load_weights(self, directory: Path, name: str, options: WeightOptions) -> LoadResult:
         config = self.peft_config[name]
-        sd = read_weights(directory, torch_device or "cpu")
+        low_cpu_mem_usage = options.get("low_cpu_mem_usage", False)
+        sd = read_weights(directory, options.get("torch_device") or "cpu")
+        key_mapping = options.get("key_mapping")
         if key_mapping is None:
             key_mapping = getattr(self.base_model.model, "_checkpoint_conversion_mapping", None)
         sd = apply_key_mapping(sd, key_mapping)
@@ -188,8 +234,8 @@ class AdapterModel(nn.Module):
             )
         except IncompatibleModelError as e:  # say which file
             raise IncompatibleModelError(f"`{directory}`: {e.message}", hint=e.hint) from e
-        self._cast_adapter(name, autocast)
-        self._set_trainable(name, is_trainable)
+        self._cast_adapter(name, options.get("autocast_adapter_dtype", True))
+        self._set_trainable(name, options.get("is_trainable", False))
         return result
 
     def _adapter_devices(self, name: str) -> dict[str, torch.device]:
@@ -205,24 +251,22 @@ class AdapterModel(nn.Module):
         """Adapter tensors in their layer's dtype, then fp32 for half-precision layers (autocast)."""
         for _, layer in self.base_model.lora_layers():
             base_dtype = param(layer.base_layer).dtype
-            for container in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
-                if name in container:
-                    for p in container[name].parameters():
-                        if p.is_floating_point() and not p.is_meta:
-                            target = (
-                                torch.float32
-                                if autocast and base_dtype in (torch.float16, torch.bfloat16)
-                                else base_dtype
-                            )
-                            p.data = p.data.to(target)
-            for pdict in (layer.lora_embedding_A, layer.lora_embedding_B):
-                if name in pdict and not pdict[name].is_meta:
-                    target = (
-                        torch.float32
-                        if autocast and base_dtype in (torch.float16, torch.bfloat16)
-                        else base_dtype
-                    )
-                    pdict[name].data = pdict[name].data.to(target)
+            half = base_dtype in (torch.float16, torch.bfloat16)
+            target = torch.float32 if autocast and half else base_dtype
+            tensors = [
+                p
+                for container in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
+                if name in container
+                for p in container[name].parameters()
+            ]
+            tensors += [
+                pdict[name]
+                for pdict in (layer.lora_embedding_A, layer.lora_embedding_B)
+                if name in pdict
+            ]
+            for p in tensors:
+                if p.is_floating_point() and not p.is_meta:
+                    p.data = p.data.to(target)
 
     def _set_trainable(self, name: str, is_trainable: bool) -> None:
         config = self.peft_config[name]
@@ -329,9 +373,15 @@ class AdapterModel(nn.Module):
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
         save_pretrained(
-            self, save_directory, safe_serialization, selected_adapters, save_embedding_layers,
-            is_main_process, kwargs.get("state_dict"), path_initial_model_for_weight_conversion,
-        )  # fmt: skip
+            self,
+            save_directory,
+            safe_serialization=safe_serialization,
+            selected_adapters=selected_adapters,
+            save_embedding_layers=save_embedding_layers,
+            is_main_process=is_main_process,
+            state_dict=kwargs.get("state_dict"),
+            path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+        )
 
     # --- merging ------------------------------------------------------------------------------
 
@@ -366,6 +416,15 @@ class AdapterModel(nn.Module):
             setattr(parent, child, new)
         self.peft_config = {}
         return model
+
+
+def _caller_outside() -> int:
+    """The `stacklevel` that names the first caller outside this module, for a warning raised in
+    the function that calls this (`load`, `from_pretrained` and `load_adapter` nest differently)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _refuse_new_nonfinite(

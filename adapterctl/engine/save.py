@@ -275,6 +275,7 @@ def _converted(
 def save_pretrained(
     model: AdapterModel,
     save_directory: str | os.PathLike[str],
+    *,
     safe_serialization: bool = True,
     selected_adapters: list[str] | None = None,
     save_embedding_layers: str | bool = "auto",

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterctl.engine.base import quiet_transformers
 from adapterctl.errors import (
@@ -18,6 +18,11 @@ from adapterctl.errors import (
     IncompatibleModelError,
     InvalidOptionError,
 )
+
+if TYPE_CHECKING:
+    from adapterctl.engine.model import AdapterModel
+    from adapterctl.engine.weights import LoadResult
+    from adapterctl.format.config import LoraConfig
 
 SCHEMA_VERSION = 1
 
@@ -135,9 +140,8 @@ def load_session(
     """Load `base`, inject and load `adapter`, and report; refuse any missing or unexpected key.
     Either may be a Hub repo id (`revision`/`subfolder` apply to the adapter)."""
     from adapterctl.engine.base import check_options
-    from adapterctl.engine.weights import adapter_dir
     from adapterctl.format.atomic import preflight
-    from adapterctl.ops.hub import base_source, hub_or_local, refuse_local_revision
+    from adapterctl.ops.hub import hub_or_local, refuse_local_revision, resolve
 
     check_options(model_class, dtype, device, adapter_name)
     refuse_local_revision(hub_or_local(adapter), revision)
@@ -145,51 +149,94 @@ def load_session(
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if merge_to is not None:  # before any download
         preflight([merge_to], force=force, inputs=[base, adapter])
-    directory = adapter_dir(adapter, subfolder, revision, token)
-    base = base_source(base, token=token)
+    directory = resolve(
+        adapter, kind="adapter", revision=revision, subfolder=subfolder, token=token
+    )
+    base = resolve(base, kind="base", token=token)
     if merge_to is not None:  # the Hub's cache folders are inputs too
         preflight([merge_to], force=force, inputs=[base, adapter, directory])
-    with quiet_transformers():
-        return _load_session(
-            base, directory, adapter_name=adapter_name, model_class=model_class, device=device,
-            device_map=device_map, dtype=dtype, is_trainable=is_trainable,
-            autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
-            prompt=prompt, max_new_tokens=max_new_tokens, compare_base=compare_base,
-            merge_to=merge_to, force=force, on_step=on_step,
-        )  # fmt: skip
-
-
-def _load_session(
-    base: str | Path,
-    adapter: str | Path,
-    *,
-    adapter_name: str,
-    model_class: str,
-    device: str,
-    device_map: str | None,
-    dtype: str,
-    is_trainable: bool,
-    autocast_adapter_dtype: bool,
-    low_cpu_mem_usage: bool,
-    prompt: str | None,
-    max_new_tokens: int,
-    compare_base: bool,
-    merge_to: str | Path | None,
-    force: bool,
-    on_step: Callable[[str], None] | None,
-) -> LoadReport:
     import torch
 
     from adapterctl.engine.base import load_base, load_tokenizer, model_class_for
     from adapterctl.engine.model import AdapterModel
-    from adapterctl.engine.weights import adapter_dir
+
+    step = on_step or (lambda _msg: None)
+    with quiet_transformers():
+        config = _read_config(directory)
+        cls, source = model_class_for(base, config, model_class)
+        tokenizer = load_tokenizer(base) if prompt is not None else None
+
+        step(f"loading {cls.__name__} from {base}")
+        t0 = time.perf_counter()
+        model = load_base(base, cls, device=device, device_map=device_map, dtype=dtype)
+        base_s = time.perf_counter() - t0
+        base_params = sum(p.numel() for p in model.parameters())
+        first = next(model.parameters())
+
+        step(f"loading adapter {directory}")
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = AdapterModel.load(
+                model,
+                directory,
+                adapter_name=adapter_name,
+                config=config,
+                is_trainable=is_trainable,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
+        adapter_s = time.perf_counter() - t0
+        _refuse_key_mismatch(loaded.load_result)
+        wrapped = loaded.model
+        injected = _injected(wrapped)
+        trainable, _ = wrapped.get_nb_trainable_parameters()
+        adapter_params = wrapped.base_model.adapter_parameters(adapter_name)
+        adapter_count = sum(p.numel() for _, p in adapter_params)
+
+        generation = None
+        if prompt is not None:
+            step("generating")
+            generation = _generation(wrapped, tokenizer, prompt, max_new_tokens, compare_base)
+        if merge_to is not None:
+            step(f"merging into {merge_to}")
+            _merge(wrapped, tokenizer, base, merge_to, force=force, inputs=[base, directory])
+
+        cuda_peak = None
+        if torch.cuda.is_available():
+            cuda_peak = torch.cuda.max_memory_allocated() / 2**20
+        return LoadReport(
+            base=str(base),
+            base_class=type(model).__name__,
+            class_source=source,
+            base_parameters=base_params,
+            device=str(first.device),
+            dtype=str(first.dtype).removeprefix("torch."),
+            adapter=str(directory),
+            adapter_name=adapter_name,
+            injected=injected,
+            trainable_parameters=trainable,
+            adapter_parameters=adapter_count,
+            missing_keys=list(loaded.load_result.missing_keys),
+            unexpected_keys=list(loaded.load_result.unexpected_keys),
+            base_load_s=base_s,
+            adapter_load_s=adapter_s,
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            cuda_peak_mib=cuda_peak,
+            warnings=[str(w.message) for w in caught],
+            generation=generation,
+            merged_to=None if merge_to is None else str(merge_to),
+        )
+
+
+def _read_config(directory: Path) -> LoraConfig:
+    """The adapter's config, its variants refused before the base is loaded; a config PEFT could
+    not read for its encoding alone is read, with a warning."""
     from adapterctl.format.config import LoraConfig
     from adapterctl.format.variants import refuse_variants
 
-    step = on_step or (lambda _msg: None)
-    base, directory = Path(base), adapter_dir(adapter)
     config = LoraConfig.from_file(directory / "adapter_config.json")
-    refuse_variants(config, str(directory))  # before the base is loaded
+    refuse_variants(config, str(directory))
     if config.encoding_problem:
         import logging
 
@@ -198,99 +245,66 @@ def _load_session(
             directory / "adapter_config.json",
             config.encoding_problem,
         )
-    cls, source = model_class_for(base, config, model_class)
-    tokenizer = load_tokenizer(base) if prompt is not None else None
+    return config
 
-    step(f"loading {cls.__name__} from {base}")
-    t0 = time.perf_counter()
-    model = load_base(base, cls, device=device, device_map=device_map, dtype=dtype)
-    base_s = time.perf_counter() - t0
-    base_params = sum(p.numel() for p in model.parameters())
-    first = next(model.parameters())
 
-    step(f"loading adapter {directory}")
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        wrapped = AdapterModel.from_pretrained(
-            model,
-            directory,
-            adapter_name=adapter_name,
-            is_trainable=is_trainable,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
+def _refuse_key_mismatch(result: LoadResult) -> None:
+    """Any adapter key missing from the file, or any key in the file that matches nothing in the
+    model, is an error: an adapter never loads and silently does nothing."""
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if not missing and not unexpected:
+        return
+    what = []
+    if missing:
+        what.append(f"{len(missing)} adapter key(s) missing from the file: {_first(missing)}")
+    if unexpected:
+        what.append(
+            f"{len(unexpected)} key(s) in the file match nothing in the model: {_first(unexpected)}"
         )
-    adapter_s = time.perf_counter() - t0
-    result = wrapped.last_load
-    assert result is not None
-    missing = list(result.missing_keys)
-    if missing or result.unexpected_keys:
-        what = []
-        if missing:
-            what.append(f"{len(missing)} adapter key(s) missing from the file: {_first(missing)}")
-        if result.unexpected_keys:
-            what.append(
-                f"{len(result.unexpected_keys)} key(s) in the file match nothing in the model: "
-                f"{_first(result.unexpected_keys)}"
-            )
-        raise IncompatibleModelError(
-            "; ".join(what), hint="the adapter does not fit this base (or --model-class)"
-        )
+    raise IncompatibleModelError(
+        "; ".join(what), hint="the adapter does not fit this base (or --model-class)"
+    )
+
+
+def _injected(wrapped: AdapterModel) -> dict[str, int]:
+    """Layer kind -> how many were injected (linear, conv1d, embedding, modules_to_save)."""
     kinds: Counter[str] = Counter(layer.kind for _, layer in wrapped.base_model.lora_layers())
     kinds["modules_to_save"] = sum(1 for _ in wrapped.base_model.wrappers())
-    trainable, _ = wrapped.get_nb_trainable_parameters()
-    adapter_params = sum(p.numel() for _, p in wrapped.base_model.adapter_parameters(adapter_name))
+    return {k: v for k, v in sorted(kinds.items()) if v}
 
-    generation = None
-    if prompt is not None:
-        step("generating")
-        text = _generate(wrapped, tokenizer, prompt, max_new_tokens)
-        base_text = None
-        if compare_base:
-            with wrapped.disable_adapter():
-                base_text = _generate(wrapped, tokenizer, prompt, max_new_tokens)
-        generation = Generation(prompt, text, base_text)
 
-    merged_to = None
-    if merge_to is not None:
-        from adapterctl.engine.base import save_model
-        from adapterctl.format.atomic import atomic_directory
+def _generation(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, compare_base: bool
+) -> Generation:
+    """Greedy text for `prompt` with the adapter, and without it when `compare_base`."""
+    text = _generate(model, tokenizer, prompt, max_new_tokens)
+    base_text = None
+    if compare_base:
+        with model.disable_adapter():
+            base_text = _generate(model, tokenizer, prompt, max_new_tokens)
+    return Generation(prompt, text, base_text)
 
-        step(f"merging into {merge_to}")
-        merged: Any = wrapped.merge_and_unload()
-        with atomic_directory(merge_to, force=force, inputs=[base, adapter]) as tmp:
-            save_model(merged, tmp)
-            if tokenizer is None:
-                try:
-                    tokenizer = load_tokenizer(base)
-                except AdapterNotFoundError:  # a base without a tokenizer merges fine
-                    tokenizer = None
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-        merged_to = str(merge_to)
 
-    cuda_peak = None
-    if torch.cuda.is_available():
-        cuda_peak = torch.cuda.max_memory_allocated() / 2**20
-    return LoadReport(
-        base=str(base),
-        base_class=type(model).__name__,
-        class_source=source,
-        base_parameters=base_params,
-        device=str(first.device),
-        dtype=str(first.dtype).removeprefix("torch."),
-        adapter=str(directory),
-        adapter_name=adapter_name,
-        injected={k: v for k, v in sorted(kinds.items()) if v},
-        trainable_parameters=trainable,
-        adapter_parameters=adapter_params,
-        missing_keys=missing,
-        unexpected_keys=list(result.unexpected_keys),
-        base_load_s=base_s,
-        adapter_load_s=adapter_s,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        cuda_peak_mib=cuda_peak,
-        warnings=[str(w.message) for w in caught],
-        generation=generation,
-        merged_to=merged_to,
-    )
+def _merge(
+    wrapped: Any,
+    tokenizer: Any,
+    base: Path,
+    merge_to: str | Path,
+    *,
+    force: bool,
+    inputs: list[Path],
+) -> None:
+    """The merged model, with the base's tokenizer when it has one, written to `merge_to`."""
+    from adapterctl.engine.base import load_tokenizer, save_model
+    from adapterctl.format.atomic import atomic_directory
+
+    merged: Any = wrapped.merge_and_unload()
+    with atomic_directory(merge_to, force=force, inputs=inputs) as tmp:
+        save_model(merged, tmp)
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(base)
+            except AdapterNotFoundError:  # a base without a tokenizer merges fine
+                tokenizer = None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))

@@ -8,18 +8,39 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
 from adapterctl.errors import AdapterNotFoundError, IncompatibleModelError
-from adapterctl.format.config import CONFIG_NAME, LoraConfig
+from adapterctl.format.config import LoraConfig
 from adapterctl.format.keys import PREFIX, classify, to_memory_key
 from adapterctl.format.layout import BIN_NAME, SAFETENSORS_NAME
 from adapterctl.format.tensors import load_bin
 
-HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "torch_device")
+#: the keywords PEFT's from_pretrained takes in its `**kwargs`
+PEFT_KWARGS = ("subfolder", "revision", "cache_dir", "token", "torch_device")
+
+
+class HubOptions(TypedDict, total=False):
+    """Where an adapter is found: PEFT's Hub keywords (see `adapterctl.ops.hub.resolve`)."""
+
+    subfolder: str | None
+    revision: str | None
+    token: str | None
+    cache_dir: str | os.PathLike[str] | None
+
+
+class WeightOptions(TypedDict, total=False):
+    """How an adapter's weights are read and left: PEFT's from_pretrained keywords. Defaults:
+    not trainable, autocast on, no low_cpu_mem_usage, the model's own key mapping, CPU."""
+
+    is_trainable: bool
+    autocast_adapter_dtype: bool
+    low_cpu_mem_usage: bool
+    key_mapping: dict[str, str] | None
+    torch_device: str | None
 
 
 @dataclass(frozen=True)
@@ -32,32 +53,14 @@ class LoadResult:
     loaded_keys: list[str] = field(default_factory=list)
 
 
-def adapter_dir(
-    model_id: str | os.PathLike[str],
-    subfolder: str | None = None,
-    revision: str | None = None,
-    token: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> Path:
-    """The local directory holding the adapter: a local path, or a Hub repo id (`owner/name`)
-    fetched through huggingface_hub's cache (HF_HUB_OFFLINE with a warm cache works, subfolder
-    too: PEFT's bug in docs/peft-format.md, Trap T6 does not exist here)."""
-    from adapterctl.ops.hub import download_adapter, hub_or_local
+def locate(source: str | os.PathLike[str], options: HubOptions) -> Path:
+    """The local folder holding the adapter at `source`: a local path, or a Hub repo id
+    (`owner/name`) fetched through huggingface_hub's cache (HF_HUB_OFFLINE with a warm cache
+    works, subfolder too: PEFT's bug in docs/peft-format.md, Trap T6 does not exist here).
+    As in PEFT, `revision` does nothing for a local folder."""
+    from adapterctl.ops.hub import resolve
 
-    found = hub_or_local(model_id)
-    if isinstance(found, str):
-        return download_adapter(found, revision, subfolder, token, cache_dir)
-    path = found
-    if subfolder:
-        path = path / subfolder
-    if not path.is_dir():
-        raise AdapterNotFoundError(
-            f"`{path}` is not an adapter directory",
-            hint="pass an adapter directory or a Hub repo id (OWNER/NAME)",
-        )
-    if not (path / CONFIG_NAME).is_file():
-        raise AdapterNotFoundError(f"no adapter in `{path}`: it has no `{CONFIG_NAME}`")
-    return path
+    return resolve(source, kind="adapter", local_revision="ignore", **options)
 
 
 def read_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -195,15 +198,15 @@ def warn_missing(result: LoadResult) -> None:
         )
 
 
-def hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments `adapter_dir` takes, from PEFT's `**kwargs`."""
-    names = ("subfolder", "revision", "token", "cache_dir")
-    return {k: kwargs[k] for k in names if kwargs.get(k) is not None}
-
-
-def check_kwargs(kwargs: dict[str, Any]) -> None:
-    """Only the Hub kwargs PEFT takes; for a local directory revision/cache_dir/token do nothing,
-    as in PEFT."""
-    unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+def hub_options(kwargs: dict[str, Any]) -> HubOptions:
+    """The Hub keywords from PEFT's `**kwargs`; any keyword PEFT does not take is an error. For a
+    local directory revision/cache_dir/token do nothing, as in PEFT."""
+    unknown = sorted(set(kwargs) - set(PEFT_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
+    return HubOptions(
+        subfolder=kwargs.get("subfolder"),
+        revision=kwargs.get("revision"),
+        token=kwargs.get("token"),
+        cache_dir=kwargs.get("cache_dir"),
+    )

@@ -171,15 +171,17 @@ def convert_adapter(
 ) -> ConversionResult:
     """Write `output`: the adapter at `source` converted; atomically, or not at all. `source`,
     `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`)."""
-    from adapterctl.ops.hub import adapter_source, base_source
+    from adapterctl.ops.hub import resolve
 
     code = _check_options(initial, base, init, dtype, rank, energy)
     label = os.fspath(source)
     local = [p for p in (source, initial, base) if p is not None]
     preflight([output], force=force, inputs=local)  # before anything is downloaded
-    source = adapter_source(source, revision, subfolder, token)
-    initial = adapter_source(initial, token=token) if initial is not None else None
-    base = base_source(base, token=token) if base is not None else None
+    source = resolve(source, kind="adapters", revision=revision, subfolder=subfolder, token=token)
+    if initial is not None:
+        initial = resolve(initial, kind="adapters", token=token)
+    if base is not None:
+        base = resolve(base, kind="base", token=token)
     files = one_adapter(source, "source")
     assert files.config_path is not None
     nothing = (initial, base, code, rank, energy) == (None,) * 5

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from adapterctl.errors import AdapterctlError, AdapterNotFoundError, InvalidOptionError
 from adapterctl.format.config import CONFIG_NAME
@@ -124,7 +124,7 @@ def hub_or_local(source: str | os.PathLike[str], *, bare: bool = False) -> str |
     )
 
 
-def label(repo_id: str, revision: str | None = None, subfolder: str | None = None) -> str:
+def label(repo_id: str, *, revision: str | None = None, subfolder: str | None = None) -> str:
     """How a Hub source is named in reports: hf://owner/name[@revision][/subfolder]."""
     rev = f"@{revision}" if revision else ""
     sub = f"/{subfolder.strip('/')}" if subfolder else ""
@@ -199,7 +199,7 @@ def check_token_file() -> None:
 
 @contextlib.contextmanager
 def hub_errors(
-    repo_id: str, revision: str | None = None, path: str | None = None, action: str = "read"
+    repo_id: str, *, revision: str | None = None, path: str | None = None, action: str = "read"
 ) -> Iterator[None]:
     """huggingface_hub's exceptions as one `error:` line each (never a traceback, never a token);
     the token file the client would read is checked first."""
@@ -321,6 +321,7 @@ def _subdir(subfolder: str | None) -> str:
 
 def download_adapter(
     repo_id: str,
+    *,
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
@@ -335,7 +336,7 @@ def download_adapter(
     patterns = [f"{sub}{n}" for n in (*names, README_NAME)]
     if not sub:
         patterns += [f"*/{n}" for n in names]
-    with hub_errors(repo_id, revision):
+    with hub_errors(repo_id, revision=revision):
         root = snapshot_download(
             repo_id,
             revision=revision,
@@ -354,7 +355,13 @@ def download_adapter(
     return local
 
 
-def download_base(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
+def download_base(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
     """A base model's config, tokenizer and safetensors weights fetched into the Hub cache: the
     shards its index names (or model.safetensors), nothing else (not `consolidated.*`, not
     subfolders)."""
@@ -362,10 +369,16 @@ def download_base(repo_id: str, revision: str | None = None, token: str | None =
 
     from huggingface_hub import errors, hf_hub_download, snapshot_download
 
-    with hub_errors(repo_id, revision):
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    with hub_errors(repo_id, revision=revision):
         try:
             index = hf_hub_download(
-                repo_id, INDEX_NAME, revision=revision, token=token, endpoint=endpoint()
+                repo_id,
+                INDEX_NAME,
+                revision=revision,
+                token=token,
+                endpoint=endpoint(),
+                cache_dir=cache,
             )
             weight_map = json.loads(read_small(index, "weights index")).get("weight_map", {})
             weights = [INDEX_NAME, *sorted({v for v in weight_map.values() if "/" not in v})]
@@ -378,6 +391,7 @@ def download_base(repo_id: str, revision: str | None = None, token: str | None =
                 allow_patterns=[*BASE_FILES, *weights],
                 token=token,
                 endpoint=endpoint(),
+                cache_dir=cache,
             )
         )
     if not (root / "config.json").is_file():
@@ -396,25 +410,53 @@ def refuse_local_revision(found: str | Path, revision: str | None) -> None:
         )
 
 
-def adapter_source(
+#: what `resolve` is asked for: one adapter's folder (the engine loads it), a file or folder of
+#: adapters read as it is (inspect, select, convert), or a base model
+Kind = Literal["adapter", "adapters", "base"]
+
+
+def resolve(
     source: str | os.PathLike[str],
+    *,
+    kind: Kind,
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_revision: Literal["refuse", "ignore"] = "refuse",
 ) -> Path:
-    """A local adapter path as it is (it must exist), or a Hub id fetched into the cache."""
-    found = hub_or_local(source)
-    refuse_local_revision(found, revision)
-    if isinstance(found, str):
-        return download_adapter(found, revision, subfolder, token)
-    return found / subfolder if subfolder else found
+    """THE resolver for a SOURCE or BASE, used by every command and by the engine: the local path
+    it names (which must exist), or the Hub repo id it names fetched through huggingface_hub's
+    cache. Everything after `source` is a keyword: `revision` and `subfolder` are both strings.
 
+    kind="adapters": a local file or folder as it is (the caller finds the adapters in it); from
+        the Hub, every adapter's files, or the subfolder's.
+    kind="adapter": the same, and it must be a folder holding adapter_config.json.
+    kind="base": a bare name (`gpt2`) is a Hub id too; from the Hub, a base model's config,
+        tokenizer and safetensors weights. No subfolder.
 
-def base_source(
-    source: str | os.PathLike[str], revision: str | None = None, token: str | None = None
-) -> Path:
-    """A local base model directory as it is (it must exist), or a Hub id fetched into the cache."""
-    found = hub_or_local(source, bare=True)
+    `revision` with a local path is an error, or ignored with `local_revision="ignore"` (PEFT's
+    from_pretrained ignores it).
+    """
+    if kind == "base" and subfolder is not None:
+        raise ValueError("a base model is resolved without a subfolder")
+    found = hub_or_local(source, bare=kind == "base")
+    if local_revision == "refuse":
+        refuse_local_revision(found, revision)
+    if isinstance(found, str) and kind == "base":
+        return download_base(found, revision=revision, token=token, cache_dir=cache_dir)
     if isinstance(found, str):
-        return download_base(found, revision, token)
-    return found
+        path = download_adapter(
+            found, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir
+        )
+    else:
+        path = found / subfolder if subfolder else found
+    if kind == "adapter":  # one adapter's folder, wherever it came from
+        if not path.is_dir():
+            raise AdapterNotFoundError(
+                f"`{path}` is not an adapter directory",
+                hint="pass an adapter directory or a Hub repo id (OWNER/NAME)",
+            )
+        if not (path / CONFIG_NAME).is_file():
+            raise AdapterNotFoundError(f"no adapter in `{path}`: it has no `{CONFIG_NAME}`")
+    return path

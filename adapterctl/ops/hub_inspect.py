@@ -30,7 +30,7 @@ def _adapters(files: list[str], sub: str) -> dict[str, str]:
 
 
 def _tensors(repo_id: str, path: str, revision: str | None, token: str | None) -> list[TensorEntry]:
-    with hub_errors(repo_id, revision, path):
+    with hub_errors(repo_id, revision=revision, path=path):
         meta = api(token).parse_safetensors_file_metadata(repo_id, path, revision=revision)
     entries = []
     for name, info in meta.tensors.items():
@@ -51,7 +51,7 @@ def inspect_hub(
     from huggingface_hub import hf_hub_download
 
     sub = _subdir(subfolder)
-    with hub_errors(repo_id, revision):
+    with hub_errors(repo_id, revision=revision):
         files = api(token).list_repo_files(repo_id, revision=revision)
     found = _adapters(files, sub)
     if not found:
@@ -77,17 +77,17 @@ def inspect_hub(
         def join(n: str, f: str = folder) -> str:
             return f"{f}/{n}" if f else n
 
-        with hub_errors(repo_id, revision, join(CONFIG_NAME)):
+        with hub_errors(repo_id, revision=revision, path=join(CONFIG_NAME)):
             config_file = hf_hub_download(
                 repo_id, join(CONFIG_NAME), revision=revision, token=token, endpoint=endpoint()
             )
         config = LoraConfig.from_file(config_file)
-        where = label(repo_id, revision, folder or None)
+        where = label(repo_id, revision=revision, subfolder=folder or None)
         if join(SAFETENSORS_NAME) in files:
             tensors = _tensors(repo_id, join(SAFETENSORS_NAME), revision, token)
             fmt = "safetensors"
         elif join(BIN_NAME) in files:  # a pickle has no header: it is downloaded (weights_only)
-            with hub_errors(repo_id, revision, join(BIN_NAME)):
+            with hub_errors(repo_id, revision=revision, path=join(BIN_NAME)):
                 local = hf_hub_download(
                     repo_id, join(BIN_NAME), revision=revision, token=token, endpoint=endpoint()
                 )
@@ -100,4 +100,4 @@ def inspect_hub(
                 f"`{where}` has a config but no `{SAFETENSORS_NAME}` or `{BIN_NAME}`"
             )
         reports.append(build_report(name, where, fmt, config, tensors))
-    return InspectReport(label(repo_id, revision, subfolder), tuple(reports))
+    return InspectReport(label(repo_id, revision=revision, subfolder=subfolder), tuple(reports))

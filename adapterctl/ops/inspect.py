@@ -263,6 +263,7 @@ def report_adapter(files: AdapterFiles, scan: bool = False) -> AdapterReport:
 def inspect_adapter(
     source: str | os.PathLike[str],
     adapter: str | None = None,
+    *,
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
@@ -283,11 +284,15 @@ def inspect_adapter(
     if isinstance(found, str) and not offline():  # offline, the cached copy is read below
         from adapterctl.ops.hub_inspect import inspect_hub
 
-        return inspect_hub(found, adapter, revision, subfolder, token)
+        return inspect_hub(
+            found, adapter=adapter, revision=revision, subfolder=subfolder, token=token
+        )
     if isinstance(found, str) or subfolder:
-        from adapterctl.ops.hub import adapter_source
+        from adapterctl.ops.hub import resolve
 
-        source = adapter_source(source, revision, subfolder, token)
+        source = resolve(
+            source, kind="adapters", revision=revision, subfolder=subfolder, token=token
+        )
     adapters = find_adapters(source)
     if adapter is not None:
         adapters = pick_adapters(adapters, [adapter], source)

@@ -126,7 +126,7 @@ def _remote_card(repo_id: str, revision: str, token: str | None) -> bytes | None
     its tags."""
     from huggingface_hub import errors, hf_hub_download
 
-    with hub_errors(repo_id, revision, README_NAME):
+    with hub_errors(repo_id, revision=revision, path=README_NAME):
         try:
             path = hf_hub_download(
                 repo_id, README_NAME, revision=revision, token=token, endpoint=endpoint()
@@ -300,7 +300,7 @@ def push_adapter(
         files, card = with_card(adapter_files, config, source, None, facts)
         return PushResult(repo_id, branch, files, card, True, private, warnings=notes)
     hf = api(token)
-    with hub_errors(repo_id, revision, action="write to"):
+    with hub_errors(repo_id, revision=revision, action="write to"):
         hf.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main" and not revision.startswith("refs/pr/"):
             hf.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -313,7 +313,7 @@ def push_adapter(
 
     operations = [CommitOperationAdd(f.path_in_repo, f.local or f.content or b"") for f in files]
     message = commit_message or f"Upload adapter with adapterctl ({len(files)} files)"
-    with hub_errors(repo_id, revision, action="upload to"):
+    with hub_errors(repo_id, revision=revision, action="upload to"):
         info = hf.create_commit(
             repo_id,
             operations,

@@ -139,16 +139,30 @@ def test_every_command_says_a_mistyped_local_path_does_not_exist(
 
 
 def test_the_library_resolvers_share_the_rule(cwd: Path) -> None:
-    from adapterctl.engine.weights import adapter_dir
-    from adapterctl.ops.hub import adapter_source, base_source
+    from adapterctl.ops.hub import resolve
 
-    for resolve in (adapter_dir, adapter_source, base_source):
+    for kind in ("adapter", "adapters", "base"):
         with pytest.raises(AdapterNotFoundError, match=r"^`\./checkpoint/mth` does not exist$"):
-            resolve("./checkpoint/mth")
+            resolve("./checkpoint/mth", kind=kind)
     with pytest.raises(AdapterNotFoundError, match="an adapter on the Hub is named OWNER/NAME"):
-        adapter_dir("nothing-here")
+        resolve("nothing-here", kind="adapter")
     with pytest.raises(AdapterNotFoundError, match="not a valid Hub repo id"):
-        base_source("no--such")
+        resolve("no--such", kind="base")
+
+
+def test_the_resolver_takes_everything_after_the_source_by_keyword(cwd: Path) -> None:
+    """`revision` and `subfolder` are both `str | None`: passed by position, a swap would pass
+    every type check, so nothing but the source is positional."""
+    import inspect
+
+    from adapterctl.ops.hub import download_adapter, download_base, hub_errors, label, resolve
+
+    for fn in (resolve, download_adapter, download_base, label, hub_errors):
+        params = list(inspect.signature(fn).parameters.values())
+        assert params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, fn.__name__
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:]), fn.__name__
+    with pytest.raises(TypeError):
+        resolve("owner/name", "adapter", "main")  # type: ignore[misc]
 
 
 def test_a_valid_hub_id_still_goes_to_the_hub(cwd: Path) -> None:

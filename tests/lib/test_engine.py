@@ -219,6 +219,37 @@ def test_missing_keys_warn_like_peft(peft_adapters: dict[str, Path], tmp_path: P
     ]
 
 
+def test_load_returns_the_keys_instead_of_warning(
+    peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from adapterctl.engine.model import AdapterModel
+
+    src = peft_adapters["multi"]
+    d = tmp_path / "partial"
+    d.mkdir()
+    (d / "adapter_config.json").write_bytes((src / "beta" / "adapter_config.json").read_bytes())
+    sd = load_file(str(src / "beta" / "adapter_model.safetensors"))
+    del sd["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"]
+    save_file(sd, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Found missing adapter keys": the result says it
+        loaded = AdapterModel.load(tiny_llama(), d, adapter_name="b", is_trainable=True)
+    assert loaded.directory == d
+    assert loaded.load_result.adapter_name == "b"
+    assert loaded.load_result.missing_keys == [
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.b.weight"
+    ]
+    assert loaded.model.last_load is None  # only from_pretrained, PEFT's API, sets it
+    assert loaded.model.get_nb_trainable_parameters()[0] > 0
+    found = AdapterModel.load(tiny_llama(), src, hub={"subfolder": "beta"})
+    assert found.directory == src / "beta"
+    assert found.load_result.missing_keys == []
+    with pytest.raises(TypeError):
+        AdapterModel.load(tiny_llama(), src, "b")  # type: ignore[misc]
+
+
 def test_unknown_kwargs_and_remote_ids_fail_clearly(peft_adapters: dict[str, Path]) -> None:
     with pytest.raises(TypeError, match="unexpected keyword arguments: bogus"):
         _ours(tiny_llama, peft_adapters["llama_basic"], bogus=1)

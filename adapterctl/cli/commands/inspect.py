@@ -53,7 +53,9 @@ def inspect_cmd(
     from adapterctl.ops.inspect import inspect_adapter
 
     with gc_paused():  # a report of 100k tensors is many small objects, none in a cycle
-        report = inspect_adapter(source, adapter, revision, subfolder, token, scan=check)
+        report = inspect_adapter(
+            source, adapter, revision=revision, subfolder=subfolder, token=token, scan=check
+        )
         if json_:
             output.emit_json(report.to_dict(lazy=True))  # written as it is made
         else:

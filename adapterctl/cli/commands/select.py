@@ -42,11 +42,11 @@ def select_cmd(
     The adapter named `default` (after renaming) goes to the root, the others to subfolders named
     after them, as PEFT lays them out. Configs and weights are copied byte for byte.
     """
-    from adapterctl.ops.hub import adapter_source
+    from adapterctl.ops.hub import resolve
     from adapterctl.ops.select import parse_renames, select_adapters
 
     renames = parse_renames(rename or [])
-    local = adapter_source(source, revision, token=token)
+    local = resolve(source, kind="adapters", revision=revision, token=token)
     with output.progress("copying") as advance:
         result = select_adapters(local, output_dir, adapter, renames, force=force, progress=advance)
     if json_:
