@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
 _ASIDE = ".adapterctl-old-"  # the name an old output is renamed to during a --force replace
 
 
@@ -38,7 +37,8 @@ def command(
     at_swap: bool = False,
     until: Path | None = None,
 ) -> list[str]:
-    """The argv of a child running `adapterctl ARGS` held at one point (run it with cwd=ROOT)."""
+    """The argv of a child running `adapterctl ARGS` held at one point (run it from the
+    repository root, where `tests` is importable)."""
     if (after is None) == (not at_swap):
         raise ValueError("give exactly one of `after` and `at_swap`")
     where = ["--at-swap"] if at_swap else ["--after", str(after)]
