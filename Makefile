@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many completions clean
 
 setup: $(STAMP)
 
@@ -35,22 +35,25 @@ fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/properties -q
 
 bench: setup
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 bench-load: setup
-	$(BIN)/python benchmarks/load.py
+	$(BIN)/python -m benchmarks.load
 
 bench-save: setup
-	$(BIN)/python benchmarks/save.py
+	$(BIN)/python -m benchmarks.save
 
 bench-convert: setup
-	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python -m benchmarks.convert
 
 bench-convert-8b: setup
-	$(BIN)/python benchmarks/convert_8b.py
+	$(BIN)/python -m benchmarks.convert_8b
 
 bench-memory: setup
-	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python -m benchmarks.memory
+
+bench-inspect-many: setup
+	$(BIN)/python -m benchmarks.inspect_many
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q

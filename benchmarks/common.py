@@ -1,28 +1,43 @@
-"""What the benchmark scripts share: targets and the versions measured."""
+"""The one benchmark harness: build-once cached fixtures, measured children, interleaved rounds,
+medians, the side-by-side ratio table, targets, and the results file.
+
+Every benchmark is a module of this package, run from the repository root as
+`python -m benchmarks.NAME` (or through `make bench*`). Whatever it measures runs in a fresh child
+interpreter: an adapterctl command, or a function of the benchmark module called through
+`python -m benchmarks.child MODULE:FUNCTION` (`run_child`). Peak RSS is GNU time's `%M`, the
+child's own ru_maxrss: a Python parent's `os.wait4` would carry the parent's high-water mark into
+the child's through the vfork+exec subprocess uses.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # every benchmark runs offline (set at import, before anything from Hugging Face is imported,
 # here or in any child): nothing it measures may touch the network
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-OUT = Path(__file__).resolve().parent / "out"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"  # git-ignored: fixtures, bytecode and results
+PYTHON = sys.executable
+ADAPTERCTL = str(Path(PYTHON).with_name("adapterctl"))
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
-#: The 170M-parameter Llama both benchmarks build (random init).
+#: The 170M-parameter Llama the benchmarks build on (random init).
 LLAMA_170M = {
     "hidden_size": 1024,
     "intermediate_size": 2816,
@@ -31,51 +46,16 @@ LLAMA_170M = {
     "num_key_value_heads": 16,
     "vocab_size": 32000,
 }
+LLAMA_170M_DIR = OUT / "llama-170m"  # its weights, built once by `llama_170m()`
+#: Llama's seven linear layers.
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DISTRIBUTIONS = ("adapterctl", "peft", "safetensors", "torch", "transformers", "typer", "rich")
 
+K = TypeVar("K")
+Figures = dict[str, float]
 
-@dataclass
-class Target:
-    """One performance target: a measured value and the limit it must not exceed."""
-
-    name: str
-    value: float
-    unit: str
-    limit: float
-    detail: str
-
-    @property
-    def met(self) -> bool:
-        return self.value <= self.limit
-
-    def line(self, width: int = 36, digits: int = 3) -> str:
-        """One report line: name, value against the limit, the verdict and the detail."""
-        verdict = "met" if self.met else "NOT MET"
-        value = f"{self.value:.{digits}f}{self.unit}"
-        return (
-            f"{self.name:{width}} {value:>10}  <= {self.limit}{self.unit}  {verdict}  {self.detail}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": round(self.value, 6),
-            "unit": self.unit,
-            "target_max": self.limit,
-            "met": self.met,
-            "detail": self.detail,
-        }
-
-
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for dist in DISTRIBUTIONS:
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
+# -- children ------------------------------------------------------------------------------------
 
 
 def child_env(bytecode_cache: bool = True) -> dict[str, str]:
@@ -96,69 +76,315 @@ def child_env(bytecode_cache: bool = True) -> dict[str, str]:
 def run_measured(
     argv: list[str], env: dict[str, str], *, capture: bool = False
 ) -> tuple[float, float, str]:
-    """Run `argv` in a fresh process; returns (wall seconds, peak RSS MiB, stdout if `capture`).
-
-    Peak RSS comes from GNU time (`%M`, the child's own ru_maxrss): a Python parent would leak its
-    own high-water mark into the child's ru_maxrss through the vfork+exec subprocess uses.
-    """
+    """Run `argv` in a fresh process, in the repository root; returns (wall seconds, peak RSS
+    MiB, stdout if `capture`). A child that fails stops the benchmark with its exit code and
+    the end of its stderr."""
     with tempfile.TemporaryDirectory(prefix="bench-") as d:
         rss_file, out_file, err_file = (Path(d) / n for n in ("rss", "stdout", "stderr"))
         cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv] if GNU_TIME else argv
         with open(err_file, "wb") as err, open(out_file if capture else os.devnull, "wb") as out:
             start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=ROOT
+            )
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             stderr = err_file.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{' '.join(argv[:3])} exited {code}:\n{stderr}")
+            raise RuntimeError(f"{' '.join(argv[:4])} exited {code}:\n{stderr}")
         # Without GNU time, ru_maxrss includes this process's own high-water mark (~10 MiB).
         peak_kib = int(rss_file.read_text().split()[-1]) if GNU_TIME else usage.ru_maxrss
         stdout = out_file.read_text() if capture else ""
     return wall, peak_kib / 1024, stdout
 
 
-#: The 170M Llama's weights, built once (random init, seed 0) for `save` and `convert`.
-LLAMA_170M_DIR = OUT / "llama-170m"
+def child_argv(function: Callable[..., Any], *args: str) -> list[str]:
+    """The argv that calls `function(*args)` of a benchmarks module in a fresh interpreter."""
+    module = function.__module__
+    if module == "__main__":  # the benchmark run as `python -m benchmarks.NAME`
+        module = sys.modules["__main__"].__spec__.name  # type: ignore[union-attr]
+    return [PYTHON, "-m", "benchmarks.child", f"{module}:{function.__name__}", *args]
 
 
-def build_llama_170m() -> Path:
-    """Write the 170M Llama to LLAMA_170M_DIR unless it is there already."""
-    if not (LLAMA_170M_DIR / "config.json").is_file():
-        code = (
-            "import torch, sys\n"
-            "from transformers import LlamaConfig, LlamaForCausalLM\n"
-            "torch.manual_seed(0)\n"
-            f"LlamaForCausalLM(LlamaConfig(**{LLAMA_170M!r})).save_pretrained(sys.argv[1])\n"
-        )
-        run_measured([sys.executable, "-c", code, str(LLAMA_170M_DIR)], child_env())
-    return LLAMA_170M_DIR
+def run_child(
+    function: Callable[..., Any], *args: str, env: dict[str, str]
+) -> tuple[Any, float, float]:
+    """`function(*args)` in a measured child: (what it returned, wall seconds, peak RSS MiB)."""
+    wall, peak, stdout = run_measured(child_argv(function, *args), env, capture=True)
+    lines = stdout.splitlines()
+    return (json.loads(lines[-1]) if lines else None), wall, peak
 
 
-def medians(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Per engine, the median of each measured quantity over its runs."""
-    return {e: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for e, rs in runs.items()}
+# -- fixtures ------------------------------------------------------------------------------------
 
 
-def report_side_by_side(
+def cached(
     name: str,
-    medians: dict[str, dict[str, float]],
-    goals: list[Target],
-    runs: dict[str, list[dict[str, float]]],
-    **extra: Any,
-) -> Path:
-    """Print adapterctl's and PEFT's medians and the targets; write OUT/<name>-results.json."""
-    a, p = medians["adapterctl"], medians["peft"]
-    print(f"\n{'':28}{'adapterctl':>12}{'PEFT':>12}")
-    for key in a:
-        print(f"{key:28}{a[key]:12.3f}{p[key]:12.3f}")
+    spec: Mapping[str, Any],
+    build: Callable[..., Mapping[str, Any] | None],
+    *args: str,
+    rebuild: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """OUT/`name` and its manifest, built once by `build(folder, *args)` in a child process (so
+    that no benchmark process imports torch to build) and kept while `spec` is unchanged, or until
+    `rebuild`. The manifest is `{"spec": spec, **what build returned}`. The folder is built aside
+    and renamed into place whole: an interrupted build leaves no half cache behind."""
+    folder = OUT / name
+    manifest_path = folder / "manifest.json"
+    spec = json.loads(json.dumps(spec))  # as it reads back from the manifest
+    if not rebuild and manifest_path.is_file():
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if manifest.get("spec") == spec:
+            return folder, manifest
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=OUT))
+    print(
+        f"building benchmarks/out/{name} (once; cached while its spec holds) ...", file=sys.stderr
+    )
+    try:
+        done = subprocess.run(
+            child_argv(build, str(tmp), *args),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        lines = done.stdout.splitlines()
+        manifest = {"spec": spec, **(json.loads(lines[-1]) if lines else {})}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, manifest
+
+
+def _build_llama_170m(dest: str) -> dict[str, Any]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_170M))
+    model.save_pretrained(dest)
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def llama_170m() -> Path:
+    """The 170M Llama's weights (random init, seed 0, float32), built once."""
+    folder, _ = cached(LLAMA_170M_DIR.name, {"llama": LLAMA_170M, "seed": 0}, _build_llama_170m)
+    return folder
+
+
+def quiet_transformers() -> None:
+    """In a child that loads models: no warnings, logging or progress bars in its output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.simplefilter("ignore")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+def interleaved(
+    rounds: int,
+    keys: Sequence[K],
+    measure: Callable[[K, int], Figures],
+    *,
+    alternate: bool = False,
+) -> dict[K, list[Figures]]:
+    """`rounds` rounds, each measuring every key once (`measure(key, round)`), so that load drift
+    hits every key alike; with `alternate` the order reverses every other round, so that no key
+    always goes first. Returns each key's figures, round by round."""
+    runs: dict[K, list[Figures]] = {k: [] for k in keys}
+    for i in range(rounds):
+        for key in keys if not alternate or i % 2 == 0 else keys[::-1]:
+            runs[key].append(measure(key, i))
+        print(f"  round {i + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return runs
+
+
+def medians(runs: Mapping[K, Sequence[Figures]]) -> dict[K, Figures]:
+    """Per key, the median of each measured quantity over its runs."""
+    return {k: {q: statistics.median(r[q] for r in rs) for q in rs[0]} for k, rs in runs.items()}
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def fmt(value: float, unit: str) -> str:
+    """A figure as shown: seconds, milliseconds (`ms`: given in seconds), MiB, a ratio (`x`)."""
+    if unit == "s":
+        return f"{value:.3f} s"
+    if unit == "ms":
+        return f"{value * 1e3:.1f} ms"
+    if unit == "MiB":
+        return f"{round(value, 1) + 0.0:.1f} MiB"  # + 0.0: no "-0.0"
+    if unit == "x":
+        return f"{value:.3g}x"
+    return f"{value:.3g}"
+
+
+def print_table(
+    header: Sequence[str], rows: Iterable[Sequence[str]], left: Sequence[int] = (0,)
+) -> None:
+    """Aligned columns: those in `left` (by index) to the left, the others to the right."""
+    table = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        cells = [
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
+@dataclass(frozen=True)
+class Row:
+    """One quantity of a table: its key in the figures, its label, its unit (see `fmt`)."""
+
+    key: str
+    label: str
+    unit: str
+
+
+def side_by_side(figures: Mapping[str, Figures], rows: Sequence[Row]) -> None:
+    """One column per engine (or variant), one row per quantity; with two columns a third, the
+    ratio of the first to the second."""
+    names = list(figures)
+    ratio = len(names) == 2
+    body = []
+    for row in rows:
+        values = [figures[n][row.key] for n in names]
+        cells = [fmt(v, row.unit) for v in values]
+        if ratio:
+            cells.append(fmt(values[0] / values[1], "x") if values[1] else "-")
+        body.append([row.label, *cells])
+    print_table(["", *names, *(["ratio"] if ratio else [])], body)
+
+
+def per_command(figures: Mapping[str, Figures], columns: Sequence[Row]) -> None:
+    """One row per command (or case), one column per quantity."""
+    body = [[name, *(fmt(f[c.key], c.unit) for c in columns)] for name, f in figures.items()]
+    print_table(["command", *(c.label for c in columns)], body)
+
+
+@dataclass
+class Target:
+    """One performance target: a measured value and the limit it must not exceed."""
+
+    name: str
+    value: float
+    unit: str
+    limit: float
+    detail: str
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": round(self.value, 6),
+            "unit": self.unit,
+            "target_max": self.limit,
+            "met": self.met,
+            "detail": self.detail,
+        }
+
+
+def print_targets(goals: Sequence[Target]) -> None:
+    """The targets, each met or NOT MET."""
     print()
-    for g in goals:
-        print(g.line())
+    print_table(
+        ["target", "value", "limit", "status", "detail"],
+        [
+            [
+                g.name,
+                fmt(g.value, g.unit),
+                "<= " + fmt(g.limit, g.unit),
+                "met" if g.met else "NOT MET",
+                g.detail,
+            ]
+            for g in goals
+        ],
+        left=(0, 3, 4),
+    )
+
+
+# -- results -------------------------------------------------------------------------------------
+
+_started: dict[str, Any] = {}
+
+
+def begin(*, bytecode_cache: bool = True) -> dict[str, str]:
+    """Start a benchmark: note the time and the load, warn when peak RSS cannot be GNU time's.
+    Returns the measured children's environment (`child_env`)."""
+    _started.update(date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), load=os.getloadavg()[0])
+    if GNU_TIME is None:
+        print(
+            "warning: /usr/bin/time not found; peak RSS includes this process's own",
+            file=sys.stderr,
+        )
+    return child_env(bytecode_cache)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for dist in DISTRIBUTIONS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured (adapterctl is an editable checkout), and whether it had changes."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--", "adapterctl")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "adapterctl_dirty": bool(status) if status is not None else None,
+    }
+
+
+def write_results(name: str, goals: Sequence[Target], **payload: Any) -> Path:
+    """OUT/<name>-results.json: `payload` with the targets, the date, the machine and its load
+    before and after, the package versions and the commit measured."""
     path = OUT / f"{name}-results.json"
-    payload = {"schema_version": 1, "runs": runs, "medians": medians, **extra}
-    payload |= {"versions": versions(), "targets": [g.to_dict() for g in goals]}
-    path.write_text(json.dumps(payload, indent=1))
-    print(f"\nwrote {path}")
+    data = {
+        "schema_version": 1,
+        "date": _started.get("date"),
+        **payload,
+        "rss_method": "GNU time %M" if GNU_TIME else "os.wait4 ru_maxrss",
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_1m_before": round(_started["load"], 2) if "load" in _started else None,
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        },
+        "versions": versions(),
+        "git": git_state(),
+        "targets": [g.to_dict() for g in goals],
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"\nwrote {path.relative_to(ROOT)}")
     return path

@@ -3,24 +3,36 @@
 table, and `--check`, side by side with a raw listing of the same header (safetensors' safe_open,
 every key's shape and dtype). Goal: each inspect run under 3 s and 100 MB peak RSS.
 
-Run with `.venv/bin/python benchmarks/inspect_many.py [--tensors N] [--runs N] [--baseline DIR]`.
-The adapter is written by this script (synthetic, no torch) into benchmarks/out/inspect-many/.
-`--baseline DIR` also runs, interleaved, the adapterctl package found in DIR (an older commit:
-`git archive COMMIT adapterctl | tar -x -C DIR`), for before/after figures from one run.
+Run with `make bench-inspect-many` (or `.venv/bin/python -m benchmarks.inspect_many [--tensors N]
+[--runs N] [--baseline DIR]`). The adapter is synthetic (no torch), cached in
+benchmarks/out/inspect-many/. `--baseline DIR` also runs, interleaved, the adapterctl package found
+in DIR (an older commit: `git archive COMMIT adapterctl | tar -x -C DIR`), for before/after
+figures from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import struct
-import sys
 from pathlib import Path
 
-from common import OUT, Target, child_env, run_measured, versions
+from benchmarks.common import (
+    ADAPTERCTL,
+    PYTHON,
+    Figures,
+    Row,
+    Target,
+    begin,
+    cached,
+    interleaved,
+    medians,
+    per_command,
+    print_targets,
+    run_measured,
+    write_results,
+)
 
-ADAPTERCTL = str(Path(sys.executable).with_name("adapterctl"))
 PREFIX = "base_model.model."
 
 
@@ -34,15 +46,13 @@ def module_names(n_modules: int) -> list[str]:
     return names
 
 
-def build(directory: Path, n_tensors: int) -> Path:
-    """An adapter of `n_tensors` tiny F32 tensors (A [1, 2], B [2, 1]) and a config with patterns."""
-    spec = directory / "spec.json"
-    if spec.is_file() and json.loads(spec.read_text()) == {"tensors": n_tensors}:
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
+def build(dest: str, n_tensors: str) -> None:
+    """(In a child.) An adapter of `n_tensors` tiny F32 tensors (A [1, 2], B [2, 1]) and a config
+    with patterns."""
+    directory = Path(dest)
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name in module_names(n_tensors // 2):
+    for name in module_names(int(n_tensors) // 2):
         for kind, shape in (("lora_A", [1, 2]), ("lora_B", [2, 1])):
             header[f"{PREFIX}{name}.{kind}.weight"] = {
                 "dtype": "F32",
@@ -63,8 +73,6 @@ def build(directory: Path, n_tensors: int) -> Path:
         "alpha_pattern": {"w3": 4, "experts.1.w1": 8},
     }
     (directory / "adapter_config.json").write_text(json.dumps(config))
-    spec.write_text(json.dumps({"tensors": n_tensors}))
-    return directory
 
 
 INSPECTS = {"inspect --json": ["--json"], "inspect (table)": [], "inspect --check": ["--check"]}
@@ -78,61 +86,39 @@ RAW_LISTING = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="a folder holding another adapterctl package")
     args = parser.parse_args()
-    adapter = build(OUT / "inspect-many", args.tensors)
-    env = child_env()
-    envs = dict.fromkeys(("raw listing (safetensors)", *INSPECTS), env)
-    commands = {
-        "raw listing (safetensors)": [
-            sys.executable,
-            "-c",
-            RAW_LISTING,
-            str(adapter / "adapter_model.safetensors"),
-        ],
-        **{name: [ADAPTERCTL, "inspect", str(adapter), *extra] for name, extra in INSPECTS.items()},
-    }
+    if args.baseline is not None and not (args.baseline / "adapterctl" / "__init__.py").is_file():
+        parser.error(f"{args.baseline} holds no adapterctl package")
+    adapter, _ = cached("inspect-many", {"tensors": args.tensors}, build, str(args.tensors))
+    env = begin()
+    weights = str(adapter / "adapter_model.safetensors")
+    commands = {"raw listing (safetensors)": ([PYTHON, "-c", RAW_LISTING, weights], env)}
+    commands |= {n: ([ADAPTERCTL, "inspect", str(adapter), *x], env) for n, x in INSPECTS.items()}
     if args.baseline is not None:
-        if not (args.baseline / "adapterctl" / "__init__.py").is_file():
-            parser.error(f"{args.baseline} holds no adapterctl package")
         before = {**env, "PYTHONPATH": str(args.baseline.resolve())}
         for name, extra in INSPECTS.items():
-            commands[f"baseline {name}"] = [ADAPTERCTL, "inspect", str(adapter), *extra]
-            envs[f"baseline {name}"] = before
-    for name, argv in commands.items():  # once unmeasured: warm caches, and it must succeed
-        run_measured(argv, envs[name])
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
-    for _ in range(args.runs):
-        for name, argv in commands.items():
-            wall, rss, _ = run_measured(argv, envs[name])
-            runs[name].append((wall, rss))
-    print(f"\n{args.tensors} tensors\n{'':28}{'wall s':>10}{'peak MiB':>10}")
-    results = {}
-    for name, values in runs.items():
-        wall = statistics.median(v[0] for v in values)
-        rss = statistics.median(v[1] for v in values)
-        results[name] = {"wall_s": wall, "peak_rss_mib": rss}
-        print(f"{name:28}{wall:10.2f}{rss:10.1f}")
+            commands[f"baseline {name}"] = ([ADAPTERCTL, "inspect", str(adapter), *extra], before)
+    for argv, e in commands.values():  # once unmeasured: warm caches, and it must succeed
+        run_measured(argv, e)
+
+    def measure(name: str, _: int) -> Figures:
+        wall, peak, _ = run_measured(*commands[name])
+        return {"wall_s": wall, "peak_mib": peak}
+
+    runs = interleaved(args.runs, list(commands), measure)
+    med = medians(runs)
+    print(f"\n{args.tensors} tensors")
+    per_command(med, [Row("wall_s", "wall", "s"), Row("peak_mib", "peak", "MiB")])
+    inspects = [name for name in commands if name.startswith("inspect")]
     goals = [
-        Target(f"{name} wall", results[name]["wall_s"], " s", 3.0, f"{args.tensors} tensors")
-        for name in commands
-        if name.startswith("inspect")
-    ] + [
-        Target(f"{name} peak RSS", results[name]["peak_rss_mib"], " MiB", 100.0, "")
-        for name in commands
-        if name.startswith("inspect")
-    ]
-    print()
-    for g in goals:
-        print(g.line(36, 2))
-    path = OUT / "inspect-many-results.json"
-    payload = {"schema_version": 1, "tensors": args.tensors, "medians": results}
-    payload |= {"versions": versions(), "targets": [g.to_dict() for g in goals]}
-    path.write_text(json.dumps(payload, indent=1))
-    print(f"\nwrote {path}")
+        Target(f"{n} wall", med[n]["wall_s"], "s", 3.0, f"{args.tensors} tensors") for n in inspects
+    ] + [Target(f"{n} peak RSS", med[n]["peak_mib"], "MiB", 100.0, "") for n in inspects]
+    print_targets(goals)
+    write_results("inspect-many", goals, tensors=args.tensors, runs=runs, medians=med)
 
 
 if __name__ == "__main__":

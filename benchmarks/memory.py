@@ -2,26 +2,33 @@
 B (65536, 256) fp32: 64 MiB tensors), peak RSS against 3 x the largest single tensor + 50 MiB.
 `convert --initial` doubles every tensor, so its bound uses the largest OUTPUT tensor. Not in CI.
 
-Run with `make bench-memory` (or `.venv/bin/python benchmarks/memory.py`).
+Run with `make bench-memory` (or `.venv/bin/python -m benchmarks.memory`).
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
-from common import OUT, Target, child_env, run_measured, versions
+from benchmarks.common import (
+    ADAPTERCTL,
+    OUT,
+    Row,
+    Target,
+    begin,
+    cached,
+    per_command,
+    print_targets,
+    run_measured,
+    write_results,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-SRC = OUT / "memory-1g"
 R, WIDE, MODULES = 256, 65536, 8
 TENSOR_MIB = R * WIDE * 4 / 2**20
-ADAPTERCTL = str(Path(sys.executable).with_name("adapterctl"))
+SPEC = {"r": R, "wide": WIDE, "modules": MODULES, "trained": [1, "pissa"], "init": [2, True]}
 
 
-def _write(directory: Path, seed: int, init: str) -> None:
+def _write(directory: Path, seed: int, init: str | bool) -> None:
     import numpy as np
 
     from adapterctl.format.config import LoraConfig
@@ -45,63 +52,50 @@ def _write(directory: Path, seed: int, init: str) -> None:
     (directory / "adapter_config.json").write_text(config.to_json())
 
 
+def build(dest: str) -> None:
+    """(In a child.) A trained/initial pair, written by the format layer."""
+    for name in ("trained", "init"):
+        seed, init = SPEC[name]
+        _write(Path(dest) / name, seed, init)
+
+
 def main() -> None:
-    if not (SRC / "init" / "adapter_config.json").is_file():
-        _write(SRC / "trained", 1, "pissa")
-        _write(SRC / "init", 2, True)
-    env = child_env()
+    src, _ = cached("memory-1g", SPEC, build)
+    env = begin()
+    trained, init = str(src / "trained"), str(src / "init")
+    convert = [ADAPTERCTL, "convert", trained, "{out}"]
     runs = {
-        "select": ([ADAPTERCTL, "select", str(SRC / "trained"), "{out}", "-a", "default"], 1),
-        "convert --dtype bfloat16": (
-            [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--dtype", "bfloat16"], 1
-        ),
-        "convert --dtype bfloat16 --verify": (
-            [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--dtype", "bfloat16",
-             "--verify"],
-            1,
-        ),
-        "convert --rank 64": (
-            [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--initial", str(SRC / "init"),
-             "--rank", "64"],
-            2,
-        ),
-        "convert --initial": (
-            [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--initial", str(SRC / "init")],
-            2,
-        ),
-        "convert --initial --verify": (
-            [ADAPTERCTL, "convert", str(SRC / "trained"), "{out}", "--initial", str(SRC / "init"),
-             "--verify"],
-            2,
-        ),
-    }  # fmt: skip
-    goals = []
+        "select": ([ADAPTERCTL, "select", trained, "{out}", "-a", "default"], 1),
+        "convert --dtype bfloat16": ([*convert, "--dtype", "bfloat16"], 1),
+        "convert --dtype bfloat16 --verify": ([*convert, "--dtype", "bfloat16", "--verify"], 1),
+        "convert --rank 64": ([*convert, "--initial", init, "--rank", "64"], 2),
+        "convert --initial": ([*convert, "--initial", init], 2),
+        "convert --initial --verify": ([*convert, "--initial", init, "--verify"], 2),
+    }
+    figures, goals = {}, []
+    out = OUT / "memory-out"
     for name, (argv, growth) in runs.items():
-        out = OUT / "memory-out"
         shutil.rmtree(out, ignore_errors=True)
         wall, peak, _ = run_measured([a.format(out=out) for a in argv], env)
         shutil.rmtree(out, ignore_errors=True)
         limit = 3 * TENSOR_MIB * growth + 50
+        figures[name] = {"peak_mib": peak, "bound_mib": limit, "wall_s": wall}
         goals.append(
             Target(f"{name} peak / bound", peak / limit, "x", 1.0,
                    f"{peak:.0f} MiB, bound {limit:.0f} MiB, {wall:.1f} s")
         )  # fmt: skip
-        print(f"{name:32} {peak:8.0f} MiB  bound {limit:6.0f} MiB  {wall:6.1f} s", flush=True)
-    for g in goals:
-        print(g.line(40))
-    import json
-
-    (OUT / "memory-results.json").write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "tensor_mib": TENSOR_MIB,
-                "versions": versions(),
-                "targets": [g.to_dict() for g in goals],
-            },
-            indent=1,
-        )
+        print(f"  {name} done", flush=True)
+    print()
+    per_command(
+        figures,
+        [
+            Row("peak_mib", "peak", "MiB"),
+            Row("bound_mib", "bound", "MiB"),
+            Row("wall_s", "wall", "s"),
+        ],
     )
+    print_targets(goals)
+    write_results("memory", goals, tensor_mib=TENSOR_MIB, figures=figures)
 
 
 if __name__ == "__main__":

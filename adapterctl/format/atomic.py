@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Union
 
 from adapterctl.errors import OutputError
-from adapterctl.format import testhook
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +543,6 @@ def _replace(tmp: Path, dest: Path) -> tuple[Path, int | None]:
     old_fd = _lock(dest, wait=True)  # held while aside, so no other run restores it meanwhile
     try:
         os.rename(dest, aside)
-        testhook.at("swap")
         try:
             os.rename(tmp, dest)
         except BaseException:  # an interrupt here too: put the old output back first

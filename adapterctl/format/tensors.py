@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from adapterctl.errors import AdapterFormatError, MissingDependencyError
-from adapterctl.format import testhook
 from adapterctl.format.dtypes import BY_TORCH_NAME, DTYPES, Dtype
 from adapterctl.format.header import (
     Header,
@@ -187,7 +186,6 @@ def write_safetensors(
         f.write(data)
         total += len(data)
         del data  # before the next tensor is made: one in memory at a time
-        testhook.wrote(s.nbytes)
         if progress is not None:
             progress(s.nbytes)
     return total
@@ -199,7 +197,6 @@ def copy_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | 
     while chunk := src.read(_CHUNK):
         dst.write(chunk)
         total += len(chunk)
-        testhook.wrote(len(chunk))
         if progress is not None:
             progress(len(chunk))
     return total

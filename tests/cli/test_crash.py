@@ -1,11 +1,10 @@
-"""Crash-safe writes, with real processes held mid-write by the test-only hook
-(adapterctl/format/testhook.py): SIGKILL leaves the old output whole (or none) and a stale temp
+"""Crash-safe writes, with real processes held mid-write by the test-owned wrapper
+(tests/held_writer.py): SIGKILL leaves the old output whole (or none) and a stale temp
 sibling the next run removes; SIGINT/SIGTERM clean up; two held writers: exactly one wins."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import held_writer
 from tests.helpers import Q, V, lora_tensors, write_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,17 +36,10 @@ COMMANDS = {
 def start(
     args: list[str], tmp_path: Path, name: str, until: Path | None = None
 ) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "ADAPTERCTL_TEST_PAUSE_AFTER": str(PAUSE_AT),
-        "ADAPTERCTL_TEST_PAUSE_MARKER": str(tmp_path / name),
-    }
-    if until is not None:
-        env["ADAPTERCTL_TEST_PAUSE_UNTIL"] = str(until)
+    argv = held_writer.command(args, marker=tmp_path / name, after=PAUSE_AT, until=until)
     return subprocess.Popen(
-        [sys.executable, "-m", "adapterctl", *args], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(*markers: Path, procs: list[subprocess.Popen[str]]) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import held_writer
 from tests.helpers import Q, V, lora_tensors, unprivileged, write_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -317,11 +318,16 @@ def test_read_only_filesystem(src: Path, tmp_path: Path) -> None:
 # -- 4. SIGKILL between the two renames of a --force swap ---------------------------------------
 
 
-def _paused(args: list[str | Path], env: dict[str, str]) -> subprocess.Popen[str]:
+def _paused(
+    args: list[str | Path], marker: Path, *, after: int | None = None, until: Path | None = None
+) -> subprocess.Popen[str]:
+    """`adapterctl ARGS` held once `after` bytes are written, or else between the swap renames."""
+    argv = held_writer.command(
+        list(map(str, args)), marker=marker, after=after, at_swap=after is None, until=until
+    )
     return subprocess.Popen(
-        [sys.executable, "-m", "adapterctl", *map(str, args)], cwd=ROOT, text=True,
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        argv, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def _wait(marker: Path, proc: subprocess.Popen[str]) -> None:
@@ -338,8 +344,7 @@ def test_sigkill_between_the_swap_renames(rerun: str, src: Path, big: Path, tmp_
     assert run(["select", src, out, "-a", "default"]).returncode == 0
     old = digest(out)
     marker = tmp_path / "at-swap"
-    env = {"ADAPTERCTL_TEST_PAUSE_AT": "swap", "ADAPTERCTL_TEST_PAUSE_MARKER": str(marker)}
-    proc = _paused(["select", big, out, "-a", "default", "--force"], env)
+    proc = _paused(["select", big, out, "-a", "default", "--force"], marker)
     try:
         _wait(marker, proc)
         proc.send_signal(signal.SIGKILL)
@@ -418,12 +423,9 @@ def test_old_output_becoming_undeletable_meanwhile_is_an_error(
     assert run(["select", src, out, "-a", "default"]).returncode == 0
     (out / "keep.txt").write_text("locked later")
     go, marker = tmp_path / "go", tmp_path / "paused"
-    env = {
-        "ADAPTERCTL_TEST_PAUSE_AFTER": "1500000",
-        "ADAPTERCTL_TEST_PAUSE_MARKER": str(marker),
-        "ADAPTERCTL_TEST_PAUSE_UNTIL": str(go),
-    }
-    proc = _paused(["select", big, out, "-a", "default", "--force"], env)
+    proc = _paused(
+        ["select", big, out, "-a", "default", "--force"], marker, after=1_500_000, until=go
+    )
     try:
         _wait(marker, proc)
         with immutable(out / "keep.txt") as ok:
@@ -450,13 +452,8 @@ def test_source_rewritten_during_the_copy(rewrite: str, big: Path, tmp_path: Pat
     weights = big / "adapter_model.safetensors"
     other = write_adapter(tmp_path / "other", lora_tensors(Q, 8, 4096, 4096), BIG)
     go, marker = tmp_path / "go", tmp_path / "paused"
-    env = {
-        "ADAPTERCTL_TEST_PAUSE_AFTER": "1500000",
-        "ADAPTERCTL_TEST_PAUSE_MARKER": str(marker),
-        "ADAPTERCTL_TEST_PAUSE_UNTIL": str(go),
-    }
     out = tmp_path / "out"
-    proc = _paused(["select", big, out, "-a", "default"], env)
+    proc = _paused(["select", big, out, "-a", "default"], marker, after=1_500_000, until=go)
     try:
         _wait(marker, proc)
         data = weights.read_bytes()
