@@ -366,8 +366,8 @@ class Plan:
             energy = self.options.energy
             k = spec.rank_for_energy(energy) if energy is not None else self._target_rank(m)
             kept, dropped = spec.loss(k)
+            total = math.sqrt(spec.energy)
         m.spectrum = spec
-        total = math.sqrt(spec.energy)
         rep.r = rep.alpha = k
         rep.energy, rep.dropped_norm = kept, dropped
         rep.relative_error = dropped / total if total else 0.0
