@@ -105,13 +105,14 @@ class OutputTensor:
 @dataclass
 class Module:
     """One LoRA module as the plan sees it: its factors, its lora_B.bias (if any), its report
-    (complete once the plan is made) and, for a rank reduction, the spectrum its delta is cut
-    from (computed while planning, applied when the reduced factors are written)."""
+    (complete once the plan is made) and, for a rank reduction, the transforms that give the
+    reduced factors, B·to_b and to_a·A (computed while planning from the delta's spectrum,
+    applied when the reduced factors are written)."""
 
     factors: Factors
     bias_key: str | None
     report: ModuleReport
-    spectrum: Spectrum | None = None
+    transforms: tuple[Any, Any] | None = None  # (to_b, to_a): (r, k) and (k, r)
 
 
 def check_pair(
@@ -352,7 +353,7 @@ class Plan:
     def _measure(self, m: Module) -> None:
         """A rank reduction's numbers, before anything is written: the spectrum of the module's
         (joined) delta, the rank it is cut to (--rank, or the smallest keeping --energy), the
-        energy kept and the norm dropped. The writer applies this same spectrum (`_reduce`)."""
+        energy kept and the norm dropped; and the transforms the writer applies (`_reduce`)."""
         import numpy as np
 
         f, rep = m.factors, m.report
@@ -367,7 +368,7 @@ class Plan:
             k = spec.rank_for_energy(energy) if energy is not None else self._target_rank(m)
             kept, dropped = spec.loss(k)
             total = math.sqrt(spec.energy)
-        m.spectrum = spec
+            m.transforms = spec.transforms(k)
         rep.r = rep.alpha = k
         rep.energy, rep.dropped_norm = kept, dropped
         rep.relative_error = dropped / total if total else 0.0
@@ -521,13 +522,14 @@ class Plan:
         t0 = self.options.initial.factor(f, which)
         return concat(t, t0, 0) if which == "A" else concat_negated(t, t0, 1)
 
-    def _values(self, m: Module, which: str) -> Any:
-        """The joined A or B as floats: a view of float32 storage (no copy), else converted."""
+    def _values(self, m: Module, which: str, *, checked: bool = False) -> Any:
+        """The joined A or B as floats: a view of float32 storage (no copy), else converted;
+        refused where not finite (unless `checked`: planning read the same values)."""
         import numpy as np
 
         t = self.joined(m, which)
         values = as_matrix(to_floats(t), which)
-        if not np.isfinite(values).all():
+        if not checked and not np.isfinite(values).all():
             raise ConversionError(
                 f"`{self.source.label}`: `{m.factors.module}` holds NaN or infinite values "
                 f"(lora_{which}{' or its initial factor' if self.options.initial else ''}): "
@@ -536,12 +538,12 @@ class Plan:
             )
         return values
 
-    def _float_values(self, m: Module, which: str) -> Any:
+    def _float_values(self, m: Module, which: str, *, checked: bool = False) -> Any:
         """`_values`, made float64 once where the factor fits one chunk (else read in float64
         chunks by whoever uses it)."""
         import numpy as np
 
-        values = self._values(m, which)
+        values = self._values(m, which, checked=checked)
         return values.astype(np.float64) if values.size <= BUDGET else values
 
     def _compute(self, m: Module, only: str | None = None) -> dict[str, RawTensor]:
@@ -567,15 +569,14 @@ class Plan:
         return out
 
     def _reduce(self, m: Module, out: dict[str, RawTensor], code: str) -> None:
-        """The module's reduced factors (and its bias, scaled) into `out`: the spectrum planning
-        computed (`_measure`), cut to the planned rank and applied to A, then to B (one side in
-        memory at a time)."""
+        """The module's reduced factors (and its bias, scaled) into `out`: the transforms
+        planning computed (`_measure`) applied to A, then to B (one side in memory at a time)."""
         f = m.factors
-        assert m.spectrum is not None  # measured while planning
+        assert m.transforms is not None  # measured while planning
+        to_b, to_a = m.transforms
         k = m.report.r
-        to_b, to_a = m.spectrum.transforms(k)
-        new_a = apply(self._float_values(m, "A"), to_a, "A")
-        new_b = apply(self._float_values(m, "B"), to_b, "B")
+        new_a = apply(self._float_values(m, "A", checked=True), to_a, "A")
+        new_b = apply(self._float_values(m, "B", checked=True), to_b, "B")
         a_shape = (k, *f.a_shape[1:])  # a convolution's factors keep their other axes
         b_shape = (f.b_shape[0], k, *f.b_shape[2:])
         out[f.a_key] = from_float(new_a.reshape(a_shape), code)
