@@ -76,7 +76,7 @@ def check_init(config: LoraConfig, *, loading: bool = True) -> str | None:
         return str(init)
     if not loading and isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
         return init
-    from adapterctl.ops.initial import irreproducible
+    from adapterctl.ops.convert import irreproducible
 
     reason = irreproducible(init)
     if reason is not None:  # PEFT would decompose the base again to load it

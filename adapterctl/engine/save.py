@@ -248,9 +248,8 @@ def _converted(
     """The one conversion `adapterctl convert` uses, applied to the live adapter's tensors."""
     import numpy as np
 
-    from adapterctl.ops.conversion import convert_tensors, converted_config
-    from adapterctl.ops.convert import one_adapter
-    from adapterctl.ops.rawtensor import OpenStore, RawTensor
+    from adapterctl.format.rawtensor import OpenStore, RawTensor
+    from adapterctl.ops.convert import convert_tensors, converted_config, one_adapter
 
     files = one_adapter(initial_dir, "initial adapter")  # safetensors or .bin (weights_only)
     assert files.config_path is not None

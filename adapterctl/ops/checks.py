@@ -9,8 +9,8 @@ from typing import Any
 from adapterctl.format.config import LoraConfig, residual_init
 from adapterctl.format.factors import pair_problem
 from adapterctl.format.keys import EMBEDDING_NAMES, PREFIX, KeyInfo, classify
+from adapterctl.format.nonfinite import NonFinite
 from adapterctl.format.variants import free_shapes, variant_message, variant_tensor, variants_in
-from adapterctl.ops.rawtensor import NonFinite
 
 
 @dataclass(frozen=True, slots=True)

@@ -310,7 +310,8 @@ def api(token: str | None = None) -> Any:
     return HfApi(endpoint=endpoint(), token=token)
 
 
-def _subdir(subfolder: str | None) -> str:
+def subfolder_prefix(subfolder: str | None) -> str:
+    """`subfolder` as a repo path prefix (`sub/`, or empty), refusing `..` and absolute paths."""
     if not subfolder:
         return ""
     sub = subfolder.strip("/")
@@ -331,7 +332,7 @@ def download_adapter(
     fetched into the Hub cache; returns the local folder (the subfolder's when given)."""
     from huggingface_hub import snapshot_download
 
-    sub = _subdir(subfolder)
+    sub = subfolder_prefix(subfolder)
     names = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
     patterns = [f"{sub}{n}" for n in (*names, README_NAME)]
     if not sub:

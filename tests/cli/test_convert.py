@@ -77,7 +77,7 @@ def test_failed_verification_writes_nothing(
 ) -> None:
     """A finite error planted in the written file: the report still comes out, exit 1, and the
     old output stays."""
-    import adapterctl.ops.convert as mod
+    import adapterctl.ops.convert.adapter as mod
     from adapterctl.format.header import read_header
 
     out = tmp_path / "out"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from adapterctl.format.config import LoraConfig
+from adapterctl.format.rawtensor import RawTensor
 from adapterctl.format.tensors import SafetensorsReader, TensorSource, write_safetensors
-from adapterctl.ops.conversion import convert_tensors, converted_config
-from adapterctl.ops.rawtensor import RawTensor
+from adapterctl.ops.convert import convert_tensors, converted_config
 from tests.fixtures import residual_pair, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_bf16_round_trip_matches_torch() -> None:
     import torch
 
     from adapterctl.format.dtypes import DTYPES
-    from adapterctl.ops.rawtensor import from_float, to_float32
+    from adapterctl.format.rawtensor import from_float, to_float32
 
     values = torch.randn(4096, dtype=torch.float32) * 10
     values[:3] = torch.tensor([float("nan"), float("inf"), -0.0])

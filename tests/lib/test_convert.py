@@ -11,9 +11,9 @@ import pytest
 
 from adapterctl.errors import AdapterctlError, ConversionError
 from adapterctl.format.config import LoraConfig
+from adapterctl.format.rawtensor import RawTensor, to_float64
 from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.convert import convert_adapter
-from adapterctl.ops.rawtensor import RawTensor, to_float64
 from tests.fixtures import residual_pair, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -371,7 +371,7 @@ def test_large_tensor_paths_give_the_same_bytes(
 ) -> None:
     """Joins and sign flips of large tensors go through numpy; forcing that path on a small
     adapter must give the same files as the byte path, through every later step."""
-    from adapterctl.ops import rawtensor
+    from adapterctl.format import rawtensor
 
     _, init_dir, trained, _ = residual_pair(
         tmp_path, "pissa", r=4, target_modules=["q_proj", "v_proj", "lm_head"]
@@ -462,7 +462,7 @@ def test_verify_catches_a_finite_error(
 ) -> None:
     """A conversion bug that writes wrong but finite numbers (planted in the written file before
     --verify reads it) fails verification: exit path, nothing renamed into place."""
-    import adapterctl.ops.convert as mod
+    import adapterctl.ops.convert.adapter as mod
     from adapterctl.format.header import read_header
     from adapterctl.ops.convert import VerificationFailed
 

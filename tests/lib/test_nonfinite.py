@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from adapterctl.cli.main import app
 from adapterctl.errors import ConversionError
 from adapterctl.format.dtypes import DTYPES
+from adapterctl.format.nonfinite import count_nonfinite, nonfinite_mask
+from adapterctl.format.rawtensor import RawTensor, to_float32
 from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.convert import convert_adapter
 from adapterctl.ops.inspect import inspect_adapter
-from adapterctl.ops.rawtensor import RawTensor, count_nonfinite, nonfinite_mask, to_float32
 from tests.helpers import P, Q, V, lora_tensors, write_adapter
 
 runner = CliRunner()
@@ -164,7 +165,7 @@ def test_verify_still_fails_a_nan_that_moved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """NaN must meet NaN: a NaN written one place off is a failed verification."""
-    import adapterctl.ops.convert as mod
+    import adapterctl.ops.convert.adapter as mod
     from adapterctl.format.header import read_header
     from adapterctl.ops.convert import VerificationFailed
 
@@ -273,7 +274,7 @@ def test_counts_from_bits_equal_numpy(code: str, storage: Any) -> None:
 @pytest.mark.parametrize("code", ["F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3", "I32"])
 def test_has_nonfinite_agrees_with_the_mask(code: str) -> None:
     """The fast any-check, over pieces of every size, says what the full mask says."""
-    from adapterctl.ops.rawtensor import has_nonfinite
+    from adapterctl.format.nonfinite import has_nonfinite
 
     dtype = DTYPES[code]
     rng = np.random.default_rng(1)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import adapterctl.ops.convert.verify as verify_mod
 from adapterctl.errors import AdapterFormatError
+from adapterctl.format.rawtensor import from_float, to_float32
 from adapterctl.format.tensors import SafetensorsReader
-from adapterctl.ops import verify as verify_mod
 from adapterctl.ops.convert import convert_adapter
-from adapterctl.ops.lowrank import cast_grams
-from adapterctl.ops.rawtensor import from_float, to_float32
+from adapterctl.ops.convert.lowrank import cast_grams
 from tests.helpers import P, Q, V, write_adapter
 
 

@@ -152,7 +152,7 @@ def test_inspect_json_is_the_report(tmp_path: Path) -> None:
 @pytest.mark.parametrize("code", ["F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"])
 def test_the_numpy_free_precheck_misses_no_nan_or_inf(code: str) -> None:
     """may_hold_nonfinite (what lets `--check` skip numpy) is False only where there is none."""
-    from adapterctl.ops.rawtensor import count_nonfinite, may_hold_nonfinite
+    from adapterctl.format.nonfinite import count_nonfinite, may_hold_nonfinite
 
     width = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}.get(code, 1)
     rng = np.random.default_rng(1)

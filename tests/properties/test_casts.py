@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from adapterctl.format.dtypes import DTYPES
-from adapterctl.ops.lowrank import gram, spectrum
-from adapterctl.ops.rawtensor import RawTensor, cast
+from adapterctl.format.rawtensor import RawTensor, cast
+from adapterctl.ops.convert.lowrank import gram, spectrum
 
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 BITS = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16, "F64": np.uint64}

@@ -15,24 +15,24 @@ from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOption
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
+from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
-from adapterctl.ops.conversion import (
-    ModuleReport,
-    Options,
-    OutputTensor,
-    Plan,
-    missing_from_trained,
-)
-from adapterctl.ops.initial import (
+from adapterctl.ops.convert.initial import (
     REBUILDABLE,
     Initial,
     RebuiltInitial,
     SavedInitial,
     rebuild_method,
 )
-from adapterctl.ops.rawtensor import CAST_TARGETS, OpenStore, numel
-from adapterctl.ops.verify import Verification, verify
+from adapterctl.ops.convert.plan import (
+    ModuleReport,
+    Options,
+    OutputTensor,
+    Plan,
+    missing_from_trained,
+)
+from adapterctl.ops.convert.verify import Verification, verify
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ _VARIANT_HINT = "convert it with PEFT; `adapterctl select` copies it unchanged"
 
 class Progress(Protocol):
     """`progress(advance, total)` while the output is written (bytes), and
-    `progress(advance, total, phase)` in the steps around it: "finding ranks" (--energy:
-    modules, before writing) and "verifying" (checks, after writing); a new phase starts at 0."""
+    `progress(advance, total, phase)` in the steps around it: "finding ranks" (--energy) or
+    "reducing ranks" (--rank), counting the modules whose spectrum is computed before writing,
+    and "verifying" (checks, after writing); a new phase starts at 0."""
 
     def __call__(self, advance: int, total: int, phase: str = "converting", /) -> None: ...
 
@@ -210,12 +211,14 @@ def convert_adapter(
             inits = (config.init_lora_weights, init_config.init_lora_weights)
             method = next((str(m) for m in inits if residual_init(m)), None)
         elif base is not None:
-            from adapterctl.ops.basecheckpoint import BaseCheckpoint
+            from adapterctl.ops.convert.basecheckpoint import BaseCheckpoint
 
             method = rebuild_method(config, init)
             checkpoint = stack.enter_context(BaseCheckpoint(base))
             provider = RebuiltInitial(checkpoint, method, config)
-        ranking = _phase(progress, "finding ranks") if energy is not None else None
+        ranking = None
+        if rank is not None or energy is not None:  # the spectra are computed while planning
+            ranking = _phase(progress, "finding ranks" if energy is not None else "reducing ranks")
         plan = Plan(store, config, Options(provider, code, rank, energy), progress=ranking)
         missing = missing_from_trained(plan)
         if missing:

@@ -11,8 +11,8 @@ from typing import Any
 
 from adapterctl.errors import AdapterctlError, AdapterFormatError, ConversionError
 from adapterctl.format.files import read_small
+from adapterctl.format.rawtensor import RawTensor
 from adapterctl.format.tensors import SafetensorsReader
-from adapterctl.ops.rawtensor import RawTensor
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Protocol
 from adapterctl.errors import ConversionError
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.dtypes import DTYPES
-from adapterctl.ops.rawtensor import RawTensor, TensorStore, from_float, to_float32
+from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_float32
 
 if TYPE_CHECKING:
-    from adapterctl.ops.basecheckpoint import BaseCheckpoint
+    from adapterctl.ops.convert.basecheckpoint import BaseCheckpoint
 
 #: the init methods `--base` can rebuild (the others depend on a random state or on data)
 REBUILDABLE = ("pissa", "olora")
@@ -164,7 +164,7 @@ class RebuiltInitial:
             raise ConversionError(
                 f"`{key}` {list(residual.shape)} does not fit the base's {list(w.shape)}"
             )
-        from adapterctl.ops.rawtensor import cast
+        from adapterctl.format.rawtensor import cast
 
         return cast(w, code)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from adapterctl.errors import ConversionError
-from adapterctl.ops.rawtensor import RawTensor, has_nonfinite, nonfinite_mask
+from adapterctl.format.nonfinite import has_nonfinite, nonfinite_mask
+from adapterctl.format.rawtensor import RawTensor
 
 
 def refuse_new_nonfinite(

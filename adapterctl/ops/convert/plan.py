@@ -29,11 +29,7 @@ from adapterctl.format.config import LoraConfig, reload_drift, residual_init
 from adapterctl.format.dtypes import DTYPES, Dtype
 from adapterctl.format.factors import as_matrix, matrix_shapes, pair_problem
 from adapterctl.format.keys import classify
-from adapterctl.ops.blas import one_blas_thread
-from adapterctl.ops.finite import refuse_new_nonfinite
-from adapterctl.ops.initial import Factors, Initial, RebuiltInitial, SavedInitial
-from adapterctl.ops.lowrank import BUDGET, Spectrum, apply, basis
-from adapterctl.ops.rawtensor import (
+from adapterctl.format.rawtensor import (
     FLOAT_CODES,
     DictStore,
     RawTensor,
@@ -45,6 +41,10 @@ from adapterctl.ops.rawtensor import (
     to_float64,
     to_floats,
 )
+from adapterctl.ops.convert.blas import one_blas_thread
+from adapterctl.ops.convert.finite import refuse_new_nonfinite
+from adapterctl.ops.convert.initial import Factors, Initial, RebuiltInitial, SavedInitial
+from adapterctl.ops.convert.lowrank import BUDGET, Spectrum, apply, basis
 
 #: LoRA kind -> the axis the rank runs along (A: rows, B: columns)
 _RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
@@ -103,10 +103,16 @@ class OutputTensor:
 
 
 @dataclass
-class _Module:
+class Module:
+    """One LoRA module as the plan sees it: its factors, its lora_B.bias (if any), its report
+    (complete once the plan is made) and, for a rank reduction, the transforms that give the
+    reduced factors, B·to_b and to_a·A (computed while planning from the delta's spectrum,
+    applied when the reduced factors are written)."""
+
     factors: Factors
     bias_key: str | None
     report: ModuleReport
+    transforms: tuple[Any, Any] | None = None  # (to_b, to_a): (r, k) and (k, r)
 
 
 def check_pair(
@@ -183,8 +189,10 @@ def reduced_config(config: LoraConfig, ranks: Mapping[str, int]) -> LoraConfig:
 
 class Plan:
     """What the output holds (names, dtypes, shapes, known from the headers before anything is
-    computed) and how each tensor is made (`outputs`, produced in any order: one tensor at a
-    time, or one module at a time when a rank reduction needs both factors)."""
+    computed), every module's report (the rank a reduction cuts to and what it drops included:
+    complete before anything is written) and how each tensor is made (`outputs`, produced in any
+    order: one tensor at a time, or one module at a time when a rank reduction needs both
+    factors)."""
 
     def __init__(
         self,
@@ -193,7 +201,8 @@ class Plan:
         options: Options,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        """`progress(1, modules)` after each module whose spectrum planning needs (--energy)."""
+        """`progress(1, modules)` after each module whose spectrum planning computes (a rank
+        reduction: --rank or --energy)."""
         self.source = source
         self.options = options
         self._progress = progress
@@ -203,14 +212,22 @@ class Plan:
         self._cache: tuple[str, dict[str, RawTensor]] | None = None
         self._check_options(config)
         self.modules = self._modules(config)
-        self.by_key = {
-            k: m
-            for m in self.modules.values()
-            for k in (m.factors.a_key, m.factors.b_key, m.bias_key)
-            if k
+        self._by_key = {
+            k: m for m in self.modules for k in (m.factors.a_key, m.factors.b_key, m.bias_key) if k
         }
+        self._by_name: dict[str, Module] = {}
+        for m in self.modules:
+            self._by_name.setdefault(m.factors.module, m)
         self.config = self._config(config)
         self.outputs = self._outputs()
+
+    def module_of(self, key: str) -> Module | None:
+        """The module whose LoRA factor (or lora_B.bias) `key` is; None for any other tensor."""
+        return self._by_key.get(key)
+
+    def module_named(self, name: str) -> Module | None:
+        """The LoRA module named `name` (a module path, as `classify` gives it), if any."""
+        return self._by_name.get(name)
 
     # --- planning ------------------------------------------------------------------------------
 
@@ -233,7 +250,7 @@ class Plan:
             labels = (self.source.label, opts.initial.label)
             self.warnings += check_pair(config, opts.initial.config, labels)
 
-    def _modules(self, config: LoraConfig) -> dict[str, _Module]:
+    def _modules(self, config: LoraConfig) -> list[Module]:
         mts = config.modules_to_save or []
         groups: dict[str, dict[str, str]] = {}
         for key in self.specs:
@@ -241,7 +258,7 @@ class Plan:
             if info.is_lora:
                 prefix = key[: key.rindex(".lora_")]
                 groups.setdefault(prefix, {})[info.kind] = key
-        modules = {}
+        modules = []
         for prefix, kinds in groups.items():
             embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
             a_kind, b_kind = (
@@ -296,10 +313,10 @@ class Plan:
                 config.scaling(alpha, r),
             )  # fmt: skip
             report = ModuleReport(module, [], r, alpha, r, alpha)
-            modules[prefix] = _Module(factors, kinds.get("lora_B.bias"), report)
+            modules.append(Module(factors, kinds.get("lora_B.bias"), report))
         return modules
 
-    def _target_rank(self, m: _Module) -> int:
+    def _target_rank(self, m: Module) -> int:
         r = m.factors.rank * (2 if self.options.initial is not None else 1)
         out_dim, in_dim = m.factors.b_shape[0], math.prod(m.factors.a_shape[1:])
         full = min(r, out_dim, in_dim)
@@ -312,33 +329,61 @@ class Plan:
         out = config
         if opts.initial is not None:
             saved = opts.initial.config if isinstance(opts.initial, SavedInitial) else None
-            modules = [m.factors.module for m in self.modules.values()]
+            modules = [m.factors.module for m in self.modules]
             out = converted_config(config, saved, self.source.label, modules)
-            for m in self.modules.values():
+            for m in self.modules:
                 init = config.init_lora_weights
                 m.report.actions.append(f"{init}->lora" if isinstance(init, str) else "to lora")
                 m.report.r = out.rank_for(m.report.module)
                 m.report.alpha = out.alpha_for(m.report.module)
         if opts.reduce:
-            for m in self.modules.values():
-                if opts.energy is not None:  # the rank depends on the spectrum: computed now
-                    self._compute(m)
-                    if self._progress is not None:
-                        self._progress(1, len(self.modules))
-                else:
-                    m.report.r = m.report.alpha = self._target_rank(m)
-            out = reduced_config(out, {m.report.module: m.report.r for m in self.modules.values()})
+            for m in self.modules:
+                self._measure(m)
+                if self._progress is not None:
+                    self._progress(1, len(self.modules))
+            out = reduced_config(out, {m.report.module: m.report.r for m in self.modules})
+        if opts.dtype:
+            for m in self.modules:
+                f = m.factors
+                if opts.dtype != f.dtype_code:
+                    # dtypes named as everywhere else in adapterctl (`bfloat16`, not `BF16`)
+                    old, new = DTYPES[f.dtype_code].display_name, DTYPES[opts.dtype].display_name
+                    m.report.actions.append(f"{old}->{new}")
         return out
+
+    def _measure(self, m: Module) -> None:
+        """A rank reduction's numbers, before anything is written: the spectrum of the module's
+        (joined) delta, the rank it is cut to (--rank, or the smallest keeping --energy), the
+        energy kept and the norm dropped; and the transforms the writer applies (`_reduce`)."""
+        import numpy as np
+
+        f, rep = m.factors, m.report
+        # a factor that fits one chunk is made float64 once; a larger one is read in float64
+        # chunks: one side in memory at a time
+        r = f.rank * (2 if self.options.initial is not None else 1)
+        with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
+            b_basis = basis(self._float_values(m, "B"), "B")
+            a_basis = basis(self._float_values(m, "A"), "A")
+            spec = Spectrum.from_bases(b_basis, a_basis, f.scaling, r)
+            energy = self.options.energy
+            k = spec.rank_for_energy(energy) if energy is not None else self._target_rank(m)
+            kept, dropped = spec.loss(k)
+            total = math.sqrt(spec.energy)
+            m.transforms = spec.transforms(k)
+        rep.r = rep.alpha = k
+        rep.energy, rep.dropped_norm = kept, dropped
+        rep.relative_error = dropped / total if total else 0.0
+        rep.actions.append(f"rank {r}->{k}")
 
     def _outputs(self) -> list[OutputTensor]:
         mts = self.config_in.modules_to_save or []
-        lora_modules = {m.factors.module for m in self.modules.values()}
+        lora_modules = {m.factors.module for m in self.modules}
         outputs = []
         target = self.options.dtype
         for key, (dtype, shape) in self.specs.items():
             new_dtype = DTYPES[target] if target and dtype.code in FLOAT_CODES else dtype
             info = classify(key, mts)
-            m = self.by_key.get(key)
+            m = self.module_of(key)
             if m is not None and key != m.bias_key:
                 r = (
                     m.report.r
@@ -420,7 +465,7 @@ class Plan:
 
             with np.errstate(over="ignore", invalid="ignore"):  # found below, not warned
                 t = make()
-            owner = next((m for m in self.modules.values() if m.factors.module == module), None)
+            owner = self.module_named(module) if module is not None else None
             refuse_new_nonfinite(
                 t, origin, label=self.source.label, key=key, module=module,
                 scaling=owner.factors.scaling if owner is not None else None,
@@ -429,16 +474,18 @@ class Plan:
 
         return OutputTensor(key, dtype, shape, produce, computed)
 
-    def _owner(self, module: str) -> _Module:
-        return next(m for m in self.modules.values() if m.factors.module == module)
+    def _owner(self, module: str) -> Module:
+        owner = self.module_named(module)
+        assert owner is not None  # a planned module's name
+        return owner
 
     # --- producing -----------------------------------------------------------------------------
 
     def _source(self, key: str) -> Callable[[], RawTensor]:
         return lambda: self.source.get(key)
 
-    def _origin_factor(self, m: _Module, which: str) -> Callable[[], RawTensor]:
-        return lambda: self._joined(m, which)
+    def _origin_factor(self, m: Module, which: str) -> Callable[[], RawTensor]:
+        return lambda: self.joined(m, which)
 
     def _copy(self, key: str) -> Callable[[], RawTensor]:
         def produce() -> RawTensor:
@@ -447,7 +494,7 @@ class Plan:
 
         return produce
 
-    def _original(self, key: str, owner: _Module) -> Callable[[], RawTensor]:
+    def _original(self, key: str, owner: Module) -> Callable[[], RawTensor]:
         def produce() -> RawTensor:
             assert self.options.initial is not None
             residual = self.source.get(key)
@@ -456,7 +503,7 @@ class Plan:
 
         return produce
 
-    def _lora(self, m: _Module, key: str) -> Callable[[], RawTensor]:
+    def _lora(self, m: Module, key: str) -> Callable[[], RawTensor]:
         def produce() -> RawTensor:
             if not self.options.reduce:  # each tensor on its own: one in memory at a time
                 return self._compute(m, key)[key]
@@ -467,7 +514,7 @@ class Plan:
 
         return produce
 
-    def _joined(self, m: _Module, which: str) -> RawTensor:
+    def joined(self, m: Module, which: str) -> RawTensor:
         """A or B of the source, joined with the initial A0 or −B0 when converting."""
         f = m.factors
         t = self.source.get(f.a_key if which == "A" else f.b_key)
@@ -476,13 +523,14 @@ class Plan:
         t0 = self.options.initial.factor(f, which)
         return concat(t, t0, 0) if which == "A" else concat_negated(t, t0, 1)
 
-    def _values(self, m: _Module, which: str) -> Any:
-        """The joined A or B as floats: a view of float32 storage (no copy), else converted."""
+    def _values(self, m: Module, which: str, *, checked: bool = False) -> Any:
+        """The joined A or B as floats: a view of float32 storage (no copy), else converted;
+        refused where not finite (unless `checked`: planning read the same values)."""
         import numpy as np
 
-        t = self._joined(m, which)
+        t = self.joined(m, which)
         values = as_matrix(to_floats(t), which)
-        if not np.isfinite(values).all():
+        if not checked and not np.isfinite(values).all():
             raise ConversionError(
                 f"`{self.source.label}`: `{m.factors.module}` holds NaN or infinite values "
                 f"(lora_{which}{' or its initial factor' if self.options.initial else ''}): "
@@ -491,10 +539,18 @@ class Plan:
             )
         return values
 
-    def _compute(self, m: _Module, only: str | None = None) -> dict[str, RawTensor]:
+    def _float_values(self, m: Module, which: str, *, checked: bool = False) -> Any:
+        """`_values`, made float64 once where the factor fits one chunk (else read in float64
+        chunks by whoever uses it)."""
+        import numpy as np
+
+        values = self._values(m, which, checked=checked)
+        return values.astype(np.float64) if values.size <= BUDGET else values
+
+    def _compute(self, m: Module, only: str | None = None) -> dict[str, RawTensor]:
         """The module's output tensors (or just `only`): joined with the initial factors,
         reduced, cast."""
-        f, opts, rep = m.factors, self.options, m.report
+        f, opts = m.factors, self.options
         out: dict[str, RawTensor] = {}
         code = opts.dtype or f.dtype_code
         if opts.reduce:
@@ -505,66 +561,35 @@ class Plan:
         else:
             for key, which in ((f.a_key, "A"), (f.b_key, "B")):
                 if only is None or only == key:  # each factor in its own dtype, or --dtype
-                    t = self._joined(m, which)
+                    t = self.joined(m, which)
                     out[key] = cast(t, opts.dtype) if opts.dtype else t
             if m.bias_key and only in (None, m.bias_key):
                 out[m.bias_key] = self.source.get(m.bias_key)
         if m.bias_key in out and opts.dtype:
             out[m.bias_key] = cast(out[m.bias_key], opts.dtype)
-        if opts.dtype and opts.dtype != f.dtype_code:
-            # dtypes named as everywhere else in adapterctl (`bfloat16`, not `BF16`)
-            label = f"{DTYPES[f.dtype_code].display_name}->{DTYPES[opts.dtype].display_name}"
-            if label not in rep.actions:
-                rep.actions.append(label)
         return out
 
-    def _reduce(self, m: _Module, out: dict[str, RawTensor], code: str) -> None:
-        """The module's reduced factors (and its bias, scaled) into `out`."""
-        f, opts, rep = m.factors, self.options, m.report
-        import numpy as np
-
-        # a factor that fits one chunk is made float64 once and kept for every pass; a larger
-        # one is read in float64 chunks, one side in memory at a time: B's basis; A's basis
-        # and reduced A; B again
-        r = f.rank * (2 if opts.initial is not None else 1)
-        bv = self._values(m, "B")
-        small = bv.size <= BUDGET
-        if small:
-            bv = bv.astype(np.float64)
-        b_basis = basis(bv, "B")
-        if not small:
-            del bv
-        av = self._values(m, "A")
-        if av.size <= BUDGET:
-            av = av.astype(np.float64)
-        spec = Spectrum.from_bases(b_basis, basis(av, "A"), f.scaling, r)
-        k = self._target_rank(m)
-        if opts.energy is not None:
-            k = spec.rank_for_energy(opts.energy)
-            rep.r = rep.alpha = k
-        to_b, to_a = spec.transforms(k)
-        new_a = apply(av, to_a, "A")
-        del av
-        new_b = apply(bv if small else self._values(m, "B"), to_b, "B")
-        kept, dropped = spec.loss(k)
-        total = math.sqrt(spec.energy)
-        rep.energy, rep.dropped_norm = kept, dropped
-        rep.relative_error = dropped / total if total else 0.0
-        label = f"rank {r}->{k}"
-        if label not in rep.actions:
-            rep.actions.append(label)
+    def _reduce(self, m: Module, out: dict[str, RawTensor], code: str) -> None:
+        """The module's reduced factors (and its bias, scaled) into `out`: the transforms
+        planning computed (`_measure`) applied to A, then to B (one side in memory at a time)."""
+        f = m.factors
+        assert m.transforms is not None  # measured while planning
+        to_b, to_a = m.transforms
+        k = m.report.r
+        new_a = apply(self._float_values(m, "A", checked=True), to_a, "A")
+        new_b = apply(self._float_values(m, "B", checked=True), to_b, "B")
         a_shape = (k, *f.a_shape[1:])  # a convolution's factors keep their other axes
         b_shape = (f.b_shape[0], k, *f.b_shape[2:])
         out[f.a_key] = from_float(new_a.reshape(a_shape), code)
         out[f.b_key] = from_float(new_b.reshape(b_shape), code)
         if m.bias_key:  # the scaling is now 1: the bias carries the old one
             bias = self.source.get(m.bias_key)
-            code_b = opts.dtype or bias.dtype.code  # rounded once
+            code_b = self.options.dtype or bias.dtype.code  # rounded once
             out[m.bias_key] = from_float(f.scaling * to_float64(bias), code_b)
 
     @property
     def reports(self) -> list[ModuleReport]:
-        return [m.report for m in self.modules.values()]
+        return [m.report for m in self.modules]
 
 
 def convert_tensors(

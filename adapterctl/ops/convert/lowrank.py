@@ -183,7 +183,7 @@ class Spectrum:
         with np.errstate(over="ignore", invalid="ignore"):
             middle = scaling * ((sb[:, None] * vb.T) @ (va * sa))
         if not np.isfinite(middle).all():  # an overflowing scaling: factors that are not finite
-            k = min(len(sb), len(sa))  # (refused where they are produced: conversion.py)
+            k = min(len(sb), len(sa))  # (refused where they are produced: plan.py)
             return cls(np.full(k, np.inf), np.full((r, k), np.nan), np.full((k, r), np.nan))
         u, values, wt = np.linalg.svd(middle, full_matrices=False)
         return cls(values, (vb / sb) @ u, wt @ (va / sa).T)

@@ -22,11 +22,7 @@ from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.factors import as_matrix, matrix_shapes
 from adapterctl.format.keys import classify
 from adapterctl.format.layout import SAFETENSORS_NAME
-from adapterctl.format.tensors import SafetensorsReader
-from adapterctl.ops.blas import one_blas_thread
-from adapterctl.ops.initial import SavedInitial
-from adapterctl.ops.lowrank import cast_grams, side_grams
-from adapterctl.ops.rawtensor import (
+from adapterctl.format.rawtensor import (
     FLOAT_CODES,
     FileStore,
     RawTensor,
@@ -34,9 +30,13 @@ from adapterctl.ops.rawtensor import (
     numel,
     to_floats,
 )
+from adapterctl.format.tensors import SafetensorsReader
+from adapterctl.ops.convert.blas import one_blas_thread
+from adapterctl.ops.convert.initial import SavedInitial
+from adapterctl.ops.convert.lowrank import cast_grams, side_grams
 
 if TYPE_CHECKING:
-    from adapterctl.ops.conversion import Plan, _Module
+    from adapterctl.ops.convert.plan import Module, Plan
 
 EXACT = 1e-6
 #: unit roundoff of each float dtype
@@ -82,7 +82,7 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def _side(plan: Plan, m: _Module, out: FileStore, which: str) -> list[Any]:
+def _side(plan: Plan, m: Module, out: FileStore, which: str) -> list[Any]:
     """One side's factors (B: out x r, or A: r x in) as float views where the dtype allows:
     the source's, the initial's, the output's."""
     f = m.factors
@@ -95,7 +95,7 @@ def _side(plan: Plan, m: _Module, out: FileStore, which: str) -> list[Any]:
 
 
 def _side_gram(
-    plan: Plan, m: _Module, out: FileStore, which: str, signs: list[float], s: float
+    plan: Plan, m: Module, out: FileStore, which: str, signs: list[float], s: float
 ) -> Any:
     """The Gram matrices of one side's stacked factors and of |output| (for the rounding
     bound), or None if a factor is not finite; the side's factors are freed on return, before
@@ -109,7 +109,7 @@ def _side_gram(
     return side_grams(factors, scale, which, abs(s) if which == "B" else 1.0)  # |s'B'| or |A'|
 
 
-def _factor_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
+def _factor_check(plan: Plan, m: Module, out: FileStore, config: LoraConfig) -> Check:
     """A module whose factors hold NaN or ±Inf has no meaningful delta: where the factors were
     only joined and cast (no reduction, the scaling unchanged), each output factor is compared
     element by element with the source's (NaN must meet NaN, an infinity the same infinity);
@@ -121,7 +121,7 @@ def _factor_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) ->
     worst = Check(f.module, 0.0, EXACT)
     for which in ("A", "B"):
         got = out.get(f.a_key if which == "A" else f.b_key)
-        expected = to_floats(plan._joined(m, which))
+        expected = to_floats(plan.joined(m, which))
         check = _compare(f.module, to_floats(got), _flat_chunks(expected), _rounded(plan, got))
         worst = max(worst, check, key=lambda c: _ratio(c.error, c.threshold))
     return worst
@@ -143,7 +143,7 @@ def _read(store: TensorStore, key: str, buffer: bytearray) -> RawTensor:
     return store.get(key)
 
 
-def _cast_scaling(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> float | None:
+def _cast_scaling(plan: Plan, m: Module, out: FileStore, config: LoraConfig) -> float | None:
     """The scaling of a module whose factors were only cast (or copied), the scaling unchanged,
     in dtypes whose differences `cast_grams` takes exactly; None for every other module."""
     f = m.factors
@@ -159,7 +159,7 @@ def _cast_scaling(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) ->
 
 
 def _cast_sides(
-    plan: Plan, m: _Module, out: FileStore, buffers: tuple[bytearray, bytearray], lock: Any
+    plan: Plan, m: Module, out: FileStore, buffers: tuple[bytearray, bytearray], lock: Any
 ) -> list[Any] | None:
     """`cast_grams` of B and of A, from the factors' raw bytes read into `buffers` (source,
     output: reused from module to module; the reads hold `lock`, the files being shared
@@ -181,7 +181,7 @@ def _cast_sides(
     return sides
 
 
-def _cast_check(m: _Module, out: FileStore, s: float, sides: list[Any]) -> Check:
+def _cast_check(m: Module, out: FileStore, s: float, sides: list[Any]) -> Check:
     """`_module_check` of a module whose factors were only cast (`_cast_scaling`): the same
     error and threshold, from `_cast_sides` (float32, no cancellation)."""
     f = m.factors
@@ -203,7 +203,7 @@ def _cast_check(m: _Module, out: FileStore, s: float, sides: list[Any]) -> Check
 
 def _cast_checks(
     plan: Plan,
-    products: list[_Module],
+    products: list[Module],
     out: FileStore,
     config: LoraConfig,
     advance: Callable[[], None],
@@ -264,7 +264,7 @@ def _workers() -> int:
     return 2 if (cores or 1) >= 2 else 1
 
 
-def _module_check(plan: Plan, m: _Module, out: FileStore, config: LoraConfig) -> Check:
+def _module_check(plan: Plan, m: Module, out: FileStore, config: LoraConfig) -> Check:
     """||s·B·A − s0·B0·A0 − s'·B'·A'|| from the Gram matrices of the stacked factors, each side
     loaded alone and summed in row chunks, in float64: memory stays near one side's factors
     (the general path; `_cast_checks` takes the modules that were only cast)."""
@@ -344,7 +344,7 @@ def _flat_chunks(x: Any, factor: float = 1.0) -> Iterator[Any]:
         yield flat[start : start + CHUNK].astype(np.float64) * factor
 
 
-def _rebuilt_chunks(plan: Plan, key: str, owner: _Module) -> Iterator[Any]:
+def _rebuilt_chunks(plan: Plan, key: str, owner: Module) -> Iterator[Any]:
     """W_res + s0·B0·A0 (or the base's weight for a rebuilt initial), row chunk by row chunk."""
     import numpy as np
 
@@ -377,7 +377,7 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
         same = bytes(got.buffer()) == bytes(source.buffer())
         return Check(name, 0.0 if same else math.inf, 0.0)
     rounded = UNIT.get(got.dtype.code, 0.0)
-    owner = plan.by_key.get(name)
+    owner = plan.module_of(name)
     if owner is not None:  # lora_B.bias: what the module adds is s·bias = s'·bias'
         module = owner.factors.module
         s = config.scaling(config.alpha_for(module), config.rank_for(module))
@@ -388,7 +388,7 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
             rounded,
         )
     info = classify(name, plan.config_in.modules_to_save or [])
-    owner = next((m for m in plan.modules.values() if m.factors.module == info.module), None)
+    owner = plan.module_named(info.module)
     rebuilt = (
         plan.options.initial is not None
         and owner is not None
@@ -399,6 +399,12 @@ def _tensor_check(plan: Plan, name: str, got: RawTensor, config: LoraConfig) -> 
         assert owner is not None
         return _compare(name, to_floats(got), _rebuilt_chunks(plan, name, owner), rounded)
     return _compare(name, to_floats(got), _flat_chunks(to_floats(source)), rounded)
+
+
+def _in_product(plan: Plan, name: str, in_products: set[str]) -> bool:
+    """Whether `name` is a LoRA factor (not a lora_B.bias) of a module checked as one product."""
+    m = plan.module_of(name)
+    return m is not None and name != m.bias_key and m.factors.module in in_products
 
 
 def verify(
@@ -428,17 +434,11 @@ def _verify(
         # cast) are compared elementwise instead
         products = [
             m
-            for m in plan.modules.values()
+            for m in plan.modules
             if matrix_shapes(m.factors.a_shape, m.factors.b_shape) is not None
         ]
         in_products = {m.factors.module for m in products}
-        others = [
-            n
-            for n in sorted(names & set(planned))
-            if n not in plan.by_key
-            or n == plan.by_key[n].bias_key
-            or plan.by_key[n].factors.module not in in_products
-        ]
+        others = [n for n in sorted(names & set(planned)) if not _in_product(plan, n, in_products)]
         total = len(products) + len(others)
 
         def advance() -> None:

@@ -1,0 +1,39 @@
+"""`adapterctl convert` and the conversions the library runs, one module each:
+
+- `adapter`: `convert_adapter`, one adapter rewritten in a streaming pass (the command's work);
+- `plan`: what the output holds and how each tensor is made (`Plan`, `convert_tensors`);
+- `initial`: the initial PiSSA/OLoRA/CorDA factors, saved or rebuilt from the base;
+- `basecheckpoint`: a base model's weights read one tensor at a time;
+- `lowrank`: factored SVDs and Gram matrices of low-rank deltas (rank reduction, verification);
+- `verify`: `--verify`, the written files against the source;
+- `finite`: the check that a conversion makes no new NaN or ±Inf;
+- `blas`: one BLAS thread for the small products.
+
+Code outside this package imports only the names below (an import-linter contract says so).
+"""
+
+from adapterctl.ops.convert.adapter import (
+    ConversionResult,
+    Progress,
+    VerificationFailed,
+    convert_adapter,
+    one_adapter,
+)
+from adapterctl.ops.convert.initial import REBUILDABLE, irreproducible
+from adapterctl.ops.convert.plan import ModuleReport, convert_tensors, converted_config
+from adapterctl.ops.convert.verify import Check, Verification
+
+__all__ = [
+    "REBUILDABLE",
+    "Check",
+    "ConversionResult",
+    "ModuleReport",
+    "Progress",
+    "Verification",
+    "VerificationFailed",
+    "convert_adapter",
+    "convert_tensors",
+    "converted_config",
+    "irreproducible",
+    "one_adapter",
+]
