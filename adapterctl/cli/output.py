@@ -37,6 +37,7 @@ from adapterctl.errors import StandardOutputError
 from adapterctl.ops.checks import human_size
 
 if TYPE_CHECKING:
+    from adapterctl.engine.create import SaveReport
     from adapterctl.engine.session import LoadReport
     from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.inspect import AdapterReport, InspectReport
@@ -518,3 +519,16 @@ def render_load(r: LoadReport) -> None:
             _line(f"base: {g.base_text}")
     for message in r.warnings:
         warning(message)
+
+
+def render_save(r: SaveReport) -> None:
+    """What was written, its warnings, and (for a residual init) the residual base and what next."""
+    done(f"{r.adapter_name}: {r.modules} modules, {r.parameters:,} parameters -> {r.output}")
+    for message in r.warnings:
+        warning(message)
+    if r.residual_out:
+        done(f"residual base -> {r.residual_out}")
+        result_line(
+            "next: train on the residual base with this adapter, then "
+            f"`adapterctl convert TRAINED OUT --initial {r.output}`"
+        )
