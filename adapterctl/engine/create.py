@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import ConfigError, InvalidOptionError
+from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.checks import pattern_warnings
 
 if TYPE_CHECKING:
     from adapterctl.format.newconfig import NewAdapter
 
-SCHEMA_VERSION = 1
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "added_tokens.json",

@@ -18,8 +18,7 @@ from adapterctl.errors import (
     IncompatibleModelError,
     InvalidOptionError,
 )
-
-SCHEMA_VERSION = 1
+from adapterctl.ops import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
+from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.conversion import (
     ModuleReport,
     Options,
@@ -66,7 +67,7 @@ class ConversionResult:
     def to_dict(self) -> dict[str, Any]:
         c = self.config
         return {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "source": self.source,
             "output": self.output,
             "initial": self.initial,

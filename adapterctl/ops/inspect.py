@@ -12,6 +12,7 @@ from adapterctl.format.header import TensorInfo, read_header
 from adapterctl.format.keys import KeyInfo
 from adapterctl.format.layout import AdapterFiles, find_adapters, pick_adapters
 from adapterctl.format.tensors import SafetensorsReader, bin_tensors
+from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.checks import (
     ModuleEntry,
     Problem,
@@ -26,8 +27,6 @@ from adapterctl.ops.rawtensor import (
     count_nonfinite,
     may_hold_nonfinite,
 )
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
