@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from adapterctl.cli import choices
+
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print one JSON document on stdout (errors as JSON on stderr)."),
@@ -39,13 +41,19 @@ AdapterNameOpt = Annotated[
 DeviceOpt = Annotated[
     str,
     typer.Option(
-        "--device", metavar="DEVICE", help="auto (the GPU when there is one), cpu, cuda or cuda:N."
+        "--device",
+        metavar="DEVICE",
+        help="auto (the GPU when there is one), cpu, cuda or cuda:N.",
+        autocompletion=choices.devices,
     ),
 ]
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        "--dtype", metavar="DTYPE", help="The base's dtype: auto, float32, bfloat16 or float16."
+        "--dtype",
+        metavar="DTYPE",
+        help="The base's dtype: auto, float32, bfloat16 or float16.",
+        autocompletion=choices.dtypes,
     ),
 ]
 BasePathArg = Annotated[

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from adapterctl.cli import output
+from adapterctl.cli import choices
 from adapterctl.cli.options import (
     AdapterNameOpt,
     BasePathArg,
@@ -16,6 +16,7 @@ from adapterctl.cli.options import (
     ForceOpt,
     JsonOpt,
 )
+from adapterctl.cli.output import Output, render_save
 from adapterctl.format.config import TASK_TYPES
 
 
@@ -48,7 +49,10 @@ def save_cmd(
     init: Annotated[
         str,
         typer.Option(
-            "--init", metavar="INIT", help="default, gaussian, pissa, pissa_niter_K or olora."
+            "--init",
+            metavar="INIT",
+            help="default, gaussian, pissa, pissa_niter_K or olora.",
+            autocompletion=choices.new_inits,
         ),
     ] = "default",
     residual_out: Annotated[
@@ -59,7 +63,13 @@ def save_cmd(
     ] = None,
     dropout: Annotated[float, typer.Option("--dropout", metavar="P", help="lora_dropout.")] = 0.0,
     bias: Annotated[
-        str, typer.Option("--bias", metavar="BIAS", help="none, all or lora_only.")
+        str,
+        typer.Option(
+            "--bias",
+            metavar="BIAS",
+            help="none, all or lora_only.",
+            autocompletion=choices.biases,
+        ),
     ] = "none",
     use_dora: Annotated[bool, typer.Option("--use-dora", help="DoRA.")] = False,
     use_rslora: Annotated[
@@ -92,11 +102,23 @@ def save_cmd(
         typer.Option("--exclude", metavar="NAME", help="Never target this module (repeat)."),
     ] = None,
     task_type: Annotated[
-        str | None, typer.Option("--task-type", metavar="TASK", help=", ".join(TASK_TYPES))
+        str | None,
+        typer.Option(
+            "--task-type",
+            metavar="TASK",
+            help=", ".join(TASK_TYPES),
+            autocompletion=choices.task_types,
+        ),
     ] = None,
     adapter_name: AdapterNameOpt = "default",
     save_embedding_layers: Annotated[
-        str, typer.Option("--save-embedding-layers", metavar="WHEN", help="auto, true or false.")
+        str,
+        typer.Option(
+            "--save-embedding-layers",
+            metavar="WHEN",
+            help="auto, true or false.",
+            autocompletion=choices.embedding_choices,
+        ),
     ] = "auto",
     safe_serialization: Annotated[
         bool,
@@ -147,7 +169,8 @@ def save_cmd(
         )
     except OptionValueError as e:  # shown as Typer shows a bad value (exit 2)
         raise typer.BadParameter(e.message, param_hint=e.option) from e
-    with output.status() as step:
+    out = Output(json_)
+    with out.status() as step:
         step(f"creating the adapter on {base}")
         report = create_adapter(
             base,
@@ -161,7 +184,4 @@ def save_cmd(
             seed=seed,
             force=force,
         )
-    if json_:
-        output.emit_json(report.to_dict())
-    else:
-        output.render_save(report)
+    out.result(report, render_save)
