@@ -27,12 +27,15 @@ SourceArg = Annotated[
         show_default=False,
     ),
 ]
+# an output's checks are the library's (it may exist, to be replaced): readable=False asks
+# Typer for none
 OutputArg = Annotated[
     Path,
     typer.Argument(
         metavar="OUTPUT",
         help="The directory to write (must not exist unless --force).",
         show_default=False,
+        readable=False,
     ),
 ]
 AdapterNameOpt = Annotated[

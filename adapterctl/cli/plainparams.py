@@ -39,12 +39,12 @@ except ImportError as e:  # pragma: no cover - a Typer that moved its internals
 
 _BASES = (bool, str, int, float, Path, list[str])
 #: ParameterInfo attributes whose defaults ask Typer for no check; any other value is a check
-#: (a path that must exist, a file and not a folder, bounds, a parser...) that Typer makes
+#: (a path that must exist, a file and not a folder, bounds, a parser...) that Typer makes.
+#: (`readable` is not here: the fast path makes that check with Typer's own function.)
 _NO_CHECKS: dict[str, Any] = {
     "parser": None, "click_type": None, "min": None, "max": None, "clamp": False,
     "formats": None, "mode": None, "exists": False, "file_okay": True, "dir_okay": True,
-    "writable": False, "readable": True, "resolve_path": False, "allow_dash": False,
-    "path_type": None,
+    "writable": False, "resolve_path": False, "allow_dash": False, "path_type": None,
 }  # fmt: skip
 
 
@@ -97,7 +97,7 @@ def _convert(annotation: Any, value: Any, param: Any, ctx: Any) -> Any:
     annotation = _optional_of(annotation)
     if value is None:
         return None
-    if annotation is Path:  # Typer's own check (readable), on a Path: no pydantic
+    if annotation is Path:  # Typer's own check (readable unless told not), on a Path: no pydantic
         info = param.type_descriptor.parameter_info
         return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
     if annotation == list[str]:

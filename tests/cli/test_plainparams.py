@@ -100,6 +100,7 @@ def test_the_fast_path_is_refused_for_anything_typer_checks() -> None:
     def command(
         plain: Annotated[str, typer.Option()] = "",
         path: Annotated[Path | None, typer.Option()] = None,
+        unread: Annotated[Path | None, typer.Option(readable=False)] = None,
         count: Annotated[int, typer.Option()] = 0,
         exists: Annotated[Path | None, typer.Option(exists=True)] = None,
         folder: Annotated[Path | None, typer.Option(file_okay=False)] = None,
@@ -114,7 +115,7 @@ def test_the_fast_path_is_refused_for_anything_typer_checks() -> None:
 
     params = _params(command)
     fast = {n for n, p in params.items() if isinstance(getattr(p, "_runtime_param", None), plainparams._PlainParam)}  # fmt: skip
-    assert fast == {"plain", "path", "count", "help"}
+    assert fast == {"plain", "path", "unread", "count", "help"}
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,10 @@ def load_cmd(
     merge_to: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
-            "--merge-to", metavar="DIR", help="Write the merged model here (transformers format)."
+            "--merge-to",
+            metavar="DIR",
+            help="Write the merged model here (transformers format).",
+            readable=False,
         ),
     ] = None,
     force: Annotated[

@@ -25,7 +25,10 @@ def save_cmd(
     output_dir: Annotated[
         Path,
         typer.Argument(
-            metavar="OUTPUT", help="The adapter directory to write.", show_default=False
+            metavar="OUTPUT",
+            help="The adapter directory to write.",
+            show_default=False,
+            readable=False,
         ),
     ],
     r: Annotated[int, typer.Option("--r", metavar="N", min=1, help="The rank.")],
@@ -58,7 +61,10 @@ def save_cmd(
     residual_out: Annotated[
         Path | None,
         typer.Option(
-            "--residual-out", metavar="DIR", help="Where the residual base goes (pissa/olora)."
+            "--residual-out",
+            metavar="DIR",
+            help="Where the residual base goes (pissa/olora).",
+            readable=False,
         ),
     ] = None,
     dropout: Annotated[float, typer.Option("--dropout", metavar="P", help="lora_dropout.")] = 0.0,
