@@ -1,10 +1,12 @@
 """The only module that writes to the terminal: JSON, tables, warnings, errors, progress.
 
 A command makes one `Output(json_mode)` and writes through it: `result` (the JSON document, or
-the human rendering), `table`, `key_values`, `line`, `done`, `warning`, `error`, `status` and
-`progress`; the `render_*` functions below take (out, report). Data goes to stdout; warnings, errors and progress bars go to stderr. Every line is written by
-`_line`, which shows untrusted text through the one rule of `safe.visible` (control, bidi and
-format characters escaped, never interpreted) and writes what the stream's encoding can hold.
+the human rendering), `table` (the one table layout: `columns.table_lines`), `key_values`,
+`line`, `done`, `warning`, `error`, `status` and `progress`; the `render_*` functions below take
+(out, report). Data goes to stdout; warnings, errors and progress bars go to stderr. Every line
+is written by `_line`, which shows untrusted text through the one rule of `safe.visible`
+(control, bidi and format characters escaped, never interpreted) and writes what the stream's
+encoding can hold.
 Tables are plain text laid out for the terminal's width (`columns`); rich draws only the progress
 bar and the spinner, on a terminal, and is imported there alone. Under --json, stdout holds one
 strictly valid JSON document and stderr only JSON lines (warnings and the error). NO_COLOR is
