@@ -1,4 +1,5 @@
-"""The one error boundary: every command is wrapped in it at registration.
+"""The one error boundary: every command is wrapped in it at registration, told which of its
+parameters is the --json flag.
 
 AdapterctlError -> `error:`/`hint:` (or a JSON object under --json) and its exit code (1);
 KeyboardInterrupt -> 130; MemoryError -> `error: out of memory` (1); anything else is a bug ->
@@ -8,6 +9,7 @@ exit 3 with a hint to rerun with ADAPTERCTL_DEBUG=1, which re-raises so the trac
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -17,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 
 from adapterctl.cli import output
+from adapterctl.cli.output import Output
 from adapterctl.errors import AdapterctlError, ExitCode, StandardOutputError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,15 +38,19 @@ def _silence_stdout() -> None:
         pass
 
 
-def error_boundary(func: F) -> F:
+def error_boundary(func: F, *, json_flag: str) -> F:
+    """`func` with its failures shown as one `error:` line (or JSON object) and an exit code;
+    `json_flag` names its parameter that asks for JSON output."""
+    if json_flag not in inspect.signature(func).parameters:
+        raise TypeError(f"{func.__name__} has no parameter {json_flag!r} (its --json flag)")
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        json_mode = bool(kwargs.get("json_", False))
-        output.set_json_mode(json_mode)
-        output.route_library_warnings()
+        out = Output(bool(kwargs.get(json_flag, False)))
+        output.route_library_warnings(out)
         try:
             with warnings.catch_warnings():  # restores showwarning afterwards
-                warnings.showwarning = output.show_python_warning
+                warnings.showwarning = out.python_warning
                 result = func(*args, **kwargs)
                 output.flush_stdout()  # a write that fails now is the command's failure
                 return result
@@ -54,33 +61,31 @@ def error_boundary(func: F) -> F:
                 raise
             if isinstance(e, StandardOutputError):
                 _silence_stdout()  # what is buffered cannot be written at exit either
-            output.error(e.message, e.hint, type_name=e.type_name, json_mode=json_mode)
+            out.error(e.message, e.hint, type_name=e.type_name)
             raise typer.Exit(int(e.exit_code)) from e
         except BrokenPipeError as e:
             # the reader went away (`adapterctl inspect --json | head`): nothing left to tell it
             _silence_stdout()
             raise typer.Exit(int(ExitCode.FAILURE)) from e
         except KeyboardInterrupt as e:
-            output.error("interrupted", None, type_name="Interrupted", json_mode=json_mode)
+            out.error("interrupted", None, type_name="Interrupted")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from e
         except MemoryError as e:  # not a bug: the input needs more memory than this process may use
             if _debug():
                 raise
-            output.error(
+            out.error(
                 "out of memory",
                 "the input needs more memory than is available; free some, or raise the limit",
                 type_name="OutOfMemory",
-                json_mode=json_mode,
             )
             raise typer.Exit(int(ExitCode.FAILURE)) from e
         except Exception as e:
             if _debug():
                 raise
-            output.error(
+            out.error(
                 f"internal error: {type(e).__name__}: {e}",
                 "rerun with ADAPTERCTL_DEBUG=1 to see the traceback, and report it",
                 type_name="InternalError",
-                json_mode=json_mode,
             )
             raise typer.Exit(int(ExitCode.INTERNAL)) from e
 
@@ -105,16 +110,13 @@ def run_with_usage_errors(main: Callable[[], Any], argv: list[str]) -> NoReturn:
             and _json_requested(argv)
         ):
             command = e.ctx.command_path if e.ctx is not None else "adapterctl"
-            output.error(
-                e.format_message(),
-                f"see `{command} --help`",
-                type_name="UsageError",
-                json_mode=True,
+            Output(json_mode=True).error(
+                e.format_message(), f"see `{command} --help`", type_name="UsageError"
             )
         else:
             e.show()
         sys.exit(e.exit_code)
     except typer.Abort:
-        output.error("aborted", None, type_name="Aborted", json_mode=_json_requested(argv))
+        Output(_json_requested(argv)).error("aborted", None, type_name="Aborted")
         sys.exit(int(ExitCode.FAILURE))
     sys.exit(code if isinstance(code, int) else 0)

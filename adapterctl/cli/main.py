@@ -47,12 +47,15 @@ def root(
     """Manage LoRA adapters in the Hugging Face PEFT format."""
 
 
-app.command("inspect", cls=PlainCommand)(error_boundary(inspect_cmd))
-app.command("select", cls=PlainCommand)(error_boundary(select_cmd))
-app.command("convert", cls=PlainCommand)(error_boundary(convert_cmd))
-app.command("load", cls=PlainCommand)(error_boundary(load_cmd))
-app.command("save", cls=PlainCommand)(error_boundary(save_cmd))
-app.command("push", cls=PlainCommand)(error_boundary(push_cmd))
+for _name, _command in (
+    ("inspect", inspect_cmd),
+    ("select", select_cmd),
+    ("convert", convert_cmd),
+    ("load", load_cmd),
+    ("save", save_cmd),
+    ("push", push_cmd),
+):  # every command's --json flag is its `json_` parameter (options.JsonOpt)
+    app.command(_name, cls=PlainCommand)(error_boundary(_command, json_flag="json_"))
 
 
 def _terminate(signum: int, frame: object) -> None:

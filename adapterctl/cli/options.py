@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from adapterctl.cli import choices
+
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print one JSON document on stdout (errors as JSON on stderr)."),
@@ -25,12 +27,15 @@ SourceArg = Annotated[
         show_default=False,
     ),
 ]
+# an output's checks are the library's (it may exist, to be replaced): readable=False asks
+# Typer for none
 OutputArg = Annotated[
     Path,
     typer.Argument(
         metavar="OUTPUT",
         help="The directory to write (must not exist unless --force).",
         show_default=False,
+        readable=False,
     ),
 ]
 AdapterNameOpt = Annotated[
@@ -39,13 +44,19 @@ AdapterNameOpt = Annotated[
 DeviceOpt = Annotated[
     str,
     typer.Option(
-        "--device", metavar="DEVICE", help="auto (the GPU when there is one), cpu, cuda or cuda:N."
+        "--device",
+        metavar="DEVICE",
+        help="auto (the GPU when there is one), cpu, cuda or cuda:N.",
+        autocompletion=choices.devices,
     ),
 ]
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        "--dtype", metavar="DTYPE", help="The base's dtype: auto, float32, bfloat16 or float16."
+        "--dtype",
+        metavar="DTYPE",
+        help="The base's dtype: auto, float32, bfloat16 or float16.",
+        autocompletion=choices.dtypes,
     ),
 ]
 BasePathArg = Annotated[

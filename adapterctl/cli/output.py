@@ -1,8 +1,12 @@
 """The only module that writes to the terminal: JSON, tables, warnings, errors, progress.
 
-Data goes to stdout; warnings, errors and progress bars go to stderr. Every line is written by
-`_line`, which shows untrusted text through the one rule of `safe.visible` (control, bidi and
-format characters escaped, never interpreted) and writes what the stream's encoding can hold.
+A command makes one `Output(json_mode)` and writes through it: `result` (the JSON document, or
+the human rendering), `table` (the one table layout: `columns.table_lines`), `key_values`,
+`line`, `done`, `warning`, `error`, `status` and `progress`; the `render_*` functions below take
+(out, report). Data goes to stdout; warnings, errors and progress bars go to stderr. Every line
+is written by `_line`, which shows untrusted text through the one rule of `safe.visible`
+(control, bidi and format characters escaped, never interpreted) and writes what the stream's
+encoding can hold.
 Tables are plain text laid out for the terminal's width (`columns`); rich draws only the progress
 bar and the spinner, on a terminal, and is imported there alone. Under --json, stdout holds one
 strictly valid JSON document and stderr only JSON lines (warnings and the error). NO_COLOR is
@@ -18,8 +22,9 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from functools import cached_property
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 
 from adapterctl.cli.columns import (
     natural_key,
@@ -37,6 +42,7 @@ from adapterctl.errors import StandardOutputError
 from adapterctl.ops.checks import human_size
 
 if TYPE_CHECKING:
+    from adapterctl.engine.create import SaveReport
     from adapterctl.engine.session import LoadReport
     from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.inspect import AdapterReport, InspectReport
@@ -46,13 +52,6 @@ if TYPE_CHECKING:
 #: adapters with at least this many tensors are shown one row per module (`inspect --tensors`
 #: lists every tensor)
 COMPACT_FROM = 400
-_json_mode = False
-
-
-def set_json_mode(on: bool) -> None:
-    """Under --json, warnings go to stderr as JSON lines too (set by the error boundary)."""
-    global _json_mode
-    _json_mode = on
 
 
 @contextlib.contextmanager
@@ -150,7 +149,7 @@ def _json_line(obj: Any, stream: TextIO) -> None:
     stream.flush()
 
 
-def emit_json(obj: Any) -> None:
+def _emit_json(obj: Any) -> None:
     """One JSON document on stdout, indented only for a person at a terminal; written in pieces
     (jsonstream: a generator in it is an array made as it is written)."""
     indent = 2 if sys.stdout.isatty() else None
@@ -166,60 +165,132 @@ def emit_json(obj: Any) -> None:
         sys.stdout.flush()
 
 
-def warning(message: str) -> None:
-    """`warning: ...` on stderr, or `{"warning": {"message": ...}}` under --json."""
-    if _json_mode:
-        _json_line({"warning": {"message": message}}, sys.stderr)
-    else:
-        _line(f"warning: {message}", sys.stderr)
+class Reported(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
 
 
-def error(message: str, hint: str | None, *, type_name: str, json_mode: bool) -> None:
-    """One `error:` line (and at most one `hint:` line), or one JSON object under --json."""
-    if json_mode:
-        _json_line({"error": {"type": type_name, "message": message, "hint": hint}}, sys.stderr)
-        return
-    _line(f"error: {message}", sys.stderr)
-    if hint:
-        _line(f"hint: {hint}", sys.stderr)
-    sys.stderr.flush()
+R = TypeVar("R", bound=Reported)
 
 
-def result_line(message: str) -> None:
-    """A plain line of a command's result on stdout."""
-    _line(message)
+class Output:
+    """Everything a command writes, in the mode it runs in: under --json, one JSON document on
+    stdout and JSON lines on stderr; otherwise lines and tables for a person."""
 
+    def __init__(self, json_mode: bool) -> None:
+        self.json_mode = json_mode
 
-def done(message: str) -> None:
-    """A "✓ wrote ..." line: the result of a command that writes files."""
-    _line(f"{_mark()} {message}")
+    @cached_property
+    def columns(self) -> int | None:
+        """The width to lay out for (None: no limit, when stdout is not a terminal)."""
+        return width()
+
+    def result(
+        self,
+        report: R,
+        render: Callable[[Output, R], None],
+        *,
+        document: Callable[[], Any] | None = None,
+    ) -> None:
+        """The command's result: under --json the JSON document (`document()`, by default the
+        report's `to_dict()`), else `render(self, report)`."""
+        if self.json_mode:
+            self.json(report.to_dict() if document is None else document())
+        else:
+            render(self, report)
+
+    def json(self, document: Any) -> None:
+        """One JSON document on stdout, indented only for a person at a terminal; written in
+        pieces (jsonstream: a generator in it is an array made as it is written)."""
+        _emit_json(document)
+
+    def line(self, text: str = "") -> None:
+        """A plain line of the result on stdout (untrusted parts made visible)."""
+        _line(text)
+
+    def done(self, message: str) -> None:
+        """A "✓ wrote ..." line: the result of a command that writes files."""
+        _line(f"{_mark()} {message}")
+
+    def wrapped(self, text: str, *, first: str = "", indent: int = 2) -> None:
+        """`first` + `text` on stdout, broken at spaces to the width, continuations indented."""
+        _lines(wrap(text, self.columns, indent=indent, first=first))
+
+    def table(self, header: list[str], rows: Iterable[Any], justify: str) -> None:
+        """Aligned columns on stdout fitted to the width; `justify` holds "l" or "r" per column
+        (the first column's names are shortened where they do not fit)."""
+        rows = rows if isinstance(rows, list) else list(rows)
+        _lines(table_lines(header, rows, justify, columns=self.columns, ellipsis=_ellipsis()))
+
+    def key_values(
+        self, rows: list[tuple[str, str]], *, indent: str = "", fit: bool = False
+    ) -> None:
+        """`key  value` lines with the keys padded to one width; with `fit`, long values are
+        wrapped to the width under themselves."""
+        key_width = max(len(k) for k, _ in rows)
+        cols = self.columns if fit else None
+        for key, value in rows:
+            first = f"{indent}{key.ljust(key_width)}  "
+            _lines(wrap(value, cols, indent=len(first), first=first))
+
+    def warning(self, message: str) -> None:
+        """`warning: ...` on stderr, or `{"warning": {"message": ...}}` under --json."""
+        if self.json_mode:
+            _json_line({"warning": {"message": message}}, sys.stderr)
+        else:
+            _line(f"warning: {message}", sys.stderr)
+
+    def error(self, message: str, hint: str | None, *, type_name: str) -> None:
+        """One `error:` line (and at most one `hint:` line), or one JSON object under --json."""
+        if self.json_mode:
+            error = {"type": type_name, "message": message, "hint": hint}
+            _json_line({"error": error}, sys.stderr)
+            return
+        _line(f"error: {message}", sys.stderr)
+        if hint:
+            _line(f"hint: {hint}", sys.stderr)
+        sys.stderr.flush()
+
+    def python_warning(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        """`warnings.showwarning` for a command's run: a Python warning (numpy's overflow, a
+        dependency's deprecation) as one `warning:` line, or a JSON line under --json."""
+        self.warning(f"{category.__name__}: {message}")
+
+    def status(self) -> contextlib.AbstractContextManager[Callable[[str], None]]:
+        """A one-line spinner on stderr naming the current step (drawn only on a terminal)."""
+        return status()
+
+    def progress(self, description: str) -> contextlib.AbstractContextManager[Advance]:
+        """A byte progress bar on stderr (drawn only on a terminal); see `progress`."""
+        return progress(description)
 
 
 class _WarningHandler(logging.Handler):
+    def __init__(self, out: Output) -> None:
+        super().__init__(logging.WARNING)
+        self.out = out
+
     def emit(self, record: logging.LogRecord) -> None:
-        warning(record.getMessage())
+        self.out.warning(record.getMessage())
 
 
-def show_python_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    """`warnings.showwarning` for a command's run: a Python warning (numpy's overflow, a
-    dependency's deprecation) as one `warning:` line, or a JSON line under --json."""
-    warning(f"{category.__name__}: {message}")
-
-
-def route_library_warnings() -> None:
-    """Show the library's logged warnings as `warning:` lines (JSON lines under --json)."""
+def route_library_warnings(out: Output) -> None:
+    """Show the library's logged warnings through `out` as `warning:` lines (JSON lines under
+    --json)."""
     logger = logging.getLogger("adapterctl")
-    if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
-        handler = _WarningHandler(logging.WARNING)
-        logger.addHandler(handler)
-        logger.propagate = False
+    for h in logger.handlers:
+        if isinstance(h, _WarningHandler):
+            h.out = out
+            return
+    logger.addHandler(_WarningHandler(out))
+    logger.propagate = False
 
 
 def _console() -> Any:
@@ -297,26 +368,25 @@ def _shape(shape: tuple[int, ...]) -> str:
     return symbol(sys.stdout, "×").join(str(d) for d in shape) or "scalar"
 
 
-def render_inspect(report: InspectReport, *, all_tensors: bool = False) -> None:
+def render_inspect(out: Output, report: InspectReport, *, all_tensors: bool = False) -> None:
     """Per adapter: a summary, its tensors (one row per module from COMPACT_FROM tensors on,
     unless `all_tensors`), and its problems."""
-    cols = width()
     for i, adapter in enumerate(report.adapters):
         if i:
-            _line("")
-        _render_summary(adapter, cols)
+            out.line()
+        _render_summary(out, adapter)
         if len(adapter.tensors) >= COMPACT_FROM and not all_tensors:
-            _render_compact(adapter, cols)
+            _render_compact(out, adapter)
         else:
-            _render_tensors(adapter, cols)
-            _render_modules(adapter, cols)
+            _render_tensors(out, adapter)
+            _render_modules(out, adapter)
         for p in adapter.problems:
-            _lines(wrap(p.message, cols, first=f"{p.severity}: "))
+            out.wrapped(p.message, first=f"{p.severity}: ")
 
 
-def _render_summary(a: AdapterReport, cols: int | None) -> None:
+def _render_summary(out: Output, a: AdapterReport) -> None:
     s = a.summary()
-    _line(f"adapter {a.name}  ({a.path}, {a.format})")
+    out.line(f"adapter {a.name}  ({a.path}, {a.format})")
     rows: list[tuple[str, str]] = [
         ("peft type", str(s["peft_type"] or "-")),
         ("task type", str(s["task_type"] or "-")),
@@ -346,13 +416,11 @@ def _render_summary(a: AdapterReport, cols: int | None) -> None:
         ("size", human_size(a.total_bytes)),
         ("dtypes", mix),
     ]
-    key_width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        _lines(wrap(value, cols, indent=key_width + 4, first=f"  {key.ljust(key_width)}  "))
-    _line("")
+    out.key_values(rows, indent="  ", fit=True)
+    out.line()
 
 
-def _render_tensors(a: AdapterReport, cols: int | None) -> None:
+def _render_tensors(out: Output, a: AdapterReport) -> None:
     from adapterctl.ops.checks import tensor_kinds
 
     rows = []
@@ -364,8 +432,7 @@ def _render_tensors(a: AdapterReport, cols: int | None) -> None:
         rows.append((module, kind, *(shared.setdefault(c, c) for c in cells)))
     key = natural_keyer()
     rows.sort(key=lambda r: (key(r[0]), r[1]))
-    header = ["module", "kind", "shape", "dtype", "size"]
-    _lines(table_lines(header, rows, "llrlr", columns=cols, ellipsis=_ellipsis()))
+    out.table(["module", "kind", "shape", "dtype", "size"], rows, "llrlr")
 
 
 _SHORT_KINDS = {
@@ -378,7 +445,7 @@ _SHORT_KINDS = {
 }
 
 
-def _render_compact(a: AdapterReport, cols: int | None) -> None:
+def _render_compact(out: Output, a: AdapterReport) -> None:
     """One row per module: its tensors, rank, alpha, dtypes and size."""
     from adapterctl.ops.checks import tensor_kinds
 
@@ -403,12 +470,11 @@ def _render_compact(a: AdapterReport, cols: int | None) -> None:
         r = _num(m.r) if m else "-"
         cells = (kinds, r, _num(m.alpha) if m else "-", dtypes, size)
         rows.append((path, *(shared.setdefault(c, c) for c in cells)))
-    header = ["module", "tensors", "r", "alpha", "dtype", "size"]
-    _lines(table_lines(header, rows, "llrrlr", columns=cols, ellipsis=_ellipsis()))
-    _line(f"({len(rows)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
+    out.table(["module", "tensors", "r", "alpha", "dtype", "size"], rows, "llrrlr")
+    out.line(f"({len(rows)} modules, one row each; `--tensors` lists all {len(a.tensors)} tensors)")
 
 
-def _render_modules(a: AdapterReport, cols: int | None) -> None:
+def _render_modules(out: Output, a: AdapterReport) -> None:
     """Per-module rank/alpha/scaling, shown only where they differ from module to module."""
     lora = [m for m in a.modules if m.r is not None]
     if len({(m.r, m.alpha, m.scaling) for m in lora}) <= 1:
@@ -417,27 +483,19 @@ def _render_modules(a: AdapterReport, cols: int | None) -> None:
         [m.path, str(m.r), _num(m.alpha), _num(m.scaling)]
         for m in sorted(lora, key=lambda m: natural_key(m.path))
     ]
-    _line("")
-    header = ["module", "r", "alpha", "scaling"]
-    _lines(table_lines(header, rows, "lrrr", columns=cols, ellipsis=_ellipsis()))
+    out.line()
+    out.table(["module", "r", "alpha", "scaling"], rows, "lrrr")
 
 
-def plain_table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
-    """Aligned columns on stdout, the first `left` left-aligned, fitted to the terminal."""
-    justify = "".join("l" if i < left else "r" for i in range(len(header)))
-    _lines(table_lines(header, rows, justify, columns=width(), ellipsis=_ellipsis()))
-
-
-def render_conversion(result: ConversionResult) -> None:
+def render_conversion(out: Output, result: ConversionResult) -> None:
     """Per module: what was done, the new r and alpha; then sizes and the verification. What
     was done to every module alike is said once, above the table."""
-    cols = width()
     modules = sorted(result.modules, key=lambda m: natural_key(m.module))
     reduced = any(m.energy is not None for m in modules)
     actions = {", ".join(m.actions) or "copied" for m in modules}
     same = len(actions) == 1
     if same:
-        _lines(wrap(f"every module: {actions.pop()}", cols))
+        out.wrapped(f"every module: {actions.pop()}")
     header = ["module", *([] if same else ["done"]), "r", "alpha"]
     header += ["energy", "rel. error"] if reduced else []
     rows = []
@@ -449,44 +507,44 @@ def render_conversion(result: ConversionResult) -> None:
         rows.append(row)
     left = 1 if same else 2
     justify = "".join("l" if i < left else "r" for i in range(len(header)))
-    _lines(table_lines(header, rows, justify, columns=cols, ellipsis=_ellipsis()))
+    out.table(header, rows, justify)
     sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
-    _lines(wrap(f"{result.output} ({len(modules)} modules, {sizes})", cols, first=f"{_mark()} "))
+    out.wrapped(f"{result.output} ({len(modules)} modules, {sizes})", first=f"{_mark()} ")
     v = result.verification
     if v is not None and v.worst is not None:
-        room = max(16, (cols or 10**6) - 40)
+        room = max(16, (out.columns or 10**6) - 40)
         name = shorten(shown(v.worst.name), room, _ellipsis())  # measured as shown
         worst = f"{name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
-        _lines(wrap(f"verified {v.checked} checks, worst {worst}", cols, first="  "))
+        out.wrapped(f"verified {v.checked} checks, worst {worst}", first="  ")
 
 
-def render_push(result: PushResult) -> None:
+def render_push(out: Output, result: PushResult) -> None:
     """The files and where they went (or, for a dry run, the files and the card)."""
     rows = [[f.path_in_repo, human_size(f.size)] for f in result.files]
-    plain_table(["file", "size"], rows)
+    out.table(["file", "size"], rows, "lr")
     if result.dry_run:
-        _line("")
-        _line("model card (README.md):")
+        out.line()
+        out.line("model card (README.md):")
         for card_line in result.card.split("\n")[: -1 if result.card.endswith("\n") else None]:
             # indented, so no line of the card can pass for one of ours; each made visible
-            _line("  " + card_line.removesuffix("\r").expandtabs(4))
-        result_line(f"dry run: nothing uploaded to {result.repo_id} ({result.revision})")
+            out.line("  " + card_line.removesuffix("\r").expandtabs(4))
+        out.line(f"dry run: nothing uploaded to {result.repo_id} ({result.revision})")
     elif result.pull_request_url:
-        done(f"pull request {result.pull_request_url}")
+        out.done(f"pull request {result.pull_request_url}")
     elif result.changed:
-        done(f"{result.commit_url}")
+        out.done(f"{result.commit_url}")
     else:
-        done(f"{result.repo_id} already holds these files: no commit ({result.commit_url})")
+        out.done(f"{result.repo_id} already holds these files: no commit ({result.commit_url})")
 
 
-def render_selection(result: SelectionResult) -> None:
+def render_selection(out: Output, result: SelectionResult) -> None:
     for a in result.adapters:
         where = f"{result.output}/{a.path}" if a.path else result.output
         renamed = f" (was {a.source_name})" if a.source_name != a.name else ""
-        done(f"{a.name}{renamed} -> {where} ({human_size(a.nbytes)})")
+        out.done(f"{a.name}{renamed} -> {where} ({human_size(a.nbytes)})")
 
 
-def render_load(r: LoadReport) -> None:
+def render_load(out: Output, r: LoadReport) -> None:
     """The `load` report: base, adapter, keys, timings, and any generated text."""
     injected = ", ".join(f"{n} {kind}" for kind, n in r.injected.items()) or "-"
     rows = [
@@ -506,15 +564,26 @@ def render_load(r: LoadReport) -> None:
     ]
     if r.merged_to:
         rows.append(("merged to", r.merged_to))
-    key_width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        _line(f"{key.ljust(key_width)}  {value}")
+    out.key_values(rows)
     if r.generation is not None:
         g = r.generation
-        _line("")
-        _line(f"prompt: {g.prompt}")
-        _line(f"adapter: {g.text}")
+        out.line()
+        out.line(f"prompt: {g.prompt}")
+        out.line(f"adapter: {g.text}")
         if g.base_text is not None:
-            _line(f"base: {g.base_text}")
+            out.line(f"base: {g.base_text}")
     for message in r.warnings:
-        warning(message)
+        out.warning(message)
+
+
+def render_save(out: Output, r: SaveReport) -> None:
+    """What was written, its warnings, and (for a residual init) the residual base and what next."""
+    out.done(f"{r.adapter_name}: {r.modules} modules, {r.parameters:,} parameters -> {r.output}")
+    for message in r.warnings:
+        out.warning(message)
+    if r.residual_out:
+        out.done(f"residual base -> {r.residual_out}")
+        out.line(
+            "next: train on the residual base with this adapter, then "
+            f"`adapterctl convert TRAINED OUT --initial {r.output}`"
+        )

@@ -7,12 +7,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import ConfigError, InvalidOptionError
+from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.checks import pattern_warnings
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from adapterctl.format.newconfig import NewAdapter
+
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "added_tokens.json",
@@ -51,44 +54,44 @@ class SaveReport:
 
 
 def create_adapter(
-    base: str | Path, output: str | Path, config_fields: dict[str, Any], **kwargs: Any
+    base: str | Path, output: str | Path, new: NewAdapter, **kwargs: Any
 ) -> SaveReport:
-    """Load `base`, create an adapter from `config_fields`, and write it (and a residual base);
+    """Load `base`, create the adapter `new` describes, and write it (and a residual base);
     keyword arguments as `_create`'s. transformers' own progress bars stay off."""
     from adapterctl.engine.base import quiet_transformers
 
     with quiet_transformers():
-        return _create(base, output, config_fields, **kwargs)
+        return _create(base, output, new, **kwargs)
 
 
 def _create(
     base: str | Path,
     output: str | Path,
-    config_fields: dict[str, Any],
+    new: NewAdapter,
     *,
     adapter_name: str = "default",
     residual_out: str | Path | None = None,
-    save_embedding_layers: str | bool = "auto",
     safe_serialization: bool = True,
     dtype: str = "auto",
     device: str = "auto",
     seed: int = 0,
     force: bool = False,
 ) -> SaveReport:
-    """Load `base`, create an adapter from `config_fields`, and write it (and a residual base)."""
+    """Load `base`, create the adapter `new` describes, and write it (and a residual base)."""
     import torch
 
     from adapterctl.engine.base import load_base, model_class_for, save_model
     from adapterctl.engine.inject import module_names
     from adapterctl.engine.model import get_adapter_model
     from adapterctl.format.atomic import AtomicOutputs, preflight
-    from adapterctl.format.config import LoraConfig, reload_drift
+    from adapterctl.format.config import LoraConfig, reload_drift, residual_init
 
     start = time.perf_counter()
     from adapterctl.engine.base import check_options
     from adapterctl.ops.hub import hub_or_local, resolve
 
     check_options(dtype=dtype, device=device, adapter_name=adapter_name)
+    config_fields = new.config_fields()
     if isinstance(hub_or_local(base, bare=True), str):  # the config names the Hub id
         config_fields = {"base_model_name_or_path": str(base), **config_fields}
     try:  # the fields are the caller's options, not a file: a bad one is a usage error
@@ -96,9 +99,7 @@ def _create(
     except ConfigError as e:
         raise InvalidOptionError(e.message, hint=e.hint) from e
     init = config.init_lora_weights
-    residual = isinstance(init, str) and (
-        init in ("pissa", "olora") or init.startswith("pissa_niter_")
-    )
+    residual = residual_init(init)
     if residual and residual_out is None:
         raise InvalidOptionError(
             f"--init {init} turns the base into a residual model: pass --residual-out DIR to keep it",
@@ -146,7 +147,7 @@ def _create(
             wrapped.save_pretrained(
                 tmp,
                 safe_serialization=safe_serialization,
-                save_embedding_layers=save_embedding_layers,
+                save_embedding_layers=new.embeddings,
             )
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             if residual_out is not None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from adapterctl.engine.layers import LoraLayer, param
+from adapterctl.format.config import is_pissa_niter, pissa_niter
 
 if TYPE_CHECKING:
     from adapterctl.engine.model import AdapterModel
@@ -24,7 +24,7 @@ def init_default(model: AdapterModel, name: str, config: LoraConfig) -> None:
     """
     init = config.init_lora_weights
     # pissa/olora: A0, B0 were set from the base by `decompose`
-    residual = init in RESIDUAL_METHODS or str(init).startswith("pissa_niter_")
+    residual = init in RESIDUAL_METHODS or is_pissa_niter(init)
     with torch.no_grad():
         for _, layer in model.base_model.lora_layers():
             if name not in layer.r or (residual and layer.kind != "embedding"):
@@ -74,8 +74,8 @@ def check_init(config: LoraConfig, *, loading: bool = True) -> str | None:
         return None
     if init in RESIDUAL_METHODS:
         return str(init)
-    if not loading and isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
-        return init
+    if not loading and pissa_niter(init) is not None:
+        return str(init)
     from adapterctl.ops.convert import irreproducible
 
     reason = irreproducible(init)
@@ -111,8 +111,11 @@ def decompose(layer: LoraLayer, name: str, method: str) -> None:
         root = torch.sqrt(sv[:r] / s)
         a0 = torch.diag(root) @ vh[:r]
         b0 = u[:, :r] @ torch.diag(root)
-    elif method.startswith("pissa_niter_"):
-        u, sv, v = torch.svd_lowrank(w, q=r, niter=int(method.removeprefix("pissa_niter_")))
+    elif is_pissa_niter(method):
+        niter = pissa_niter(method)
+        if niter is None:  # check_init lets only pissa_niter_K through
+            raise ValueError(f"{method!r} is not pissa_niter_K")
+        u, sv, v = torch.svd_lowrank(w, q=r, niter=niter)
         root = torch.sqrt(sv / s)
         a0 = torch.diag(root) @ v.T
         b0 = u @ torch.diag(root)

@@ -18,13 +18,12 @@ from adapterctl.errors import (
     IncompatibleModelError,
     InvalidOptionError,
 )
+from adapterctl.ops import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from adapterctl.engine.model import AdapterModel
     from adapterctl.engine.weights import LoadResult
     from adapterctl.format.config import LoraConfig
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)

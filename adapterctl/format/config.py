@@ -69,9 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "velora_config": None,
 }
 
-TASK_TYPES = frozenset(
-    {"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
-)
+#: PEFT's task types, in the order `save --help` lists them
+TASK_TYPES = (
+    "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "QUESTION_ANS",
+)  # fmt: skip
 BIAS_VALUES = ("none", "all", "lora_only")
 #: Fields PEFT holds as sets: written in arbitrary order by PEFT, sorted by us.
 SET_FIELDS = ("target_modules", "exclude_modules")
@@ -80,9 +81,25 @@ SET_FIELDS = ("target_modules", "exclude_modules")
 RESIDUAL_INITS = ("pissa", "olora", "corda")
 
 
+_PISSA_NITER = "pissa_niter_"
+
+
+def is_pissa_niter(init: Any) -> bool:
+    """Whether `init_lora_weights` names PiSSA from a randomized SVD (`pissa_niter_...`)."""
+    return isinstance(init, str) and init.startswith(_PISSA_NITER)
+
+
+def pissa_niter(init: Any) -> int | None:
+    """K of `pissa_niter_K` (the randomized SVD's iterations); None for anything else."""
+    if not is_pissa_niter(init):
+        return None
+    k = init.removeprefix(_PISSA_NITER)
+    return int(k) if k.isdecimal() else None
+
+
 def residual_init(init: Any) -> bool:
     """Whether `init_lora_weights` leaves a residual base (pissa, pissa_niter_K, olora, corda)."""
-    return isinstance(init, str) and (init in RESIDUAL_INITS or init.startswith("pissa_niter_"))
+    return isinstance(init, str) and (init in RESIDUAL_INITS or is_pissa_niter(init))
 
 
 _BOOL_FIELDS = ("fan_in_fan_out", "inference_mode", "lora_bias", "use_rslora", "use_dora")

@@ -32,6 +32,7 @@ from adapterctl.format.nonfinite import (
     may_hold_nonfinite,
 )
 from adapterctl.format.tensors import SafetensorsReader, bin_tensors
+from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.checks import (
     ModuleEntry,
     Problem,
@@ -40,8 +41,6 @@ from adapterctl.ops.checks import (
     target_summary,
     tensor_kinds,
 )
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from adapterctl.format.layout import (
     pick_adapters,
 )
 from adapterctl.format.variants import variant_message, variants_in
+from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.card import CardError, card_tags, card_text, facts_note, hub_id, read_card
 from adapterctl.ops.hub import api, endpoint, hub_errors, valid_repo_id
 from adapterctl.ops.inspect import report_adapter
@@ -69,7 +70,7 @@ class PushResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "repo_id": self.repo_id,
             "revision": self.revision,
             "private": self.private,

@@ -27,6 +27,7 @@ from adapterctl.format.layout import (
 )
 from adapterctl.format.tensors import copy_stream, load_bin
 from adapterctl.format.variants import variant_message, variants_in
+from adapterctl.ops import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class SelectionResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "source": self.source,
             "output": self.output,
             "adapters": [a.to_dict() for a in self.adapters],

@@ -264,3 +264,26 @@ def test_no_translated_error_drops_its_cause() -> None:
         and node.cause.value is None
     ]
     assert dropped == []
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("adapterctl save B O --dtype ", ["auto", "float32", "bfloat16", "float16"]),
+        ("adapterctl save B O --device c", ["cpu", "cuda"]),
+        ("adapterctl save B O --init p", ["pissa", "pissa_niter_4"]),
+        ("adapterctl save B O --bias ", ["none", "all", "lora_only"]),
+        ("adapterctl save B O --save-embedding-layers ", ["auto", "true", "false"]),
+        ("adapterctl save B O --task-type S", ["SEQ_CLS", "SEQ_2_SEQ_LM"]),
+        ("adapterctl load B A --model-class causal", ["causal-lm"]),
+        ("adapterctl load B A --device-map ", ["auto"]),
+        ("adapterctl convert S O --dtype ", ["float32", "bfloat16", "float16"]),
+        ("adapterctl convert S O --init ", ["pissa", "olora"]),
+    ],
+)
+def test_choice_values_complete_in_the_shell(words: str, expected: list[str]) -> None:
+    cword = len(words.split()) - (0 if words.endswith(" ") else 1)
+    env = {"_ADAPTERCTL_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    result = invoke(env=env)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == expected

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from adapterctl.cli import output
+from adapterctl.cli import choices
 from adapterctl.cli.options import (
     ForceOpt,
     JsonOpt,
@@ -15,6 +15,7 @@ from adapterctl.cli.options import (
     SubfolderOpt,
     TokenOpt,
 )
+from adapterctl.cli.output import Output, render_conversion
 
 
 def convert_cmd(
@@ -52,6 +53,7 @@ def convert_cmd(
             metavar="METHOD",
             help="With --base: pissa or olora, when the config's init_lora_weights is true.",
             show_default=False,
+            autocompletion=choices.rebuilt_inits,
         ),
     ] = None,
     dtype: Annotated[
@@ -61,6 +63,7 @@ def convert_cmd(
             metavar="DTYPE",
             help="Cast every tensor: float32, bfloat16 or float16 (round to nearest even).",
             show_default=False,
+            autocompletion=choices.cast_dtypes,
         ),
     ] = None,
     rank: Annotated[
@@ -95,8 +98,9 @@ def convert_cmd(
     """
     from adapterctl.ops.convert import VerificationFailed, convert_adapter
 
+    out = Output(json_)
     try:
-        with output.progress("converting") as advance:
+        with out.progress("converting") as advance:
             result = convert_adapter(
                 source,
                 output_dir,
@@ -114,10 +118,7 @@ def convert_cmd(
                 progress=advance,
             )
     except VerificationFailed as e:
-        if json_:
-            output.emit_json(e.result.to_dict())
+        if out.json_mode:  # the document of what failed, then the error
+            out.json(e.result.to_dict())
         raise
-    if json_:
-        output.emit_json(result.to_dict())
-    else:
-        output.render_conversion(result)
+    out.result(result, render_conversion)

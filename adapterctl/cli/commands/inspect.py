@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Optional
 
 import typer
 
-from adapterctl.cli import output
 from adapterctl.cli.options import JsonOpt, RevisionOpt, SourceArg, SubfolderOpt, TokenOpt
+from adapterctl.cli.output import COMPACT_FROM, Output, render_inspect
 from adapterctl.errors import ExitCode
 
 
@@ -34,7 +35,7 @@ def inspect_cmd(
         bool,
         typer.Option(
             "--tensors",
-            help=f"One row per tensor (from {output.COMPACT_FROM} tensors on: one per module).",
+            help=f"One row per tensor (from {COMPACT_FROM} tensors on: one per module).",
         ),
     ] = False,
     revision: RevisionOpt = None,
@@ -52,21 +53,20 @@ def inspect_cmd(
     from adapterctl.format.gcpause import gc_paused
     from adapterctl.ops.inspect import inspect_adapter
 
+    out = Output(json_)
     with gc_paused():  # a report of 100k tensors is many small objects, none in a cycle
         report = inspect_adapter(
             source, adapter, revision=revision, subfolder=subfolder, token=token, scan=check
         )
-        if json_:
-            output.emit_json(report.to_dict(lazy=True))  # written as it is made
-        else:
-            output.render_inspect(report, all_tensors=tensors)
+        render = functools.partial(render_inspect, all_tensors=tensors)
+        lazy = functools.partial(report.to_dict, lazy=True)  # written as it is made
+        out.result(report, render, document=lazy)
     if check and report.has_errors:
         bad = next(a for a in report.adapters if a.errors)
         count = sum(len(a.errors) for a in report.adapters)
-        output.error(
+        out.error(
             f"`{bad.path}` fails the check: {bad.errors[0].message}",
             f"{count} error(s) in the report" + (" above" if not json_ else ""),
             type_name="CheckFailed",
-            json_mode=json_,
         )
         raise typer.Exit(int(ExitCode.FAILURE))

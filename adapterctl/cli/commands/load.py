@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from adapterctl.cli import output
+from adapterctl.cli import choices
 from adapterctl.cli.options import (
     AdapterNameOpt,
     BasePathArg,
@@ -18,6 +18,7 @@ from adapterctl.cli.options import (
     SubfolderOpt,
     TokenOpt,
 )
+from adapterctl.cli.output import Output, render_load
 from adapterctl.errors import InvalidOptionError
 
 
@@ -39,6 +40,7 @@ def load_cmd(
             metavar="CLASS",
             help="auto, causal-lm, seq-cls, token-cls, seq2seq-lm, question-ans or "
             "feature-extraction (auto: the adapter's task_type, then the base's architectures).",
+            autocompletion=choices.model_classes,
         ),
     ] = "auto",
     device: DeviceOpt = "auto",
@@ -48,6 +50,7 @@ def load_cmd(
             "--device-map",
             metavar="MAP",
             help="auto: spread the base over the devices (accelerate).",
+            autocompletion=choices.device_maps,
         ),
     ] = None,
     dtype: DtypeOpt = "auto",
@@ -92,7 +95,10 @@ def load_cmd(
     merge_to: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
-            "--merge-to", metavar="DIR", help="Write the merged model here (transformers format)."
+            "--merge-to",
+            metavar="DIR",
+            help="Write the merged model here (transformers format).",
+            readable=False,
         ),
     ] = None,
     force: Annotated[
@@ -125,7 +131,8 @@ def load_cmd(
             f"--device {device} and --device-map {device_map} conflict",
             hint="--device-map places the model itself: pass one of them",
         )
-    with output.status() as step:
+    out = Output(json_)
+    with out.status() as step:
         report = load_session(
             base,
             adapter,
@@ -147,7 +154,4 @@ def load_cmd(
             subfolder=subfolder,
             token=token,
         )
-    if json_:
-        output.emit_json(report.to_dict())
-    else:
-        output.render_load(report)
+    out.result(report, render_load)

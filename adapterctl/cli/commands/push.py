@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from adapterctl.cli import output
 from adapterctl.cli.options import JsonOpt, TokenOpt
+from adapterctl.cli.output import Output, render_push
 
 
 def push_cmd(
@@ -86,7 +86,4 @@ def push_cmd(
         token=token,
         dry_run=dry_run,
     )
-    if json_:
-        output.emit_json(result.to_dict())
-    else:
-        output.render_push(result)
+    Output(json_).result(result, render_push)

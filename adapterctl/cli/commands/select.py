@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from adapterctl.cli import output
 from adapterctl.cli.options import ForceOpt, JsonOpt, OutputArg, RevisionOpt, SourceArg, TokenOpt
+from adapterctl.cli.output import Output, render_selection
 
 
 def select_cmd(
@@ -47,9 +47,7 @@ def select_cmd(
 
     renames = parse_renames(rename or [])
     local = resolve(source, kind="adapters", revision=revision, token=token)
-    with output.progress("copying") as advance:
+    out = Output(json_)
+    with out.progress("copying") as advance:
         result = select_adapters(local, output_dir, adapter, renames, force=force, progress=advance)
-    if json_:
-        output.emit_json(result.to_dict())
-    else:
-        output.render_selection(result)
+    out.result(result, render_selection)

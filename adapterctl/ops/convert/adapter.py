@@ -18,6 +18,7 @@ from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles
 from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
+from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.convert.initial import (
     REBUILDABLE,
     Initial,
@@ -67,7 +68,7 @@ class ConversionResult:
     def to_dict(self) -> dict[str, Any]:
         c = self.config
         return {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "source": self.source,
             "output": self.output,
             "initial": self.initial,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from adapterctl.errors import ConversionError
-from adapterctl.format.config import LoraConfig
+from adapterctl.format.config import LoraConfig, is_pissa_niter
 from adapterctl.format.dtypes import DTYPES
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_float32
 
@@ -172,7 +172,7 @@ class RebuiltInitial:
 def irreproducible(init: object) -> str | None:
     """Why the initial adapter of a residual init cannot be computed again from the base (what
     both loading such an adapter and `convert --base` would need); None where it can."""
-    if isinstance(init, str) and init.startswith("pissa_niter_"):
+    if is_pissa_niter(init):
         return "its initial adapter came from a randomized SVD, so it depends on the random state"
     if init == "corda":
         return "its initial adapter depends on calibration data that the adapter files do not hold"
