@@ -42,8 +42,8 @@ from adapterctl.errors import StandardOutputError
 from adapterctl.ops.checks import human_size
 
 if TYPE_CHECKING:
-    from adapterctl.engine.create import SaveReport
-    from adapterctl.engine.session import LoadReport
+    from adapterctl.engine.load import LoadReport
+    from adapterctl.engine.save import SaveReport
     from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.inspect import AdapterReport, InspectReport
     from adapterctl.ops.push import PushResult

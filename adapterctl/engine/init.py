@@ -137,7 +137,7 @@ def decompose(layer: LoraLayer, name: str, method: str) -> None:
             base.data = stored.to(dtype).contiguous()
 
 
-def residual_init(model: AdapterModel, name: str, method: str) -> list[str]:
+def decompose_all(model: AdapterModel, name: str, method: str) -> list[str]:
     """Run `decompose` on every Linear/Conv1D layer of adapter `name`; returns their paths."""
     done = []
     for path, layer in model.base_model.lora_layers():

@@ -78,7 +78,7 @@ class AdapterModel(nn.Module):
     def _add(
         self, config: LoraConfig, name: str, *, meta: bool = False, loading: bool = True
     ) -> list[str]:
-        from adapterctl.engine.init import check_init, residual_init
+        from adapterctl.engine.init import check_init, decompose_all
 
         validate_adapter_name(name)
         refuse_variants(config)  # never compute something else (KaSA, BD-LoRA, ...)
@@ -117,7 +117,7 @@ class AdapterModel(nn.Module):
             config = config.replace(**changes)
         self.peft_config[name] = config
         if method is not None:
-            residual_init(self, name, method)
+            decompose_all(self, name, method)
         if method is not None and loading:
             warnings.warn(
                 f"`init_lora_weights` is {method!r}: the targeted base weights were replaced by "
@@ -367,7 +367,7 @@ class AdapterModel(nn.Module):
 
         `state_dict=` is the one extra keyword (as PEFT takes it); anything else is an error.
         """
-        from adapterctl.engine.save import save_pretrained
+        from adapterctl.engine.save_pretrained import save_pretrained
 
         unknown = sorted(set(kwargs) - {"state_dict"})
         if unknown:

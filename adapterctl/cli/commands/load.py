@@ -118,7 +118,7 @@ def load_cmd(
     Any adapter key missing from the file, or any key in the file that matches nothing in the
     model, is an error: an adapter never loads and silently does nothing.
     """
-    from adapterctl.engine.session import load_session
+    from adapterctl.engine.load import load_session
 
     needs = {"--compare-base": (compare_base, prompt, "--prompt"),
              "--max-new-tokens": (max_new_tokens is not None, prompt, "--prompt"),

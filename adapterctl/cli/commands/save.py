@@ -150,7 +150,7 @@ def save_cmd(
     PiSSA and OLoRA turn the base into a residual model: --residual-out DIR receives it, and the
     adapter is written with `init_lora_weights: true` (PEFT's documented workflow).
     """
-    from adapterctl.engine.create import create_adapter
+    from adapterctl.engine.save import create_adapter
     from adapterctl.format.newconfig import NewAdapter, OptionValueError
 
     try:
