@@ -217,7 +217,8 @@ def _plan_module(
     rank = config.rank_for(module)
     if a_shape[0] != rank:
         raise AdapterFormatError(
-            f"`{module}`: the factors have rank {a_shape[0]} but the config says r={rank}",
+            f"`{files.config_path or files.weights_path}`: `{module}` has rank {rank} in the "
+            f"config, but its factors have rank {a_shape[0]}",
             hint="check r and rank_pattern in adapter_config.json",
         )
     scaling = config.scaling(config.alpha_for(module), rank)
