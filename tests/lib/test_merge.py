@@ -411,3 +411,23 @@ def test_a_classifier_the_base_lacks_is_added(tmp_path: Path) -> None:
         ours["score.weight"].numpy().tobytes()
         == stored["base_model.model.score.weight"].numpy().tobytes()
     )
+
+
+def test_buffers_the_base_stores_are_kept_byte_for_byte(tmp_path: Path) -> None:
+    """A stored buffer (an old checkpoint's `position_ids`) comes along, under its own name and
+    dtype, even with --dtype (only float tensors are cast)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.position_ids"] = np.arange(64, dtype=np.int64)[None]
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj"]})
+    result = _merge(base, adapter, tmp_path / "out", dtype="bfloat16")
+    assert result.tensors_copied == len(tensors) - 2
+    out = _output(tmp_path / "out")
+    assert set(out) == set(tensors)
+    kept = out["model.position_ids"].numpy()
+    assert kept.dtype == np.int64
+    assert kept.tobytes() == tensors["model.position_ids"].tobytes()
