@@ -431,3 +431,45 @@ def test_buffers_the_base_stores_are_kept_byte_for_byte(tmp_path: Path) -> None:
     kept = out["model.position_ids"].numpy()
     assert kept.dtype == np.int64
     assert kept.tobytes() == tensors["model.position_ids"].tobytes()
+
+
+def test_dora_after_a_lora_bias_adapter_replays_the_bias_too(tmp_path: Path) -> None:
+    """PEFT takes a lora_bias adapter out of the bias and puts it back when a DoRA adapter comes
+    after it on the layer: in bfloat16 those roundings show, and both merges reproduce them."""
+    import torch
+
+    from adapterctl import AdapterModel
+
+    def model() -> Any:
+        return tiny_llama(attention_bias=True)
+
+    base = _save_base(model, tmp_path / "base", torch.bfloat16)
+    adapters = peft_save(
+        model,
+        tmp_path / "multi",
+        {
+            "first": {"r": 4, "target_modules": ["q_proj"], "lora_bias": True},
+            "second": {"r": 2, "use_dora": True, "target_modules": ["q_proj"]},
+        },
+    )
+    names = ["first", "second"]
+    result = _merge(base, adapters, tmp_path / "out", adapter_names=names, verify=True)
+    assert result.modules == {"linear": 2, "lora_bias": 2, "dora_linear": 2}
+    ours = _output(tmp_path / "out")
+    peft = _peft_merged(base, adapters, names=names)
+
+    def engine() -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+        wrapped = AdapterModel.from_pretrained(
+            loaded, str(adapters / "first"), adapter_name="first"
+        )
+        wrapped.load_adapter(str(adapters / "second"), adapter_name="second")
+        merged = wrapped.merge_and_unload(adapter_names=names)
+        return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+    mine = _quiet(engine)
+    for key in [k for k in ours if "q_proj" in k]:
+        assert torch.equal(ours[key], peft[key]), key
+        assert torch.equal(mine[key], peft[key]), key
