@@ -1,0 +1,98 @@
+"""`adapterctl merge` when things go wrong, with real processes and a real filesystem: a SIGKILL
+mid-merge (the writer held by tests/held_writer.py) leaves no OUTPUT and the next run removes the
+dead run's temp; a full disk (a small tmpfs, as root) is one `error:` line and no partial
+OUTPUT."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import held_writer
+from tests.fixtures import merge_oracle, tiny_llama
+from tests.lib.test_merge_parity import read_checkpoint
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+#: a base of about 1.6 MB in four shards, so that a merge is well under way at PAUSE_AT
+SIZES = {"hidden_size": 128, "intermediate_size": 256, "vocab_size": 512}
+PAUSE_AT = 600_000  # bytes of output written
+CONFIG = {"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("merge-crash")
+    base, adapter, _, _ = merge_oracle(
+        lambda: tiny_llama(**SIZES), root / "case", {"default": CONFIG}, shard="500KB"
+    )
+    return base, adapter
+
+
+def run(args: list[Any]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapterctl", *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def temps(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if ".adapterctl-" in p.name)
+
+
+def test_sigkill_mid_merge_leaves_no_output(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = pair
+    out = tmp_path / "out"
+    args = ["merge", str(base), str(adapter), str(out)]
+    marker = tmp_path / "paused"
+    argv = held_writer.command(args, marker=marker, after=PAUSE_AT)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the merge never reached the pause"
+            time.sleep(0.02)
+        assert temps(tmp_path), "no temp sibling mid-merge"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    assert temps(tmp_path)  # the dead run's temp, which the next run removes
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert temps(tmp_path) == []
+    assert sorted(read_checkpoint(out)) == sorted(read_checkpoint(base))
+
+
+def test_full_disk_is_one_error_and_no_output(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = pair
+    full = tmp_path / "full"
+    full.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = full / "out"
+        proc = run(["merge", base, adapter, out])
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith(("hint:", "warning:"))]
+        lines = [ln.rsplit("\r", 1)[-1] for ln in lines if ln.rsplit("\r", 1)[-1].strip()]
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"error: cannot write `{out}`"), proc.stderr
+        assert "No space left on device" in lines[0], proc.stderr
+        assert list(full.iterdir()) == []  # no partial OUTPUT, no temp
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True, check=False)
