@@ -39,7 +39,9 @@ def _split_weight_and_bias(model: Any, directory: Path) -> None:
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     shards = {
-        "model-00001-of-00002.safetensors": {k: v for k, v in state.items() if k.endswith(".weight")},
+        "model-00001-of-00002.safetensors": {
+            k: v for k, v in state.items() if k.endswith(".weight")
+        },
         "model-00002-of-00002.safetensors": {
             k: v for k, v in state.items() if not k.endswith(".weight")
         },
@@ -84,7 +86,12 @@ PATTERNS = {
     }
 }
 LAYERS = {
-    "default": {"r": 4, "target_modules": QV, "layers_to_transform": [1], "layers_pattern": "layers"}
+    "default": {
+        "r": 4,
+        "target_modules": QV,
+        "layers_to_transform": [1],
+        "layers_pattern": "layers",
+    }
 }
 DORA = {
     "default": {
@@ -124,7 +131,12 @@ CONV1D = {
     "default": {"r": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}
 }
 CONV1D_DORA = {
-    "default": {"r": 4, "target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True, "use_dora": True}
+    "default": {
+        "r": 4,
+        "target_modules": ["c_attn", "c_fc"],
+        "fan_in_fan_out": True,
+        "use_dora": True,
+    }
 }
 GPT2_BIAS_ALL = {
     "default": {
@@ -463,7 +475,8 @@ def test_loaded_output_gives_peft_logits(case_id: str, runs: Runs) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, info = cls.from_pretrained(str(m.output), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["missing_keys"], info
+    assert not info["unexpected_keys"], info
     want_dtype = m.case.out_dtype or m.case.dtype
     assert model.dtype == getattr(torch, want_dtype)
     with torch.no_grad():
@@ -499,7 +512,8 @@ def test_output_shards_as_transformers_names_them(case_id: str, runs: Runs) -> N
 
 
 @pytest.mark.parametrize(
-    "case_id", [c for c in PARAMS if not CASES[c.values[0]].shard]  # type: ignore[index]
+    "case_id",
+    [c for c in PARAMS if not CASES[c.values[0]].shard],  # type: ignore[index]
 )
 def test_single_file_output(case_id: str, runs: Runs) -> None:
     m = runs(case_id)
@@ -507,7 +521,8 @@ def test_single_file_output(case_id: str, runs: Runs) -> None:
         assert (m.output / "model.safetensors").exists()
         return
     names = sorted(p.name for p in m.output.iterdir())
-    assert "model.safetensors" in names and "model.safetensors.index.json" not in names
+    assert "model.safetensors" in names
+    assert "model.safetensors.index.json" not in names
     assert read_file(m.output / "model.safetensors")[1] == {"format": "pt"}
 
 
