@@ -1,13 +1,16 @@
 """`adapterctl merge` when things go wrong, with real processes and a real filesystem: a SIGKILL
 mid-merge (the writer held by tests/held_writer.py) leaves no OUTPUT and the next run removes the
-dead run's temp; a full disk (a small tmpfs, as root) is one `error:` line and no partial
-OUTPUT."""
+dead run's temp; `--verify` catches an error planted in a written shard (the writer held once
+every tensor is written, a merged value overwritten on disk); a full disk (a small tmpfs, as root)
+is one `error:` line and no partial OUTPUT."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -72,6 +75,56 @@ def test_sigkill_mid_merge_leaves_no_output(pair: tuple[Path, Path], tmp_path: P
     assert again.returncode == 0, again.stderr
     assert temps(tmp_path) == []
     assert sorted(read_checkpoint(out)) == sorted(read_checkpoint(base))
+
+
+def test_verify_catches_an_error_planted_in_a_written_shard(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, adapter = pair
+    out = tmp_path / "out"
+    args = ["merge", str(base), str(adapter), str(out), "--verify", "--max-shard-size", "500KB"]
+    total = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]
+    marker, go = tmp_path / "written", tmp_path / "go"
+    argv = held_writer.command(args, marker=marker, after=total["total_size"], until=go)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the merge never wrote everything"
+            time.sleep(0.02)
+        # the first shard is complete on disk; one merged value in it becomes wrong
+        (tmp,) = (p for p in tmp_path.iterdir() if ".adapterctl-tmp-" in p.name)
+        target = "model.layers.0.self_attn.q_proj.weight"
+        shards = sorted(tmp.glob("*.safetensors"))
+        assert len(shards) > 1
+        for shard in shards:
+            raw = bytearray(shard.read_bytes())
+            (n,) = struct.unpack("<Q", raw[:8])
+            header = json.loads(raw[8 : 8 + n])
+            if target in header:
+                break
+        assert shard != shards[-1]
+        assert header[target]["dtype"] == "F32"
+        at = 8 + n + header[target]["data_offsets"][0] + 4 * 17
+        (value,) = struct.unpack("<f", raw[at : at + 4])
+        raw[at : at + 4] = struct.pack("<f", value + 1e-3)
+        shard.write_bytes(bytes(raw))
+        go.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert "model.layers.0.self_attn.q_proj" in err, err
+    assert not out.exists()
+    assert temps(tmp_path) == []
+    clean = run(args)  # the same merge, nothing planted, passes its check
+    assert clean.returncode == 0, clean.stderr
 
 
 def test_full_disk_is_one_error_and_no_output(pair: tuple[Path, Path], tmp_path: Path) -> None:
