@@ -16,7 +16,7 @@ import functools
 import json
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,33 @@ def _split_weight_and_bias(model: Any, directory: Path) -> None:
     model.config.save_pretrained(str(directory))
 
 
+def _bin_base(shards: int) -> Callable[[Any, Path], None]:
+    """A `.bin` base, as older transformers saved one: `pytorch_model.bin`, or `shards` files
+    with `pytorch_model.bin.index.json`."""
+
+    def write(model: Any, directory: Path) -> None:
+        import torch
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        names = list(state)
+        if shards == 1:
+            torch.save(state, directory / "pytorch_model.bin")
+        else:
+            weight_map = {}
+            step = -(-len(names) // shards)
+            for i in range(shards):
+                file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+                part = {k: state[k] for k in names[i * step : (i + 1) * step]}
+                torch.save(part, directory / file)
+                weight_map |= dict.fromkeys(part, file)
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        model.config.save_pretrained(str(directory))
+
+    return write
+
+
 @dataclass(frozen=True)
 class Case:
     model: Callable[[], Any]
@@ -64,7 +91,7 @@ class Case:
     shard: str | None = None
     out_dtype: str | None = None  # merge's --dtype; PEFT's base is loaded in it
     autocast: bool = True  # False: the adapter's factors are stored in the base's half dtype
-    split: bool = False  # weights and biases in different shards
+    writer: Callable[[Any, Path], None] | None = None  # the base's files, if not save_pretrained's
     order: list[str] | None = None  # --adapter NAME ... (and PEFT's adapter_names)
     tied: bool = False  # the checkpoint stores one tensor for embeddings and lm_head
     extra: dict[str, Any] = field(default_factory=dict)
@@ -224,13 +251,18 @@ CASES: dict[str, Case] = {
     "llama-bias-all-fp16-sharded": Case(llama_bias, BIAS_ALL, "float16", SHARD),
     "llama-modules-to-save-fp32-sharded": Case(tiny_llama, TO_SAVE, shard=SHARD),
     "llama-modules-to-save-bf16-single": Case(tiny_llama, TO_SAVE, "bfloat16"),
-    "llama-split-shards-fp32": Case(llama_bias, SPLIT, split=True),
-    "llama-split-shards-bf16": Case(llama_bias, SPLIT, "bfloat16", split=True),
+    "llama-split-shards-fp32": Case(llama_bias, SPLIT, writer=_split_weight_and_bias),
+    "llama-split-shards-bf16": Case(llama_bias, SPLIT, "bfloat16", writer=_split_weight_and_bias),
     "llama-two-adapters-fp32-single": Case(tiny_llama, TWO, order=["default", "dora"]),
     "llama-two-adapters-reversed-fp32": Case(tiny_llama, TWO, order=["dora", "default"]),
     "llama-two-adapters-bf16-sharded": Case(
         tiny_llama, TWO, "bfloat16", SHARD, order=["default", "dora"]
     ),
+    "llama-two-adapters-reversed-bf16": Case(
+        tiny_llama, TWO, "bfloat16", order=["dora", "default"]
+    ),
+    "llama-bin-base-fp32-single": Case(tiny_llama, DORA, writer=_bin_base(1)),
+    "llama-bin-base-bf16-sharded": Case(llama_bias, LORA_BIAS, "bfloat16", writer=_bin_base(2)),
     "llama-cast-to-bf16": Case(tiny_llama, DORA, out_dtype="bfloat16"),
     "llama-cast-to-fp32": Case(tiny_llama, LINEAR, "float16", out_dtype="float32"),
     "llama-half-factors-bf16": Case(tiny_llama, DORA, "bfloat16", autocast=False),
@@ -255,17 +287,39 @@ CASES: dict[str, Case] = {
     "bert-layers-bf16-single": Case(tiny_bert, BERT_LAYERS, "bfloat16", tied=True),
 }
 
-#: case id -> why adapterctl's merge does not give PEFT's result there (strict xfails)
-KNOWN: dict[str, str] = {}
+DORA_AFTER_LORA_HALF = (
+    "PEFT 0.21.2 merges a DoRA adapter that follows another adapter on the same layer by first "
+    "unmerging the earlier ones (LoraLayer._unmerged_base_weight): W' = half(W1 - half(dL)), the "
+    "weight norm taken over W' + dD, then re-merging them, W1' = half(W' + dL), and scaling "
+    "W1' + dD. In half precision W' != W (about half the elements) and W1' != W1 (about 10 %), so "
+    "PEFT's result carries those extra roundings; adapterctl uses the exact W and W1: 87 % "
+    "bit-identical, up to 407 ulp where the result is near zero (about half an ulp of the "
+    "intermediate weight). Replaying PEFT's unmerge/re-merge roundings for a DoRA step that "
+    "follows other adapters would make it bit-identical (checked in a simulation)"
+)
+TIED_EMBED_NO_WARNING = (
+    "a LoRA on the input embedding of a model with tied word embeddings changes the output head "
+    "too (PEFT's merged model shares the merged tensor; the checkpoint stores it once, which "
+    "adapterctl merges correctly), but merge warns only when the LoRA targets lm_head "
+    "(ops/merge/plan.py), not when it targets the embedding"
+)
+
+#: (test, case id) -> why adapterctl's merge does not do what PEFT does there (strict xfails)
+KNOWN: dict[tuple[str, str], str] = {
+    ("tensors", "llama-two-adapters-bf16-sharded"): DORA_AFTER_LORA_HALF,
+    ("warning", "llama-tied-embed-fp32-single"): TIED_EMBED_NO_WARNING,
+    ("warning", "gpt2-embed-fp32-sharded"): TIED_EMBED_NO_WARNING,
+}
 
 
-def _marks(case_id: str) -> list[Any]:
-    if case_id in KNOWN:
-        return [pytest.mark.xfail(strict=True, reason=KNOWN[case_id])]
-    return []
-
-
-PARAMS = [pytest.param(case_id, id=case_id, marks=_marks(case_id)) for case_id in CASES]
+def params(test: str, case_ids: Iterable[str] = CASES) -> list[Any]:
+    """`case_ids` as parameters of `test`, each known failure a strict xfail."""
+    out = []
+    for case_id in case_ids:
+        reason = KNOWN.get((test, case_id))
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        out.append(pytest.param(case_id, id=case_id, marks=marks))
+    return out
 
 
 # --- safetensors read independently of adapterctl --------------------------------------------
@@ -297,8 +351,30 @@ def read_file(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
     return tensors, metadata
 
 
+def read_bin(directory: Path) -> dict[str, Stored]:
+    import torch
+
+    index = directory / "pytorch_model.bin.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["pytorch_model.bin"]
+    )
+    codes = {v: k for k, v in _TORCH_DTYPES.items()}
+    out = {}
+    for name in files:
+        for key, t in torch.load(directory / name, weights_only=True).items():
+            data = t.contiguous().view(torch.uint8).numpy().tobytes()
+            out[key] = Stored(
+                codes[str(t.dtype).removeprefix("torch.")], tuple(t.shape), data, name
+            )
+    return out
+
+
 def read_checkpoint(directory: Path) -> dict[str, Stored]:
     """Every tensor of a transformers checkpoint directory, in file order."""
+    if any(directory.glob("*.bin")):
+        return read_bin(directory)
     index = directory / "model.safetensors.index.json"
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -372,7 +448,7 @@ class Runs:
             shard=case.shard,
             merge_dtype=case.out_dtype,
             autocast=case.autocast,
-            write_base=_split_weight_and_bias if case.split else None,
+            write_base=case.writer,
             order=case.order,
         )
         output = root / "merged"
@@ -426,7 +502,7 @@ def report_half_precision(request: pytest.FixtureRequest) -> Iterator[None]:
 # --- the tests --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case_id", PARAMS)
+@pytest.mark.parametrize("case_id", params("tensors"))
 def test_tensors_match_peft(case_id: str, runs: Runs) -> None:
     import torch
 
@@ -466,7 +542,7 @@ def test_tensors_match_peft(case_id: str, runs: Runs) -> None:
         assert stats.identical >= 0.999 * stats.total, f"{stats.identical}/{stats.total}"
 
 
-@pytest.mark.parametrize("case_id", PARAMS)
+@pytest.mark.parametrize("case_id", params("logits"))
 def test_loaded_output_gives_peft_logits(case_id: str, runs: Runs) -> None:
     import torch
 
@@ -487,10 +563,7 @@ def test_loaded_output_gives_peft_logits(case_id: str, runs: Runs) -> None:
     torch.testing.assert_close(logits, m.logits, rtol=tol, atol=tol)
 
 
-SHARDED = [c for c in PARAMS if CASES[c.values[0]].shard]  # type: ignore[index]
-
-
-@pytest.mark.parametrize("case_id", SHARDED)
+@pytest.mark.parametrize("case_id", params("shards", [c for c in CASES if CASES[c].shard]))
 def test_output_shards_as_transformers_names_them(case_id: str, runs: Runs) -> None:
     m = runs(case_id)
     index = json.loads((m.output / "model.safetensors.index.json").read_text())
@@ -511,13 +584,10 @@ def test_output_shards_as_transformers_names_them(case_id: str, runs: Runs) -> N
     assert sorted(index["weight_map"]) == sorted(read_checkpoint(m.base))
 
 
-@pytest.mark.parametrize(
-    "case_id",
-    [c for c in PARAMS if not CASES[c.values[0]].shard],  # type: ignore[index]
-)
+@pytest.mark.parametrize("case_id", params("single", [c for c in CASES if not CASES[c].shard]))
 def test_single_file_output(case_id: str, runs: Runs) -> None:
     m = runs(case_id)
-    if m.case.split:  # a sharded base of two small files fits in one output file
+    if m.case.writer is not None:  # a base of two small files fits in one output file
         assert (m.output / "model.safetensors").exists()
         return
     names = sorted(p.name for p in m.output.iterdir())
@@ -544,10 +614,10 @@ def test_config_and_side_files_come_along(case_id: str, runs: Runs) -> None:
     ).read_bytes()
 
 
-@pytest.mark.parametrize(
-    "case_id",
-    ["llama-tied-embed-fp32-single", "llama-tied-lm-head-fp32-single", "gpt2-embed-fp32-sharded"],
-)
+TIED = ["llama-tied-embed-fp32-single", "llama-tied-lm-head-fp32-single", "gpt2-embed-fp32-sharded"]
+
+
+@pytest.mark.parametrize("case_id", params("warning", TIED))
 def test_tied_embeddings_merge_what_peft_holds_and_warn(case_id: str, runs: Runs) -> None:
     """The checkpoint stores one tensor for the tied pair; it holds PEFT's merged value (checked
     above) and the merge says so."""
@@ -566,11 +636,32 @@ def test_merge_order_matters(runs: Runs) -> None:
     assert float((a - b).abs().max()) > 1e-4
 
 
-def test_report_counts(runs: Runs) -> None:
-    m = runs("llama-all-linear-fp32-sharded")
-    doc = m.result.to_dict()
-    json.dumps(doc)
-    text = json.dumps(doc)
-    # 7 linear layers x 2 decoder layers merged, the rest copied, all written
-    assert "14" in text
-    assert doc["schema_version"]
+@pytest.mark.parametrize(
+    ("case_id", "variants"),
+    [
+        ("llama-all-linear-fp32-sharded", {"linear": 14}),
+        ("gpt2-dora-fp32-sharded", {"dora_conv1d": 4}),
+        ("llama-embed-dora-fp32-single", {"dora_embedding": 1, "dora_linear": 1}),
+    ],
+)
+def test_report_counts_what_was_merged(case_id: str, variants: dict[str, int], runs: Runs) -> None:
+    """The JSON report: modules merged per variant, tensors merged (those PEFT's merge changed)
+    and copied, the shards written and their bytes."""
+    import torch
+
+    m = runs(case_id)
+    doc = json.loads(json.dumps(m.result.to_dict()))
+    base = read_checkpoint(m.base)
+    changed = [
+        k
+        for k, v in base.items()
+        if not torch.equal(as_tensor(v), m.expected[k].to(as_tensor(v).dtype))
+    ]
+    assert {k: v for k, v in doc["modules"].items() if v} == variants
+    assert doc["tensors_merged"] == len(changed)
+    assert doc["tensors_copied"] == len(base) - len(changed)
+    assert doc["tensors_added"] == 0
+    files = sorted(p.name for p in m.output.glob("*.safetensors"))
+    assert sorted(doc["shards"]) == files
+    assert doc["bytes"] >= sum(len(t.data) for t in read_checkpoint(m.output).values())
+    assert doc["peak_memory"] > 0
