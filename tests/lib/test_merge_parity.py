@@ -208,6 +208,16 @@ BERT_DORA_BIAS = {
         "task_type": "SEQ_CLS",
     }
 }
+BERT_BIAS_ALL = {
+    "default": {
+        "r": 4,
+        "target_modules": ["query", "value", "output.dense"],
+        "use_rslora": True,
+        "bias": "all",
+        "lora_bias": True,
+        "task_type": "SEQ_CLS",
+    }
+}
 BERT_EMBED = {
     "default": {
         "r": 4,
@@ -286,6 +296,8 @@ CASES: dict[str, Case] = {
     "bert-seq-cls-fp16-single": Case(tiny_bert, SEQ_CLS, "float16", tied=True),
     "bert-dora-bias-fp32-sharded": Case(tiny_bert, BERT_DORA_BIAS, shard=SHARD, tied=True),
     "bert-embed-patterns-fp32-single": Case(tiny_bert, BERT_EMBED, tied=True),
+    "bert-lora-bias-all-fp16-sharded": Case(tiny_bert, BERT_BIAS_ALL, "float16", SHARD),
+    "gpt2-cast-to-fp16": Case(tiny_gpt2, CONV1D_DORA, out_dtype="float16"),
     "bert-layers-bf16-single": Case(tiny_bert, BERT_LAYERS, "bfloat16", tied=True),
 }
 
@@ -635,6 +647,31 @@ def test_tied_embeddings_merge_what_peft_holds_and_warn(case_id: str, runs: Runs
     assert any("tied" in w.lower() for w in m.caught) or any(
         "tied" in str(w).lower() for w in getattr(m.result, "warnings", [])
     ), (m.caught, m.result)
+
+
+@pytest.mark.parametrize("case_id", params("verify"))
+def test_verify_passes_a_correct_merge(case_id: str, runs: Runs, tmp_path: Path) -> None:
+    """`verify=True` on every case: each merged tensor within its bound, the same output. (The
+    tensors an adapter replaces, trained biases and modules_to_save copies, are not checked.)"""
+    import adapterctl
+
+    m = runs(case_id)
+    out = tmp_path / "verified"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = adapterctl.merge(
+            m.base,
+            m.adapter,
+            out,
+            adapter_names=m.case.order,
+            dtype=m.case.out_dtype,
+            max_shard_size=SHARD if m.case.shard else None,
+            verify=True,
+        )
+    doc = result.to_dict()["verification"]
+    assert doc["passed"], doc
+    assert 0 < doc["tensors"] <= result.tensors_merged
+    assert read_checkpoint(out) == read_checkpoint(m.output)
 
 
 def test_merge_order_matters(runs: Runs) -> None:
