@@ -17,7 +17,7 @@ import json
 import struct
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,6 @@ class Case:
     autocast: bool = True  # False: the adapter's factors are stored in the base's half dtype
     writer: Callable[[Any, Path], None] | None = None  # the base's files, if not save_pretrained's
     order: list[str] | None = None  # --adapter NAME ... (and PEFT's adapter_names)
-    tied: bool = False  # the checkpoint stores one tensor for embeddings and lm_head
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 llama_bias = functools.partial(tiny_llama, attention_bias=True)
@@ -254,9 +252,9 @@ CASES: dict[str, Case] = {
     "llama-embed-bf16-single": Case(tiny_llama, EMBED, "bfloat16"),
     "llama-embed-dora-fp32-single": Case(tiny_llama, EMBED_DORA),
     "llama-embed-dora-fp16-sharded": Case(tiny_llama, EMBED_DORA, "float16", SHARD),
-    "llama-tied-embed-fp32-single": Case(llama_tied, TIED_EMBED, tied=True),
-    "llama-tied-embed-bf16-sharded": Case(llama_tied, TIED_EMBED, "bfloat16", SHARD, tied=True),
-    "llama-tied-lm-head-fp32-single": Case(llama_tied, TIED_HEAD, tied=True),
+    "llama-tied-embed-fp32-single": Case(llama_tied, TIED_EMBED),
+    "llama-tied-embed-bf16-sharded": Case(llama_tied, TIED_EMBED, "bfloat16", SHARD),
+    "llama-tied-lm-head-fp32-single": Case(llama_tied, TIED_HEAD),
     "llama-lora-bias-fp32-sharded": Case(llama_bias, LORA_BIAS, shard=SHARD),
     "llama-lora-bias-bf16-single": Case(llama_bias, LORA_BIAS, "bfloat16"),
     "llama-bias-all-fp32-single": Case(llama_bias, BIAS_ALL),
@@ -279,26 +277,26 @@ CASES: dict[str, Case] = {
     "llama-cast-to-fp32": Case(tiny_llama, LINEAR, "float16", out_dtype="float32"),
     "llama-half-factors-bf16": Case(tiny_llama, DORA, "bfloat16", autocast=False),
     # GPT-2: Conv1D (fan_in_fan_out), DoRA Conv1D, biases, modules_to_save, tied Embedding LoRA
-    "gpt2-conv1d-fp32-single": Case(tiny_gpt2, CONV1D, tied=True),
-    "gpt2-conv1d-bf16-sharded": Case(tiny_gpt2, CONV1D, "bfloat16", SHARD, tied=True),
-    "gpt2-conv1d-fp16-single": Case(tiny_gpt2, CONV1D, "float16", tied=True),
-    "gpt2-dora-fp32-sharded": Case(tiny_gpt2, CONV1D_DORA, shard=SHARD, tied=True),
-    "gpt2-dora-bf16-single": Case(tiny_gpt2, CONV1D_DORA, "bfloat16", tied=True),
-    "gpt2-dora-fp16-sharded": Case(tiny_gpt2, CONV1D_DORA, "float16", SHARD, tied=True),
-    "gpt2-bias-all-fp32-single": Case(tiny_gpt2, GPT2_BIAS_ALL, tied=True),
-    "gpt2-lora-bias-fp16-single": Case(tiny_gpt2, GPT2_LORA_BIAS, "float16", tied=True),
-    "gpt2-embed-fp32-sharded": Case(tiny_gpt2, GPT2_EMBED, shard=SHARD, tied=True),
-    "gpt2-embed-dora-bf16-single": Case(tiny_gpt2, GPT2_EMBED_DORA, "bfloat16", tied=True),
-    "gpt2-rslora-layers-fp32-single": Case(tiny_gpt2, GPT2_RSLORA_LAYERS, tied=True),
-    # BERT for sequence classification: the classifier is a modules_to_save copy
-    "bert-seq-cls-fp32-single": Case(tiny_bert, SEQ_CLS, tied=True),
-    "bert-seq-cls-bf16-sharded": Case(tiny_bert, SEQ_CLS, "bfloat16", SHARD, tied=True),
-    "bert-seq-cls-fp16-single": Case(tiny_bert, SEQ_CLS, "float16", tied=True),
-    "bert-dora-bias-fp32-sharded": Case(tiny_bert, BERT_DORA_BIAS, shard=SHARD, tied=True),
-    "bert-embed-patterns-fp32-single": Case(tiny_bert, BERT_EMBED, tied=True),
-    "bert-lora-bias-all-fp16-sharded": Case(tiny_bert, BERT_BIAS_ALL, "float16", SHARD),
+    "gpt2-conv1d-fp32-single": Case(tiny_gpt2, CONV1D),
+    "gpt2-conv1d-bf16-sharded": Case(tiny_gpt2, CONV1D, "bfloat16", SHARD),
+    "gpt2-conv1d-fp16-single": Case(tiny_gpt2, CONV1D, "float16"),
+    "gpt2-dora-fp32-sharded": Case(tiny_gpt2, CONV1D_DORA, shard=SHARD),
+    "gpt2-dora-bf16-single": Case(tiny_gpt2, CONV1D_DORA, "bfloat16"),
+    "gpt2-dora-fp16-sharded": Case(tiny_gpt2, CONV1D_DORA, "float16", SHARD),
+    "gpt2-bias-all-fp32-single": Case(tiny_gpt2, GPT2_BIAS_ALL),
+    "gpt2-lora-bias-fp16-single": Case(tiny_gpt2, GPT2_LORA_BIAS, "float16"),
+    "gpt2-embed-fp32-sharded": Case(tiny_gpt2, GPT2_EMBED, shard=SHARD),
+    "gpt2-embed-dora-bf16-single": Case(tiny_gpt2, GPT2_EMBED_DORA, "bfloat16"),
+    "gpt2-rslora-layers-fp32-single": Case(tiny_gpt2, GPT2_RSLORA_LAYERS),
     "gpt2-cast-to-fp16": Case(tiny_gpt2, CONV1D_DORA, out_dtype="float16"),
-    "bert-layers-bf16-single": Case(tiny_bert, BERT_LAYERS, "bfloat16", tied=True),
+    # BERT for sequence classification: the classifier is a modules_to_save copy
+    "bert-seq-cls-fp32-single": Case(tiny_bert, SEQ_CLS),
+    "bert-seq-cls-bf16-sharded": Case(tiny_bert, SEQ_CLS, "bfloat16", SHARD),
+    "bert-seq-cls-fp16-single": Case(tiny_bert, SEQ_CLS, "float16"),
+    "bert-dora-bias-fp32-sharded": Case(tiny_bert, BERT_DORA_BIAS, shard=SHARD),
+    "bert-embed-patterns-fp32-single": Case(tiny_bert, BERT_EMBED),
+    "bert-lora-bias-all-fp16-sharded": Case(tiny_bert, BERT_BIAS_ALL, "float16", SHARD),
+    "bert-layers-bf16-single": Case(tiny_bert, BERT_LAYERS, "bfloat16"),
 }
 
 DORA_AFTER_LORA_HALF = (
