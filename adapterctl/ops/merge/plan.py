@@ -83,7 +83,12 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, base_key: str, op: Op, variant: str) -> None:
-        self.ops.setdefault(base_key, []).append(op)
+        ops = self.ops.setdefault(base_key, [])
+        if isinstance(op, Replace):  # loaded before any adapter is merged, whichever brings it
+            at = next((i for i, o in enumerate(ops) if not isinstance(o, Replace)), len(ops))
+            ops.insert(at, op)
+        else:
+            ops.append(op)
         self.counts[variant] = self.counts.get(variant, 0) + 1
 
 
