@@ -85,6 +85,18 @@ def _bin_base(shards: int) -> Callable[[Any, Path], None]:
     return write
 
 
+def _without_classifier(model: Any, directory: Path) -> None:
+    """A sequence-classification base whose checkpoint has no classifier (as a base model saved
+    before fine-tuning has none): the adapter's modules_to_save copy is all there is of it."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    kept = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    save_file(kept, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(str(directory))
+
+
 @dataclass(frozen=True)
 class Case:
     model: Callable[[], Any]
@@ -94,6 +106,7 @@ class Case:
     out_dtype: str | None = None  # merge's --dtype; PEFT's base is loaded in it
     autocast: bool = True  # False: the adapter's factors are stored in the base's half dtype
     writer: Callable[[Any, Path], None] | None = None  # the base's files, if not save_pretrained's
+    added: tuple[str, ...] = ()  # tensors OUTPUT holds that the base checkpoint lacks
     order: list[str] | None = None  # --adapter NAME ... (and PEFT's adapter_names)
 
 
@@ -131,6 +144,7 @@ DORA = {
 EMBED = {"default": {"r": 4, "target_modules": ["embed_tokens", "q_proj"], "use_rslora": True}}
 EMBED_DORA = {"default": {"r": 4, "target_modules": ["embed_tokens", "lm_head"], "use_dora": True}}
 TIED_EMBED = {"default": {"r": 4, "lora_alpha": 16, "target_modules": ["embed_tokens", "q_proj"]}}
+TIED_HEAD_DORA = {"default": {"r": 4, "target_modules": ["lm_head"], "use_dora": True}}
 TIED_HEAD = {"default": {"r": 4, "target_modules": ["lm_head", "v_proj"]}}
 LORA_BIAS = {
     "default": {
@@ -197,6 +211,7 @@ GPT2_LORA_BIAS = {
     }
 }
 GPT2_EMBED = {"default": {"r": 4, "target_modules": ["wte", "c_attn"], "fan_in_fan_out": True}}
+GPT2_HEAD = {"default": {"r": 4, "target_modules": ["lm_head", "c_proj"], "fan_in_fan_out": True}}
 GPT2_EMBED_DORA = {"default": {"r": 4, "target_modules": ["wte"], "use_dora": True}}
 GPT2_RSLORA_LAYERS = {
     "default": {
@@ -268,6 +283,7 @@ CASES: dict[str, Case] = {
     "llama-tied-embed-fp32-single": Case(llama_tied, TIED_EMBED),
     "llama-tied-embed-bf16-sharded": Case(llama_tied, TIED_EMBED, "bfloat16", SHARD),
     "llama-tied-lm-head-fp32-single": Case(llama_tied, TIED_HEAD),
+    "llama-tied-lm-head-dora-bf16": Case(llama_tied, TIED_HEAD_DORA, "bfloat16"),
     "llama-lora-bias-fp32-sharded": Case(llama_bias, LORA_BIAS, shard=SHARD),
     "llama-lora-bias-bf16-single": Case(llama_bias, LORA_BIAS, "bfloat16"),
     "llama-bias-all-fp32-single": Case(llama_bias, BIAS_ALL),
@@ -297,6 +313,8 @@ CASES: dict[str, Case] = {
     "llama-bin-base-bf16-sharded": Case(llama_bias, LORA_BIAS, "bfloat16", writer=_bin_base(2)),
     "llama-cast-to-bf16": Case(tiny_llama, DORA, out_dtype="bfloat16"),
     "llama-cast-to-fp32": Case(tiny_llama, LINEAR, "float16", out_dtype="float32"),
+    "llama-cast-to-fp32-sharded": Case(tiny_llama, DORA, "float16", SHARD, out_dtype="float32"),
+    "llama-cast-to-fp16-sharded": Case(tiny_llama, LINEAR, "bfloat16", SHARD, out_dtype="float16"),
     "llama-half-factors-bf16": Case(tiny_llama, DORA, "bfloat16", autocast=False),
     # GPT-2: Conv1D (fan_in_fan_out), DoRA Conv1D, biases, modules_to_save, tied Embedding LoRA
     "gpt2-conv1d-fp32-single": Case(tiny_gpt2, CONV1D),
@@ -311,6 +329,7 @@ CASES: dict[str, Case] = {
     "gpt2-embed-dora-bf16-single": Case(tiny_gpt2, GPT2_EMBED_DORA, "bfloat16"),
     "gpt2-rslora-layers-fp32-single": Case(tiny_gpt2, GPT2_RSLORA_LAYERS),
     "gpt2-two-adapters-bf16": Case(tiny_gpt2, CONV1D_TWO, "bfloat16", order=["default", "dora"]),
+    "gpt2-tied-lm-head-bf16-sharded": Case(tiny_gpt2, GPT2_HEAD, "bfloat16", SHARD),
     "gpt2-cast-to-fp16": Case(tiny_gpt2, CONV1D_DORA, out_dtype="float16"),
     # BERT for sequence classification: the classifier is a modules_to_save copy
     "bert-seq-cls-fp32-single": Case(tiny_bert, SEQ_CLS),
@@ -320,6 +339,12 @@ CASES: dict[str, Case] = {
     "bert-embed-patterns-fp32-single": Case(tiny_bert, BERT_EMBED),
     "bert-lora-bias-all-fp16-sharded": Case(tiny_bert, BERT_BIAS_ALL, "float16", SHARD),
     "bert-layers-bf16-single": Case(tiny_bert, BERT_LAYERS, "bfloat16"),
+    "bert-classifier-added-fp32": Case(
+        tiny_bert,
+        SEQ_CLS,
+        writer=_without_classifier,
+        added=("classifier.bias", "classifier.weight"),
+    ),
 }
 
 TIED_EMBED_NO_WARNING = (
@@ -538,13 +563,16 @@ def test_tensors_match_peft(case_id: str, runs: Runs) -> None:
     m = runs(case_id)
     base = read_checkpoint(m.base)
     out = read_checkpoint(m.output)
-    # exactly the base checkpoint's tensors, under its own names
-    assert sorted(out) == sorted(base)
+    # exactly the base checkpoint's tensors, under its own names (and any it lacks, added)
+    assert sorted(out) == sorted([*base, *m.case.added])
     stats = HalfStats()
     for name, stored in out.items():
         got = as_tensor(stored)
-        original = as_tensor(base[name])
         want = m.expected.get(name)
+        if name in m.case.added:
+            assert torch.equal(got, want), name
+            continue
+        original = as_tensor(base[name])
         if want is None:  # a buffer the model does not keep in its state dict: a plain copy
             assert stored.data == base[name].data, name
             continue
@@ -646,7 +674,13 @@ def test_config_and_side_files_come_along(case_id: str, runs: Runs) -> None:
     ).read_bytes()
 
 
-TIED = ["llama-tied-embed-fp32-single", "llama-tied-lm-head-fp32-single", "gpt2-embed-fp32-sharded"]
+TIED = [
+    "llama-tied-embed-fp32-single",
+    "llama-tied-lm-head-fp32-single",
+    "llama-tied-lm-head-dora-bf16",
+    "gpt2-embed-fp32-sharded",
+    "gpt2-tied-lm-head-bf16-sharded",
+]
 
 
 @pytest.mark.parametrize("case_id", params("warning", TIED))
