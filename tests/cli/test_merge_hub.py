@@ -49,15 +49,24 @@ def cli(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[s
     )  # fmt: skip
 
 
+def doubled_llama() -> Any:
+    """The tiny Llama with other weights (every parameter doubled)."""
+    import torch
+
+    model = tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    return model
+
+
 def test_hub_base_and_hub_adapter(hub: FakeHub, tmp_path: Path) -> None:
     base, adapter, expected, _ = merge_oracle(
         tiny_llama, tmp_path / "case", {"default": CONFIG}, shard="20KB"
     )
     # the base at its first commit; main then moves on to other weights
     first = hub.put_folder("org/tiny-llama", base)
-    other, _, _, _ = merge_oracle(
-        lambda: tiny_llama(rms_norm_eps=1e-5), tmp_path / "other", {"default": CONFIG}
-    )
+    other, _, _, _ = merge_oracle(doubled_llama, tmp_path / "other", {"default": CONFIG})
     hub.put_folder("org/tiny-llama", other)
     # a private adapter in a subfolder of a branch
     files = {f"run/{p.name}": p.read_bytes() for p in adapter.iterdir() if p.is_file()}
@@ -81,6 +90,7 @@ def test_hub_base_and_hub_adapter(hub: FakeHub, tmp_path: Path) -> None:
 
     local = cli(env, "merge", base, adapter, tmp_path / "local")
     assert local.returncode == 0, local.stderr
+    assert (out / "config.json").read_bytes() == (tmp_path / "local" / "config.json").read_bytes()
     got, want = read_checkpoint(out), read_checkpoint(tmp_path / "local")
     assert got == want  # every tensor's dtype, shape and bytes; shard split included
     for name, stored in got.items():
