@@ -66,8 +66,11 @@ def test_hub_base_and_hub_adapter(hub: FakeHub, tmp_path: Path) -> None:
     )
     # the base at its first commit; main then moves on to other weights
     first = hub.put_folder("org/tiny-llama", base)
-    other, _, _, _ = merge_oracle(doubled_llama, tmp_path / "other", {"default": CONFIG})
-    hub.put_folder("org/tiny-llama", other)
+    other, _, _, _ = merge_oracle(
+        doubled_llama, tmp_path / "other", {"default": CONFIG}, shard="20KB"
+    )
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in base.iterdir())
+    hub.put_folder("org/tiny-llama", other)  # replaces every file of the first commit
     # a private adapter in a subfolder of a branch
     files = {f"run/{p.name}": p.read_bytes() for p in adapter.iterdir() if p.is_file()}
     repo = hub.create("alice/private-adapter", private=True)
