@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from adapterctl.cli.main import app
 from tests.helpers import P, Q, V, lora_tensors, write_adapter
+from tests.hub.test_hub import hub  # noqa: F401 - a fixture
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -148,3 +149,77 @@ def test_existing_output_needs_force(base: Path, adapter: Path, tmp_path: Path) 
     assert forced.exit_code == 0, forced.stderr
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_hub_base_and_hub_adapter(hub: Any, base: Path, adapter: Path, tmp_path: Path) -> None:  # noqa: F811
+    """BASE and ADAPTER as Hub ids (through the test Hub server) give the local merge's bytes."""
+    from tests.hub.test_hub import cli, client_env
+
+    hub.put_folder("org/tiny", base)
+    hub.put_folder("alice/lora", adapter)
+    env = client_env(hub, tmp_path / "hf")
+    remote = cli(env, "merge", "org/tiny", "alice/lora", tmp_path / "remote", "--json")
+    assert remote.returncode == 0, remote.stderr
+    doc = json.loads(remote.stdout)
+    assert (doc["base"], doc["adapter"]) == ("org/tiny", "alice/lora")
+    local = cli(env, "merge", base, adapter, tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    name = "model.safetensors"
+    assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    revision = cli(
+        env, "merge", "org/tiny", "alice/lora", tmp_path / "r", "--base-revision", "nope"
+    )
+    assert revision.returncode == 1
+    assert "nope" in revision.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_sigkill_mid_merge_leaves_no_output(base: Path, adapter: Path, tmp_path: Path) -> None:
+    """Killed after its first tensor: no OUTPUT, and the next run removes the dead run's temp."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests import held_writer
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    args = ["merge", str(base), str(adapter), str(out), "--max-shard-size", "2KB"]
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(
+        held_writer.command(args, marker=marker, after=1), cwd=root,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def temps() -> list[str]:
+        return [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.adapterctl-tmp-")]
+
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the merge never reached the pause"
+            time.sleep(0.02)
+        assert temps()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    assert temps()
+    again = subprocess.run(
+        [sys.executable, "-m", "adapterctl", *args], cwd=root, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert temps() == []
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_lora_on_parameters_is_refused(base: Path, tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src", lora_tensors(Q), {"target_parameters": ["mlp.experts"]})
+    result = invoke(base, src, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "LoRA on parameters" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -168,7 +168,7 @@ def test_dora_linear(tmp_path: Path) -> None:
 
 
 def _ordered(t: Any) -> Any:
-    """bfloat16 bits as integers in the order of the values (ulp distance is a difference)."""
+    """16-bit float bits as integers in the order of the values (ulp distance is a difference)."""
     import torch
 
     bits = t.view(torch.int16).int()
@@ -181,18 +181,22 @@ def _bits_identical(ours: dict[str, Any], peft: dict[str, Any], keys: list[str])
     same = total = 0
     for k in keys:
         a, b = ours[k], peft[k]
-        assert a.dtype == b.dtype == torch.bfloat16
+        assert a.dtype == b.dtype
+        assert a.dtype in (torch.bfloat16, torch.float16)
         same += int((a.view(torch.int16) == b.view(torch.int16)).sum())
         total += a.numel()
         assert int((_ordered(a) - _ordered(b)).abs().max()) <= 1, k
     return same / total
 
 
-def test_bf16_base_is_rounded_once_as_peft_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_half_base_is_rounded_once_as_peft_does(tmp_path: Path, name: str) -> None:
     import torch
 
+    half = getattr(torch, name)
+
     base = _save_base(
-        lambda: tiny_llama(hidden_size=64, intermediate_size=128), tmp_path / "base", torch.bfloat16
+        lambda: tiny_llama(hidden_size=64, intermediate_size=128), tmp_path / "base", half
     )
     adapter = _lora(
         tmp_path,
@@ -204,7 +208,7 @@ def test_bf16_base_is_rounded_once_as_peft_does(tmp_path: Path) -> None:
     peft = _peft_merged(base, adapter)
     keys = [k for k in ours if any(m in k for m in ("q_proj", "v_proj", "up_proj"))]
     fraction = _bits_identical(ours, peft, keys)
-    print(f"bf16 bit-identical fraction: {fraction:.6f}")
+    print(f"{name} bit-identical fraction: {fraction:.6f}")
     assert fraction >= 0.999
     # the engine's merge (load --merge-to, AdapterModel.merge_and_unload) is the same rule
     from transformers import AutoModelForCausalLM
@@ -212,7 +216,7 @@ def test_bf16_base_is_rounded_once_as_peft_does(tmp_path: Path) -> None:
     from adapterctl import AdapterModel
 
     def engine() -> dict[str, Any]:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=half)
         merged = AdapterModel.from_pretrained(model, str(adapter)).merge_and_unload()
         return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
