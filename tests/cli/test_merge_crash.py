@@ -6,6 +6,7 @@ is one `error:` line and no partial OUTPUT."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -51,10 +52,24 @@ def temps(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if ".adapterctl-" in p.name)
 
 
-def test_sigkill_mid_merge_leaves_no_output(pair: tuple[Path, Path], tmp_path: Path) -> None:
+def digest(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["fresh", "replace"])
+def test_sigkill_mid_merge_leaves_no_output(
+    replace: bool, pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Killed mid-merge: no OUTPUT (or, with --force over an old one, the old one whole)."""
     base, adapter = pair
     out = tmp_path / "out"
     args = ["merge", str(base), str(adapter), str(out)]
+    old = None
+    if replace:
+        first = run([*args, "--dtype", "bfloat16"])
+        assert first.returncode == 0, first.stderr
+        old = digest(out)
+        args.append("--force")
     marker = tmp_path / "paused"
     argv = held_writer.command(args, marker=marker, after=PAUSE_AT)
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -69,12 +84,13 @@ def test_sigkill_mid_merge_leaves_no_output(pair: tuple[Path, Path], tmp_path: P
         proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert not out.exists()
+    assert (digest(out) if out.exists() else None) == old
     assert temps(tmp_path)  # the dead run's temp, which the next run removes
     again = run(args)
     assert again.returncode == 0, again.stderr
     assert temps(tmp_path) == []
     assert sorted(read_checkpoint(out)) == sorted(read_checkpoint(base))
+    assert {t.dtype for t in read_checkpoint(out).values()} == {"F32"}  # the new one
 
 
 def test_verify_catches_an_error_planted_in_a_written_shard(

@@ -674,6 +674,33 @@ def test_config_and_side_files_come_along(case_id: str, runs: Runs) -> None:
     ).read_bytes()
 
 
+def test_tokenizer_files_come_along_training_state_does_not(runs: Runs, tmp_path: Path) -> None:
+    import shutil
+
+    import adapterctl
+
+    m = runs("llama-linear-fp32-single")
+    base = tmp_path / "base"
+    shutil.copytree(m.base, base)
+    wanted = {
+        "tokenizer.json": b'{"version": "1.0"}',
+        "tokenizer_config.json": b'{"model_max_length": 64}',
+        "special_tokens_map.json": b"{}",
+        "tokenizer.model": b"\x00sentencepiece",
+        "chat_template.jinja": b"{{ messages }}",
+    }
+    unwanted = {"optimizer.pt": b"\0" * 64, "trainer_state.json": b"{}", "scheduler.pt": b"\0"}
+    for name, data in {**wanted, **unwanted}.items():
+        (base / name).write_bytes(data)
+    out = tmp_path / "out"
+    adapterctl.merge(base, m.adapter, out)
+    files = {p.name for p in out.iterdir()}
+    for name, data in wanted.items():
+        assert (out / name).read_bytes() == data, name
+    assert not files & set(unwanted)
+    assert read_checkpoint(out) == read_checkpoint(m.output)
+
+
 TIED = [
     "llama-tied-embed-fp32-single",
     "llama-tied-lm-head-fp32-single",
