@@ -97,6 +97,13 @@ def _without_classifier(model: Any, directory: Path) -> None:
     model.config.save_pretrained(str(directory))
 
 
+def _bert_model_only(model: Any, directory: Path) -> None:
+    """The encoder alone, saved as a `BertModel` (names without the `bert.` prefix, no
+    classifier): the base a sequence classifier is fine-tuned from."""
+    model.bert.config.architectures = ["BertModel"]
+    model.bert.save_pretrained(str(directory))
+
+
 @dataclass(frozen=True)
 class Case:
     model: Callable[[], Any]
@@ -107,6 +114,7 @@ class Case:
     autocast: bool = True  # False: the adapter's factors are stored in the base's half dtype
     writer: Callable[[Any, Path], None] | None = None  # the base's files, if not save_pretrained's
     added: tuple[str, ...] = ()  # tensors OUTPUT holds that the base checkpoint lacks
+    prefix: str = ""  # what the model's state dict puts before the checkpoint's names
     order: list[str] | None = None  # --adapter NAME ... (and PEFT's adapter_names)
 
 
@@ -131,6 +139,14 @@ LAYERS = {
         "target_modules": QV,
         "layers_to_transform": [1],
         "layers_pattern": "layers",
+    }
+}
+REGEX = {
+    "default": {
+        "r": 2,
+        "lora_alpha": 6,
+        "target_modules": r".*\.(q_proj|o_proj|up_proj)",
+        "exclude_modules": ["model.layers.1.self_attn.o_proj"],
     }
 }
 DORA = {
@@ -219,7 +235,7 @@ GPT2_RSLORA_LAYERS = {
         "target_modules": ["c_attn", "c_fc"],
         "fan_in_fan_out": True,
         "use_rslora": True,
-        "layers_to_transform": [0],
+        "layers_to_transform": 0,  # an int, as PEFT accepts too
         "layers_pattern": "h",
         "rank_pattern": {"c_fc": 8},
     }
@@ -273,6 +289,7 @@ CASES: dict[str, Case] = {
     "llama-rslora-patterns-bf16-single": Case(tiny_llama, PATTERNS, "bfloat16"),
     "llama-layers-fp32-sharded": Case(tiny_llama, LAYERS, shard=SHARD),
     "llama-layers-fp16-single": Case(tiny_llama, LAYERS, "float16"),
+    "llama-regex-exclude-fp16-sharded": Case(tiny_llama, REGEX, "float16", SHARD),
     "llama-dora-fp32-single": Case(tiny_llama, DORA),
     "llama-dora-bf16-sharded": Case(tiny_llama, DORA, "bfloat16", SHARD),
     "llama-dora-fp16-single": Case(tiny_llama, DORA, "float16"),
@@ -344,6 +361,14 @@ CASES: dict[str, Case] = {
         SEQ_CLS,
         writer=_without_classifier,
         added=("classifier.bias", "classifier.weight"),
+    ),
+    "bert-encoder-only-base-bf16": Case(
+        tiny_bert,
+        BERT_DORA_BIAS,
+        "bfloat16",
+        writer=_bert_model_only,
+        added=("classifier.bias", "classifier.weight"),
+        prefix="bert.",
     ),
 }
 
@@ -568,7 +593,7 @@ def test_tensors_match_peft(case_id: str, runs: Runs) -> None:
     stats = HalfStats()
     for name, stored in out.items():
         got = as_tensor(stored)
-        want = m.expected.get(name)
+        want = m.expected.get(name if name in m.case.added else m.case.prefix + name)
         if name in m.case.added:
             assert torch.equal(got, want), name
             continue
@@ -605,8 +630,7 @@ def test_loaded_output_gives_peft_logits(case_id: str, runs: Runs) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m = runs(case_id)
-    (architecture,) = json.loads((m.output / "config.json").read_text())["architectures"]
-    seq_cls = architecture.endswith("ForSequenceClassification")
+    seq_cls = type(m.case.model()).__name__.endswith("ForSequenceClassification")
     cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
