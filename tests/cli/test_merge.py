@@ -223,3 +223,27 @@ def test_lora_on_parameters_is_refused(base: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "LoRA on parameters" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_failure_exits_1_and_writes_nothing(
+    base: Path, adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterctl.format.rawtensor import RawTensor, to_float32
+    from adapterctl.ops.merge import stream
+
+    real = stream.Merger.apply
+
+    def planted(self: Any, key: str, raw: Any, ops: Any) -> Any:
+        out = real(self, key, raw, ops)
+        values = to_float32(out).copy()
+        values[0, 0] *= 1.01  # a planted error
+        return RawTensor(out.dtype, out.shape, values)
+
+    monkeypatch.setattr(stream.Merger, "apply", planted)
+    result = invoke(base, adapter, tmp_path / "out", "--verify", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["verification"]["passed"] is False
+    error = json.loads(result.stderr.splitlines()[-1])["error"]
+    assert "verification failed" in error["message"]
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

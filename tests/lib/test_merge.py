@@ -411,3 +411,65 @@ def test_a_classifier_the_base_lacks_is_added(tmp_path: Path) -> None:
         ours["score.weight"].numpy().tobytes()
         == stored["base_model.model.score.weight"].numpy().tobytes()
     )
+
+
+def test_buffers_the_base_stores_are_kept_byte_for_byte(tmp_path: Path) -> None:
+    """A stored buffer (an old checkpoint's `position_ids`) comes along, under its own name and
+    dtype, even with --dtype (only float tensors are cast)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.position_ids"] = np.arange(64, dtype=np.int64)[None]
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj"]})
+    result = _merge(base, adapter, tmp_path / "out", dtype="bfloat16")
+    assert result.tensors_copied == len(tensors) - 2
+    out = _output(tmp_path / "out")
+    assert set(out) == set(tensors)
+    kept = out["model.position_ids"].numpy()
+    assert kept.dtype == np.int64
+    assert kept.tobytes() == tensors["model.position_ids"].tobytes()
+
+
+def test_dora_after_a_lora_bias_adapter_replays_the_bias_too(tmp_path: Path) -> None:
+    """PEFT takes a lora_bias adapter out of the bias and puts it back when a DoRA adapter comes
+    after it on the layer: in bfloat16 those roundings show, and both merges reproduce them."""
+    import torch
+
+    from adapterctl import AdapterModel
+
+    def model() -> Any:
+        return tiny_llama(attention_bias=True)
+
+    base = _save_base(model, tmp_path / "base", torch.bfloat16)
+    adapters = peft_save(
+        model,
+        tmp_path / "multi",
+        {
+            "first": {"r": 4, "target_modules": ["q_proj"], "lora_bias": True},
+            "second": {"r": 2, "use_dora": True, "target_modules": ["q_proj"]},
+        },
+    )
+    names = ["first", "second"]
+    result = _merge(base, adapters, tmp_path / "out", adapter_names=names, verify=True)
+    assert result.modules == {"linear": 2, "lora_bias": 2, "dora_linear": 2}
+    ours = _output(tmp_path / "out")
+    peft = _peft_merged(base, adapters, names=names)
+
+    def engine() -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+        wrapped = AdapterModel.from_pretrained(
+            loaded, str(adapters / "first"), adapter_name="first"
+        )
+        wrapped.load_adapter(str(adapters / "second"), adapter_name="second")
+        merged = wrapped.merge_and_unload(adapter_names=names)
+        return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+    mine = _quiet(engine)
+    for key in [k for k in ours if "q_proj" in k]:
+        assert torch.equal(ours[key], peft[key]), key
+        assert torch.equal(mine[key], peft[key]), key

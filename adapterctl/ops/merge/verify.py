@@ -90,7 +90,7 @@ def _reference_blocks(w0: RawTensor, ops: list[Any], stores: list[TensorStore]) 
         if isinstance(op, Replace):
             full = to_floats(stores[op.adapter].get(op.key))
             steps.clear()
-        elif isinstance(op, LoraBias):
+        elif isinstance(op, LoraBias) and op.key is not None:
             steps.append(("bias", _f64(stores[op.adapter], op.key) * op.scaling, None))
         elif isinstance(op, Lora):
             a, b = _f64(stores[op.adapter], op.a), _f64(stores[op.adapter], op.b)
