@@ -189,6 +189,10 @@ THREE = {
     "dora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "use_dora": True},
     "dora2": {"r": 4, "target_modules": QV, "use_dora": True, "use_rslora": True},
 }
+BIAS_THEN_DORA = {
+    "default": {"r": 4, "target_modules": ["q_proj", "k_proj"], "lora_bias": True},
+    "dora": {"r": 2, "target_modules": ["q_proj"], "use_dora": True, "bias": "lora_only"},
+}
 EMBED_TWO = {
     "default": {"r": 4, "target_modules": ["embed_tokens"]},
     "dora": {"r": 2, "target_modules": ["embed_tokens", "q_proj"], "use_dora": True},
@@ -322,6 +326,12 @@ CASES: dict[str, Case] = {
     ),
     "llama-three-adapters-fp16-sharded": Case(
         tiny_llama, THREE, "float16", SHARD, order=["dora2", "default", "dora"]
+    ),
+    "llama-lora-bias-then-dora-bf16": Case(
+        llama_bias, BIAS_THEN_DORA, "bfloat16", order=["default", "dora"]
+    ),
+    "llama-lora-bias-then-dora-fp16-sharded": Case(
+        llama_bias, BIAS_THEN_DORA, "float16", SHARD, order=["default", "dora"]
     ),
     "llama-embed-two-adapters-fp16": Case(
         tiny_llama, EMBED_TWO, "float16", order=["default", "dora"]
