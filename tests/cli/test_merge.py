@@ -247,3 +247,24 @@ def test_verify_failure_exits_1_and_writes_nothing(
     assert "verification failed" in error["message"]
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_disk_full_is_one_error_and_no_output(tmp_path: Path) -> None:
+    """ENOSPC (a small tmpfs where root may mount one, else a file-size limit) mid-merge: one
+    error line naming OUTPUT, nothing left on the full disk."""
+    import warnings
+
+    from tests.cli.test_data_loss import limited_disk, one_error, run
+    from tests.fixtures import tiny_llama
+
+    big = tmp_path / "base"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=512).save_pretrained(str(big))
+    adapter = write_adapter(tmp_path / "src", lora_tensors(Q, 4, 64, 64))
+    full = tmp_path / "full"
+    full.mkdir()
+    with limited_disk(full, 64 << 10) as (preexec, reason):
+        proc = run(["merge", big, adapter, full / "out"], preexec=preexec)
+        one_error(proc, f"cannot write `{full / 'out'}`", reason)
+        assert list(full.iterdir()) == []

@@ -473,3 +473,27 @@ def test_dora_after_a_lora_bias_adapter_replays_the_bias_too(tmp_path: Path) -> 
     for key in [k for k in ours if "q_proj" in k]:
         assert torch.equal(ours[key], peft[key]), key
         assert torch.equal(mine[key], peft[key]), key
+
+
+@pytest.mark.parametrize(
+    "sizes", [[6, 6, 2, 6, 2, 2], [1] * 7, [11, 1, 10, 3], [5], [10, 10, 10]], ids=str
+)
+@pytest.mark.parametrize("limit", ["10", "10KB", "0.01MB"])
+def test_shards_split_and_sizes_parse_as_huggingface_hub_does(sizes: list[int], limit: str) -> None:
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from adapterctl.ops.merge import parse_size
+    from adapterctl.ops.merge.shards import shard_names, split
+
+    scale = 1 if limit == "10" else 1000
+    state = {f"t{i}": n * scale for i, n in enumerate(sizes)}
+    max_size = parse_size(limit)
+    if limit != "10":
+        assert max_size == parse_size_to_int(limit)
+    theirs = split_state_dict_into_shards_factory(
+        state, get_storage_size=lambda n: n, get_storage_id=lambda n: None,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_size,
+    )  # fmt: skip
+    groups = split(list(state.items()), max_size)
+    assert dict(zip(shard_names(len(groups)), groups, strict=True)) == theirs.filename_to_tensors
