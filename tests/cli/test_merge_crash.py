@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 
 from tests import held_writer
-from tests.fixtures import merge_oracle, tiny_llama
-from tests.lib.test_merge_parity import read_checkpoint
+from tests.fixtures import merge_oracle, read_checkpoint, tiny_llama
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import merge_oracle, tiny_llama
+from tests.fixtures import as_tensor, merge_oracle, read_checkpoint, tiny_llama
 from tests.hubserver import FakeHub
-from tests.lib.test_merge_parity import as_tensor, read_checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

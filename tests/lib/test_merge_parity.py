@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import struct
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +22,16 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import merge_inputs, merge_oracle, tiny_bert, tiny_gpt2, tiny_llama
+from tests.fixtures import (
+    as_tensor,
+    merge_inputs,
+    merge_oracle,
+    read_checkpoint,
+    read_file,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -404,81 +412,6 @@ def params(test: str, case_ids: Iterable[str] = CASES) -> list[Any]:
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         out.append(pytest.param(case_id, id=case_id, marks=marks))
     return out
-
-
-# --- safetensors read independently of adapterctl --------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stored:
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-    file: str
-
-
-def read_file(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    metadata = header.pop("__metadata__", {})
-    start = 8 + n
-    tensors = {
-        name: Stored(
-            info["dtype"],
-            tuple(info["shape"]),
-            raw[start + info["data_offsets"][0] : start + info["data_offsets"][1]],
-            path.name,
-        )
-        for name, info in header.items()
-    }
-    return tensors, metadata
-
-
-def read_bin(directory: Path) -> dict[str, Stored]:
-    import torch
-
-    index = directory / "pytorch_model.bin.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.exists()
-        else ["pytorch_model.bin"]
-    )
-    codes = {v: k for k, v in _TORCH_DTYPES.items()}
-    out = {}
-    for name in files:
-        for key, t in torch.load(directory / name, weights_only=True).items():
-            data = t.contiguous().view(torch.uint8).numpy().tobytes()
-            out[key] = Stored(
-                codes[str(t.dtype).removeprefix("torch.")], tuple(t.shape), data, name
-            )
-    return out
-
-
-def read_checkpoint(directory: Path) -> dict[str, Stored]:
-    """Every tensor of a transformers checkpoint directory, in file order."""
-    if any(directory.glob("*.bin")):
-        return read_bin(directory)
-    index = directory / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.exists()
-        else ["model.safetensors"]
-    )
-    out: dict[str, Stored] = {}
-    for name in files:
-        out |= read_file(directory / name)[0]
-    return out
-
-
-_TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64"}
-
-
-def as_tensor(stored: Stored) -> Any:
-    import torch
-
-    dtype = getattr(torch, _TORCH_DTYPES[stored.dtype])
-    return torch.frombuffer(bytearray(stored.data), dtype=dtype).reshape(stored.shape).clone()
 
 
 def ulps(a: Any, b: Any) -> Any:
