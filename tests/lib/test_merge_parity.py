@@ -390,18 +390,8 @@ CASES: dict[str, Case] = {
     ),
 }
 
-TIED_EMBED_NO_WARNING = (
-    "a LoRA on the input embedding of a model with tied word embeddings changes the output head "
-    "too (PEFT's merged model shares the merged tensor; the checkpoint stores it once, which "
-    "adapterctl merges correctly), but merge warns only when the LoRA targets lm_head "
-    "(ops/merge/plan.py), not when it targets the embedding"
-)
-
 #: (test, case id) -> why adapterctl's merge does not do what PEFT does there (strict xfails)
-KNOWN: dict[tuple[str, str], str] = {
-    ("warning", "llama-tied-embed-fp32-single"): TIED_EMBED_NO_WARNING,
-    ("warning", "gpt2-embed-fp32-sharded"): TIED_EMBED_NO_WARNING,
-}
+KNOWN: dict[tuple[str, str], str] = {}  # none today
 
 
 def params(test: str, case_ids: Iterable[str] = CASES) -> list[Any]:
