@@ -300,7 +300,8 @@ def _module_check(plan: Plan, m: Module, out: FileStore, config: LoraConfig) -> 
     error = _ratio(norm(list(range(k))), denominator)
     threshold = EXACT + _ratio(m.report.dropped_norm * (1 + 1e-6), denominator)
     code = out.specs()[f.a_key][0].code
-    if (code != f.dtype_code or plan.options.reduce) and code in UNIT:
+    computed = plan.options.reduce or plan.options.portable  # factors rounded once
+    if (code != f.dtype_code or computed) and code in UNIT:
         u = UNIT[code]
         magnitude = math.sqrt(max(float((mb * ma).sum()), 0.0))  # || |s'B'| |A'| ||
         threshold += _ratio((2 * u + u * u) * magnitude, denominator)
