@@ -234,7 +234,9 @@ def convert_adapter(
         ranking = None
         if rank is not None or energy is not None:  # the spectra are computed while planning
             ranking = _phase(progress, "finding ranks" if energy is not None else "reducing ranks")
-        plan = Plan(store, config, Options(provider, code, rank, energy, portable), progress=ranking)
+        plan = Plan(
+            store, config, Options(provider, code, rank, energy, portable), progress=ranking
+        )
         missing = missing_from_trained(plan)
         if missing:
             raise ConversionError(

@@ -221,9 +221,7 @@ class Plan:
         self.config_in = config
         self.warnings: list[str] = []
         #: what --portable keeps as is (no engine computes it from plain factors)
-        self.not_portable: list[Kept] = (
-            not_portable(self.specs, config) if options.portable else []
-        )
+        self.not_portable: list[Kept] = not_portable(self.specs, config) if options.portable else []
         self._cache: tuple[str, dict[str, RawTensor]] | None = None
         self._check_options(config)
         self.modules = self._modules(config)

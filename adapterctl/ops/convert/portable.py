@@ -33,8 +33,8 @@ KEPT_KINDS = {
     "base_layer": "base_layer",
 }
 
-#: elements of one factor converted at a time (a piece in float64 stays small)
-PIECE = 1 << 20
+#: elements of one factor converted at a time (a piece in float64: 2 MiB)
+PIECE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,7 @@ def _storage(dtype: Dtype) -> Any:
     return np.dtype(dtype.numpy_name or "uint8")
 
 
-def padded(
-    parts: Sequence[tuple[RawTensor, float]], axis: int, code: str, rank: int
-) -> RawTensor:
+def padded(parts: Sequence[tuple[RawTensor, float]], axis: int, code: str, rank: int) -> RawTensor:
     """`parts` (each times its factor) joined along `axis` (the rank axis: 0 for A, 1 for B),
     in dtype `code`, zero-padded to `rank` along it: written piece by piece into the one output
     array (zero bits are 0.0 in every float dtype). A part whose factor is 1 in its own dtype
@@ -109,12 +107,14 @@ def padded(
         rows = max(1, PIECE // max(numel(t.shape[1:]), 1))
         for row in range(0, t.shape[0], rows):
             piece = raw[row : row + rows]
-            piece_t = RawTensor(t.dtype, tuple(piece.shape), np.ascontiguousarray(piece))
+            piece_t = RawTensor(t.dtype, tuple(piece.shape), piece)  # rows: contiguous
             if factor == 1.0:
                 values = cast(piece_t, code).data.reshape(piece.shape)
             else:
+                wide = to_float64(piece_t)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    values = from_float(to_float64(piece_t) * factor, code).data
+                    wide *= factor
+                values = from_float(wide, code).data
             if axis == 0:
                 out[start + row : start + row + piece.shape[0]] = values
             else:
