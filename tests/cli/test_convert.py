@@ -199,7 +199,8 @@ def test_portable_report(adapter: Path, tmp_path: Path) -> None:
     assert [m["actions"] for m in doc["modules"]] == [["rank 4->3"], ["rank 4->3"]]
     # every other conversion's document is as before: no `portable` keys
     plain = json.loads(invoke(adapter, tmp_path / "out3", "--dtype", "float16", "--json").stdout)
-    assert "portable" not in plain and "not_portable" not in plain
+    assert "portable" not in plain
+    assert "not_portable" not in plain
 
 
 def test_portable_pads_and_names_what_it_keeps(tmp_path: Path) -> None:

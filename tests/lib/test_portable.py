@@ -101,8 +101,10 @@ def test_peft_computes_the_same_logits(case: str, tmp_path: Path) -> None:
     cfg = VARIANTS[case]
     largest = max([cfg["r"], *cfg.get("rank_pattern", {}).values()])
     assert _assert_portable(tmp_path / "out") == largest
-    assert result.verification is not None and result.verification.passed
-    assert result.verification.worst is not None and result.verification.worst.error <= 1e-6
+    assert result.verification is not None
+    assert result.verification.passed
+    assert result.verification.worst is not None
+    assert result.verification.worst.error <= 1e-6
     assert _worst(_deltas(src), _deltas(tmp_path / "out")) <= 1e-6
     # PEFT saves the embedding layer it targets in full (save_embedding_layers="auto"): kept
     saved = [{"kind": "embedding", "name": "model.embed_tokens"}] if case == "embedding" else []
@@ -122,7 +124,8 @@ def test_energy_output_made_portable(tmp_path: Path) -> None:
     ranks = [m.r for m in reduced.modules]
     both = convert_adapter(src, tmp_path / "both", energy=0.8, portable=True, verify_output=True)
     after = convert_adapter(tmp_path / "energy", tmp_path / "after", portable=True)
-    assert both.verification is not None and both.verification.passed
+    assert both.verification is not None
+    assert both.verification.passed
     expected = _logits(tiny_llama, tmp_path / "energy")
     for out, result in ((tmp_path / "both", both), (tmp_path / "after", after)):
         assert _assert_portable(out) == max(ranks)
@@ -137,14 +140,14 @@ def test_rank_reduces_then_pads_to_it(tmp_path: Path) -> None:
     src = peft_save(tiny_llama, tmp_path / "src", {"default": VARIANTS["patterns"]})
     reduced = convert_adapter(src, tmp_path / "reduced", rank=3)
     result = convert_adapter(src, tmp_path / "out", rank=3, portable=True, verify_output=True)
-    assert result.verification is not None and result.verification.passed
+    assert result.verification is not None
+    assert result.verification.passed
     assert _assert_portable(tmp_path / "out", rank=3) == 3
     small = [m for m in result.modules if m.r_in == 2]
-    assert small and all("padded 2->3" in m.actions for m in small)
+    assert small
+    assert all("padded 2->3" in m.actions for m in small)
     assert _worst(_deltas(tmp_path / "reduced"), _deltas(tmp_path / "out")) <= 1e-6
-    assert [m.relative_error for m in result.modules] == [
-        m.relative_error for m in reduced.modules
-    ]
+    assert [m.relative_error for m in result.modules] == [m.relative_error for m in reduced.modules]
 
 
 @pytest.mark.slow
@@ -159,7 +162,8 @@ def test_with_initial_to_plain_portable_lora(tmp_path: Path) -> None:
     result = convert_adapter(
         trained, tmp_path / "out", initial=init, portable=True, verify_output=True
     )
-    assert result.verification is not None and result.verification.passed
+    assert result.verification is not None
+    assert result.verification.passed
     assert _assert_portable(tmp_path / "out") == 12  # 2 x the largest rank
     assert result.method == "pissa"
     assert _worst(_deltas(tmp_path / "plain"), _deltas(tmp_path / "out")) <= 1e-6
@@ -177,7 +181,8 @@ def test_bfloat16_within_its_rounding(tmp_path: Path) -> None:
     result = convert_adapter(
         src, tmp_path / "out", portable=True, dtype="bfloat16", verify_output=True
     )
-    assert result.verification is not None and result.verification.passed
+    assert result.verification is not None
+    assert result.verification.passed
     assert result.verification.worst is not None
     assert 1e-6 < result.verification.worst.error <= result.verification.worst.threshold
     assert {t.dtype.code for t in _read(tmp_path / "out").values()} == {"BF16"}
@@ -188,7 +193,8 @@ def test_bfloat16_within_its_rounding(tmp_path: Path) -> None:
     assert again.config.r == 2
     result = convert_adapter(src, tmp_path / "bf16", dtype="bfloat16")
     half = convert_adapter(tmp_path / "bf16", tmp_path / "out16", portable=True, verify_output=True)
-    assert half.verification is not None and half.verification.passed
+    assert half.verification is not None
+    assert half.verification.passed
 
 
 @pytest.mark.slow
@@ -202,12 +208,15 @@ def test_dora_modules_to_save_and_biases_are_kept_and_named(tmp_path: Path) -> N
     }  # fmt: skip
     src = peft_save(tiny_llama, tmp_path / "src", {"default": dora})
     result = convert_adapter(src, tmp_path / "out", portable=True, verify_output=True)
-    assert result.verification is not None and result.verification.passed
+    assert result.verification is not None
+    assert result.verification.passed
     _assert_portable(tmp_path / "out", rank=4)
     kinds = {k.kind for k in result.not_portable}
     assert kinds == {"dora", "modules_to_save"}
     names = {k.name for k in result.not_portable if k.kind == "dora"}
-    assert names == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    assert names == {
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    }
     assert {"kind": "modules_to_save", "name": "lm_head"} in result.to_dict()["not_portable"]
     before, after = _read(src), _read(tmp_path / "out")
     for key, t in before.items():
@@ -219,7 +228,8 @@ def test_dora_modules_to_save_and_biases_are_kept_and_named(tmp_path: Path) -> N
     biased = {"r": 4, "lora_alpha": 12, "target_modules": ["q_proj"], "lora_bias": True}
     src = peft_save(lambda: tiny_llama(attention_bias=True), tmp_path / "b", {"default": biased})
     result = convert_adapter(src, tmp_path / "b_out", portable=True, verify_output=True)
-    assert result.verification is not None and result.verification.passed
+    assert result.verification is not None
+    assert result.verification.passed
     assert {k.kind for k in result.not_portable} == {"lora_bias"}
     model_fn = lambda: tiny_llama(attention_bias=True)  # noqa: E731
     before, after = _logits(model_fn, src), _logits(model_fn, tmp_path / "b_out")

@@ -13,7 +13,7 @@ magnitudes, modules_to_save copies, trained biases and lora_B biases.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,15 +126,3 @@ def padded(parts: Sequence[tuple[RawTensor, float]], axis: int, code: str, rank:
 def folded_bias(bias: RawTensor, scaling: float, code: str) -> RawTensor:
     """A lora_B bias times the module's scaling (the output's scaling is 1), rounded once."""
     return from_float(scaling * to_float64(bias), code)
-
-
-def report_dict(kept: Sequence[Kept]) -> list[dict[str, str]]:
-    return [k.to_dict() for k in kept]
-
-
-def summary(kept: Sequence[Kept]) -> Mapping[str, list[str]]:
-    """Names per kind, in order (for the human report)."""
-    out: dict[str, list[str]] = {}
-    for k in kept:
-        out.setdefault(k.kind, []).append(k.name)
-    return out
