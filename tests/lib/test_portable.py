@@ -189,9 +189,7 @@ def test_bfloat16_within_its_rounding(tmp_path: Path) -> None:
     _assert_portable(tmp_path / "out")
     assert _worst(_deltas(src), _deltas(tmp_path / "out")) <= 2 * 2.0**-8 * 4
     # a bfloat16 source without --dtype: B rounded once to bfloat16, still verified
-    again = convert_adapter(tmp_path / "out", tmp_path / "again", rank=2, dtype="bfloat16")
-    assert again.config.r == 2
-    result = convert_adapter(src, tmp_path / "bf16", dtype="bfloat16")
+    convert_adapter(src, tmp_path / "bf16", dtype="bfloat16")
     half = convert_adapter(tmp_path / "bf16", tmp_path / "out16", portable=True, verify_output=True)
     assert half.verification is not None
     assert half.verification.passed
@@ -291,3 +289,58 @@ def test_padding_writes_into_the_output_alone() -> None:
     a = padded([(RawTensor(DTYPES["F32"], (64, 8), b[:64, :8].tobytes()), 1.0)], 0, "F32", 80)
     assert a.data.reshape(80, 8)[:64].tobytes() == b[:64, :8].tobytes()
     assert not a.data.reshape(80, 8)[64:].any()
+
+
+def test_verify_compares_deltas_not_factors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A B written without its scaling (shapes and config as planned) fails --verify: nothing
+    is written."""
+    import adapterctl.ops.convert.plan as plan_mod
+    from adapterctl.ops.convert import VerificationFailed
+    from tests.helpers import Q, lora_tensors, write_adapter
+
+    src = write_adapter(tmp_path / "src", lora_tensors(Q), {"lora_alpha": 12})
+    assert convert_adapter(src, tmp_path / "ok", portable=True, verify_output=True).verification
+    real = plan_mod.padded
+
+    def unscaled(parts: Any, axis: int, code: str, rank: int) -> RawTensor:
+        return real([(t, 1.0) for t, _ in parts], axis, code, rank)
+
+    monkeypatch.setattr(plan_mod, "padded", unscaled)
+    with pytest.raises(VerificationFailed) as e:
+        convert_adapter(src, tmp_path / "bad", portable=True, verify_output=True)
+    assert e.value.result.verification is not None
+    assert e.value.result.verification.worst is not None
+    assert e.value.result.verification.worst.name == Q
+    assert not (tmp_path / "bad").exists()
+
+
+def test_convolutions_pad_and_grouped_ones_are_refused(tmp_path: Path) -> None:
+    from adapterctl.errors import ConversionError
+    from tests.helpers import P, Q, lora_tensors, write_adapter
+
+    rng = np.random.default_rng(1)
+    conv = "model.conv"
+    tensors = {
+        **lora_tensors(Q, r=4),
+        f"{P}{conv}.lora_A.weight": rng.standard_normal((2, 3, 3, 3)).astype(np.float32),
+        f"{P}{conv}.lora_B.weight": rng.standard_normal((5, 2, 1, 1)).astype(np.float32),
+    }
+    config = {"target_modules": ["q_proj", "conv"], "rank_pattern": {"conv": 2}}
+    src = write_adapter(tmp_path / "src", tensors, config)
+    result = convert_adapter(src, tmp_path / "out", portable=True, verify_output=True)
+    assert result.verification is not None
+    assert result.verification.passed
+    out = _read(tmp_path / "out")
+    assert out[f"{P}{conv}.lora_A.weight"].shape == (4, 3, 3, 3)
+    assert out[f"{P}{conv}.lora_B.weight"].shape == (5, 4, 1, 1)
+    b = to_float64(out[f"{P}{conv}.lora_B.weight"])
+    assert not b[:, 2:].any()
+    expected = 4 * to_float64(RawTensor(out[f"{P}{conv}.lora_B.weight"].dtype, (5, 2, 1, 1),
+                                        tensors[f"{P}{conv}.lora_B.weight"].tobytes()))  # fmt: skip
+    assert np.array_equal(b[:, :2], expected)  # 8 / 2: a power of two, exact
+    tensors[f"{P}{conv}.lora_B.weight"] = rng.standard_normal((6, 1, 1, 1)).astype(np.float32)
+    grouped = write_adapter(tmp_path / "grouped", tensors, config)
+    with pytest.raises(ConversionError, match="grouped convolution"):
+        convert_adapter(grouped, tmp_path / "g_out", portable=True)
