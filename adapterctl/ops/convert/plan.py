@@ -651,12 +651,14 @@ class Plan:
         new_b = apply(self._float_values(m, "B", checked=True), to_b, "B")
         a_shape = (k, *f.a_shape[1:])  # a convolution's factors keep their other axes
         b_shape = (f.b_shape[0], k, *f.b_shape[2:])
-        out[f.a_key] = from_float(new_a.reshape(a_shape), code)
-        out[f.b_key] = from_float(new_b.reshape(b_shape), code)
-        if self.options.portable and m.report.r != k:  # zero rows of A, zero columns of B
-            rank = m.report.r
-            out[f.a_key] = padded([(out[f.a_key], 1.0)], 0, code, rank)
-            out[f.b_key] = padded([(out[f.b_key], 1.0)], 1, code, rank)
+        if m.report.r != k:  # --portable: rounded piece by piece into the padded arrays
+            f64, rank = DTYPES["F64"], m.report.r
+            a64, b64 = RawTensor(f64, a_shape, new_a.reshape(a_shape)), RawTensor(f64, b_shape, new_b.reshape(b_shape))  # fmt: skip
+            out[f.a_key] = padded([(a64, 1.0)], 0, code, rank)
+            out[f.b_key] = padded([(b64, 1.0)], 1, code, rank)
+        else:
+            out[f.a_key] = from_float(new_a.reshape(a_shape), code)
+            out[f.b_key] = from_float(new_b.reshape(b_shape), code)
         if m.bias_key:  # the scaling is now 1: the bias carries the old one
             bias = self.source.get(m.bias_key)
             code_b = self.options.dtype or bias.dtype.code  # rounded once
