@@ -515,7 +515,11 @@ def render_conversion(out: Output, result: ConversionResult) -> None:
         kinds: dict[str, list[str]] = {}
         for kept in result.not_portable:
             kinds.setdefault(kept.kind, []).append(shown(kept.name))
-        listed = "; ".join(f"{kind} {', '.join(names)}" for kind, names in kinds.items())
+        listed = "; ".join(  # every name is in --json; here at most three a kind
+            f"{kind} {', '.join(names[:3])}"
+            + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            for kind, names in kinds.items()
+        )
         out.wrapped(f"not portable (kept as is): {listed}", first="  ")
     v = result.verification
     if v is not None and v.worst is not None:

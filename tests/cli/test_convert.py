@@ -228,3 +228,17 @@ def test_portable_pads_and_names_what_it_keeps(tmp_path: Path) -> None:
     ]
     assert doc["config"]["r"] == doc["config"]["lora_alpha"] == 6
     assert doc["config"]["rank_pattern"] == doc["config"]["alpha_pattern"] == {}
+
+
+def test_portable_names_three_a_kind(tmp_path: Path) -> None:
+    modules = [f"model.layers.{i}.self_attn.q_proj" for i in range(5)]
+    tensors = {k: v for m in modules for k, v in lora_tensors(m).items()}
+    tensors.update({f"{P}{m}.lora_magnitude_vector": np.ones(8, dtype=np.float32) for m in modules})
+    src = write_adapter(tmp_path / "src", tensors, {"use_dora": True})
+    result = invoke(src, tmp_path / "out", "--portable")
+    assert result.exit_code == 0, result.stderr
+    shown = ", ".join(modules[:3])
+    text = " ".join(result.stdout.split())  # wrapped to the width
+    assert f"not portable (kept as is): dora {shown} and 2 more" in text
+    doc = json.loads(invoke(src, tmp_path / "out2", "--portable", "--json").stdout)
+    assert [k["name"] for k in doc["not_portable"]] == modules
