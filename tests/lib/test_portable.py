@@ -107,7 +107,9 @@ def test_peft_computes_the_same_logits(case: str, tmp_path: Path) -> None:
     assert result.verification.worst.error <= 1e-6
     assert _worst(_deltas(src), _deltas(tmp_path / "out")) <= 1e-6
     # PEFT saves the embedding layer it targets in full (save_embedding_layers="auto"): kept
-    saved = [{"kind": "embedding", "name": "model.embed_tokens"}] if case == "embedding" else []
+    saved = (
+        [{"kind": "saved_embedding", "name": "model.embed_tokens"}] if case == "embedding" else []
+    )
     assert result.to_dict()["not_portable"] == saved
     assert result.to_dict()["portable"] is True
     before, after = _logits(tiny_llama, src), _logits(tiny_llama, tmp_path / "out")

@@ -28,7 +28,7 @@ KEPT_KINDS = {
     "modules_to_save": "modules_to_save",
     "bias": "bias",
     "lora_B.bias": "lora_bias",
-    "embedding": "embedding",
+    "embedding": "saved_embedding",
     "trainable_tokens_delta": "trainable_tokens",
     "base_layer": "base_layer",
 }
