@@ -346,3 +346,29 @@ def test_convolutions_pad_and_grouped_ones_are_refused(tmp_path: Path) -> None:
     grouped = write_adapter(tmp_path / "grouped", tensors, config)
     with pytest.raises(ConversionError, match="grouped convolution"):
         convert_adapter(grouped, tmp_path / "g_out", portable=True)
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_nan_and_inf_are_carried_and_verified(dtype: str | None, tmp_path: Path) -> None:
+    """NaN/±Inf in SOURCE stay where they were (B's times the scaling), and --verify compares
+    such a module factor by factor against the scaled, padded source."""
+    from tests.helpers import P, Q, V, lora_tensors, write_adapter
+
+    tensors = {**lora_tensors(Q, r=2), **lora_tensors(V, r=4)}
+    tensors[f"{P}{Q}.lora_B.weight"][0, 0] = np.nan
+    tensors[f"{P}{Q}.lora_A.weight"][1, 1] = -np.inf
+    config = {"r": 4, "lora_alpha": 12, "target_modules": ["q_proj", "v_proj"]}
+    src = write_adapter(tmp_path / "src", tensors, {**config, "rank_pattern": {"q_proj": 2}})
+    result = convert_adapter(src, tmp_path / "out", portable=True, dtype=dtype, verify_output=True)
+    assert result.verification is not None
+    assert result.verification.passed
+    out = _read(tmp_path / "out")
+    b, a = to_float64(out[f"{P}{Q}.lora_B.weight"]), to_float64(out[f"{P}{Q}.lora_A.weight"])
+    assert b.shape == (8, 4)
+    assert np.isnan(b[0, 0])
+    assert a[1, 1] == -np.inf
+    assert np.isfinite(np.delete(b.reshape(-1), 0)).all()
+    assert not b[:, 2:].any()
+    assert not a[2:].any()
+    expected = 6 * tensors[f"{P}{Q}.lora_B.weight"][1:, :2].astype(np.float64)  # 12 / 2
+    assert np.allclose(b[1:, :2], expected, rtol=2.0**-8 if dtype else 2.0**-24, atol=0)
