@@ -4,6 +4,8 @@ Each LoRA module's delta s·B·A (minus the initial s0·B0·A0) is compared with
 from the factors alone, in float64: ||difference|| / (||s·B·A|| + ||s0·B0·A0||). Every other tensor
 is compared elementwise: max |out − expected| / max |expected|. The thresholds: 1e-6 for what is
 exact, plus the rounding bound of a cast, plus what a rank reduction reported dropping.
+`--portable` output (scaling 1, every module padded to one rank) is compared the same way: deltas,
+not factors, with B's rounding after its scaling was folded in.
 
 A module whose factors were only cast (the common `--dtype` case) takes a float32 path with the same
 error and threshold (`_cast_checks`): its factors' raw bytes, read again from both files into reused
