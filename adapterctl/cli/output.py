@@ -511,6 +511,16 @@ def render_conversion(out: Output, result: ConversionResult) -> None:
     out.table(header, rows, justify)
     sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
     out.wrapped(f"{result.output} ({len(modules)} modules, {sizes})", first=f"{_mark()} ")
+    if result.portable and result.not_portable:
+        kinds: dict[str, list[str]] = {}
+        for kept in result.not_portable:
+            kinds.setdefault(kept.kind, []).append(shown(kept.name))
+        listed = "; ".join(  # every name is in --json; here at most three a kind
+            f"{kind} {', '.join(names[:3])}"
+            + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            for kind, names in kinds.items()
+        )
+        out.wrapped(f"not portable (kept as is): {listed}", first="  ")
     v = result.verification
     if v is not None and v.worst is not None:
         room = max(16, (out.columns or 10**6) - 40)

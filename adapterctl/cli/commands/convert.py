@@ -81,6 +81,14 @@ def convert_cmd(
             show_default=False,
         ),
     ] = None,
+    portable: Annotated[
+        bool,
+        typer.Option(
+            "--portable",
+            help="Fold each module's scaling into B and pad all to one rank (lora_alpha = r): "
+            "what every serving engine computes as PEFT does.",
+        ),
+    ] = False,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Check the written files against SOURCE before renaming."),
@@ -110,6 +118,7 @@ def convert_cmd(
                 dtype=dtype,
                 rank=rank,
                 energy=energy,
+                portable=portable,
                 verify_output=verify,
                 force=force,
                 revision=revision,

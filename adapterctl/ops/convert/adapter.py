@@ -33,6 +33,7 @@ from adapterctl.ops.convert.plan import (
     Plan,
     missing_from_trained,
 )
+from adapterctl.ops.convert.portable import Kept
 from adapterctl.ops.convert.verify import Verification, verify
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,18 @@ class ConversionResult:
     modules: list[ModuleReport]
     warnings: list[str] = field(default_factory=list)
     verification: Verification | None = None
+    portable: bool = False
+    #: --portable: what was kept as is because no engine computes it from plain factors
+    not_portable: list[Kept] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
+        # --portable's keys only with it: every other conversion's document is unchanged
+        portable = (
+            {"portable": True, "not_portable": [k.to_dict() for k in self.not_portable]}
+            if self.portable
+            else {}
+        )
         return {
             "schema_version": SCHEMA_VERSION,
             "source": self.source,
@@ -88,6 +98,7 @@ class ConversionResult:
             "modules": [m.to_dict() for m in self.modules],
             "warnings": self.warnings,
             "verification": self.verification.to_dict() if self.verification else None,
+            **portable,
         }
 
 
@@ -164,6 +175,7 @@ def convert_adapter(
     dtype: str | None = None,
     rank: int | None = None,
     energy: float | None = None,
+    portable: bool = False,
     verify_output: bool = False,
     force: bool = False,
     progress: Progress | None = None,
@@ -172,7 +184,9 @@ def convert_adapter(
     token: str | None = None,
 ) -> ConversionResult:
     """Write `output`: the adapter at `source` converted; atomically, or not at all. `source`,
-    `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`)."""
+    `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`).
+    `portable`: every module's scaling folded into B and its rank padded to one R (`--rank`,
+    else the largest), `r = lora_alpha = R`, no rslora, no patterns (ops/convert/portable.py)."""
     from adapterctl.ops.hub import resolve
 
     code = _check_options(initial, base, init, dtype, rank, energy)
@@ -187,7 +201,7 @@ def convert_adapter(
     files = one_adapter(source, "source")
     assert files.config_path is not None
     nothing = (initial, base, code, rank, energy) == (None,) * 5
-    if nothing and files.format == "safetensors":
+    if nothing and not portable and files.format == "safetensors":
         raise ConversionError(
             "nothing to convert: the source is already safetensors",
             hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",
@@ -220,7 +234,9 @@ def convert_adapter(
         ranking = None
         if rank is not None or energy is not None:  # the spectra are computed while planning
             ranking = _phase(progress, "finding ranks" if energy is not None else "reducing ranks")
-        plan = Plan(store, config, Options(provider, code, rank, energy), progress=ranking)
+        plan = Plan(
+            store, config, Options(provider, code, rank, energy, portable), progress=ranking
+        )
         missing = missing_from_trained(plan)
         if missing:
             raise ConversionError(
@@ -247,6 +263,8 @@ def convert_adapter(
             bytes_out=0,
             modules=plan.reports,
             warnings=list(plan.warnings),
+            portable=portable,
+            not_portable=list(plan.not_portable),
         )
         # SOURCE's card, read before any output exists: a card that cannot be read is its error
         from adapterctl.ops.card import read_card
