@@ -7,7 +7,9 @@ Build them (package registries only; about 2-4 minutes each) with
 
     .venv/bin/python -m tests.peft_envs [X.Y ...]
 
-The slow tests skip, naming this command, when an environment is missing.
+The slow tests skip, naming this command, when an environment is missing. In an environment,
+`python tests/peft_envs.py logits JOB.json` (standard library at module level, so it runs there
+without adapterctl) loads a tiny Llama's weights and an adapter with that PEFT and writes logits.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import Any
 
 #: PEFT release -> its pins: transformers of the same months as the release
 ENVS: dict[str, tuple[str, ...]] = {
@@ -53,6 +56,47 @@ def build(version: str) -> Path:
     return folder
 
 
+def logits(job_path: str) -> None:
+    """In an old-PEFT environment: the job's tiny Llama (its config kwargs, its weights from a
+    safetensors file), alone and with each of the job's adapters loaded by
+    `PeftModel.from_pretrained`; writes the logits for the job's input ids as JSON lists to the
+    job's output: {"base": ..., "adapters": {name: {"logits": ..., "warnings": [...]}}}. An
+    adapter whose load raises gets {"error": "TypeName: message"} instead."""
+    import json
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    job = json.loads(Path(job_path).read_text())
+    ids = torch.tensor(job["input_ids"])
+
+    def base() -> Any:
+        model = LlamaForCausalLM(LlamaConfig(**job["config"], attn_implementation="eager"))
+        model.load_state_dict(load_file(job["weights"]), strict=True)
+        return model.eval()
+
+    result: dict[str, Any] = {"adapters": {}}
+    with torch.no_grad():
+        result["base"] = base()(ids).logits.tolist()
+        for name, path in job["adapters"].items():
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    model = PeftModel.from_pretrained(base(), path).eval()
+                out = {"logits": model(ids).logits.tolist()}
+                out["warnings"] = [str(w.message) for w in caught]
+            except Exception as e:  # the test asks whether this release refuses the config
+                out = {"error": f"{type(e).__name__}: {e}"}
+            result["adapters"][name] = out
+    Path(job["output"]).write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
-    for v in sys.argv[1:] or list(ENVS):
-        print(f"peft {v}: {build(v)}", flush=True)
+    if sys.argv[1:2] == ["logits"]:
+        logits(sys.argv[2])
+    else:
+        for v in sys.argv[1:] or list(ENVS):
+            print(f"peft {v}: {build(v)}", flush=True)
