@@ -17,10 +17,11 @@ Sources (github.com/huggingface/peft; tests/peft_sources.py regenerates `KEYS` f
   (lora/layer.py) when the layer is built.
 * target_modules="all-linear": `INCLUDE_LINEAR_LAYERS_SHORTHAND`, tuners/tuners_utils.py@v0.8.0;
   before, the string is a regex that matches no module.
-* rank_pattern/alpha_pattern keys: up to 0.14 `re.match(rf".*\\.{key}$", name)` (lora/model.py,
-  utils/other.py@v0.14.0:get_pattern_key), from 0.15 `re.match(rf"(.*\\.)?({key})$", name)`
-  (utils/other.py@v0.15.0): before 0.15 a key matching a module's name from its first character
-  does not apply.
+* rank_pattern/alpha_pattern keys: up to 0.14 the first key with `re.match(rf".*\\.{key}$", name)`,
+  else the module's own name if it is a key (lora/model.py@v0.6.0, utils/other.py@v0.14.0:
+  get_pattern_key); from 0.15 the first key with `re.match(rf"(.*\\.)?({key})$", name)`
+  (utils/other.py@v0.15.0). Before 0.15 a key matching a name from its first character (a
+  regex, or a whole name behind a suffix key) loses to a suffix key, or does not apply.
 * layers_to_transform: the layer index is `re.match(r".*\\.[^.]*\\.(\\d+)\\.", name)` (the last
   indexed part) up to 0.19 and `r".*?\\.[^.]*\\.(\\d+)\\."` (the first) from 0.20
   (tuners_utils.py@v0.20.0:check_target_module_exists).
@@ -44,7 +45,7 @@ DROPS_UNKNOWN_SINCE = "0.14"
 #: target_modules="all-linear" is understood from this release on
 ALL_LINEAR_SINCE = "0.8"
 ALL_LINEAR = "all-linear"
-#: rank/alpha pattern keys may match a module's whole name from this release on
+#: rank/alpha pattern keys are matched as in PEFT 0.21 from this release on
 WHOLE_NAME_PATTERNS_SINCE = "0.15"
 #: the layer index of layers_to_transform is the first indexed part of a name from this release on
 FIRST_LAYER_INDEX_SINCE = "0.20"
@@ -183,11 +184,12 @@ def _dict(config: LoraConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 def _old_key(config: LoraConfig, field: str, keys: list[str], module: str) -> str | None:
-    """The key of `keys` PEFT <= 0.14 applies to `module`: the first with `.*\\.{key}$`."""
+    """The key of `keys` PEFT <= 0.14 applies to `module`: the first with `.*\\.{key}$`, else
+    the module's own name (`pattern.get(name, default)`)."""
     for key in keys:
         if config.regex(rf".*\.{key}$", f"`{field}` key", source=key).match(module):
             return key
-    return None
+    return module if module in keys else None
 
 
 def _pattern_values(config: LoraConfig, version: str, module: str) -> tuple[int, Any]:
@@ -300,15 +302,11 @@ def _old_patterns(
         return config, []
     ranks: dict[str, int] = {}
     alphas: dict[str, Any] = {}
-    for m, (r, a) in want.items():
-        tail = m.partition(".")[2]
-        if not tail:
-            _refuse_patterns(version, m)
-        key = re.escape(tail)
+    for m, (r, a) in want.items():  # whole names: looked up as they are when no key matches
         if r != config.r:
-            ranks[key] = r
+            ranks[m] = r
         if a != config.lora_alpha:
-            alphas[key] = a
+            alphas[m] = a
     out = config.replace(rank_pattern=ranks, alpha_pattern=alphas)
     for m in modules:
         if (
@@ -321,9 +319,9 @@ def _old_patterns(
 
 def _refuse_patterns(version: str, module: str) -> None:
     raise ConversionError(
-        f"PEFT {version} matches rank_pattern/alpha_pattern keys differently and no key can name "
-        f"`{module}` alone (whole-name keys are first understood in PEFT "
-        f"{WHOLE_NAME_PATTERNS_SINCE})",
+        f"PEFT {version} matches rank_pattern/alpha_pattern keys differently, and no keys give "
+        f"`{module}` its rank and alpha in both (keys are matched as PEFT 0.21 does from PEFT "
+        f"{WHOLE_NAME_PATTERNS_SINCE} on)",
         hint=f"convert for PEFT {WHOLE_NAME_PATTERNS_SINCE} or later",
     )
 
@@ -413,8 +411,8 @@ def _module_findings(
                     "error",
                     "peft-pattern-rank",
                     f"PEFT {version} gives `{m}` rank {r_then}, not {r_now}: the stored factors do "
-                    f"not fit (rank_pattern keys matching a whole name are first in PEFT "
-                    f"{WHOLE_NAME_PATTERNS_SINCE})",
+                    f"not fit (rank_pattern keys are matched as PEFT 0.21 does from PEFT "
+                    f"{WHOLE_NAME_PATTERNS_SINCE} on)",
                 )
             )
         elif a_then != a_now:
@@ -423,7 +421,7 @@ def _module_findings(
                     "warning",
                     "peft-pattern-alpha",
                     f"PEFT {version} gives `{m}` lora_alpha {a_then}, not {a_now} (alpha_pattern keys "
-                    f"matching a whole name are first in PEFT {WHOLE_NAME_PATTERNS_SINCE})",
+                    f"are matched as PEFT 0.21 does from PEFT {WHOLE_NAME_PATTERNS_SINCE} on)",
                 )
             )
     if data.get("layers_to_transform") is not None and data.get("layers_pattern") is None:

@@ -185,24 +185,34 @@ def test_plain_init_written_as_true_residual_refused() -> None:
     for_release(cfg(init_lora_weights="pissa_niter_4"), "0.11", MODULES)
 
 
-def test_whole_name_pattern_keys_rewritten_before_0_15() -> None:
-    config = cfg(rank_pattern={Q0: 2}, alpha_pattern={"v_proj": 16})
+#: read by PEFT 0.21.2 as Q0: 2, Q1: 3 and V0: alpha 16; by PEFT <= 0.14 as Q0: 3 and V0: 4 (the
+#: suffix keys are tried first, a whole name only when no key matches)
+WHOLE_NAMES = {"rank_pattern": {Q0: 2, "q_proj": 3}, "alpha_pattern": {V0: 16, "v_proj": 4}}
+
+
+def test_pattern_keys_rewritten_before_0_15() -> None:
+    config = cfg(**WHOLE_NAMES)
     out, notes = for_release(config, "0.14", MODULES)
-    assert out.rank_pattern == {r"layers\.0\.self_attn\.q_proj": 2}
-    assert out.alpha_pattern == {r"layers\.0\.self_attn\.v_proj": 16}
+    assert out.rank_pattern == {Q0: 2, Q1: 3}
+    assert out.alpha_pattern == {V0: 16}
     assert notes == ["PEFT 0.14: rank_pattern/alpha_pattern written as one key per module"]
     assert peft_version_findings(out, "0.14", MODULES) == []  # read as PEFT 0.21.2 reads it
+    assert [(out.rank_for(m), out.alpha_for(m)) for m in MODULES] == [
+        (config.rank_for(m), config.alpha_for(m)) for m in MODULES
+    ]
     same, notes = for_release(config, "0.15", MODULES)
-    assert same.rank_pattern == {Q0: 2}
+    assert same.rank_pattern == WHOLE_NAMES["rank_pattern"]
     assert notes == []
-    suffix_only = cfg(rank_pattern={"q_proj": 2})  # read alike by every release: kept
-    assert for_release(suffix_only, "0.6", MODULES)[0].rank_pattern == {"q_proj": 2}
+    alone = cfg(rank_pattern={Q0: 2}, alpha_pattern={"v_proj": 16})  # read alike by every release
+    assert for_release(alone, "0.6", MODULES) == (alone, [])
 
 
 def test_pattern_keys_that_cannot_name_one_module_are_refused() -> None:
-    a, b = "encoder.layers.0.q", "decoder.layers.0.q"
-    with pytest.raises(ConversionError, match="no key can name"):
-        for_release(cfg(target_modules=["q"], rank_pattern={a: 2}), "0.14", [a, b])
+    inner, outer = "a.q", "x.a.q"  # `.*\.a.q$` matches both: no key names `a.q` alone
+    config = cfg(target_modules=["q"], rank_pattern={"^a.q": 2})  # PEFT 0.21.2: `a.q` only
+    with pytest.raises(ConversionError, match=r"no keys give `x\.a\.q` its rank"):
+        for_release(config, "0.14", [inner, outer])
+    assert for_release(config, "0.15", [inner, outer]) == (config, [])
 
 
 def test_keys_no_release_knows_are_dropped_with_a_note() -> None:
@@ -248,15 +258,17 @@ def test_all_linear_before_0_8_is_an_error() -> None:
     assert peft_version_findings(config, "0.8") == []
 
 
-def test_whole_name_patterns_before_0_15() -> None:
-    ranks = saved_by_0_21(rank_pattern={Q0: 2})
-    assert rules(peft_version_findings(ranks, "0.14", MODULES)) == [("error", "peft-pattern-rank")]
+def test_pattern_keys_before_0_15() -> None:
+    ranks = saved_by_0_21(rank_pattern=WHOLE_NAMES["rank_pattern"])
+    found = peft_version_findings(ranks, "0.14", MODULES)
+    assert rules(found) == [("error", "peft-pattern-rank")]
+    assert f"`{Q0}` rank 3, not 2" in found[0][2]
     assert peft_version_findings(ranks, "0.15", MODULES) == []
-    alphas = saved_by_0_21(alpha_pattern={V0: 16})
+    alphas = saved_by_0_21(alpha_pattern=WHOLE_NAMES["alpha_pattern"])
     found = peft_version_findings(alphas, "0.14", MODULES)
     assert rules(found) == [("warning", "peft-pattern-alpha")]
-    assert "lora_alpha 8, not 16" in found[0][2]
-    assert peft_version_findings(saved_by_0_21(rank_pattern={"q_proj": 2}), "0.14", MODULES) == []
+    assert f"`{V0}` lora_alpha 4, not 16" in found[0][2]
+    assert peft_version_findings(saved_by_0_21(rank_pattern={Q0: 2}), "0.14", MODULES) == []
 
 
 def test_nested_layer_index_before_0_20() -> None:
@@ -289,15 +301,20 @@ CASES: dict[str, dict[str, Any]] = {
         "r": 4,
         "lora_alpha": 8,
         "target_modules": ["q_proj", "v_proj", "down_proj"],
-        "rank_pattern": {Q0: 2},
-        "alpha_pattern": {"model.layers.1.self_attn.v_proj": 16},
+        "rank_pattern": {Q0: 2, "q_proj": 3},  # sorted: as saved
+        "alpha_pattern": {"model.layers.1.self_attn.v_proj": 16, "v_proj": 4},
     },
-    "targets": {
+    "all-linear": {
         "r": 4,
         "target_modules": "all-linear",
         "exclude_modules": ["down_proj"],
-        "layers_to_transform": [1],
         "init_lora_weights": "eva",
+    },
+    "layers": {
+        "r": 4,
+        "target_modules": ["q_proj", "v_proj", "gate_proj"],
+        "exclude_modules": ["gate_proj"],
+        "layers_to_transform": [1],
     },
 }
 
