@@ -232,12 +232,10 @@ def convert_adapter(
                 f"`{missing[0]}` is in the initial adapter but not in the trained one",
                 hint="pass the initial adapter saved right before this adapter was trained",
             )
-        config_text = plan.config.to_json()
         if peft_version is not None:  # the config rewritten last, after every other change
             modules = [m.report.module for m in plan.modules]
             plan.config, notes = for_release(plan.config, peft_version, modules)
             plan.warnings += notes
-            config_text = release_json(plan.config, peft_version)
         if config.encoding_problem:
             plan.warnings.insert(
                 0,
@@ -264,7 +262,9 @@ def convert_adapter(
 
         existing_card = read_card(files.directory) if files.directory is not None else None
         with atomic_directory(out, force=force, inputs=inputs) as tmp:
-            result.bytes_out = _write(plan, tmp, total, progress, config_text)
+            result.bytes_out = _write(plan, tmp, total, progress)
+            if peft_version is not None:  # only the fields that release knows
+                (tmp / CONFIG_NAME).write_text(release_json(plan.config, peft_version))
             if existing_card is not None and files.directory is not None:
                 _write_card(existing_card, files.directory, tmp, out, plan.config, result.warnings)
             if verify_output:
@@ -307,9 +307,7 @@ def _write_card(
         log.warning("%s", note)
 
 
-def _write(
-    plan: Plan, directory: Path, total: int, progress: Progress | None, config_text: str
-) -> int:
+def _write(plan: Plan, directory: Path, total: int, progress: Progress | None) -> int:
     def source(o: OutputTensor) -> TensorSource:
         def data() -> Any:
             t = o.produce()
@@ -328,5 +326,5 @@ def _write(
 
     with open(directory / SAFETENSORS_NAME, "wb") as f:
         written = write_safetensors(f, [source(o) for o in plan.outputs], progress=advance)
-    (directory / CONFIG_NAME).write_text(config_text)
+    (directory / CONFIG_NAME).write_text(plan.config.to_json())
     return written
