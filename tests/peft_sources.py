@@ -7,7 +7,7 @@ github.com/huggingface/peft (tags v0.X.0) or an unpacked wheel (`--wheel X.Y=DIR
 `peft/`). Prints, per key, the first release that knows it, its default there, and the release
 that removed it (if any):
 
-    python -m tests.peft_sources MIRROR_GIT_DIR [--wheel 0.21=DIR]
+    python -m tests.peft_sources MIRROR_GIT_DIR --wheel 0.21=DIR
 """
 
 from __future__ import annotations
@@ -88,11 +88,19 @@ def table(mirror: str, wheels: dict[str, Path]) -> dict[str, dict[str, object]]:
     return keys
 
 
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.peft_sources")
+    parser.add_argument("mirror", help="a git clone of github.com/huggingface/peft (its tags)")
+    parser.add_argument(
+        "--wheel", action="append", default=[], metavar="X.Y=DIR",
+        help="read release X.Y from an unpacked wheel (DIR holds peft/)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    wheels = {v: Path(d) for v, _, d in (w.partition("=") for w in args.wheel)}
+    print(json.dumps(table(args.mirror, wheels), indent=1))
+
+
 if __name__ == "__main__":
-    wheels = {}
-    for arg in sys.argv[2:]:
-        if arg.startswith("--wheel"):
-            continue
-        version, _, folder = arg.partition("=")
-        wheels[version] = Path(folder)
-    print(json.dumps(table(sys.argv[1], wheels), indent=1))
+    main(sys.argv[1:])

@@ -14,7 +14,7 @@ Sources (github.com/huggingface/peft; tests/peft_sources.py regenerates `KEYS` f
   (`_check_and_remove_unused_kwargs`) and warns (config.py@v0.14.0).
 * init_lora_weights values: the `Literal[...]` of its annotation (lora/config.py@v0.X.0); an
   unknown string raises `ValueError: Unknown initialization` in `LoraLayer.reset_lora_parameters`
-  (lora/layer.py) when the layer is built.
+  (lora/layer.py@v0.7.0 on) when the layer is built; 0.6 initialises any true value as `true`.
 * target_modules="all-linear": `INCLUDE_LINEAR_LAYERS_SHORTHAND`, tuners/tuners_utils.py@v0.8.0;
   before, the string is a regex that matches no module.
 * rank_pattern/alpha_pattern keys: up to 0.14 the first key with `re.match(rf".*\\.{key}$", name)`,
@@ -111,6 +111,9 @@ KEYS: dict[str, Key] = _keys(
     ("kasa_config", "0.21", None),
 )
 
+#: from this release on an unknown init_lora_weights string raises ValueError (lora/layer.py@v0.7.0:
+#: reset_lora_parameters); 0.6 initialises any true value as `true` (lora/layer.py@v0.6.0)
+INIT_CHECKED_SINCE = "0.7"
 #: init_lora_weights strings, with the first release whose annotation lists them
 #: (`pissa_niter_K` goes with "pissa"); true and false are known everywhere
 INIT_VALUES: dict[str, str] = {
@@ -375,15 +378,16 @@ def peft_version_findings(
             )
     init = data.get("init_lora_weights", True)
     since = init_since(init)
-    if since is None or not _at_least(version, since):
-        findings.append(
-            (
-                "error",
-                "peft-init-value",
-                f'PEFT {version} raises "Unknown initialization" for init_lora_weights "{init}"'
-                + (f" (first in PEFT {since})" if since else ""),
-            )
+    first = f" (first in PEFT {since})" if since else ""
+    if (since is None or not _at_least(version, since)) and _at_least(version, INIT_CHECKED_SINCE):
+        message = f'PEFT {version} raises "Unknown initialization" for init_lora_weights "{init}"'
+        findings.append(("error", "peft-init-value", message + first))
+    elif (since is None or not _at_least(version, since)) and residual_init(init):
+        message = (
+            f'PEFT {version} initialises init_lora_weights "{init}" as true: the base weights '
+            "are not rewritten to the residual"
         )
+        findings.append(("warning", "peft-init-value", message + first))
     if data.get("target_modules") == ALL_LINEAR and not _at_least(version, ALL_LINEAR_SINCE):
         findings.append(
             (

@@ -246,10 +246,19 @@ def test_a_dropped_feature_is_a_warning() -> None:
     assert peft_version_findings(saved_by_0_21(target_parameters=["experts.w"]), "0.17") == []
 
 
+#: the keys PEFT 0.6 knows: only the init value is new
+OLORA = {"peft_type": "LORA", "r": 4, "init_lora_weights": "olora"}
+
+
 def test_init_value_unknown_is_an_error() -> None:
     found = peft_version_findings(saved_by_0_21(init_lora_weights="orthogonal"), "0.15")
     assert rules(found) == [("error", "peft-init-value")]
     assert peft_version_findings(saved_by_0_21(init_lora_weights="orthogonal"), "0.16") == []
+    assert peft_version_findings({**OLORA, "init_lora_weights": "eva"}, "0.6") == []  # as true
+    found = peft_version_findings(OLORA, "0.6")
+    assert rules(found) == [("warning", "peft-init-value")]
+    assert "base weights are not rewritten" in found[0][2]
+    assert rules(peft_version_findings(OLORA, "0.7")) == [("error", "peft-init-value")]
 
 
 def test_all_linear_before_0_8_is_an_error() -> None:
