@@ -234,13 +234,16 @@ def for_release(
             if key == "exclude_modules":
                 continue  # resolved below
             _refuse(key, version)
-    target = data.get("target_modules")
-    resolve = (
-        (is_on("exclude_modules", data.get("exclude_modules")) and not knows(version, "exclude_modules"))
-        or (target == ALL_LINEAR and not _at_least(version, ALL_LINEAR_SINCE))
-        or (data.get("layers_to_transform") is not None and version != RELEASES[-1])
-    )  # fmt: skip
-    if resolve:
+    reasons = []
+    if is_on("exclude_modules", data.get("exclude_modules")) and not knows(
+        version, "exclude_modules"
+    ):
+        reasons.append("exclude_modules")
+    if data.get("target_modules") == ALL_LINEAR and not _at_least(version, ALL_LINEAR_SINCE):
+        reasons.append('"all-linear"')
+    if data.get("layers_to_transform") is not None and version != RELEASES[-1]:
+        reasons.append("layers_to_transform")  # matched by other rules in older releases
+    if reasons:
         if not modules:
             raise ConversionError(
                 f"PEFT {version} cannot express this config's targets and the weights hold no "
@@ -254,7 +257,7 @@ def for_release(
         )
         notes.append(
             f"PEFT {version}: target_modules written as the {len(modules)} modules the weights "
-            "hold (exclude_modules, layers_to_transform and all-linear resolved)"
+            f"hold ({' and '.join(reasons)} resolved)"
         )
     init = data.get("init_lora_weights", True)
     since = init_since(init)

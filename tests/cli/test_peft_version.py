@@ -61,8 +61,8 @@ def test_resolutions_are_warnings_and_in_the_json(tmp_path: Path) -> None:
     result = invoke(src, tmp_path / "out", "--peft-version", "0.7", "--json")
     assert result.exit_code == 0, result.stderr
     note = (
-        "PEFT 0.7: target_modules written as the 2 modules the weights hold (exclude_modules, "
-        "layers_to_transform and all-linear resolved)"
+        "PEFT 0.7: target_modules written as the 2 modules the weights hold (exclude_modules "
+        'and "all-linear" resolved)'
     )
     assert json.loads(result.stdout)["warnings"] == [note]
     assert written(tmp_path / "out")["target_modules"] == [Q, V]
