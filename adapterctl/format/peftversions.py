@@ -196,14 +196,14 @@ def _old_key(config: LoraConfig, field: str, keys: list[str], module: str) -> st
 
 
 def _pattern_values(config: LoraConfig, version: str, module: str) -> tuple[int, Any]:
-    """(rank, alpha) of `module` as PEFT `version` reads the config's patterns (keys in file
-    order: sorted, as every config is written)."""
+    """(rank, alpha) of `module` as PEFT `version` reads the config's patterns, keys in the
+    config's order (a file's order, as PEFT reads it)."""
     if _at_least(version, WHOLE_NAME_PATTERNS_SINCE):
         return config.rank_for(module), config.alpha_for(module)
     ranks: dict[str, Any] = config.rank_pattern or {}
     alphas: dict[str, Any] = config.alpha_pattern or {}
-    rk = _old_key(config, "rank_pattern", sorted(ranks), module)
-    ak = _old_key(config, "alpha_pattern", sorted(alphas), module)
+    rk = _old_key(config, "rank_pattern", list(ranks), module)
+    ak = _old_key(config, "alpha_pattern", list(alphas), module)
     rank = int(ranks[rk]) if rk is not None else int(config.r)
     return rank, alphas[ak] if ak is not None else config.lora_alpha
 
@@ -273,7 +273,7 @@ def for_release(
         changes["init_lora_weights"] = True  # initialisation only: the saved weights replace it
         notes.append(f'PEFT {version}: init_lora_weights "{init}" written as true')
     out = config.replace(**changes) if changes else config
-    if not _at_least(version, WHOLE_NAME_PATTERNS_SINCE):
+    if not _at_least(version, WHOLE_NAME_PATTERNS_SINCE):  # read from the file: keys sorted
         out, note = _old_patterns(out, version, modules)
         notes += note
     dropped = sorted(k for k in data if k not in KEYS)
@@ -304,7 +304,11 @@ def _old_patterns(
 ) -> tuple[LoraConfig, list[str]]:
     """Rank and alpha patterns that PEFT < 0.15 applies as PEFT 0.21.2 does, else ConversionError."""
     want = {m: (config.rank_for(m), config.alpha_for(m)) for m in modules}
-    if all(_pattern_values(config, version, m) == want[m] for m in modules):
+    written = config.replace(  # the file release_json writes holds the keys sorted
+        rank_pattern=dict(sorted((config.rank_pattern or {}).items())),
+        alpha_pattern=dict(sorted((config.alpha_pattern or {}).items())),
+    )
+    if all(_pattern_values(written, version, m) == want[m] for m in modules):
         return config, []
     ranks: dict[str, int] = {}
     alphas: dict[str, Any] = {}
@@ -313,7 +317,9 @@ def _old_patterns(
             ranks[m] = r
         if a != config.lora_alpha:
             alphas[m] = a
-    out = config.replace(rank_pattern=ranks, alpha_pattern=alphas)
+    out = config.replace(
+        rank_pattern=dict(sorted(ranks.items())), alpha_pattern=dict(sorted(alphas.items()))
+    )
     for m in modules:
         if (
             _pattern_values(out, version, m) != want[m]

@@ -207,6 +207,16 @@ def test_pattern_keys_rewritten_before_0_15() -> None:
     assert for_release(alone, "0.6", MODULES) == (alone, [])
 
 
+def test_pattern_keys_are_tried_in_file_order() -> None:
+    """Both keys match v_proj: the file's first wins. Read as they stand, every release agrees;
+    written sorted (as every config is), the other key would win, so each module gets its own."""
+    config = cfg(r=4, rank_pattern={"v_proj": 3, "self_attn.v_proj": 5})
+    assert peft_version_findings(config, "0.14", [V0]) == []
+    out, notes = for_release(config, "0.14", [V0])
+    assert out.rank_pattern == {V0: 3}
+    assert len(notes) == 1
+
+
 def test_pattern_keys_that_cannot_name_one_module_are_refused() -> None:
     inner, outer = "a.q", "x.a.q"  # `.*\.a.q$` matches both: no key names `a.q` alone
     config = cfg(target_modules=["q"], rank_pattern={"^a.q": 2})  # PEFT 0.21.2: `a.q` only
