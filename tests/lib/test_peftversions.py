@@ -323,6 +323,11 @@ CASES: dict[str, dict[str, Any]] = {
         "rank_pattern": {Q0: 2, "q_proj": 3},  # sorted: as saved
         "alpha_pattern": {"model.layers.1.self_attn.v_proj": 16, "v_proj": 4},
     },
+    "alphas": {  # PEFT 0.14 loads it with v_proj's alpha 4 on layer 1: a warning
+        "r": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "alpha_pattern": {"model.layers.1.self_attn.v_proj": 16, "v_proj": 4},
+    },
     "all-linear": {
         "r": 4,
         "target_modules": "all-linear",
@@ -419,7 +424,8 @@ def test_old_peft_reads_the_converted_config_with_the_same_logits(
 ) -> None:
     """Each case converted for `version` loads there and gives PEFT 0.21.2's logits (fp32,
     1e-5); each unconverted source fails to load there exactly when the findings say "error",
-    and gives PEFT 0.21.2's logits when there are no findings at all."""
+    gives PEFT 0.21.2's logits when there are no findings at all, and other logits when there
+    are only warnings."""
     import torch
 
     from adapterctl.ops.convert import convert_adapter
@@ -447,6 +453,8 @@ def test_old_peft_reads_the_converted_config_with_the_same_logits(
         assert bool(errors) == ("error" in loaded), (name, findings, loaded.get("error"))
         if not findings:
             torch.testing.assert_close(torch.tensor(loaded["logits"]), ours, rtol=0, atol=1e-5)
+        elif not errors:  # loads, and computes something else
+            assert not torch.allclose(torch.tensor(loaded["logits"]), ours, rtol=0, atol=1e-5)
 
 
 def _modules(adapter: Path) -> list[str]:
