@@ -7,7 +7,9 @@ Build them (package registries only; about 2-4 minutes each) with
 
     .venv/bin/python -m tests.peft_envs [X.Y ...]
 
-The slow tests skip, naming this command, when an environment is missing. In an environment,
+Where torch 2.13.0 is not on the machine's disk, point pip at the CPU build first (e.g.
+`PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu`): a bare `torch` from PyPI is the much
+larger CUDA build. The slow tests skip, naming this command, when an environment is missing. In an environment,
 `python tests/peft_envs.py logits JOB.json` (standard library at module level, so it runs there
 without adapterctl) loads a tiny Llama's weights and an adapter with that PEFT and writes logits.
 """
