@@ -89,6 +89,15 @@ def convert_cmd(
             "what every serving engine computes as PEFT does.",
         ),
     ] = False,
+    peft_version: Annotated[
+        str | None,
+        typer.Option(
+            "--peft-version",
+            metavar="X.Y",
+            help="Write a config that PEFT X.Y (0.6 to 0.21) reads with the same meaning.",
+            show_default=False,
+        ),
+    ] = None,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Check the written files against SOURCE before renaming."),
@@ -119,6 +128,7 @@ def convert_cmd(
                 rank=rank,
                 energy=energy,
                 portable=portable,
+                peft_version=peft_version,
                 verify_output=verify,
                 force=force,
                 revision=revision,
