@@ -394,7 +394,7 @@ def _llamacpp_scale(f: Facts) -> str | None:
 
 LLAMACPP = EngineTable(
     "llama.cpp",
-    "b-0b03ada",
+    "master@0b03ada",
     (
         Rule("llama.cpp.tensors", "error", _llamacpp_tensors,
              "convert_lora_to_gguf.py@0b03ada get_tensors"),
