@@ -166,8 +166,33 @@ def _partial_types(supported: frozenset[str]) -> Check:
     return check
 
 
+def _base_copy(name: str, kind: str) -> bool:
+    """PEFT's copy of a targeted embedding's own weight (`embed_tokens.base_layer.weight`, saved
+    with save_embedding_layers): the base's weight, unless tokens were added (`_resized`)."""
+    return kind == "embedding" and name.endswith(".base_layer.weight")
+
+
+def _resized(f: Facts) -> str | None:
+    """With --base: an embedding copy whose row count is not the base's vocab_size means tokens
+    were added in training; an engine that keeps the base's embeddings has other ones."""
+    if f.base is None:
+        return None
+    vocab = (f.base.get("text_config") or f.base).get("vocab_size")
+    resized = [
+        f"`{t.name}` ({t.shape[0]} rows)"
+        for t, (_, k, _) in zip(f.tensors, f.kinds, strict=True)
+        if _base_copy(t.name, k) and t.shape and t.shape[0] != vocab
+    ]
+    if not isinstance(vocab, int) or not resized:
+        return None
+    return (
+        f"keeps the base's embeddings (vocab_size {vocab}) and not the adapter's resized copies: "
+        + ", ".join(resized[:3])
+    )
+
+
 def _tensors_ignored(f: Facts) -> str | None:
-    extra = f.extra_tensors(("lora_A", "lora_B"))
+    extra = [(n, k) for n, k in f.extra_tensors(("lora_A", "lora_B")) if not _base_copy(n, k)]
     if not extra:
         return None
     kinds = sorted({k for _, k in extra})
@@ -210,6 +235,11 @@ class EngineTable:
 # raises "... is unsupported LoRA weight" for any other suffix).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_RANK = 16
+#: vllm/config/lora.py@v0.11 LoRAExtraVocabSize = Literal[256, 512], default 256
+VLLM_MAX_EXTRA_VOCAB = 512
+VLLM_DEFAULT_EXTRA_VOCAB = 256
+#: vllm/lora/utils.py@v0.11 is_base_embeddding_weights: PEFT's embedding copies, skipped
+VLLM_SKIPPED_SUFFIXES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
 
 
 def _vllm_rank(f: Facts) -> str | None:
@@ -221,32 +251,47 @@ def _vllm_rank(f: Facts) -> str | None:
 
 def _vllm_extra(f: Facts) -> str | None:
     covered = {"modules_to_save", "lora_magnitude_vector", "bias"}  # their own rules
-    extra = [(n, k) for n, k in f.extra_tensors() if k not in covered]
+    extra = [
+        (n, k)
+        for n, k in f.extra_tensors()
+        if k not in covered and not n.endswith(VLLM_SKIPPED_SUFFIXES)
+    ]
     if not extra:
         return None
     return f"refuses tensors other than LoRA factors: {_some([n for n, _ in extra])}"
 
 
-def _vllm_vocab(f: Facts) -> str | None:
-    if f.base is None:
-        return None
-    vocab = (f.base.get("text_config") or f.base).get("vocab_size")
-    wide = [
-        t.name
+def _embedding_rows(f: Facts) -> tuple[int | None, int]:
+    """(the base's vocab_size, the most token rows an embedding LoRA holds)."""
+    vocab = (f.base.get("text_config") or f.base).get("vocab_size") if f.base else None
+    rows = [
+        t.shape[1]
         for t, (_, k, _) in zip(f.tensors, f.kinds, strict=True)
-        if k == "lora_embedding_A" and len(t.shape) == 2 and t.shape[1] != vocab
+        if k == "lora_embedding_A" and len(t.shape) == 2
     ]
-    if not isinstance(vocab, int) or not wide:
+    return (vocab if isinstance(vocab, int) else None), max(rows, default=0)
+
+
+def _vllm_vocab(f: Facts) -> str | None:
+    vocab, rows = _embedding_rows(f)
+    if vocab is None or rows <= vocab + VLLM_MAX_EXTRA_VOCAB:
         return None
-    return f"embedding LoRA {_some(wide)} does not match the base's vocab_size {vocab}"
+    return (
+        f"embedding LoRA has {rows} token rows, more than the base's vocab_size {vocab} plus the "
+        f"largest --lora-extra-vocab-size ({VLLM_MAX_EXTRA_VOCAB})"
+    )
 
 
 def _vllm_needs(f: Facts) -> list[str]:
     r = f.max_rank()
     fits = [x for x in VLLM_MAX_LORA_RANKS if x >= r]
-    if not fits or fits[0] <= VLLM_DEFAULT_MAX_RANK:
-        return ["--enable-lora"]
-    return ["--enable-lora", f"--max-lora-rank {fits[0]}"]
+    needs = ["--enable-lora"]
+    if fits and fits[0] > VLLM_DEFAULT_MAX_RANK:
+        needs.append(f"--max-lora-rank {fits[0]}")
+    vocab, rows = _embedding_rows(f)
+    if vocab is not None and rows > vocab + VLLM_DEFAULT_EXTRA_VOCAB:
+        needs.append(f"--lora-extra-vocab-size {VLLM_MAX_EXTRA_VOCAB}")
+    return needs
 
 
 VLLM = EngineTable(
@@ -265,7 +310,9 @@ VLLM = EngineTable(
         Rule("vllm.tensors", "error", _vllm_extra,
              "vllm/lora/utils.py@v0.11 parse_fine_tuned_lora_name"),
         Rule("vllm.vocab", "error", _vllm_vocab,
-             "vllm/lora/models.py@v0.11 embeddings vs the model's vocabulary (--base)"),
+             "vllm/lora/layers VocabParallelEmbeddingWithLoRA@v0.11 vocab + extra vocab (--base)"),
+        Rule("vllm.resized_embeddings", "warning", _resized,
+             "vllm/lora/models.py@v0.11 skips is_base_embeddding_weights (--base)"),
         Rule("vllm.patterns", "warning", _patterns_ignored,
              "vllm/lora/peft_helper.py@v0.11 one vllm_lora_scaling_factor from r/lora_alpha"),
     ),
@@ -292,6 +339,8 @@ TGI = EngineTable(
              "models/__init__.py@v3.3.7 adapter_layers"),
         Rule("tgi.partial_layers", "warning", _partial_types(TGI_LAYERS),
              "adapters/lora.py@v3.3.7 prepare_weights returns None"),
+        Rule("tgi.resized_embeddings", "warning", _resized,
+             "models/__init__.py@v3.3.7 reads only lora_A/lora_B (--base)"),
         Rule("tgi.tensors", "warning", _tensors_ignored,
              "models/__init__.py@v3.3.7 unused adapter weights"),
     ),
@@ -331,6 +380,8 @@ LORAX = EngineTable(
              "models/flash_llama.py@0.4.0-23-ga7394ba ADAPTER_LAYERS"),
         Rule("lorax.partial_layers", "warning", _partial_types(LORAX_LAYERS),
              "adapters/lora.py@0.4.0-23-ga7394ba load returns None"),
+        Rule("lorax.resized_embeddings", "warning", _resized,
+             "models/model.py@0.4.0-23-ga7394ba reads only lora_A/lora_B (--base)"),
         Rule("lorax.tensors", "warning", _tensors_ignored,
              "models/model.py@0.4.0-23-ga7394ba unused adapter weights"),
     ),
@@ -402,6 +453,8 @@ LLAMACPP = EngineTable(
              "convert_lora_to_gguf.py@0b03ada modify_tensors (llama.cpp#9065)"),
         Rule("llama.cpp.architecture", "error", _llamacpp_arch,
              "convert_lora_to_gguf.py@0b03ada ModelBase.from_model_architecture"),
+        Rule("llama.cpp.resized_embeddings", "warning", _resized,
+             "convert_lora_to_gguf.py@0b03ada skips `.base_layer.weight` (--base)"),
         Rule("llama.cpp.scale", "warning", _llamacpp_scale,
              "src/llama-adapter.h@0b03ada llama_adapter_lora_weight::get_scale"),
     ),
