@@ -191,7 +191,7 @@ NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, An
             "alpha_pattern": {"v_proj": 4},
         },
         None,
-    ),  # fmt: skip
+    ),
     # ranks 4 and 8 are both padded to 8: LoRAX stacks them, TGI would not
     "lorax.ranks": (_two_layers(4, 8), {"rank_pattern": {"layers.1.self_attn.q_proj": 8}}, None),
     "tgi.partial_layers": (lora_tensors(), {}, LLAMA_BASE),
@@ -325,7 +325,7 @@ def test_parse_engine() -> None:
     assert parse_engine(f"tgi@{TABLES['tgi'].version}") == ("tgi", TABLES["tgi"].version)
     with pytest.raises(InvalidOptionError, match="unknown engine `trt`"):
         parse_engine("trt")
-    with pytest.raises(InvalidOptionError, match="no rules for vllm 0.4"):
+    with pytest.raises(InvalidOptionError, match=r"no rules for vllm 0\.4"):
         parse_engine("vllm@0.4")
 
 
@@ -351,10 +351,10 @@ def test_read_base_config(tmp_path: Path) -> None:
     assert read_base_config(tmp_path) == LLAMA_BASE
     assert read_base_config(tmp_path / "config.json") == LLAMA_BASE
     (tmp_path / "config.json").write_text("[1]")
-    with pytest.raises(InvalidOptionError, match="not a model's config.json"):
+    with pytest.raises(InvalidOptionError, match=r"not a model's config\.json"):
         read_base_config(tmp_path)
     (tmp_path / "config.json").write_text("{nope")
-    with pytest.raises(InvalidOptionError, match="not a model's config.json"):
+    with pytest.raises(InvalidOptionError, match=r"not a model's config\.json"):
         read_base_config(tmp_path)
 
 
