@@ -554,11 +554,11 @@ def _peft_version_findings() -> Callable[[dict[str, Any], str], list[tuple[str, 
 
     try:
         module = importlib.import_module("adapterctl.format.peftversions")
-    except ImportError:
+    except ImportError as e:
         raise InvalidOptionError(
             f"this adapterctl has no rules for PEFT releases other than {PEFT_VERSION}",
             hint=f"use --engine peft (PEFT {PEFT_VERSION})",
-        ) from None
+        ) from e
     found: Callable[[dict[str, Any], str], list[tuple[str, str, str]]]
     found = module.peft_version_findings
     return found
@@ -583,7 +583,7 @@ def read_base_config(base: str | os.PathLike[str], *, token: str | None = None) 
     try:
         data = json.loads(read_small(path, "model config"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidOptionError(f"`{path}` is not a model's config.json: {e}") from None
+        raise InvalidOptionError(f"`{path}` is not a model's config.json: {e}") from e
     if not isinstance(data, dict):
         raise InvalidOptionError(f"`{path}` is not a model's config.json (not a JSON object)")
     return data
