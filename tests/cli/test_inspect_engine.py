@@ -138,3 +138,25 @@ def test_untrusted_names_are_escaped(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "\x1b" not in result.stdout
     assert "tgi warning [tgi.layer_types]" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_hub_base_is_read_for_its_config_only(tmp_path: Path) -> None:
+    from tests.hub.test_hub import TOKENS, cli, client_env
+    from tests.hubserver import FakeHub
+
+    tensors = {**lora_tensors(), **lora_tensors("lm_head")}
+    path = write_adapter(tmp_path / "a", tensors, {"target_modules": ["q_proj", "lm_head"]})
+    config = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}
+    with FakeHub(TOKENS) as hub:
+        hub.put(
+            "org/base",
+            {"config.json": json.dumps(config).encode(), "model.safetensors": b"\0" * 4096},
+        )
+        env = client_env(hub, tmp_path / "hf")
+        result = cli(env, "inspect", path, "-e", "llama.cpp", "--base", "org/base", "--json")
+        assert result.returncode == 0, result.stderr
+        (verdict,) = json.loads(result.stdout)["adapters"][0]["engines"]
+        assert verdict["findings"][0]["rule"] == "llama.cpp.tied_lm_head"
+        fetched = {e.path.rsplit("/", 1)[-1] for e in hub.log if "/resolve/" in e.path}
+        assert fetched == {"config.json"}
