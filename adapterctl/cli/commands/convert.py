@@ -81,6 +81,15 @@ def convert_cmd(
             show_default=False,
         ),
     ] = None,
+    peft_version: Annotated[
+        str | None,
+        typer.Option(
+            "--peft-version",
+            metavar="X.Y",
+            help="Write a config that PEFT X.Y (0.6 to 0.21) reads with the same meaning.",
+            show_default=False,
+        ),
+    ] = None,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Check the written files against SOURCE before renaming."),
@@ -110,6 +119,7 @@ def convert_cmd(
                 dtype=dtype,
                 rank=rank,
                 energy=energy,
+                peft_version=peft_version,
                 verify_output=verify,
                 force=force,
                 revision=revision,

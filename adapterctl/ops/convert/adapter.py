@@ -15,6 +15,7 @@ from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOption
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
+from adapterctl.format.peftversions import for_release, release, release_json
 from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
@@ -164,6 +165,7 @@ def convert_adapter(
     dtype: str | None = None,
     rank: int | None = None,
     energy: float | None = None,
+    peft_version: str | None = None,
     verify_output: bool = False,
     force: bool = False,
     progress: Progress | None = None,
@@ -172,10 +174,13 @@ def convert_adapter(
     token: str | None = None,
 ) -> ConversionResult:
     """Write `output`: the adapter at `source` converted; atomically, or not at all. `source`,
-    `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`)."""
+    `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`).
+    `peft_version` ("0.10"): write a config that this PEFT release reads with the same meaning."""
     from adapterctl.ops.hub import resolve
 
     code = _check_options(initial, base, init, dtype, rank, energy)
+    if peft_version is not None:
+        peft_version = release(peft_version)
     label = os.fspath(source)
     local = [p for p in (source, initial, base) if p is not None]
     preflight([output], force=force, inputs=local)  # before anything is downloaded
@@ -186,7 +191,7 @@ def convert_adapter(
         base = resolve(base, kind="base", token=token)
     files = one_adapter(source, "source")
     assert files.config_path is not None
-    nothing = (initial, base, code, rank, energy) == (None,) * 5
+    nothing = (initial, base, code, rank, energy, peft_version) == (None,) * 6
     if nothing and files.format == "safetensors":
         raise ConversionError(
             "nothing to convert: the source is already safetensors",
@@ -227,6 +232,12 @@ def convert_adapter(
                 f"`{missing[0]}` is in the initial adapter but not in the trained one",
                 hint="pass the initial adapter saved right before this adapter was trained",
             )
+        config_text = plan.config.to_json()
+        if peft_version is not None:  # the config rewritten last, after every other change
+            modules = [m.report.module for m in plan.modules]
+            plan.config, notes = for_release(plan.config, peft_version, modules)
+            plan.warnings += notes
+            config_text = release_json(plan.config, peft_version)
         if config.encoding_problem:
             plan.warnings.insert(
                 0,
@@ -253,7 +264,7 @@ def convert_adapter(
 
         existing_card = read_card(files.directory) if files.directory is not None else None
         with atomic_directory(out, force=force, inputs=inputs) as tmp:
-            result.bytes_out = _write(plan, tmp, total, progress)
+            result.bytes_out = _write(plan, tmp, total, progress, config_text)
             if existing_card is not None and files.directory is not None:
                 _write_card(existing_card, files.directory, tmp, out, plan.config, result.warnings)
             if verify_output:
@@ -296,7 +307,9 @@ def _write_card(
         log.warning("%s", note)
 
 
-def _write(plan: Plan, directory: Path, total: int, progress: Progress | None) -> int:
+def _write(
+    plan: Plan, directory: Path, total: int, progress: Progress | None, config_text: str
+) -> int:
     def source(o: OutputTensor) -> TensorSource:
         def data() -> Any:
             t = o.produce()
@@ -315,5 +328,5 @@ def _write(plan: Plan, directory: Path, total: int, progress: Progress | None) -
 
     with open(directory / SAFETENSORS_NAME, "wb") as f:
         written = write_safetensors(f, [source(o) for o in plan.outputs], progress=advance)
-    (directory / CONFIG_NAME).write_text(plan.config.to_json())
+    (directory / CONFIG_NAME).write_text(config_text)
     return written
