@@ -22,6 +22,7 @@ from typing import Any
 from adapterctl.errors import InvalidOptionError
 from adapterctl.format.config import PEFT_VERSION, LoraConfig
 from adapterctl.format.keys import KeyInfo
+from adapterctl.format.peftversions import peft_version_findings, release
 from adapterctl.ops.checks import ModuleEntry, TensorEntry, tensor_kinds
 from adapterctl.ops.inspect import AdapterReport, InspectReport
 
@@ -513,7 +514,7 @@ def parse_engine(spec: str) -> tuple[str, str]:
             f"unknown engine `{spec}`", hint=f"engines: {', '.join(ENGINES)} (peft@X.Y)"
         )
     if name == "peft":
-        return name, version or PEFT_VERSION
+        return name, release(version) if version and version != PEFT_VERSION else PEFT_VERSION
     known = TABLES[name].version
     if version and version != known:
         raise InvalidOptionError(
@@ -540,28 +541,12 @@ def evaluate(facts: Facts, spec: str, peft_errors: Sequence[str] = ()) -> Verdic
 
 def _peft_verdict(facts: Facts, version: str, peft_errors: Sequence[str]) -> Verdict:
     """PEFT 0.21.2 loads what `inspect` finds no error in, and is the reference; another
-    release: what `format.peftversions` says that release does with this config."""
+    release: what `format.peftversions` says that release does with this config and modules."""
     found = [Finding("error", "peft.file", m) for m in peft_errors]
     if version != PEFT_VERSION:
-        found += [Finding(*f) for f in _peft_version_findings()(facts.config.raw, version)]
+        modules = sorted({m.path.replace(".base_layer", "") for m in facts.lora})
+        found += [Finding(*f) for f in peft_version_findings(facts.config, version, modules)]
     return Verdict("peft", version, tuple(found), ())
-
-
-def _peft_version_findings() -> Callable[[dict[str, Any], str], list[tuple[str, str, str]]]:
-    """`format.peftversions.peft_version_findings` (the key sets of every PEFT release), looked
-    up when a `peft@X.Y` other than the pinned release is asked for."""
-    import importlib
-
-    try:
-        module = importlib.import_module("adapterctl.format.peftversions")
-    except ImportError as e:
-        raise InvalidOptionError(
-            f"this adapterctl has no rules for PEFT releases other than {PEFT_VERSION}",
-            hint=f"use --engine peft (PEFT {PEFT_VERSION})",
-        ) from e
-    found: Callable[[dict[str, Any], str], list[tuple[str, str, str]]]
-    found = module.peft_version_findings
-    return found
 
 
 def read_base_config(base: str | os.PathLike[str], *, token: str | None = None) -> dict[str, Any]:

@@ -160,3 +160,12 @@ def test_a_hub_base_is_read_for_its_config_only(tmp_path: Path) -> None:
         assert verdict["findings"][0]["rule"] == "llama.cpp.tied_lm_head"
         fetched = {e.path.rsplit("/", 1)[-1] for e in hub.log if "/resolve/" in e.path}
         assert fetched == {"config.json"}
+
+
+def test_an_older_peft_release(plain: Path) -> None:
+    result = invoke("inspect", plain, "-e", "peft@0.10", "-e", "peft@0.14", "--check")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:4] == ["peft", "0.10", "no", "no"] for line in lines)
+    assert any(line.split()[:4] == ["peft", "0.14", "yes", "yes"] for line in lines)
+    assert "PEFT 0.10 raises TypeError" in result.stderr

@@ -3,7 +3,6 @@ not; the verdicts of PEFT-made adapters against every engine, as a golden table.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -329,12 +328,20 @@ def test_parse_engine() -> None:
         parse_engine("vllm@0.4")
 
 
-def test_other_peft_releases_come_from_peftversions(plain: Path) -> None:
-    if importlib.util.find_spec("adapterctl.format.peftversions") is None:
-        with pytest.raises(InvalidOptionError, match="no rules for PEFT releases other than"):
-            _verdict(plain, "peft@0.10")
-    else:
-        assert _verdict(plain, "peft@0.10").version == "0.10"
+def test_other_peft_releases_come_from_peftversions(tmp_path: Path, plain: Path) -> None:
+    assert parse_engine("peft@0.10.2") == ("peft", "0.10")
+    assert parse_engine("peft@0.21.2") == ("peft", "0.21.2")
+    with pytest.raises(InvalidOptionError, match="unknown PEFT version"):
+        parse_engine("peft@1.0")
+    # a config as PEFT 0.21 writes it holds keys that 0.10 does not know: TypeError there
+    assert _rules(plain, "peft@0.10") == ["peft-unknown-key"]
+    assert _rules(plain, "peft@0.14") == []  # dropped with a warning, all at their defaults
+    minimal = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    tensors = {**lora_tensors(), f"{P}{Q}.lora_magnitude_vector": _vec(8)}
+    path = write_adapter(tmp_path / "dora", tensors, raw_config=json.dumps(
+        {**minimal, "use_dora": True}))  # fmt: skip
+    assert _verdict(path, "peft@0.8").loads is False  # use_dora is first in 0.9
+    assert _verdict(path, "peft@0.9").findings == ()
 
 
 def test_an_adapter_without_config_loads_nowhere(tmp_path: Path) -> None:
