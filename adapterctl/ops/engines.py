@@ -5,9 +5,9 @@ The rules are data: one table per engine and version range, each rule an id, a l
 the engine refuses the adapter; "warning": it loads and computes something else), a predicate
 over the adapter (`Facts`: config, classified tensors, per-module rank/alpha/scaling as
 `ops.checks` worked them out from the patterns, and the base's config.json where given) that
-returns the finding's message or None, and what the serve command then needs. The source of
-each rule (file@version of the engine) is in a comment beside it. No torch, no network (a Hub
-base's config.json is downloaded, nothing else).
+returns the finding's message or None, and what the serve command then needs. Each rule names
+its source (the engine's file@version) in its `source` field, each table its files in the
+comment above it. No torch, no network (a Hub base's config.json is downloaded, nothing else).
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ class Facts:
             if k not in allowed
         ]
 
-    def global_scaling(self, r: int | None = None) -> float:
+    def global_scaling(self) -> float:
         """One scale per adapter, as the serving engines take it: from the global r/lora_alpha."""
         c = self.config
-        return float(c.scaling(float(c.lora_alpha), int(r if r is not None else c.r)))
+        return float(c.scaling(float(c.lora_alpha), int(c.r)))
 
     def layer_types(self) -> dict[str, set[int | None]]:
         """LoRA module type (last path component) -> the layer indices it appears in."""
@@ -104,13 +104,12 @@ Check = Callable[[Facts], str | None]
 def _patterns_ignored(f: Facts) -> str | None:
     """One scale per adapter from the global r/lora_alpha: modules whose PEFT scaling (patterns
     applied) differs get another delta."""
-    wrong = [m.path for m in f.lora if m.scaling is not None and not _close(
-        m.scaling, f.global_scaling()
-    )]  # fmt: skip
+    one = f.global_scaling()
+    wrong = [m.path for m in f.lora if m.scaling is not None and not _close(m.scaling, one)]
     if not wrong:
         return None
     return (
-        f"takes one scale per adapter ({f.global_scaling():g}, from `r` and `lora_alpha`) and "
+        f"takes one scale per adapter ({one:g}, from `r` and `lora_alpha`) and "
         f"ignores rank_pattern/alpha_pattern: {len(wrong)} module(s) get another scale than "
         f"PEFT's ({_some(wrong)})"
     )
