@@ -372,3 +372,30 @@ def test_nan_and_inf_are_carried_and_verified(dtype: str | None, tmp_path: Path)
     assert not a[2:].any()
     expected = 6 * tensors[f"{P}{Q}.lora_B.weight"][1:, :2].astype(np.float64)  # 12 / 2
     assert np.allclose(b[1:, :2], expected, rtol=2.0**-8 if dtype else 2.0**-24, atol=0)
+
+
+SERVING = ["vllm", "tgi", "lorax", "llama.cpp"]
+
+
+def _serving_verdicts(directory: Path) -> dict[str, tuple[bool, bool]]:
+    """(loads, same_as_peft) per serving engine, from `inspect --engine`'s library call."""
+    from adapterctl.ops.engines import judge
+    from adapterctl.ops.inspect import inspect_adapter
+
+    judged = judge(inspect_adapter(directory), SERVING)
+    (verdicts,) = judged.verdicts
+    return {v.engine: (v.loads, v.same_as_peft) for v in verdicts}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["plain", "patterns", "rslora_patterns"])
+def test_every_serving_engine_then_computes_what_peft_computes(case: str, tmp_path: Path) -> None:
+    """What `--portable` is for: where patterns or rslora made an engine compute something else,
+    `inspect --engine` says every serving engine computes the portable output as PEFT does."""
+    src = peft_save(tiny_llama, tmp_path / "src", {"default": VARIANTS[case]})
+    before = _serving_verdicts(src)
+    if case != "plain":
+        assert not all(same for _, same in before.values()), before
+    convert_adapter(src, tmp_path / "out", portable=True)
+    after = _serving_verdicts(tmp_path / "out")
+    assert after == dict.fromkeys(SERVING, (True, True)), after

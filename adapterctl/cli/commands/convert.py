@@ -96,6 +96,7 @@ def convert_cmd(
             metavar="X.Y",
             help="Write a config that PEFT X.Y (0.6 to 0.21) reads with the same meaning.",
             show_default=False,
+            autocompletion=choices.peft_releases,
         ),
     ] = None,
     verify: Annotated[

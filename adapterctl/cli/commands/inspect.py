@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from adapterctl.cli import choices
 from adapterctl.cli.options import JsonOpt, RevisionOpt, SourceArg, SubfolderOpt, TokenOpt
 from adapterctl.cli.output import COMPACT_FROM, Output, render_inspect, render_inspect_engines
 from adapterctl.errors import ExitCode
@@ -47,6 +48,7 @@ def inspect_cmd(
             help="Also say whether ENGINE loads the adapter and computes what PEFT 0.21.2 "
             "computes, and what it needs: vllm, tgi, lorax, llama.cpp, peft or peft@X.Y "
             "(repeatable; with --check, exit 1 when one would not).",
+            autocompletion=choices.engines,
         ),
     ] = None,
     base: Annotated[
