@@ -15,7 +15,7 @@ from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOption
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
-from adapterctl.format.peftversions import for_release, release, release_json
+from adapterctl.format.peftversions import KEYS, for_release, knows, release, release_json
 from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
@@ -216,6 +216,17 @@ def convert_adapter(
     preflight([out], force=force, inputs=inputs)
     config = LoraConfig.from_file(files.config_path)
     refuse_variants(config, label, _VARIANT_HINT)
+    folded = None
+    if peft_version is not None and config.use_rslora and not knows(peft_version, "use_rslora"):
+        # rslora written in that release's terms exactly: its scaling folded into B (--portable)
+        portable, folded = (
+            True,
+            (
+                f"PEFT {peft_version} does not know rslora (first in PEFT "
+                f"{KEYS['use_rslora'].since}): each module's scaling is folded into its lora_B and "
+                "every module padded to one rank, as --portable does"
+            ),
+        )
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(OpenStore(files.weights_path, files.format))
         provider: Initial | None = None
@@ -251,7 +262,7 @@ def convert_adapter(
         if peft_version is not None:  # the config rewritten last, after every other change
             modules = [m.report.module for m in plan.modules]
             plan.config, notes = for_release(plan.config, peft_version, modules)
-            plan.warnings += notes
+            plan.warnings += [folded, *notes] if folded else notes
         if config.encoding_problem:
             plan.warnings.insert(
                 0,
