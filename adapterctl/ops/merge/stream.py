@@ -37,7 +37,7 @@ from adapterctl.format.rawtensor import (
     to_float32,
     to_floats,
 )
-from adapterctl.format.tensors import TensorSource, write_safetensors
+from adapterctl.format.tensors import FileSpan, TensorSource, write_safetensors
 from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.merge.plan import (
     Lora,
@@ -260,7 +260,7 @@ class Merger:
             )
         return from_float(w, code)
 
-    def source(self, key: str) -> Callable[[], memoryview | Iterator[memoryview]]:
+    def source(self, key: str) -> Callable[[], memoryview | Iterator[memoryview | FileSpan]]:
         """What the writer calls for `key`'s bytes, when it writes it."""
         if key in self.plan.added:
             return lambda: self.added(key).buffer()
@@ -268,10 +268,16 @@ class Merger:
             return lambda: self.copied(key)
         return lambda: self.tensor(key).buffer()
 
-    def copied(self, key: str) -> Iterator[memoryview]:
-        """A tensor no adapter touches, piece by piece (cast with --dtype): memory stays one
-        piece, whatever the tensor's size (an embedding is often the largest)."""
+    def copied(self, key: str) -> Iterator[memoryview | FileSpan]:
+        """A tensor no adapter touches: its bytes copied by the kernel from the base's shard,
+        or (cast with --dtype, or from a `.bin` base) piece by piece; memory stays one piece,
+        whatever the tensor's size (an embedding is often the largest)."""
         dtype, _ = self.headers[key]
+        if _out_dtype(dtype, self.code) == dtype:
+            span = self.base.span(key)  # the bytes stay as they are
+            if span is not None:
+                yield span
+                return
         for piece in self.base.pieces(key):
             if self.code is None:
                 yield memoryview(piece)
