@@ -18,7 +18,7 @@ from adapterctl.errors import AdapterctlError, AdapterFormatError, ConversionErr
 from adapterctl.format.dtypes import Dtype
 from adapterctl.format.files import read_small
 from adapterctl.format.rawtensor import RawTensor
-from adapterctl.format.tensors import SafetensorsReader, bin_arrays
+from adapterctl.format.tensors import FileSpan, SafetensorsReader, bin_arrays
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -180,6 +180,29 @@ class BaseCheckpoint:
             if len(tied) == 1:
                 return tied[0]
         return None
+
+    def span(self, key: str) -> FileSpan | None:
+        """Where the stored tensor `key`'s bytes lie in its safetensors shard, for the writer to
+        copy in the kernel (None for a `.bin` base, whose tensors are unpickled)."""
+        if self.format == "bin":
+            return None
+        reader = self._reader(self._where[key])
+        if key not in reader.tensors:
+            raise AdapterFormatError(f"`{reader.path}` lacks `{key}`, which its index names")
+        return reader.span(key)
+
+    def pieces(self, key: str) -> Iterator[bytes | memoryview]:
+        """The stored tensor `key`'s bytes in pieces of about 1 MiB cut at element boundaries
+        (a `.bin` shard's tensor, already in memory, as one piece): copied, a tensor of any size
+        is never whole in memory."""
+        shard = self._where[key]
+        if self.format == "bin":
+            yield self.read(key).buffer()
+            return
+        reader = self._reader(shard)
+        if key not in reader.tensors:
+            raise AdapterFormatError(f"`{reader.path}` lacks `{key}`, which its index names")
+        yield from reader.iter_bytes(key)
 
     def read(self, key: str) -> RawTensor:
         """The stored tensor `key` (a name the checkpoint holds)."""

@@ -94,6 +94,11 @@ class SafetensorsReader:
             raise AdapterFormatError(f"`{self.path}` was truncated while reading `{name}`")
         return data
 
+    def span(self, name: str) -> FileSpan:
+        """Where the tensor's bytes are in the open file, for the writer to copy them whole."""
+        t = self.header.tensors[name]
+        return FileSpan(self._f.fileno(), self.header.data_start + t.start, t.nbytes)
+
     def iter_bytes(self, name: str, size: int = _CHUNK) -> Iterator[bytes]:
         """The tensor's bytes in pieces of about `size` bytes, cut at element boundaries (memory
         stays one piece, whatever the tensor's size)."""
@@ -121,13 +126,30 @@ class SafetensorsReader:
 
 
 @dataclass(frozen=True)
+class FileSpan:
+    """`length` bytes at `offset` of the open file `fd`: a piece the writer copies in the kernel
+    (copy_file_range), never through Python's memory."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+Buffer = bytes | bytearray | memoryview
+Piece = Buffer | FileSpan
+_SPAN_STEP = 16 << 20  # progress (and a pause point for the crash tests) every 16 MiB copied
+
+
+@dataclass(frozen=True)
 class TensorSource:
-    """One tensor to write: its name, dtype, shape and a callable giving its bytes when needed."""
+    """One tensor to write: its name, dtype, shape and a callable giving its bytes when needed,
+    all at once or as an iterator of pieces in order (a large tensor copied without ever being
+    whole in memory)."""
 
     name: str
     dtype: Dtype
     shape: tuple[int, ...]
-    data: Callable[[], bytes | bytearray | memoryview]
+    data: Callable[[], Buffer | Iterable[Piece]]
 
     @property
     def nbytes(self) -> int:
@@ -177,18 +199,65 @@ def write_safetensors(
     f.write(raw)
     total = 8 + len(raw)
     for s in ordered:
-        data = memoryview(s.data()).cast("B")
-        if len(data) != s.nbytes:
+        produced = s.data()
+        pieces = (produced,) if isinstance(produced, (bytes, bytearray, memoryview)) else produced
+        written = 0
+        for piece in pieces:
+            if isinstance(piece, FileSpan):
+                written += piece.length
+                if written > s.nbytes:
+                    break
+                _copy_span(f, piece, progress)
+                continue
+            data = memoryview(piece).cast("B")
+            written += len(data)
+            if written > s.nbytes:
+                break
+            f.write(data)
+            if progress is not None:
+                progress(len(data))
+            del data, piece  # before the next is made: one piece in memory at a time
+        if written != s.nbytes:
             raise AdapterFormatError(
-                f"tensor `{s.name}` has {len(data)} bytes, expected {s.nbytes} for "
-                f"{s.dtype.code}{list(s.shape)}"
+                f"tensor `{s.name}` has {'more than ' if written > s.nbytes else ''}{written} "
+                f"bytes, expected {s.nbytes} for {s.dtype.code}{list(s.shape)}"
             )
-        f.write(data)
-        total += len(data)
-        del data  # before the next tensor is made: one in memory at a time
-        if progress is not None:
-            progress(s.nbytes)
+        total += written
+        del produced, pieces
     return total
+
+
+def _copy_span(f: BinaryIO, span: FileSpan, progress: Callable[[int], None] | None) -> None:
+    """`span` appended to `f` by the kernel (os.copy_file_range), where it can; else read and
+    written through a 1 MiB buffer. Either way `f` ends positioned after it."""
+    f.flush()
+    out = f.fileno()
+    done = 0
+    while done < span.length:
+        step = min(_SPAN_STEP, span.length - done)
+        try:
+            n = os.copy_file_range(span.fd, out, step, span.offset + done)
+        except (AttributeError, OSError):  # no such call here, or not across these files
+            n = _copy_span_by_reading(out, span, done, step)
+        if n <= 0:
+            raise AdapterFormatError("a weights file ended while it was being copied")
+        done += n
+        if progress is not None:
+            progress(n)
+    f.seek(0, os.SEEK_END)  # the buffered writer learns where the kernel left the file
+
+
+def _copy_span_by_reading(out: int, span: FileSpan, done: int, step: int) -> int:
+    copied = 0
+    while copied < step:
+        data = os.pread(span.fd, min(_CHUNK, step - copied), span.offset + done + copied)
+        if not data:
+            break
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out, view) :]
+        copied += len(data)
+    return copied
 
 
 def copy_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None) -> int:

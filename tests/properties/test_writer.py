@@ -166,3 +166,41 @@ def test_writer_rejects_repeated_names_and_wrong_sizes() -> None:
     short = TensorSource("w", DTYPES["F32"], (3,), a.tobytes)
     with pytest.raises(AdapterFormatError, match="expected 12"):
         write_safetensors(io.BytesIO(), [short])
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "read-write"])
+def test_a_span_of_another_file_is_copied_whole(
+    tmp_path: Path, kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tensor given as a span of an open safetensors file (what `merge` copies untouched) is
+    written byte for byte among ordinary tensors, by the kernel or, where it refuses (another
+    filesystem, an old kernel), through a buffer; progress counts every byte."""
+    import errno
+    import os
+
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((700, 1300)).astype(np.float32)  # not a multiple of any chunk
+    small = rng.standard_normal((3, 5)).astype(np.float32)
+    src = tmp_path / "src.safetensors"
+    safetensors.numpy.save_file({"big": big}, str(src))
+    if not kernel:
+
+        def refuse(*args: Any) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    counted: list[int] = []
+    with SafetensorsReader(src) as reader:
+        span = reader.span("big")
+        f32 = DTYPES["F32"]
+        sources = [
+            TensorSource("a.big", f32, big.shape, lambda: iter([span])),
+            TensorSource("b.small", f32, small.shape, small.tobytes),
+        ]
+        with open(tmp_path / "out.safetensors", "wb") as f:
+            total = write_safetensors(f, sources, progress=counted.append)
+            assert f.tell() == total
+    loaded = safetensors.numpy.load_file(str(tmp_path / "out.safetensors"))
+    assert np.array_equal(loaded["a.big"], big)
+    assert np.array_equal(loaded["b.small"], small)
+    assert sum(counted) == big.nbytes + small.nbytes

@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,7 +37,7 @@ from adapterctl.format.rawtensor import (
     to_float32,
     to_floats,
 )
-from adapterctl.format.tensors import TensorSource, write_safetensors
+from adapterctl.format.tensors import FileSpan, TensorSource, write_safetensors
 from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.merge.plan import (
     Lora,
@@ -184,6 +184,7 @@ class Merger:
         self.stores = stores
         self.plan = plan
         self.code = code
+        self.headers = headers
         #: the dtype of tensors added to the base: --dtype, else the base's first float dtype
         self.added_code = code or next(
             (dt.code for dt, _ in headers.values() if dt.code in FLOAT_CODES), None
@@ -259,11 +260,30 @@ class Merger:
             )
         return from_float(w, code)
 
-    def source(self, key: str) -> Callable[[], memoryview]:
+    def source(self, key: str) -> Callable[[], memoryview | Iterator[memoryview | FileSpan]]:
         """What the writer calls for `key`'s bytes, when it writes it."""
         if key in self.plan.added:
             return lambda: self.added(key).buffer()
+        if not self.plan.ops.get(key):
+            return lambda: self.copied(key)
         return lambda: self.tensor(key).buffer()
+
+    def copied(self, key: str) -> Iterator[memoryview | FileSpan]:
+        """A tensor no adapter touches: its bytes copied by the kernel from the base's shard,
+        or (cast with --dtype, or from a `.bin` base) piece by piece; memory stays one piece,
+        whatever the tensor's size (an embedding is often the largest)."""
+        dtype, _ = self.headers[key]
+        if _out_dtype(dtype, self.code) == dtype:
+            span = self.base.span(key)  # the bytes stay as they are
+            if span is not None:
+                yield span
+                return
+        for piece in self.base.pieces(key):
+            if self.code is None:
+                yield memoryview(piece)
+                continue
+            count = len(piece) * 8 // dtype.bits
+            yield cast(RawTensor(dtype, (count,), piece), self.code).buffer()
 
     def added(self, key: str) -> RawTensor:
         """A modules_to_save tensor the base lacks, in the dtype the model is in (as the module
