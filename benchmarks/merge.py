@@ -469,9 +469,7 @@ def main() -> None:
     scale_gb = args.scale_gb if args.scale_gb is not None else (0.05 if args.quick else 3.0)
     suffix = "-quick" if args.quick else ""
 
-    folder, manifest = cached(
-        "merge" + suffix, spec, build, json.dumps(spec), rebuild=args.rebuild
-    )
+    folder, manifest = cached("merge" + suffix, spec, build, json.dumps(spec), rebuild=args.rebuild)
     base, adapter = folder / "base", folder / "adapter"
     require_disk(OUT, 3 * manifest["base_bytes"], "the side-by-side outputs")
     scale_fixture = None
