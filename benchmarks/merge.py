@@ -129,25 +129,25 @@ def _sizes(base: Path, adapter: Path) -> dict[str, Any]:
 
 
 def layer_tensors(llama: dict[str, int], layer: int) -> list[tuple[str, tuple[int, ...]]]:
-    """One Llama decoder layer's tensors (name, shape), in transformers' order."""
+    """One Llama decoder layer's tensors (name, shape), in the model's state-dict order."""
     h, inter = llama["hidden_size"], llama["intermediate_size"]
     kv = h // llama["num_attention_heads"] * llama["num_key_value_heads"]
     p = f"model.layers.{layer}."
     return [
-        (p + "input_layernorm.weight", (h,)),
-        (p + "mlp.down_proj.weight", (h, inter)),
+        (p + "self_attn.q_proj.weight", (h, h)),
+        (p + "self_attn.k_proj.weight", (kv, h)),
+        (p + "self_attn.v_proj.weight", (kv, h)),
+        (p + "self_attn.o_proj.weight", (h, h)),
         (p + "mlp.gate_proj.weight", (inter, h)),
         (p + "mlp.up_proj.weight", (inter, h)),
+        (p + "mlp.down_proj.weight", (h, inter)),
+        (p + "input_layernorm.weight", (h,)),
         (p + "post_attention_layernorm.weight", (h,)),
-        (p + "self_attn.k_proj.weight", (kv, h)),
-        (p + "self_attn.o_proj.weight", (h, h)),
-        (p + "self_attn.q_proj.weight", (h, h)),
-        (p + "self_attn.v_proj.weight", (kv, h)),
     ]
 
 
 def model_tensors(llama: dict[str, int]) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Every tensor of an untied Llama checkpoint (name, shape), in transformers' order."""
+    """Every tensor of an untied Llama checkpoint (name, shape), in the model's state-dict order."""
     h, vocab = llama["hidden_size"], llama["vocab_size"]
     yield "model.embed_tokens.weight", (vocab, h)
     for layer in range(llama["num_hidden_layers"]):
@@ -170,7 +170,7 @@ def scale_llama(llama: dict[str, int], gb: float) -> dict[str, int]:
 def build_scale(dest: str, spec_json: str) -> dict[str, Any]:
     """(In a child.) A Llama-shaped float32 checkpoint written shard by shard by the format
     layer (one tensor in memory at a time), values N(0, 0.02²) cut from a pool of random numbers,
-    with config.json and model.safetensors.index.json as transformers writes them; and a LoRA of
+    with config.json and a model.safetensors.index.json as transformers writes them; and a LoRA of
     the same shape per layer as the 168M one's."""
     import numpy as np
     from transformers import LlamaConfig
@@ -194,7 +194,7 @@ def build_scale(dest: str, spec_json: str) -> dict[str, Any]:
 
         return TensorSource(name, DTYPES["F32"], tuple(shape), data)
 
-    # transformers' split: tensors in order, a new shard when the next would pass the limit
+    # shards of at most `limit` bytes (one tensor larger than that gets a shard of its own)
     shards: list[list[TensorSource]] = [[]]
     size = 0
     for name, shape in model_tensors(llama):
