@@ -170,7 +170,7 @@ def require_disk(path: Path, needed: int, what: str) -> None:
     `needed` bytes free plus 1 GB to spare (other users of the disk keep some room)."""
     path.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path).free
-    print(f"{_shown(path)}: {free / 1e9:.1f} GB free, {what} needs {needed / 1e9:.1f} GB",
+    print(f"{_shown(path)}: {free / 1e9:.1f} GB free; {what}: {needed / 1e9:.1f} GB",
           file=sys.stderr)  # fmt: skip
     if free < needed + 10**9:
         raise SystemExit(
