@@ -425,6 +425,9 @@ def report(
         Target("tensors on one side only (vs PEFT)", len(only), "", 0, ", ".join(only[:3])),
         Target("max relative difference to PEFT", checked["max_relative_difference"], "", 1e-6,
                checked["worst_tensor"]),
+        Target("untouched tensors not byte-identical to the base's",
+               checked["untouched"] - checked["untouched_identical"], "", 0,
+               f"{checked['untouched_identical']}/{checked['untouched']} identical"),
     ]  # fmt: skip
     if scale is not None:
         fig, info = scale
