@@ -17,6 +17,8 @@ _LAZY = {
     "inspect_adapter": "adapterctl.ops.inspect",
     "select_adapters": "adapterctl.ops.select",
     "AdapterctlError": "adapterctl.errors",
+    "merge": "adapterctl.ops.merge",
+    "MergeResult": "adapterctl.ops.merge",
 }
 
 if TYPE_CHECKING:
@@ -24,15 +26,18 @@ if TYPE_CHECKING:
     from adapterctl.errors import AdapterctlError
     from adapterctl.format.config import LoraConfig
     from adapterctl.ops.inspect import inspect_adapter
+    from adapterctl.ops.merge import MergeResult, merge
     from adapterctl.ops.select import select_adapters
 
 __all__ = [
     "AdapterModel",
     "AdapterctlError",
     "LoraConfig",
+    "MergeResult",
     "__version__",
     "get_adapter_model",
     "inspect_adapter",
+    "merge",
     "select_adapters",
 ]
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adapterctl.errors import IncompatibleModelError
+from adapterctl.ops.merge import Kind, bias_step, merge_step
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -91,6 +92,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self.merged_adapters: list[str] = []
+        self.kind: Kind
         if isinstance(base_layer, nn.Embedding):
             self.kind = "embedding"
             self.in_features, self.out_features = (
@@ -265,36 +267,62 @@ class LoraLayer(nn.Module):
     # --- merging ----------------------------------------------------------------------------------
 
     def merged_weight(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base weight (and bias) with `names` merged in, in the base's storage orientation."""
-        weight = param(self.base_layer).detach()
-        original = weight  # DoRA norms use the unmerged weight, as its forward does (and PEFT)
+        """The base weight (and bias) with `names` merged in, in the base's storage orientation
+        and dtype: `adapterctl.ops.merge`'s rule (the one `adapterctl merge` uses), on tensors."""
+        stored = param(self.base_layer).detach()
         raw_bias = getattr(self.base_layer, "bias", None)
-        bias = raw_bias.detach() if isinstance(raw_bias, torch.Tensor) else None
+        stored_bias = raw_bias.detach() if isinstance(raw_bias, torch.Tensor) else None
+        compute = torch.float32 if stored.dtype in _HALF else stored.dtype
+
+        def store(x: torch.Tensor) -> torch.Tensor:
+            return x.to(stored.dtype).to(compute)
+
+        original = stored.to(compute)  # DoRA norms use the unmerged weight (PEFT, forward)
+        weight = original
+        bias = None if stored_bias is None else stored_bias.to(compute)
         for name in names:
             if name not in self.r:
                 continue
-            delta = self.delta_out_in(name)
-            if self.kind == "embedding":
-                d = delta.T.to(weight.dtype)
-                if self.use_dora[name]:
-                    norm = torch.linalg.norm(original + d, dim=0)
-                    weight = (self.magnitude(name) / norm).view(1, -1) * (weight + d)
-                else:
-                    weight = weight + d
-                continue
-            w = weight if self.kind == "linear" else weight.T
-            w0 = original if self.kind == "linear" else original.T
-            d = delta.to(w.dtype)
-            if self.use_dora[name]:
-                norm = torch.linalg.norm(w0 + d, dim=1)
-                w = (self.magnitude(name) / norm).view(-1, 1) * (w + d)
-            else:
-                w = w + d
-            weight = w if self.kind == "linear" else w.T
-            lora_bias = getattr(self.lora_B[name], "bias", None)
-            if isinstance(lora_bias, torch.Tensor) and bias is not None:
-                bias = bias + (lora_bias * self.scaling[name]).to(bias.dtype)
-        return weight.to(param(self.base_layer).dtype), bias
+            a, b = self.factors(name)
+            factor_dtype = a.dtype
+
+            def delta_store(x: torch.Tensor, dtype: torch.dtype = factor_dtype) -> torch.Tensor:
+                # factors kept in half precision (no autocast): PEFT rounds the delta to them
+                return x.to(dtype).to(compute) if dtype in _HALF else x
+
+            weight = merge_step(
+                self.kind,
+                weight,
+                a.detach().to(compute),
+                b.detach().to(compute),
+                self.scaling[name],
+                store=store,
+                norm=_norm,
+                magnitude=self.magnitude(name).detach().to(compute)
+                if self.use_dora[name]
+                else None,
+                original=original,
+                delta_store=delta_store,
+            )
+            lora_bias = (
+                None if self.kind == "embedding" else getattr(self.lora_B[name], "bias", None)
+            )
+            if isinstance(lora_bias, torch.Tensor) and bias is not None and stored_bias is not None:
+                bias = bias_step(
+                    bias,
+                    lora_bias.detach().to(compute),
+                    self.scaling[name],
+                    store=lambda x: x.to(stored_bias.dtype).to(compute),
+                )
+        return (
+            weight.to(stored.dtype),
+            None if bias is None or stored_bias is None else bias.to(stored_bias.dtype),
+        )
+
+
+def _norm(x: torch.Tensor, axis: int) -> torch.Tensor:
+    norm: torch.Tensor = torch.linalg.norm(x, dim=axis)
+    return norm
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -228,13 +228,17 @@ class AdapterModel(nn.Module):
         sd = memory_keys(sd, name, config, wrappers)
         device_of = self._adapter_devices(name) if low_cpu_mem_usage else None
         expected = [f"base_model.model.{k}" for k in self.base_model.lora_keys(name)]
+        # PEFT casts the new adapter's tensors (autocast: float32 on a half-precision base) before
+        # it loads the file, so float32 factors are loaded exactly, never through the base's dtype
+        autocast = options.get("autocast_adapter_dtype", True)
+        self._cast_adapter(name, autocast, meta=True)
         try:
             result = load_into(
                 self, sd, name, expected=expected, assign=low_cpu_mem_usage, device_of=device_of
             )
         except IncompatibleModelError as e:  # say which file
             raise IncompatibleModelError(f"`{directory}`: {e.message}", hint=e.hint) from e
-        self._cast_adapter(name, options.get("autocast_adapter_dtype", True))
+        self._cast_adapter(name, autocast)
         self._set_trainable(name, options.get("is_trainable", False))
         return result
 
@@ -247,8 +251,9 @@ class AdapterModel(nn.Module):
                 out[f"{PREFIX}{path}.{key}"] = device
         return out
 
-    def _cast_adapter(self, name: str, autocast: bool) -> None:
-        """Adapter tensors in their layer's dtype, then fp32 for half-precision layers (autocast)."""
+    def _cast_adapter(self, name: str, autocast: bool, *, meta: bool = False) -> None:
+        """Adapter tensors in their layer's dtype, then fp32 for half-precision layers (autocast);
+        `meta`: tensors not yet materialized too (before a load that assigns)."""
         for _, layer in self.base_model.lora_layers():
             base_dtype = param(layer.base_layer).dtype
             half = base_dtype in (torch.float16, torch.bfloat16)
@@ -265,7 +270,7 @@ class AdapterModel(nn.Module):
                 if name in pdict
             ]
             for p in tensors:
-                if p.is_floating_point() and not p.is_meta:
+                if p.is_floating_point() and (meta or not p.is_meta):
                     p.data = p.data.to(target)
 
     def _set_trainable(self, name: str, is_trainable: bool) -> None:

@@ -288,7 +288,7 @@ def test_from_pretrained_names_the_pointer(peft_adapters: dict[str, Path], tmp_p
 
 def test_a_base_checkpoint_pointer_is_named(tmp_path: Path) -> None:
     """`convert --base` reads the base's shards through the same header reader."""
-    from adapterctl.ops.convert.basecheckpoint import BaseCheckpoint
+    from adapterctl.format.checkpoint import BaseCheckpoint
 
     (tmp_path / "model.safetensors").write_bytes(lfs_pointer(10**9))
     with pytest.raises(AdapterFormatError, match="Git LFS pointer, not the weights"):

@@ -3,7 +3,6 @@
 - `adapter`: `convert_adapter`, one adapter rewritten in a streaming pass (the command's work);
 - `plan`: what the output holds and how each tensor is made (`Plan`, `convert_tensors`);
 - `initial`: the initial PiSSA/OLoRA/CorDA factors, saved or rebuilt from the base;
-- `basecheckpoint`: a base model's weights read one tensor at a time;
 - `lowrank`: factored SVDs and Gram matrices of low-rank deltas (rank reduction, verification);
 - `verify`: `--verify`, the written files against the source;
 - `finite`: the check that a conversion makes no new NaN or ±Inf;

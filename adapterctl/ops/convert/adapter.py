@@ -212,7 +212,7 @@ def convert_adapter(
             inits = (config.init_lora_weights, init_config.init_lora_weights)
             method = next((str(m) for m in inits if residual_init(m)), None)
         elif base is not None:
-            from adapterctl.ops.convert.basecheckpoint import BaseCheckpoint
+            from adapterctl.format.checkpoint import BaseCheckpoint
 
             method = rebuild_method(config, init)
             checkpoint = stack.enter_context(BaseCheckpoint(base))

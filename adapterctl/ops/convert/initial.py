@@ -12,7 +12,7 @@ from adapterctl.format.dtypes import DTYPES
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_float32
 
 if TYPE_CHECKING:
-    from adapterctl.ops.convert.basecheckpoint import BaseCheckpoint
+    from adapterctl.format.checkpoint import BaseCheckpoint
 
 #: the init methods `--base` can rebuild (the others depend on a random state or on data)
 REBUILDABLE = ("pissa", "olora")

@@ -1,0 +1,322 @@
+"""`adapterctl.merge` against PEFT's `merge_and_unload()` on tiny random models (the core set; the
+full variant matrix is tests/lib/test_merge_parity.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures import peft_save, tiny_gpt2, tiny_llama
+
+pytestmark = pytest.mark.slow
+
+
+def _quiet(fn: Callable[[], Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def _save_base(model_fn: Callable[[], Any], out: Path, dtype: Any = None, **kwargs: Any) -> Path:
+    def run() -> None:
+        model = model_fn()
+        if dtype is not None:
+            model = model.to(dtype)
+        model.save_pretrained(str(out), **kwargs)
+
+    _quiet(run)
+    return out
+
+
+def _peft_merged(base: Path, adapter: Path, dtype: Any = None, names: list[str] | None = None):
+    def run() -> dict[str, Any]:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or "auto")
+        if names:
+            pm = PeftModel.from_pretrained(
+                model,
+                str(adapter / names[0]) if names[0] != "default" else str(adapter),
+                adapter_name=names[0],
+            )
+            for n in names[1:]:
+                pm.load_adapter(str(adapter / n), adapter_name=n)
+            merged = pm.merge_and_unload(adapter_names=names)
+        else:
+            merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+    result: dict[str, Any] = _quiet(run)
+    return result
+
+
+def _output(out: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def _stored(base: Path) -> dict[str, Any]:
+    return _output(base)
+
+
+def _compare(ours: dict[str, Any], peft: dict[str, Any], rel: float) -> None:
+    import torch
+
+    for key, value in ours.items():
+        if key not in peft:
+            continue
+        ref = peft[key]
+        assert value.dtype == ref.dtype, key
+        assert value.shape == ref.shape, key
+        err = (value.double() - ref.double()).norm() / max(ref.double().norm(), 1e-30)
+        assert err <= rel, (key, float(err))
+    assert torch.is_tensor(next(iter(ours.values())))
+
+
+def _merge(base: Path, adapter: Path, out: Path, **kwargs: Any) -> Any:
+    from adapterctl import merge
+
+    return merge(base, adapter, out, **kwargs)
+
+
+def _lora(
+    tmp_path: Path, model_fn: Callable[[], Any], config: dict[str, Any], name: str = "a"
+) -> Path:
+    return peft_save(model_fn, tmp_path / name, {"default": config})
+
+
+def test_importing_merge_imports_no_torch() -> None:
+    import subprocess
+
+    code = "import sys, adapterctl; adapterctl.merge; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_llama_lora_fp32_single_file_matches_peft(tmp_path: Path) -> None:
+    base = _save_base(tiny_llama, tmp_path / "base")
+    adapter = _lora(
+        tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    )
+    result = _merge(base, adapter, tmp_path / "out")
+    assert result.shards == ["model.safetensors"]
+    assert result.modules == {"linear": 6}
+    assert result.tensors_merged == 6
+    ours = _output(tmp_path / "out")
+    peft = _peft_merged(base, adapter)
+    _compare(ours, peft, 1e-6)
+    stored = _stored(base)
+    assert list(ours) == list(stored) or set(ours) == set(stored)
+    # every tensor the adapter does not touch is a byte-for-byte copy
+    for key, value in stored.items():
+        if not any(m in key for m in ("q_proj", "v_proj", "down_proj")):
+            assert ours[key].numpy().tobytes() == value.numpy().tobytes(), key
+    assert (tmp_path / "out" / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    assert result.to_dict()["schema_version"] == 1
+
+
+def test_sharded_base_and_output(tmp_path: Path) -> None:
+    base = _save_base(tiny_llama, tmp_path / "base", max_shard_size="20KB")
+    assert (base / "model.safetensors.index.json").is_file()
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj", "o_proj"]})
+    result = _merge(base, adapter, tmp_path / "out", max_shard_size="30KB")
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(result.shards) > 1
+    assert result.shards[0] == f"model-00001-of-{len(result.shards):05d}.safetensors"
+    assert set(index["weight_map"].values()) == set(result.shards)
+    assert index["metadata"]["total_size"] == result.bytes
+    for shard in result.shards:
+        data = (out / shard).read_bytes()
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        assert header["__metadata__"] == {"format": "pt"}
+    _compare(_output(out), _peft_merged(base, adapter), 1e-6)
+    # transformers loads it
+    from transformers import AutoModelForCausalLM
+
+    loaded = _quiet(lambda: AutoModelForCausalLM.from_pretrained(str(out)))
+    assert loaded is not None
+
+
+def test_gpt2_conv1d(tmp_path: Path) -> None:
+    base = _save_base(tiny_gpt2, tmp_path / "base")
+    adapter = _lora(tmp_path, tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_proj"]})
+    result = _merge(base, adapter, tmp_path / "out")
+    assert result.modules == {"conv1d": 6}  # c_attn, attn.c_proj, mlp.c_proj
+    _compare(_output(tmp_path / "out"), _peft_merged(base, adapter), 1e-6)
+
+
+def test_dora_linear(tmp_path: Path) -> None:
+    base = _save_base(tiny_llama, tmp_path / "base")
+    adapter = _lora(
+        tmp_path, tiny_llama, {"r": 4, "use_dora": True, "target_modules": ["q_proj", "up_proj"]}
+    )
+    result = _merge(base, adapter, tmp_path / "out")
+    assert result.modules == {"dora_linear": 4}
+    _compare(_output(tmp_path / "out"), _peft_merged(base, adapter), 1e-6)
+
+
+def _ordered(t: Any) -> Any:
+    """bfloat16 bits as integers in the order of the values (ulp distance is a difference)."""
+    import torch
+
+    bits = t.view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def _bits_identical(ours: dict[str, Any], peft: dict[str, Any], keys: list[str]) -> float:
+    import torch
+
+    same = total = 0
+    for k in keys:
+        a, b = ours[k], peft[k]
+        assert a.dtype == b.dtype == torch.bfloat16
+        same += int((a.view(torch.int16) == b.view(torch.int16)).sum())
+        total += a.numel()
+        assert int((_ordered(a) - _ordered(b)).abs().max()) <= 1, k
+    return same / total
+
+
+def test_bf16_base_is_rounded_once_as_peft_does(tmp_path: Path) -> None:
+    import torch
+
+    base = _save_base(
+        lambda: tiny_llama(hidden_size=64, intermediate_size=128), tmp_path / "base", torch.bfloat16
+    )
+    adapter = _lora(
+        tmp_path,
+        lambda: tiny_llama(hidden_size=64, intermediate_size=128),
+        {"r": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+    )
+    _merge(base, adapter, tmp_path / "out")
+    ours = _output(tmp_path / "out")
+    peft = _peft_merged(base, adapter)
+    keys = [k for k in ours if any(m in k for m in ("q_proj", "v_proj", "up_proj"))]
+    fraction = _bits_identical(ours, peft, keys)
+    print(f"bf16 bit-identical fraction: {fraction:.6f}")
+    assert fraction >= 0.999
+    # the engine's merge (load --merge-to, AdapterModel.merge_and_unload) is the same rule
+    from transformers import AutoModelForCausalLM
+
+    from adapterctl import AdapterModel
+
+    def engine() -> dict[str, Any]:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+        merged = AdapterModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+    mine = _quiet(engine)
+    assert _bits_identical(mine, peft, keys) >= 0.999
+
+
+def test_dtype_cast_updates_config(tmp_path: Path) -> None:
+    import torch
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj"]})
+    result = _merge(base, adapter, tmp_path / "out", dtype="bfloat16")
+    assert result.dtype == "bfloat16"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    ours = _output(tmp_path / "out")
+    peft = _peft_merged(base, adapter, dtype=torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in ours.values())
+    keys = [k for k in ours if "q_proj" in k]
+    assert _bits_identical(ours, peft, keys) >= 0.999
+
+
+def test_quantized_base_is_refused(tmp_path: Path) -> None:
+    from adapterctl.errors import IncompatibleModelError
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj"]})
+    with pytest.raises(IncompatibleModelError, match="quantized"):
+        _merge(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch_names_module_and_shapes(tmp_path: Path) -> None:
+    from adapterctl.errors import IncompatibleModelError
+
+    base = _save_base(lambda: tiny_llama(hidden_size=64), tmp_path / "base")
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj"]})
+    with pytest.raises(IncompatibleModelError, match=r"q_proj.*\[4, 32\].*\[64, 64\]"):
+        _merge(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_passes_and_catches_a_planted_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterctl.ops.merge import VerificationFailed, stream
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    adapter = _lora(
+        tmp_path,
+        tiny_llama,
+        {"r": 4, "use_dora": True, "target_modules": ["q_proj", "embed_tokens"]},
+    )
+    result = _merge(base, adapter, tmp_path / "ok", verify=True)
+    assert result.verification is not None
+    assert result.verification.passed
+    assert result.verification.to_dict()["tensors"] == 3
+
+    real = stream.Merger.apply
+
+    def planted(self: Any, key: str, raw: Any, ops: Any) -> Any:
+        out = real(self, key, raw, ops)
+        if key.endswith("layers.1.self_attn.q_proj.weight"):
+            from adapterctl.format.rawtensor import RawTensor, to_float32
+
+            values = to_float32(out).copy()
+            values[0, 0] += 1.0
+            return RawTensor(out.dtype, out.shape, values)
+        return out
+
+    monkeypatch.setattr(stream.Merger, "apply", planted)
+    with pytest.raises(VerificationFailed, match=r"layers\.1\.self_attn\.q_proj"):
+        _merge(base, adapter, tmp_path / "bad", verify=True)
+    assert not (tmp_path / "bad").exists()
+    assert not list(tmp_path.glob(".bad*"))
+
+
+def test_output_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterctl.errors import OutputError
+    from adapterctl.ops.merge import stream
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["v_proj"]})
+    calls = []
+
+    def failing(self: Any, key: str) -> Any:
+        calls.append(key)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(self, key)
+
+    real = stream.Merger.tensor
+    monkeypatch.setattr(stream.Merger, "tensor", failing)
+    with pytest.raises(OutputError, match="No space left"):
+        _merge(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"base", "a"}  # no temp left
+    monkeypatch.undo()
+    (tmp_path / "out").mkdir()
+    from adapterctl.errors import AdapterctlError
+
+    with pytest.raises(AdapterctlError, match="already exists"):
+        _merge(base, adapter, tmp_path / "out")
