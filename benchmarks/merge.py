@@ -302,7 +302,7 @@ def compare(ours: Path, peft: Path, base: Path) -> dict[str, Any]:
             a, p = fa.get_tensor(name), fp.get_tensor(name)
         scale = float(np.abs(p).max())
         rel = float(np.abs(a.astype(np.float64) - p).max()) / scale if scale else 0.0
-        if rel >= worst:
+        if rel > worst or not worst_name:
             worst, worst_name = rel, name
         if name.removesuffix(".weight").rsplit(".", 1)[-1] not in LINEAR and name in b_files:
             untouched += 1
