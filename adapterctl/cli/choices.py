@@ -23,6 +23,13 @@ def cast_dtypes() -> list[str]:
     return list(CAST_TARGETS)
 
 
+def merge_dtypes() -> list[str]:
+    """--dtype of `merge`: auto keeps each tensor's dtype."""
+    from adapterctl.ops.merge import DTYPE_CHOICES
+
+    return list(DTYPE_CHOICES)
+
+
 def devices() -> list[str]:
     """--device: the documented spellings (cuda:N and the rest are accepted too)."""
     return ["auto", "cpu", "cuda"]

@@ -11,6 +11,7 @@ from adapterctl import __version__
 from adapterctl.cli.commands.convert import convert_cmd
 from adapterctl.cli.commands.inspect import inspect_cmd
 from adapterctl.cli.commands.load import load_cmd
+from adapterctl.cli.commands.merge import merge_cmd
 from adapterctl.cli.commands.push import push_cmd
 from adapterctl.cli.commands.save import save_cmd
 from adapterctl.cli.commands.select import select_cmd
@@ -52,6 +53,7 @@ for _name, _command in (
     ("select", select_cmd),
     ("convert", convert_cmd),
     ("load", load_cmd),
+    ("merge", merge_cmd),
     ("save", save_cmd),
     ("push", push_cmd),
 ):  # every command's --json flag is its `json_` parameter (options.JsonOpt)

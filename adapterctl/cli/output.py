@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from adapterctl.engine.save import SaveReport
     from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.inspect import AdapterReport, InspectReport
+    from adapterctl.ops.merge import MergeResult
     from adapterctl.ops.push import PushResult
     from adapterctl.ops.select import SelectionResult
 
@@ -516,6 +517,37 @@ def render_conversion(out: Output, result: ConversionResult) -> None:
         name = shorten(shown(v.worst.name), room, _ellipsis())  # measured as shown
         worst = f"{name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
         out.wrapped(f"verified {v.checked} checks, worst {worst}", first="  ")
+
+
+def render_merge(out: Output, r: MergeResult) -> None:
+    """What was written, what each variant merged, sizes, time and memory, the verification."""
+    shards = f"{len(r.shards)} shard" + ("s" if len(r.shards) != 1 else "")
+    out.done(f"{r.output} ({shards}, {human_size(r.bytes)})")
+    modules = ", ".join(f"{n} {variant}" for variant, n in sorted(r.modules.items())) or "-"
+    tensors = f"{r.tensors_merged} merged, {r.tensors_copied} copied"
+    if r.tensors_added:
+        tensors += f", {r.tensors_added} added"
+    rows = [
+        ("adapters", ", ".join(r.adapters)),
+        ("modules", modules),
+        ("tensors", tensors),
+        ("dtype", r.dtype),
+        ("time", f"{r.seconds:.2f} s, peak memory {human_size(r.peak_memory)}"),
+    ]
+    v = r.verification
+    if v is not None and v.worst is not None:
+        room = max(16, (out.columns or 10**6) - 40)
+        name = shorten(shown(v.worst.name), room, _ellipsis())
+        rows.append(
+            (
+                "verified",
+                f"{len(v.checks)} tensors, worst {name} {v.worst.error:.2g} "
+                f"(allowed {v.worst.threshold:.2g})",
+            )
+        )
+    out.key_values(rows, indent="  ", fit=True)
+    for message in r.warnings:
+        out.warning(message)
 
 
 def render_push(out: Output, result: PushResult) -> None:

@@ -120,6 +120,7 @@ def test_python_m_adapterctl_version() -> None:
         pytest.param(["--version"], id="version"),
         pytest.param(["inspect", "--help"], id="inspect-help"),
         pytest.param(["select", "--help"], id="select-help"),
+        pytest.param(["merge", "--help"], id="merge-help"),
     ],
 )
 def test_help_and_version_are_light(args: list[str]) -> None:
@@ -198,3 +199,21 @@ def test_convert_is_light(args: list[str], pissa: dict[str, Path], tmp_path: Pat
     heavy = [m for m in heavy_in(modules) if exact or m.split(".")[0] != "numpy"]
     assert not heavy, f"heavy modules imported: {heavy}"
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_merge_is_light(pissa: dict[str, Path], tmp_path: Path) -> None:
+    """merge streams a safetensors base with numpy: no torch, transformers or the rest."""
+    from tests.fixtures import peft_save, tiny_llama
+
+    adapter = peft_save(
+        tiny_llama, tmp_path / "lora", {"default": {"r": 4, "target_modules": ["q_proj"]}}
+    )
+    out = tmp_path / "out"
+    proc, modules = run_cli(
+        "merge", str(pissa["base"]), str(adapter), str(out), "--json", "--verify"
+    )
+    assert proc.returncode == 0, proc.stderr
+    heavy = [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"]
+    assert not heavy, f"heavy modules imported: {heavy}"
+    assert json.loads(proc.stdout)["modules"] == {"linear": 2}
+    assert (out / "model.safetensors").is_file()

@@ -339,10 +339,6 @@ def merge(
             store = stack.enter_context(OpenStore(files.weights_path, files.format))
             stores.append(store)
             plan_adapter(plan, i, files, config, store, checkpoint, headers)
-        for message in plan.warnings:
-            import logging
-
-            logging.getLogger("adapterctl").warning("%s", message)
         merger = Merger(checkpoint, stores, plan, code)
         sizes: list[tuple[str, int]] = []
         specs: dict[str, tuple[Dtype, tuple[int, ...]]] = {}
