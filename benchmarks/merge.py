@@ -313,7 +313,7 @@ def compare(ours: Path, peft: Path, base: Path) -> dict[str, Any]:
         "only_adapterctl": sorted(a_files.keys() - p_files.keys()),
         "only_peft": sorted(p_files.keys() - a_files.keys()),
         "max_relative_difference": worst,
-        "worst_tensor": worst_name,
+        "worst_tensor": worst_name if worst else "",
         "untouched": untouched,
         "untouched_identical": identical,
     }
