@@ -12,8 +12,9 @@ The 168M Llama saved as float32 shards of about 100 MB and an r=64 LoRA on its s
 
 Scale: a synthetic Llama-shaped checkpoint of at least `--scale-gb` GB (the same layer shapes, more
 layers; written shard by shard, never held in memory) with the same adapter per layer, merged by
-adapterctl (`--scale-runs` times): its peak RSS against the 168M merge's, its seconds per GB against
-the 168M merge's.
+adapterctl next to the floor (`--scale-runs` rounds): its peak RSS against the 168M merge's, and its
+wall time per GB, against the 168M merge's relative to the floor's (more layers per GB mean more
+delta FLOPs per byte, for every merge alike).
 
 Run with `make bench-merge` (or `.venv/bin/python -m benchmarks.merge [--runs N] [--scale-gb G]`);
 `--quick` runs small sizes once, as a smoke test. See benchmarks/README.md.
@@ -79,6 +80,7 @@ QUICK = {
     "lora_alpha": 32,
 }
 ENGINES = ("adapterctl", "peft", "cp", "deltas")
+SCALE_ENGINES = ("adapterctl", "cp", "deltas")  # PEFT would need the whole model in memory
 LIMITS = {"wall_peft": 0.25, "wall_floor": 2.0, "rss_peft": 0.1, "rss_scale": 0.10, "linear": 1.2}
 F32 = 4  # bytes per float32
 
@@ -333,11 +335,19 @@ def warm_page_cache(*folders: Path) -> None:
 # -- the runs ------------------------------------------------------------------------------------
 
 
-def side_by_side_run(
-    base: Path, adapter: Path, work: Path, runs: int, env: dict[str, str]
-) -> tuple[dict[str, list[Figures]], dict[str, Any]]:
-    """The interleaved rounds: each engine's figures round by round (and the floor's, made of the
-    cp and deltas children of the same round), and the first outputs compared."""
+def measure_rounds(
+    engines: tuple[str, ...],
+    base: Path,
+    adapter: Path,
+    work: Path,
+    runs: int,
+    env: dict[str, str],
+    keep: tuple[str, ...] = (),
+) -> tuple[dict[str, list[Figures]], dict[str, Path]]:
+    """`runs` interleaved rounds of `engines` (the order alternating), every output under `work`
+    deleted after its run, except the first of each engine in `keep` (returned; the caller
+    deletes `work`). The figures get a "floor" row: the cp and deltas children of each round,
+    their wall times added, the larger peak RSS."""
     argv = {
         "adapterctl": lambda out: [ADAPTERCTL, "merge", str(base), str(adapter), str(out)],
         "peft": lambda out: child_argv(peft_child, str(base), str(adapter), str(out)),
@@ -350,7 +360,7 @@ def side_by_side_run(
         out = work / f"{engine}-{rnd}"
         shutil.rmtree(out, ignore_errors=True)
         wall, peak, _ = run_measured(argv[engine](out), env)
-        if engine in ("adapterctl", "peft") and engine not in kept:
+        if engine in keep and engine not in kept:
             kept[engine] = out
         else:
             shutil.rmtree(out, ignore_errors=True)
@@ -359,42 +369,19 @@ def side_by_side_run(
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    try:
-        runs_by_engine = interleaved(runs, ENGINES, measure, alternate=True)
-        checked = compare(kept["adapterctl"], kept["peft"], base)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    runs_by_engine["floor"] = [
+    by_engine = interleaved(runs, engines, measure, alternate=True)
+    by_engine["floor"] = [
         {"wall_s": c["wall_s"] + d["wall_s"], "peak_mib": max(c["peak_mib"], d["peak_mib"])}
-        for c, d in zip(runs_by_engine["cp"], runs_by_engine["deltas"], strict=True)
+        for c, d in zip(by_engine["cp"], by_engine["deltas"], strict=True)
     ]
-    return runs_by_engine, checked
-
-
-def scale_run(
-    base: Path, adapter: Path, work: Path, runs: int, env: dict[str, str]
-) -> list[Figures]:
-    """`adapterctl merge` on the synthetic checkpoint, `runs` times; the output deleted after
-    each."""
-    figures = []
-    try:
-        for i in range(runs):
-            shutil.rmtree(work, ignore_errors=True)
-            wall, peak, _ = run_measured(
-                [ADAPTERCTL, "merge", str(base), str(adapter), str(work)], env
-            )
-            print(f"  scale {i + 1}/{runs}: {wall:7.2f} s {peak:7.0f} MiB", file=sys.stderr)
-            figures.append({"wall_s": wall, "peak_mib": peak})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return figures
+    return by_engine, kept
 
 
 def report(
     med: dict[str, Figures],
     checked: dict[str, Any],
     small: dict[str, Any],
-    scale: tuple[Figures, dict[str, Any]] | None,
+    scale: tuple[dict[str, Figures], dict[str, Any]] | None,
     small_label: str,
 ) -> list[Target]:
     a, p, floor = med["adapterctl"], med["peft"], med["floor"]
@@ -403,18 +390,19 @@ def report(
         f"(largest {small['largest_shard_bytes'] / 1e6:.0f} MB); "
         f"adapter: {small['adapter_bytes'] / 1e6:.1f} MB\n"
     )
+    rows = [Row("wall_s", "wall time", "s"), Row("peak_mib", "peak RSS", "MiB")]
     side_by_side(
         {"adapterctl": a, "PEFT": p, "floor": floor, "cp -r": med["cp"], "deltas": med["deltas"]},
-        [Row("wall_s", "wall time", "s"), Row("peak_mib", "peak RSS", "MiB")],
+        rows,
     )
     only = checked["only_adapterctl"] + checked["only_peft"]
     print(
         f"\nagainst PEFT's merged model: {checked['tensors']} tensors, "
         f"{len(only)} on one side only; largest relative difference "
-        f"{checked['max_relative_difference']:.2e} ({checked['worst_tensor']}); untouched tensors "
-        f"byte-identical to the base's: {checked['untouched_identical']}/{checked['untouched']}"
+        f"{checked['max_relative_difference']:.2e} ({checked['worst_tensor'] or '-'}); "
+        f"untouched tensors byte-identical to the base's: "
+        f"{checked['untouched_identical']}/{checked['untouched']}"
     )
-    small_s_per_gb = a["wall_s"] / (small["base_bytes"] / 1e9)
     goals = [
         Target("wall time / PEFT", a["wall_s"] / p["wall_s"], "x", LIMITS["wall_peft"],
                f"{a['wall_s']:.2f} s / {p['wall_s']:.2f} s"),
@@ -430,21 +418,43 @@ def report(
                f"{checked['untouched_identical']}/{checked['untouched']} identical"),
     ]  # fmt: skip
     if scale is not None:
-        fig, info = scale
-        gb = info["base_bytes"] / 1e9
-        s_per_gb = fig["wall_s"] / gb
+        big, info = scale
+        sa, sf = big["adapterctl"], big["floor"]
+        gb, small_gb = info["base_bytes"] / 1e9, small["base_bytes"] / 1e9
         print(
             f"\nscale: {gb:.2f} GB ({info['layers']} layers, {info['shards']} shards), "
-            f"adapter {info['adapter_bytes'] / 1e6:.0f} MB: {fig['wall_s']:.2f} s "
-            f"({s_per_gb:.2f} s/GB; {small_label}: {small_s_per_gb:.2f} s/GB), "
-            f"peak RSS {fig['peak_mib']:.0f} MiB ({small_label}: {a['peak_mib']:.0f} MiB)"
+            f"adapter {info['adapter_bytes'] / 1e6:.0f} MB\n"
         )
+        per_gb = {
+            f"scale, {gb:.2f} GB": {
+                **{k: big[k]["wall_s"] / gb for k in ("adapterctl", "floor", "cp", "deltas")},
+                "peak_mib": sa["peak_mib"],
+            },
+            f"{small_label}, {small_gb:.2f} GB": {
+                **{k: med[k]["wall_s"] / small_gb for k in ("adapterctl", "floor", "cp", "deltas")},
+                "peak_mib": a["peak_mib"],
+            },
+        }
+        side_by_side(
+            per_gb,
+            [
+                Row("adapterctl", "adapterctl s/GB", ""),
+                Row("floor", "floor s/GB", ""),
+                Row("cp", "cp -r s/GB", ""),
+                Row("deltas", "deltas s/GB", ""),
+                Row("peak_mib", "adapterctl peak RSS", "MiB"),
+            ],
+        )
+        small_ratio, scale_ratio = a["wall_s"] / floor["wall_s"], sa["wall_s"] / sf["wall_s"]
         goals += [
             Target(f"scale: |peak RSS - {small_label}'s| / {small_label}'s",
-                   abs(fig["peak_mib"] - a["peak_mib"]) / a["peak_mib"], "x", LIMITS["rss_scale"],
-                   f"|{fig['peak_mib']:.0f} - {a['peak_mib']:.0f}| / {a['peak_mib']:.0f} MiB"),
-            Target(f"scale: s/GB / {small_label}'s s/GB", s_per_gb / small_s_per_gb, "x",
-                   LIMITS["linear"], f"{s_per_gb:.2f} / {small_s_per_gb:.2f} s/GB"),
+                   abs(sa["peak_mib"] - a["peak_mib"]) / a["peak_mib"], "x", LIMITS["rss_scale"],
+                   f"|{sa['peak_mib']:.0f} - {a['peak_mib']:.0f}| / {a['peak_mib']:.0f} MiB"),
+            Target("scale: wall time / floor", scale_ratio, "x", LIMITS["wall_floor"],
+                   f"{sa['wall_s']:.2f} s / {sf['wall_s']:.2f} s"),
+            Target(f"scale: (wall / floor) / {small_label}'s (wall / floor)",
+                   scale_ratio / small_ratio, "x", LIMITS["linear"],
+                   f"{scale_ratio:.2f} / {small_ratio:.2f}"),
         ]  # fmt: skip
     print_targets(goals)
     return goals
@@ -458,7 +468,9 @@ def main() -> None:
         type=float,
         help="size of the synthetic checkpoint, GB (default 3, quick 0.05; 0 skips the scale run)",
     )
-    parser.add_argument("--scale-runs", type=int, default=1, help="merges at scale (median)")
+    parser.add_argument(
+        "--scale-runs", type=int, default=1, help="interleaved rounds at scale (median)"
+    )
     parser.add_argument(
         "--scale-dir",
         type=Path,
@@ -498,18 +510,30 @@ def main() -> None:
     env = begin()
     warm_page_cache(base, adapter)
     run_measured([ADAPTERCTL, "--help"], env)  # compile the bytecode cache once
-    by_engine, checked = side_by_side_run(base, adapter, OUT / "merge-out", runs, env)
+    work = OUT / "merge-out"
+    try:
+        by_engine, kept = measure_rounds(
+            ENGINES, base, adapter, work, runs, env, keep=("adapterctl", "peft")
+        )
+        checked = compare(kept["adapterctl"], kept["peft"], base)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     med = medians(by_engine)
     scale = None
-    scale_runs: list[Figures] = []
+    scale_runs: dict[str, list[Figures]] = {}
     if scale_fixture is not None:
         scale_folder, scale_manifest = scale_fixture
-        warm_page_cache(scale_folder / "base", scale_folder / "adapter")
-        out = args.scale_dir / "merge-scale-out"
-        scale_runs = scale_run(
-            scale_folder / "base", scale_folder / "adapter", out, args.scale_runs, env
-        )
-        scale = medians({"s": scale_runs})["s"], scale_manifest
+        scale_base, scale_adapter = scale_folder / "base", scale_folder / "adapter"
+        warm_page_cache(scale_base, scale_adapter)
+        work = args.scale_dir / "merge-scale-out"
+        print(f"scale: {scale_manifest['base_bytes'] / 1e9:.2f} GB", file=sys.stderr)
+        try:
+            scale_runs, _ = measure_rounds(
+                SCALE_ENGINES, scale_base, scale_adapter, work, args.scale_runs, env
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        scale = medians(scale_runs), scale_manifest
     goals = report(med, checked, manifest, scale, "quick base" if args.quick else "168M")
     write_results(
         "merge" + suffix,
@@ -518,7 +542,11 @@ def main() -> None:
         medians=med,
         manifest=manifest,
         against_peft=checked,
-        scale={"runs": scale_runs, "manifest": scale[1]} if scale is not None else None,
+        scale=(
+            {"runs": scale_runs, "medians": scale[0], "manifest": scale[1]}
+            if scale is not None
+            else None
+        ),
     )
 
 
