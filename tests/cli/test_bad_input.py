@@ -1,8 +1,8 @@
 """The bad-input corpus: every case made here by code (no opaque blobs), run through every command
 that reads adapters where it applies (CASES' `commands`). Each must exit 1 with one `error:` line
 (and at most one `hint:`) naming the file and the problem: never a traceback, exit 3, code
-execution, or anything written. The torch-free commands (inspect, select, convert) run in
-subprocesses, load and push in-process through Typer's CliRunner."""
+execution, or anything written. The torch-free commands (inspect, select, convert, merge) run in
+subprocesses (merge too: it is torch-free for a safetensors base), load and push in-process through Typer's CliRunner."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.helpers import Q, lora_tensors, raw_safetensors, write_adapter
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
 F32_4 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
-READERS = ("inspect", "select", "convert", "load", "push")
+READERS = ("inspect", "select", "convert", "load", "push", "merge")
 
 
 def _weights(data: bytes) -> Callable[[Path], Path]:
@@ -229,13 +229,13 @@ CASES |= {
     "config r disagrees with lora_A": Case(
         _rank(8),
         ("rank 8", "expects [8, 8]"),
-        ("inspect", "convert", "load", "push"),
+        ("inspect", "convert", "load", "push", "merge"),
         names="source",
     ),
     "rank_pattern disagrees with lora_A": Case(
         _rank(4, {"q_proj": 6}),
         ("rank 6", "expects [6, 8]"),
-        ("inspect", "convert", "load", "push"),
+        ("inspect", "convert", "load", "push", "merge"),
         names="source",
     ),
     "pickle that imports a module": Case(_importing_bin, "not a plain tensor checkpoint"),
@@ -265,7 +265,7 @@ CASES |= {
         exit_code=2,
     ),
     "output is a symlink": Case(
-        _same, "is a symlink", ("select", "convert"), output="link", names="link"
+        _same, "is a symlink", ("select", "convert", "merge"), output="link", names="link"
     ),
     "mismatched PiSSA pair": Case(
         _same, "differ in `r`", ("convert",), ("--initial", "{tmp}/other-init"), names="source"
@@ -283,6 +283,7 @@ def _argv(command: str, src: Path, tmp: Path, case: Case) -> list[str]:
         "convert": ["convert", str(src), out, "--dtype", "bfloat16"],
         "load": ["load", str(tmp / "base"), str(src), "--device", "cpu"],
         "push": ["push", str(src), "alice/x", "--base-model", "org/m", "--dry-run"],
+        "merge": ["merge", str(tmp / "base"), str(src), out],
     }[command] + extra
 
 
@@ -311,7 +312,7 @@ def test_corpus(
         cfg = json.loads((src / "adapter_config.json").read_text())
         (src / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa"}))
         write_adapter(tmp_path / "other-init", lora_tensors(Q, r=2), {"r": 2})
-    if command == "load":
+    if command in ("load", "merge"):
         os.symlink(tiny_base, tmp_path / "base")
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = _argv(command, src, tmp_path, c)

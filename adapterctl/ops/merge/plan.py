@@ -83,7 +83,12 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, base_key: str, op: Op, variant: str) -> None:
-        self.ops.setdefault(base_key, []).append(op)
+        ops = self.ops.setdefault(base_key, [])
+        if isinstance(op, Replace):  # loaded before any adapter is merged, whichever brings it
+            at = next((i for i, o in enumerate(ops) if not isinstance(o, Replace)), len(ops))
+            ops.insert(at, op)
+        else:
+            ops.append(op)
         self.counts[variant] = self.counts.get(variant, 0) + 1
 
 
@@ -217,7 +222,8 @@ def _plan_module(
     rank = config.rank_for(module)
     if a_shape[0] != rank:
         raise AdapterFormatError(
-            f"`{module}`: the factors have rank {a_shape[0]} but the config says r={rank}",
+            f"`{files.config_path or files.weights_path}`: `{module}` has rank {rank} in the "
+            f"config, but its factors have rank {a_shape[0]}",
             hint="check r and rank_pattern in adapter_config.json",
         )
     scaling = config.scaling(config.alpha_for(module), rank)
