@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adapterctl.errors import IncompatibleModelError
-from adapterctl.ops.merge import Kind, bias_step, merge_step
+from adapterctl.ops.merge import Kind, Step, bias_step, merge_sequence
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -274,46 +275,38 @@ class LoraLayer(nn.Module):
         stored_bias = raw_bias.detach() if isinstance(raw_bias, torch.Tensor) else None
         compute = torch.float32 if stored.dtype in _HALF else stored.dtype
 
-        def store(x: torch.Tensor) -> torch.Tensor:
-            return x.to(stored.dtype).to(compute)
+        def store(x: torch.Tensor, dtype: torch.dtype = stored.dtype) -> torch.Tensor:
+            return x.to(dtype).to(compute)
 
-        original = stored.to(compute)  # DoRA norms use the unmerged weight (PEFT, forward)
-        weight = original
+        def delta_store(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+            # factors kept in half precision (no autocast): PEFT rounds the delta to them
+            return (lambda x: store(x, dtype)) if dtype in _HALF else (lambda x: x)
+
+        steps = []
         bias = None if stored_bias is None else stored_bias.to(compute)
         for name in names:
             if name not in self.r:
                 continue
             a, b = self.factors(name)
-            factor_dtype = a.dtype
-
-            def delta_store(x: torch.Tensor, dtype: torch.dtype = factor_dtype) -> torch.Tensor:
-                # factors kept in half precision (no autocast): PEFT rounds the delta to them
-                return x.to(dtype).to(compute) if dtype in _HALF else x
-
-            weight = merge_step(
-                self.kind,
-                weight,
-                a.detach().to(compute),
-                b.detach().to(compute),
-                self.scaling[name],
-                store=store,
-                norm=_norm,
-                magnitude=self.magnitude(name).detach().to(compute)
-                if self.use_dora[name]
-                else None,
-                original=original,
-                delta_store=delta_store,
+            dora = self.use_dora[name]
+            steps.append(
+                Step(
+                    a.detach().to(compute),
+                    b.detach().to(compute),
+                    self.scaling[name],
+                    self.magnitude(name).detach().to(compute) if dora else None,
+                    delta_store(a.dtype),
+                )
             )
             lora_bias = (
                 None if self.kind == "embedding" else getattr(self.lora_B[name], "bias", None)
             )
             if isinstance(lora_bias, torch.Tensor) and bias is not None and stored_bias is not None:
+                lb = lora_bias.detach().to(compute)
                 bias = bias_step(
-                    bias,
-                    lora_bias.detach().to(compute),
-                    self.scaling[name],
-                    store=lambda x: x.to(stored_bias.dtype).to(compute),
+                    bias, lb, self.scaling[name], store=lambda x: store(x, stored_bias.dtype)
                 )
+        weight = merge_sequence(self.kind, stored.to(compute), steps, store=store, norm=_norm)
         return (
             weight.to(stored.dtype),
             None if bias is None or stored_bias is None else bias.to(stored_bias.dtype),

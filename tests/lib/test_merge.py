@@ -320,3 +320,90 @@ def test_output_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     with pytest.raises(AdapterctlError, match="already exists"):
         _merge(base, adapter, tmp_path / "out")
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16"])
+def test_dora_after_lora_on_one_layer_in_order(tmp_path: Path, half: bool) -> None:
+    import torch
+
+    dtype = torch.bfloat16 if half else None
+    base = _save_base(tiny_llama, tmp_path / "base", dtype)
+    adapters = peft_save(
+        tiny_llama,
+        tmp_path / "multi",
+        {
+            "first": {"r": 4, "target_modules": ["q_proj"]},
+            "second": {"r": 2, "use_dora": True, "target_modules": ["q_proj", "v_proj"]},
+        },
+    )
+    result = _merge(
+        base, adapters, tmp_path / "out", adapter_names=["first", "second"], verify=True
+    )
+    assert result.adapters == ["first", "second"]
+    assert result.modules == {"linear": 2, "dora_linear": 4}
+    ours = _output(tmp_path / "out")
+    peft = _peft_merged(base, adapters, names=["first", "second"])
+    if half:
+        keys = [k for k in ours if "q_proj" in k or "v_proj" in k]
+        assert _bits_identical(ours, peft, keys) >= 0.999
+    else:
+        _compare(ours, peft, 1e-6)
+
+
+def test_tied_lm_head_is_merged_into_the_embedding_with_a_warning(tmp_path: Path) -> None:
+    def model() -> Any:
+        return tiny_llama(tie_word_embeddings=True)
+
+    base = _save_base(model, tmp_path / "base")
+    adapter = _lora(tmp_path, model, {"r": 4, "target_modules": ["lm_head"]})
+    result = _merge(base, adapter, tmp_path / "out")
+    assert any("tied" in w and "model.embed_tokens.weight" in w for w in result.warnings)
+    ours = _output(tmp_path / "out")
+    assert "lm_head.weight" not in ours
+    _compare(ours, _peft_merged(base, adapter), 1e-6)
+
+
+def test_bin_base_is_read_one_shard_at_a_time(tmp_path: Path) -> None:
+    import torch
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    state = _output(base)
+    (base / "model.safetensors").unlink()
+    names = sorted(state)
+    half = len(names) // 2
+    index = {"metadata": {}, "weight_map": {}}
+    for i, part in enumerate((names[:half], names[half:])):
+        file = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, base / file)
+        index["weight_map"].update(dict.fromkeys(part, file))
+    (base / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj", "gate_proj"]})
+    result = _merge(base, adapter, tmp_path / "out")
+    assert result.shards == ["model.safetensors"]
+    ours = _output(tmp_path / "out")
+    assert set(ours) == set(state)
+    _compare(ours, _peft_merged(base, adapter), 1e-6)
+
+
+def test_a_classifier_the_base_lacks_is_added(tmp_path: Path) -> None:
+    """A SEQ_CLS adapter on a causal-LM checkpoint: its trained `score` comes into the output."""
+
+    def classifier() -> Any:
+        import torch
+        from transformers import LlamaForSequenceClassification
+
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(tiny_llama().config).eval()
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    adapter = _lora(
+        tmp_path, classifier, {"r": 4, "target_modules": ["q_proj"], "task_type": "SEQ_CLS"}
+    )
+    result = _merge(base, adapter, tmp_path / "out")
+    assert result.tensors_added == 1
+    ours = _output(tmp_path / "out")
+    stored = _output(adapter)
+    assert (
+        ours["score.weight"].numpy().tobytes()
+        == stored["base_model.model.score.weight"].numpy().tobytes()
+    )

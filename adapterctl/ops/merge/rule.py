@@ -12,7 +12,13 @@ factors in float32 (its `autocast_adapter_dtype=True`):
 - DoRA: `m / ‖W0 + ΔW‖ · (W + ΔW)`, the norm over the input dimension (per output feature; for an
   embedding over the vocabulary, per embedding dimension) of the UNMERGED base weight W0, the
   product rounded once;
-- lora_bias: `bias += s·b`, rounded once.
+- lora_bias: `bias += s·b`, rounded once;
+- several adapters on one layer are merged one after another, each rounded to the storage dtype.
+  Before a DoRA adapter is merged onto a layer that already holds merged adapters, PEFT takes them
+  out (`_unmerged_base_weight`: unmerged in reverse order, a LoRA by `weight -= ΔW.to(dtype)`, a
+  DoRA by `weight / factor - ΔW`), takes that weight for the norm, and merges them back in: the
+  roundings of that round trip are part of its result, and `merge_sequence` replays them.
+
 
 The weights come in and go out as float32 (or float64) values in the base's storage orientation;
 `store` rounds values to the storage dtype (and returns them as float32 again), so several
@@ -22,6 +28,7 @@ adapters merged one after another are rounded after each, as PEFT does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 #: how a layer stores its weight: Linear (out, in), GPT-2 Conv1D (in, out), Embedding (vocab, dim)
@@ -42,39 +49,62 @@ def delta(a: Array, b: Array, scaling: float) -> Array:
     return (b @ a) * scaling
 
 
-def merge_step(
-    kind: Kind,
-    weight: Array,
-    a: Array,
-    b: Array,
-    scaling: float,
-    *,
-    store: Round,
-    norm: Norm,
-    magnitude: Array | None = None,
-    original: Array | None = None,
-    delta_store: Round = _same,
-) -> Array:
-    """`weight` (float values, storage orientation) with one adapter merged in, rounded by `store`.
-
-    `magnitude` makes it DoRA; `original` is then the unmerged base weight (defaults to `weight`).
-    `norm(x, axis)` is the 2-norm along `axis`. `delta_store` rounds the delta where PEFT computes
-    it in the factors' own half precision (factors not autocast to float32).
-    """
-    d = delta_store(delta(a, b, scaling))
-    if kind != "linear":
-        d = d.T  # Conv1D (in, out); Embedding (vocab, dim)
-    if magnitude is None:
-        if kind == "embedding":  # PEFT casts an embedding's delta to the weight's dtype first
-            return store(weight + store(d))
-        return store(weight + d)
-    base = weight if original is None else original
-    axis = 1 if kind == "linear" else 0  # the input dimension (the vocabulary for an embedding)
-    factor = magnitude / norm(base + d, axis)
-    shaped = factor.reshape(-1, 1) if kind == "linear" else factor.reshape(1, -1)
-    return store(shaped * (weight + d))
-
-
 def bias_step(bias: Array, lora_bias: Array, scaling: float, *, store: Round) -> Array:
     """A base bias with a lora_B bias merged in (lora_bias=True): `bias + s·b`, rounded once."""
     return store(bias + lora_bias * scaling)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One adapter of a layer, as `merge_sequence` takes it (float factors, A (r, in), B (out, r))."""
+
+    a: Array
+    b: Array
+    scaling: float
+    magnitude: Array | None = None  # DoRA
+    delta_store: Round = _same
+
+
+def _delta(kind: Kind, step: Step) -> Array:
+    d = step.delta_store(delta(step.a, step.b, step.scaling))
+    return d if kind == "linear" else d.T
+
+
+def _factor(kind: Kind, magnitude: Array, base: Array, d: Array, norm: Norm) -> Array:
+    axis = 1 if kind == "linear" else 0
+    factor = magnitude / norm(base + d, axis)
+    return factor.reshape(-1, 1) if kind == "linear" else factor.reshape(1, -1)
+
+
+def merge_sequence(
+    kind: Kind, weight: Array, steps: list[Step], *, store: Round, norm: Norm
+) -> Array:
+    """`weight` with `steps` merged one after another, as PEFT's `merge_and_unload` merges
+    several adapters into one layer (the DoRA round trip above included)."""
+    merged: list[tuple[Step, Array, Array | None]] = []  # (step, delta, its DoRA factor)
+    w = weight
+    for step in steps:
+        d = _delta(kind, step)
+        if step.magnitude is None:
+            w = store(w + store(d)) if kind == "embedding" else store(w + d)
+            merged.append((step, d, None))
+            continue
+        base = w
+        if merged:  # out in reverse order, the norm from what is left, back in order
+            for _, dj, fj in reversed(merged):
+                w = store(w - store(dj)) if fj is None else store(w / fj - dj)
+            base = w
+            replayed = []
+            for sj, dj, fj in merged:
+                if fj is None:
+                    w = store(w + store(dj)) if kind == "embedding" else store(w + dj)
+                    replayed.append((sj, dj, None))
+                else:
+                    f = _factor(kind, sj.magnitude, base, dj, norm)
+                    w = store(f * (w + dj))
+                    replayed.append((sj, dj, f))
+            merged = replayed
+        f = _factor(kind, step.magnitude, base, d, norm)
+        w = store(f * (w + d))
+        merged.append((step, d, f))
+    return w

@@ -49,7 +49,7 @@ from adapterctl.ops.merge.plan import (
     plan_adapter,
     refuse_quantized,
 )
-from adapterctl.ops.merge.rule import bias_step, merge_step
+from adapterctl.ops.merge.rule import Step, bias_step, merge_sequence
 from adapterctl.ops.merge.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     parse_size,
@@ -173,12 +173,21 @@ class Merger:
     """Computes each output tensor from the base tensor and the plan's operations."""
 
     def __init__(
-        self, base: BaseCheckpoint, stores: list[TensorStore], plan: Plan, code: str | None
+        self,
+        base: BaseCheckpoint,
+        stores: list[TensorStore],
+        plan: Plan,
+        code: str | None,
+        headers: dict[str, tuple[Dtype, tuple[int, ...]]],
     ) -> None:
         self.base = base
         self.stores = stores
         self.plan = plan
         self.code = code
+        #: the dtype of tensors added to the base: --dtype, else the base's first float dtype
+        self.added_code = code or next(
+            (dt.code for dt, _ in headers.values() if dt.code in FLOAT_CODES), None
+        )
 
     def _factor(self, op: Lora | LoraBias, key: str, compute: str) -> Any:
         t = self.stores[op.adapter].get(key)
@@ -206,30 +215,30 @@ class Merger:
         compute = "F64" if code == "F64" else "F32"
         store = _rounder(code)
         w: Any = None
-        original: Any = None
-        for op in ops:
+        for op in ops:  # the plan puts them first
             if isinstance(op, Replace):
                 raw = cast(self.stores[op.adapter].get(op.key), code)
-                w = None
-                continue
-            if w is None:
-                w = to_floats(raw)
+        rest = [op for op in ops if not isinstance(op, Replace)]
+        if rest:
+            w = to_floats(raw)
+        for op in rest:
             if isinstance(op, LoraBias):
                 w = bias_step(w, self._factor(op, op.key, compute), op.scaling, store=store)
-                continue
-            if original is None:
-                original = w
-            w = merge_step(
-                op.kind,
-                w,
-                self._factor(op, op.a, compute),
-                self._factor(op, op.b, compute),
-                op.scaling,
-                store=store,
-                norm=_norm,
-                magnitude=None if op.magnitude is None else self._factor(op, op.magnitude, compute),
-                original=original,
-            )
+        modules: dict[str, list[Lora]] = {}  # one layer's adapters, in order (tied: two layers)
+        for op in rest:
+            if isinstance(op, Lora):
+                modules.setdefault(op.module, []).append(op)
+        for layer in modules.values():
+            steps = [
+                Step(
+                    self._factor(op, op.a, compute),
+                    self._factor(op, op.b, compute),
+                    op.scaling,
+                    None if op.magnitude is None else self._factor(op, op.magnitude, compute),
+                )
+                for op in layer
+            ]
+            w = merge_sequence(layer[0].kind, w, steps, store=store, norm=_norm)
         if w is None:
             return raw
         with np.errstate(invalid="ignore"):
@@ -251,9 +260,11 @@ class Merger:
         return lambda: self.tensor(key).buffer()
 
     def added(self, key: str) -> RawTensor:
+        """A modules_to_save tensor the base lacks, in the dtype the model is in (as the module
+        transformers makes for it)."""
         index, stored, _, _ = self.plan.added[key]
         t = self.stores[index].get(stored)
-        return t if self.code is None else cast(t, self.code)
+        return t if self.added_code is None else cast(t, self.added_code)
 
 
 def _copy_companions(base: Path, out: Path, code: str | None, dtype: str | None) -> list[str]:
@@ -339,13 +350,13 @@ def merge(
             store = stack.enter_context(OpenStore(files.weights_path, files.format))
             stores.append(store)
             plan_adapter(plan, i, files, config, store, checkpoint, headers)
-        merger = Merger(checkpoint, stores, plan, code)
+        merger = Merger(checkpoint, stores, plan, code, headers)
         sizes: list[tuple[str, int]] = []
         specs: dict[str, tuple[Dtype, tuple[int, ...]]] = {}
         for name, _, dt, shape in layout:
             specs[name] = (_out_dtype(dt, code), shape)
         for name, (_, _, dt, shape) in plan.added.items():
-            specs[name] = (_out_dtype(dt, code), shape)
+            specs[name] = (_out_dtype(dt, merger.added_code), shape)
         for name, (dt, shape) in specs.items():
             sizes.append((name, dt.bits * numel(shape) // 8))
         groups = split(sizes, limit)
