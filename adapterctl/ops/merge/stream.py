@@ -228,7 +228,9 @@ class Merger:
         for op in rest:
             if isinstance(op, Lora):
                 modules.setdefault(op.module, []).append(op)
-        for layer in modules.values():
+        # PEFT merges layer by layer in the model's module order: an input embedding comes before
+        # an lm_head tied to it
+        for layer in sorted(modules.values(), key=lambda ops: ops[0].kind != "embedding"):
             steps = [
                 Step(
                     self._factor(op, op.a, compute),
