@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from adapterctl.cli.main import app
 from tests.helpers import P, Q, V, lora_tensors, write_adapter
+from tests.hub.test_hub import hub  # noqa: F401 - a fixture
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -148,3 +149,26 @@ def test_existing_output_needs_force(base: Path, adapter: Path, tmp_path: Path) 
     assert forced.exit_code == 0, forced.stderr
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_hub_base_and_hub_adapter(hub: Any, base: Path, adapter: Path, tmp_path: Path) -> None:  # noqa: F811
+    """BASE and ADAPTER as Hub ids (through the test Hub server) give the local merge's bytes."""
+    from tests.hub.test_hub import cli, client_env
+
+    hub.put_folder("org/tiny", base)
+    hub.put_folder("alice/lora", adapter)
+    env = client_env(hub, tmp_path / "hf")
+    remote = cli(env, "merge", "org/tiny", "alice/lora", tmp_path / "remote", "--json")
+    assert remote.returncode == 0, remote.stderr
+    doc = json.loads(remote.stdout)
+    assert (doc["base"], doc["adapter"]) == ("org/tiny", "alice/lora")
+    local = cli(env, "merge", base, adapter, tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    name = "model.safetensors"
+    assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    revision = cli(
+        env, "merge", "org/tiny", "alice/lora", tmp_path / "r", "--base-revision", "nope"
+    )
+    assert revision.returncode == 1
+    assert "nope" in revision.stderr
+    assert not (tmp_path / "r").exists()
