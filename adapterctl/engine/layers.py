@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adapterctl.errors import IncompatibleModelError
-from adapterctl.ops.merge import Kind, Step, bias_step, merge_sequence
+from adapterctl.ops.merge import Kind, Step, bias_sequence, merge_sequence
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -283,7 +283,7 @@ class LoraLayer(nn.Module):
             return (lambda x: store(x, dtype)) if dtype in _HALF else (lambda x: x)
 
         steps = []
-        bias = None if stored_bias is None else stored_bias.to(compute)
+        bias_steps: list[tuple[torch.Tensor | None, float, bool]] = []
         for name in names:
             if name not in self.r:
                 continue
@@ -301,16 +301,16 @@ class LoraLayer(nn.Module):
             lora_bias = (
                 None if self.kind == "embedding" else getattr(self.lora_B[name], "bias", None)
             )
-            if isinstance(lora_bias, torch.Tensor) and bias is not None and stored_bias is not None:
-                lb = lora_bias.detach().to(compute)
-                bias = bias_step(
-                    bias, lb, self.scaling[name], store=lambda x: store(x, stored_bias.dtype)
-                )
+            lb = lora_bias.detach().to(compute) if isinstance(lora_bias, torch.Tensor) else None
+            bias_steps.append((lb, self.scaling[name], dora))
         weight = merge_sequence(self.kind, stored.to(compute), steps, store=store, norm=_norm)
-        return (
-            weight.to(stored.dtype),
-            None if bias is None or stored_bias is None else bias.to(stored_bias.dtype),
-        )
+        bias = stored_bias
+        if stored_bias is not None and any(lb is not None for lb, _, _ in bias_steps):
+            merged_bias = bias_sequence(
+                stored_bias.to(compute), bias_steps, store=lambda x: store(x, stored_bias.dtype)
+            )
+            bias = merged_bias.to(stored_bias.dtype)
+        return weight.to(stored.dtype), bias
 
 
 def _norm(x: torch.Tensor, axis: int) -> torch.Tensor:

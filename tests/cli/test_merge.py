@@ -172,3 +172,99 @@ def test_hub_base_and_hub_adapter(hub: Any, base: Path, adapter: Path, tmp_path:
     assert revision.returncode == 1
     assert "nope" in revision.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sigkill_mid_merge_leaves_no_output(base: Path, adapter: Path, tmp_path: Path) -> None:
+    """Killed after its first tensor: no OUTPUT, and the next run removes the dead run's temp."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests import held_writer
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    args = ["merge", str(base), str(adapter), str(out), "--max-shard-size", "2KB"]
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(
+        held_writer.command(args, marker=marker, after=1), cwd=root,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def temps() -> list[str]:
+        return [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.adapterctl-tmp-")]
+
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the merge never reached the pause"
+            time.sleep(0.02)
+        assert temps()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    assert temps()
+    again = subprocess.run(
+        [sys.executable, "-m", "adapterctl", *args], cwd=root, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert temps() == []
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_lora_on_parameters_is_refused(base: Path, tmp_path: Path) -> None:
+    src = write_adapter(tmp_path / "src", lora_tensors(Q), {"target_parameters": ["mlp.experts"]})
+    result = invoke(base, src, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "LoRA on parameters" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_failure_exits_1_and_writes_nothing(
+    base: Path, adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterctl.format.rawtensor import RawTensor, to_float32
+    from adapterctl.ops.merge import stream
+
+    real = stream.Merger.apply
+
+    def planted(self: Any, key: str, raw: Any, ops: Any) -> Any:
+        out = real(self, key, raw, ops)
+        values = to_float32(out).copy()
+        values[0, 0] *= 1.01  # a planted error
+        return RawTensor(out.dtype, out.shape, values)
+
+    monkeypatch.setattr(stream.Merger, "apply", planted)
+    result = invoke(base, adapter, tmp_path / "out", "--verify", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["verification"]["passed"] is False
+    error = json.loads(result.stderr.splitlines()[-1])["error"]
+    assert "verification failed" in error["message"]
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_disk_full_is_one_error_and_no_output(tmp_path: Path) -> None:
+    """ENOSPC (a small tmpfs where root may mount one, else a file-size limit) mid-merge: one
+    error line naming OUTPUT, nothing left on the full disk."""
+    import warnings
+
+    from tests.cli.test_data_loss import limited_disk, one_error, run
+    from tests.fixtures import tiny_llama
+
+    big = tmp_path / "base"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=512).save_pretrained(str(big))
+    adapter = write_adapter(tmp_path / "src", lora_tensors(Q, 4, 64, 64))
+    full = tmp_path / "full"
+    full.mkdir()
+    with limited_disk(full, 64 << 10) as (preexec, reason):
+        proc = run(["merge", big, adapter, full / "out"], preexec=preexec)
+        one_error(proc, f"cannot write `{full / 'out'}`", reason)
+        assert list(full.iterdir()) == []

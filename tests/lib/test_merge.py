@@ -168,7 +168,7 @@ def test_dora_linear(tmp_path: Path) -> None:
 
 
 def _ordered(t: Any) -> Any:
-    """bfloat16 bits as integers in the order of the values (ulp distance is a difference)."""
+    """16-bit float bits as integers in the order of the values (ulp distance is a difference)."""
     import torch
 
     bits = t.view(torch.int16).int()
@@ -181,18 +181,22 @@ def _bits_identical(ours: dict[str, Any], peft: dict[str, Any], keys: list[str])
     same = total = 0
     for k in keys:
         a, b = ours[k], peft[k]
-        assert a.dtype == b.dtype == torch.bfloat16
+        assert a.dtype == b.dtype
+        assert a.dtype in (torch.bfloat16, torch.float16)
         same += int((a.view(torch.int16) == b.view(torch.int16)).sum())
         total += a.numel()
         assert int((_ordered(a) - _ordered(b)).abs().max()) <= 1, k
     return same / total
 
 
-def test_bf16_base_is_rounded_once_as_peft_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_half_base_is_rounded_once_as_peft_does(tmp_path: Path, name: str) -> None:
     import torch
 
+    half = getattr(torch, name)
+
     base = _save_base(
-        lambda: tiny_llama(hidden_size=64, intermediate_size=128), tmp_path / "base", torch.bfloat16
+        lambda: tiny_llama(hidden_size=64, intermediate_size=128), tmp_path / "base", half
     )
     adapter = _lora(
         tmp_path,
@@ -204,7 +208,7 @@ def test_bf16_base_is_rounded_once_as_peft_does(tmp_path: Path) -> None:
     peft = _peft_merged(base, adapter)
     keys = [k for k in ours if any(m in k for m in ("q_proj", "v_proj", "up_proj"))]
     fraction = _bits_identical(ours, peft, keys)
-    print(f"bf16 bit-identical fraction: {fraction:.6f}")
+    print(f"{name} bit-identical fraction: {fraction:.6f}")
     assert fraction >= 0.999
     # the engine's merge (load --merge-to, AdapterModel.merge_and_unload) is the same rule
     from transformers import AutoModelForCausalLM
@@ -212,7 +216,7 @@ def test_bf16_base_is_rounded_once_as_peft_does(tmp_path: Path) -> None:
     from adapterctl import AdapterModel
 
     def engine() -> dict[str, Any]:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=half)
         merged = AdapterModel.from_pretrained(model, str(adapter)).merge_and_unload()
         return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
@@ -407,3 +411,89 @@ def test_a_classifier_the_base_lacks_is_added(tmp_path: Path) -> None:
         ours["score.weight"].numpy().tobytes()
         == stored["base_model.model.score.weight"].numpy().tobytes()
     )
+
+
+def test_buffers_the_base_stores_are_kept_byte_for_byte(tmp_path: Path) -> None:
+    """A stored buffer (an old checkpoint's `position_ids`) comes along, under its own name and
+    dtype, even with --dtype (only float tensors are cast)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    base = _save_base(tiny_llama, tmp_path / "base")
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.position_ids"] = np.arange(64, dtype=np.int64)[None]
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    adapter = _lora(tmp_path, tiny_llama, {"r": 4, "target_modules": ["q_proj"]})
+    result = _merge(base, adapter, tmp_path / "out", dtype="bfloat16")
+    assert result.tensors_copied == len(tensors) - 2
+    out = _output(tmp_path / "out")
+    assert set(out) == set(tensors)
+    kept = out["model.position_ids"].numpy()
+    assert kept.dtype == np.int64
+    assert kept.tobytes() == tensors["model.position_ids"].tobytes()
+
+
+def test_dora_after_a_lora_bias_adapter_replays_the_bias_too(tmp_path: Path) -> None:
+    """PEFT takes a lora_bias adapter out of the bias and puts it back when a DoRA adapter comes
+    after it on the layer: in bfloat16 those roundings show, and both merges reproduce them."""
+    import torch
+
+    from adapterctl import AdapterModel
+
+    def model() -> Any:
+        return tiny_llama(attention_bias=True)
+
+    base = _save_base(model, tmp_path / "base", torch.bfloat16)
+    adapters = peft_save(
+        model,
+        tmp_path / "multi",
+        {
+            "first": {"r": 4, "target_modules": ["q_proj"], "lora_bias": True},
+            "second": {"r": 2, "use_dora": True, "target_modules": ["q_proj"]},
+        },
+    )
+    names = ["first", "second"]
+    result = _merge(base, adapters, tmp_path / "out", adapter_names=names, verify=True)
+    assert result.modules == {"linear": 2, "lora_bias": 2, "dora_linear": 2}
+    ours = _output(tmp_path / "out")
+    peft = _peft_merged(base, adapters, names=names)
+
+    def engine() -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+        wrapped = AdapterModel.from_pretrained(
+            loaded, str(adapters / "first"), adapter_name="first"
+        )
+        wrapped.load_adapter(str(adapters / "second"), adapter_name="second")
+        merged = wrapped.merge_and_unload(adapter_names=names)
+        return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+    mine = _quiet(engine)
+    for key in [k for k in ours if "q_proj" in k]:
+        assert torch.equal(ours[key], peft[key]), key
+        assert torch.equal(mine[key], peft[key]), key
+
+
+@pytest.mark.parametrize(
+    "sizes", [[6, 6, 2, 6, 2, 2], [1] * 7, [11, 1, 10, 3], [5], [10, 10, 10]], ids=str
+)
+@pytest.mark.parametrize("limit", ["10", "10KB", "0.01MB"])
+def test_shards_split_and_sizes_parse_as_huggingface_hub_does(sizes: list[int], limit: str) -> None:
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from adapterctl.ops.merge import parse_size
+    from adapterctl.ops.merge.shards import shard_names, split
+
+    scale = 1 if limit == "10" else 1000
+    state = {f"t{i}": n * scale for i, n in enumerate(sizes)}
+    max_size = parse_size(limit)
+    if limit != "10":
+        assert max_size == parse_size_to_int(limit)
+    theirs = split_state_dict_into_shards_factory(
+        state, get_storage_size=lambda n: n, get_storage_id=lambda n: None,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_size,
+    )  # fmt: skip
+    groups = split(list(state.items()), max_size)
+    assert dict(zip(shard_names(len(groups)), groups, strict=True)) == theirs.filename_to_tensors

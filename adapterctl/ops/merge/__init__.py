@@ -10,7 +10,7 @@
 Code outside this package imports only the names below (an import-linter contract says so).
 """
 
-from adapterctl.ops.merge.rule import KINDS, Kind, Step, bias_step, delta, merge_sequence
+from adapterctl.ops.merge.rule import KINDS, Kind, Step, bias_sequence, delta, merge_sequence
 from adapterctl.ops.merge.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from adapterctl.ops.merge.stream import DTYPE_CHOICES, MergeResult, Progress, merge
 from adapterctl.ops.merge.verify import Check, Verification, VerificationFailed
@@ -26,7 +26,7 @@ __all__ = [
     "Step",
     "Verification",
     "VerificationFailed",
-    "bias_step",
+    "bias_sequence",
     "delta",
     "merge",
     "merge_sequence",

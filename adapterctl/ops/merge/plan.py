@@ -51,12 +51,14 @@ class Lora:
 
 @dataclass(frozen=True)
 class LoraBias:
-    """lora_bias=True: s·(lora_B's bias) added to the base bias."""
+    """One adapter of a layer whose base has a bias: with lora_bias=True (`key`), s·(lora_B's
+    bias) is added to it; a DoRA adapter (`dora`) takes the ones merged before out and back in."""
 
     adapter: int
     module: str
-    key: str
+    key: str | None
     scaling: float
+    dora: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,14 +84,26 @@ class Plan:
     counts: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def add(self, base_key: str, op: Op, variant: str) -> None:
+    def prune(self) -> None:
+        """Drop the bias steps of layers where no adapter has a lora_B bias (nothing to add)."""
+        for key in [k for k, ops in self.ops.items() if all(
+            isinstance(o, LoraBias) and o.key is None for o in ops
+        )]:  # fmt: skip
+            del self.ops[key]
+        for key, ops in self.ops.items():
+            if any(isinstance(o, LoraBias) and o.key is not None for o in ops):
+                continue
+            self.ops[key] = [o for o in ops if not isinstance(o, LoraBias)]
+
+    def add(self, base_key: str, op: Op, variant: str | None) -> None:
         ops = self.ops.setdefault(base_key, [])
         if isinstance(op, Replace):  # loaded before any adapter is merged, whichever brings it
             at = next((i for i, o in enumerate(ops) if not isinstance(o, Replace)), len(ops))
             ops.insert(at, op)
         else:
             ops.append(op)
-        self.counts[variant] = self.counts.get(variant, 0) + 1
+        if variant is not None:
+            self.counts[variant] = self.counts.get(variant, 0) + 1
 
 
 def model_type(base: BaseCheckpoint) -> str | None:
@@ -243,8 +257,8 @@ def _plan_module(
     plan.add(key, Lora(index, files.name, module, kind, a, b, magnitude, scaling, rank),
              "dora_" + kind if magnitude else kind)  # fmt: skip
     bias_key = kinds.get("lora_B.bias")
+    target = None if kind == "embedding" else base.find(module, "bias")
     if bias_key is not None:
-        target = base.find(module, "bias")
         if target is None:
             raise IncompatibleModelError(
                 f"`{module}`: the adapter has a lora_B bias (lora_bias=true) but the base's "
@@ -255,4 +269,6 @@ def _plan_module(
                 f"`{module}`: the lora_B bias has shape {list(_shape(store, bias_key))}, the "
                 f"base's `{target}` {list(headers[target][1])}"
             )
-        plan.add(target, LoraBias(index, module, bias_key, scaling), "lora_bias")
+    if target is not None:  # kept only where some adapter has a lora_B bias (Plan.prune)
+        step = LoraBias(index, module, bias_key, scaling, magnitude is not None)
+        plan.add(target, step, "lora_bias" if bias_key is not None else None)

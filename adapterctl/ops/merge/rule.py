@@ -49,9 +49,24 @@ def delta(a: Array, b: Array, scaling: float) -> Array:
     return (b @ a) * scaling
 
 
-def bias_step(bias: Array, lora_bias: Array, scaling: float, *, store: Round) -> Array:
-    """A base bias with a lora_B bias merged in (lora_bias=True): `bias + s·b`, rounded once."""
-    return store(bias + lora_bias * scaling)
+def bias_sequence(
+    bias: Array, steps: list[tuple[Array | None, float, bool]], *, store: Round
+) -> Array:
+    """A layer's bias through its adapters in order, each (lora_B's bias or None, scaling, DoRA):
+    `bias + s·b` rounded once per lora_bias adapter; a DoRA adapter takes the ones merged before
+    out (in reverse order) and back in, as `merge_sequence` does with the weight."""
+    merged: list[Array] = []
+    for lora_bias, scaling, dora in steps:
+        if dora and merged:
+            for x in reversed(merged):
+                bias = store(bias - x)
+            for x in merged:
+                bias = store(bias + x)
+        if lora_bias is not None:
+            x = lora_bias * scaling
+            bias = store(bias + x)
+            merged.append(x)
+    return bias
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from adapterctl.ops.merge.plan import (
     plan_adapter,
     refuse_quantized,
 )
-from adapterctl.ops.merge.rule import Step, bias_step, merge_sequence
+from adapterctl.ops.merge.rule import Step, bias_sequence, merge_sequence
 from adapterctl.ops.merge.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     parse_size,
@@ -221,9 +221,13 @@ class Merger:
         rest = [op for op in ops if not isinstance(op, Replace)]
         if rest:
             w = to_floats(raw)
-        for op in rest:
-            if isinstance(op, LoraBias):
-                w = bias_step(w, self._factor(op, op.key, compute), op.scaling, store=store)
+        biases = [op for op in rest if isinstance(op, LoraBias)]
+        if biases:
+            steps_b = [
+                (None if o.key is None else self._factor(o, o.key, compute), o.scaling, o.dora)
+                for o in biases
+            ]
+            w = bias_sequence(w, steps_b, store=store)
         modules: dict[str, list[Lora]] = {}  # one layer's adapters, in order (tied: two layers)
         for op in rest:
             if isinstance(op, Lora):
@@ -352,6 +356,7 @@ def merge(
             store = stack.enter_context(OpenStore(files.weights_path, files.format))
             stores.append(store)
             plan_adapter(plan, i, files, config, store, checkpoint, headers)
+        plan.prune()
         merger = Merger(checkpoint, stores, plan, code, headers)
         sizes: list[tuple[str, int]] = []
         specs: dict[str, tuple[Dtype, tuple[int, ...]]] = {}

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import AdapterctlError
 from adapterctl.format.checkpoint import BaseCheckpoint
-from adapterctl.format.rawtensor import RawTensor, TensorStore, cast, to_float64
+from adapterctl.format.rawtensor import RawTensor, TensorStore, cast, to_float64, to_floats
 from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.merge.plan import Lora, LoraBias, Plan, Replace
 
@@ -85,19 +85,19 @@ def _reference_blocks(w0: RawTensor, ops: list[Any], stores: list[TensorStore]) 
     import numpy as np
 
     steps: list[tuple[str, Any, Any]] = []
-    full = to_float64(w0) if w0.dtype.code != "F64" else w0.data.reshape(w0.shape)
+    full = to_floats(w0)  # float32 (or float64) as stored: each block widened when it is used
     for op in ops:
         if isinstance(op, Replace):
-            full = to_float64(stores[op.adapter].get(op.key))
+            full = to_floats(stores[op.adapter].get(op.key))
             steps.clear()
-        elif isinstance(op, LoraBias):
+        elif isinstance(op, LoraBias) and op.key is not None:
             steps.append(("bias", _f64(stores[op.adapter], op.key) * op.scaling, None))
         elif isinstance(op, Lora):
             a, b = _f64(stores[op.adapter], op.a), _f64(stores[op.adapter], op.b)
             m = None if op.magnitude is None else _f64(stores[op.adapter], op.magnitude)
             steps.append((op.kind, (a, b * op.scaling), m))
     if full.ndim != 2:  # a bias: small, whole
-        ref = full.copy()
+        ref = full.astype(np.float64)
         for _, d, _ in steps:
             ref = ref + d
         yield slice(None), ref
@@ -121,17 +121,18 @@ def _reference_blocks(w0: RawTensor, ops: list[Any], stores: list[TensorStore]) 
         total = np.zeros(full.shape[1])
         for r in range(0, rows, step):
             sl = slice(r, r + step)
-            total += ((full[sl] + delta(kind, ab, sl)) ** 2).sum(axis=0)
+            total += ((full[sl].astype(np.float64) + delta(kind, ab, sl)) ** 2).sum(axis=0)
         norms.append(np.sqrt(total))
     for r in range(0, rows, step):
         sl = slice(r, r + step)
-        w = full[sl].copy()
+        w0_block = full[sl].astype(np.float64)
+        w = w0_block
         for (kind, ab, m), norm in zip(steps, norms, strict=True):
             d = delta(kind, ab, sl)
             if m is None:
                 w = w + d
             elif kind == "linear":
-                n = np.sqrt(((full[sl] + d) ** 2).sum(axis=1))
+                n = np.sqrt(((w0_block + d) ** 2).sum(axis=1))
                 w = (m[sl] / n)[:, None] * (w + d)
             else:
                 w = (m / norm)[None, :] * (w + d)
@@ -161,7 +162,7 @@ def check(
         for key in targets:
             written = readers[where[key]]
             t = written.tensors[key]
-            out = to_float64(RawTensor(t.dtype, t.shape, written.read_bytes(key)))
+            out = to_floats(RawTensor(t.dtype, t.shape, written.read_bytes(key)))
             w0 = base.read(key)
             if code is not None:
                 w0 = cast(w0, code)
@@ -170,7 +171,7 @@ def check(
             bound = 2 * n_round * UNIT_ROUNDOFF[t.dtype.code] + _F32_SLACK
             err2 = ref2 = 0.0
             for sl, ref in _reference_blocks(w0, ops, stores):
-                diff = out[sl] - ref
+                diff = out[sl].astype(np.float64) - ref
                 err2 += float(np.sum(diff * diff))
                 ref2 += float(np.sum(ref * ref))
             error = (err2**0.5) / max(ref2**0.5, np.finfo(np.float64).tiny)
