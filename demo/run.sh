@@ -38,6 +38,8 @@ python demo/make_base.py "$work/base"
 run adapterctl load "$work/base" "$work/checkpoint" --prompt "the tiny llama loads" --max-new-tokens 6 --compare-base
 run adapterctl load "$work/base" "$work/math-only/math" --adapter-name math --merge-to "$work/merged" --json
 run ls "$work/merged"
+# the same merge from the files alone, one tensor at a time (no model built), checked in float64
+run adapterctl merge "$work/base" "$work/math-only/math" "$work/merged-streamed" --verify
 # create new adapters on that base, written as PEFT writes them
 run adapterctl save "$work/base" "$work/my-adapter" --r 8 --alpha 16 --target q_proj,v_proj --task-type CAUSAL_LM --base-model demo/tiny-llama --seed 1
 run adapterctl inspect "$work/my-adapter" --check

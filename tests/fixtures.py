@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +296,165 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore")
         tiny_llama().save_pretrained(str(out))
     return out
+
+
+# --- merge parity (tests/lib/test_merge_parity.py, tests/cli/test_merge_*.py) -------------------
+
+
+def _perturb_trained(model: Any, seed: int) -> None:
+    """Make the adapter "trained": random LoRA factors, DoRA magnitudes moved off the base's
+    row norms, and every other trainable tensor (trained biases, modules_to_save copies)
+    moved off the base's values, so a merge that ignored any of them would show."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * noise)
+            elif "lora_" in name:
+                p.copy_(0.1 * noise)
+            elif p.requires_grad:
+                p.add_(0.05 * noise)
+
+
+def merge_inputs(vocab: int = 64) -> Any:
+    import torch
+
+    return torch.arange(16).reshape(2, 8) * 7 % vocab
+
+
+def merge_oracle(
+    model_fn: Callable[[], Any],
+    root: Path,
+    configs: dict[str, dict[str, Any]],
+    *,
+    dtype: str = "float32",
+    shard: str | None = None,
+    merge_dtype: str | None = None,
+    autocast: bool = True,
+    write_base: Callable[[Any, Path], None] | None = None,
+    order: list[str] | None = None,
+) -> tuple[Path, Path, dict[str, Any], Any]:
+    """PEFT's side of a merge: `model_fn()` in `dtype` saved as BASE (`max_shard_size=shard`, or
+    by `write_base(model, dir)`), one "trained" adapter per `configs` entry saved as ADAPTER
+    (the first must be "default"; the others go in subfolders, as PEFT saves them), then
+    `PeftModel.from_pretrained(BASE loaded in merge_dtype or dtype, ADAPTER)` + the other
+    adapters, `merge_and_unload(adapter_names=order or all of them)`. Returns BASE, ADAPTER,
+    the merged state dict and the merged model's logits (computed in float32)."""
+
+    def run() -> tuple[Path, Path, dict[str, Any], Any]:
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        torch_dtype = getattr(torch, dtype)
+        model = model_fn().to(torch_dtype)
+        base, adapter = root / "base", root / "adapter"
+        if write_base is not None:
+            base.mkdir(parents=True)
+            write_base(model, base)
+        elif shard is None:
+            model.save_pretrained(str(base))
+        else:
+            model.save_pretrained(str(base), max_shard_size=shard)
+        names = list(configs)
+        pm = get_peft_model(
+            model,
+            LoraConfig(**configs[names[0]]),
+            adapter_name=names[0],
+            autocast_adapter_dtype=autocast,
+        )
+        for name in names[1:]:
+            pm.add_adapter(name, LoraConfig(**configs[name]))
+        _perturb_trained(pm, seed=3)
+        pm.save_pretrained(str(adapter))
+
+        cls = type(model_fn())
+        loaded = cls.from_pretrained(str(base), dtype=getattr(torch, merge_dtype or dtype))
+        peft_model = PeftModel.from_pretrained(loaded, str(adapter), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.load_adapter(str(adapter / name), adapter_name=name)
+        merged = peft_model.merge_and_unload(adapter_names=order or names).eval()
+        state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+        with torch.no_grad():
+            logits = merged.float()(merge_inputs()).logits
+        return base, adapter, state, logits
+
+    result: tuple[Path, Path, dict[str, Any], Any] = _quiet(run)
+    return result
+
+
+# --- checkpoints read independently of adapterctl (safetensors by hand, .bin with torch) ------
+
+
+@dataclass(frozen=True)
+class Stored:
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+    file: str
+
+
+def read_file(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    metadata = header.pop("__metadata__", {})
+    start = 8 + n
+    tensors = {
+        name: Stored(
+            info["dtype"],
+            tuple(info["shape"]),
+            raw[start + info["data_offsets"][0] : start + info["data_offsets"][1]],
+            path.name,
+        )
+        for name, info in header.items()
+    }
+    return tensors, metadata
+
+
+def read_bin(directory: Path) -> dict[str, Stored]:
+    import torch
+
+    index = directory / "pytorch_model.bin.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["pytorch_model.bin"]
+    )
+    codes = {v: k for k, v in _TORCH_DTYPES.items()}
+    out = {}
+    for name in files:
+        for key, t in torch.load(directory / name, weights_only=True).items():
+            data = t.contiguous().view(torch.uint8).numpy().tobytes()
+            out[key] = Stored(
+                codes[str(t.dtype).removeprefix("torch.")], tuple(t.shape), data, name
+            )
+    return out
+
+
+def read_checkpoint(directory: Path) -> dict[str, Stored]:
+    """Every tensor of a transformers checkpoint directory, in file order."""
+    if any(directory.glob("*.bin")):
+        return read_bin(directory)
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
+    out: dict[str, Stored] = {}
+    for name in files:
+        out |= read_file(directory / name)[0]
+    return out
+
+
+_TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64"}
+
+
+def as_tensor(stored: Stored) -> Any:
+    import torch
+
+    dtype = getattr(torch, _TORCH_DTYPES[stored.dtype])
+    return torch.frombuffer(bytearray(stored.data), dtype=dtype).reshape(stored.shape).clone()

@@ -75,3 +75,18 @@ def embedding_choices() -> list[str]:
     from adapterctl.format.newconfig import EMBEDDING_CHOICES
 
     return list(EMBEDDING_CHOICES)
+
+
+def engines() -> list[str]:
+    """--engine of `inspect`: the serving engines, PEFT, and PEFT of each older release."""
+    from adapterctl.format.peftversions import RELEASES
+    from adapterctl.ops.engines import ENGINES
+
+    return [*ENGINES, *(f"peft@{release}" for release in RELEASES)]
+
+
+def peft_releases() -> list[str]:
+    """--peft-version of `convert`: the PEFT releases whose configs adapterctl knows."""
+    from adapterctl.format.peftversions import RELEASES
+
+    return list(RELEASES)

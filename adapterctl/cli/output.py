@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from adapterctl.engine.load import LoadReport
     from adapterctl.engine.save import SaveReport
     from adapterctl.ops.convert import ConversionResult
+    from adapterctl.ops.engines import EngineReport, Verdict
     from adapterctl.ops.inspect import AdapterReport, InspectReport
     from adapterctl.ops.merge import MergeResult
     from adapterctl.ops.push import PushResult
@@ -385,6 +386,39 @@ def render_inspect(out: Output, report: InspectReport, *, all_tensors: bool = Fa
             out.wrapped(p.message, first=f"{p.severity}: ")
 
 
+def render_inspect_engines(out: Output, r: EngineReport, *, all_tensors: bool = False) -> None:
+    """`inspect --engine`: each adapter as `render_inspect` shows it, then a verdict per engine
+    (loads, same as PEFT, needs) and the findings behind them."""
+    for i, (adapter, verdicts) in enumerate(zip(r.inspect.adapters, r.verdicts, strict=True)):
+        if i:
+            out.line()
+        _render_summary(out, adapter)
+        if len(adapter.tensors) >= COMPACT_FROM and not all_tensors:
+            _render_compact(out, adapter)
+        else:
+            _render_tensors(out, adapter)
+            _render_modules(out, adapter)
+        for p in adapter.problems:
+            out.wrapped(p.message, first=f"{p.severity}: ")
+        _render_verdicts(out, verdicts)
+
+
+def _render_verdicts(out: Output, verdicts: tuple[Verdict, ...]) -> None:
+    rows = [
+        [v.engine, v.version, _yes(v.loads), _yes(v.same_as_peft), "; ".join(v.needs) or "-"]
+        for v in verdicts
+    ]
+    out.line()
+    out.table(["engine", "version", "loads", "same as PEFT", "needs"], rows, "lllll")
+    for v in verdicts:
+        for f in v.findings:
+            out.wrapped(f.message, first=f"{v.engine} {f.level} [{f.rule}]: ")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def _render_summary(out: Output, a: AdapterReport) -> None:
     s = a.summary()
     out.line(f"adapter {a.name}  ({a.path}, {a.format})")
@@ -511,6 +545,16 @@ def render_conversion(out: Output, result: ConversionResult) -> None:
     out.table(header, rows, justify)
     sizes = f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)}"
     out.wrapped(f"{result.output} ({len(modules)} modules, {sizes})", first=f"{_mark()} ")
+    if result.portable and result.not_portable:
+        kinds: dict[str, list[str]] = {}
+        for kept in result.not_portable:
+            kinds.setdefault(kept.kind, []).append(shown(kept.name))
+        listed = "; ".join(  # every name is in --json; here at most three a kind
+            f"{kind} {', '.join(names[:3])}"
+            + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            for kind, names in kinds.items()
+        )
+        out.wrapped(f"not portable (kept as is): {listed}", first="  ")
     v = result.verification
     if v is not None and v.worst is not None:
         room = max(16, (out.columns or 10**6) - 40)

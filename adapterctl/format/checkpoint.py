@@ -97,6 +97,10 @@ class BaseCheckpoint:
             return False
         return isinstance(config, dict) and bool(config.get("tie_word_embeddings", False))
 
+    def is_tied_embedding(self, key: str) -> bool:
+        """Whether `key` is the input embedding that a tied output head shares."""
+        return self.tied and key.endswith(_TIED_EMBEDDINGS)
+
     def _reader(self, shard: str) -> SafetensorsReader:
         if shard not in self._readers:
             self._readers[shard] = SafetensorsReader(self.path / shard)

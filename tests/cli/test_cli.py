@@ -279,6 +279,10 @@ def test_no_translated_error_drops_its_cause() -> None:
         ("adapterctl load B A --device-map ", ["auto"]),
         ("adapterctl convert S O --dtype ", ["float32", "bfloat16", "float16"]),
         ("adapterctl convert S O --init ", ["pissa", "olora"]),
+        ("adapterctl convert S O --peft-version 0.2", ["0.20", "0.21"]),
+        ("adapterctl inspect S --engine l", ["lorax", "llama.cpp"]),
+        ("adapterctl inspect S --engine peft@0.1", [f"peft@0.{n}" for n in range(10, 20)]),
+        ("adapterctl merge B A O --dtype ", ["auto", "float32", "bfloat16", "float16"]),
     ],
 )
 def test_choice_values_complete_in_the_shell(words: str, expected: list[str]) -> None:

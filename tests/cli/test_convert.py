@@ -175,3 +175,70 @@ def test_converted_from_names_the_method(
     result = invoke(trained, tmp_path / "out", "--initial", init, "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["converted_from"] == expected
+
+
+def test_portable_report(adapter: Path, tmp_path: Path) -> None:
+    """--portable: the scaling folded into B; the table says so and the JSON document has
+    `portable` and an empty `not_portable`."""
+    result = invoke(adapter, tmp_path / "out", "--portable", "--verify")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "every module: scaling 2 into B"
+    assert lines[1].split() == ["module", "r", "alpha"]
+    assert lines[2].split() == [Q, "4", "->", "4", "8", "->", "4"]
+    assert lines[3].split() == [V, "4", "->", "4", "8", "->", "4"]
+    assert f"✓ {tmp_path / 'out'} (2 modules" in result.stdout
+    assert "not portable" not in result.stdout
+    result = invoke(adapter, tmp_path / "out2", "--portable", "--rank", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["portable"] is True
+    assert doc["not_portable"] == []
+    assert doc["config"]["r"] == doc["config"]["lora_alpha"] == 3
+    assert doc["config"]["use_rslora"] is False
+    assert [m["actions"] for m in doc["modules"]] == [["rank 4->3"], ["rank 4->3"]]
+    # every other conversion's document is as before: no `portable` keys
+    plain = json.loads(invoke(adapter, tmp_path / "out3", "--dtype", "float16", "--json").stdout)
+    assert "portable" not in plain
+    assert "not_portable" not in plain
+
+
+def test_portable_pads_and_names_what_it_keeps(tmp_path: Path) -> None:
+    tensors = {**lora_tensors(Q, r=2), **lora_tensors(V, r=6, d_out=16)}
+    tensors[f"{P}{Q}.lora_magnitude_vector"] = np.ones(8, dtype=np.float32)
+    tensors[f"{P}lm_head.weight"] = np.zeros((4, 8), dtype=np.float32)
+    config = {
+        "r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj"], "use_dora": True,
+        "rank_pattern": {"v_proj": 6}, "alpha_pattern": {"v_proj": 6},
+        "modules_to_save": ["lm_head"],
+    }  # fmt: skip
+    src = write_adapter(tmp_path / "src", tensors, config)
+    result = invoke(src, tmp_path / "out", "--portable", "--verify")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["module", "done", "r", "alpha"]
+    assert lines[1].split() == [Q, "padded", "2->6", "2", "->", "6", "2", "->", "6"]
+    assert lines[2].split() == [V, "copied", "6", "->", "6", "6", "->", "6"]
+    assert f"  not portable (kept as is): modules_to_save lm_head; dora {Q}\n" in result.stdout
+    result = invoke(src, tmp_path / "out2", "--portable", "--json")
+    doc = json.loads(result.stdout)
+    assert doc["not_portable"] == [  # in key order
+        {"kind": "modules_to_save", "name": "lm_head"},
+        {"kind": "dora", "name": Q},
+    ]
+    assert doc["config"]["r"] == doc["config"]["lora_alpha"] == 6
+    assert doc["config"]["rank_pattern"] == doc["config"]["alpha_pattern"] == {}
+
+
+def test_portable_names_three_a_kind(tmp_path: Path) -> None:
+    modules = [f"model.layers.{i}.self_attn.q_proj" for i in range(5)]
+    tensors = {k: v for m in modules for k, v in lora_tensors(m).items()}
+    tensors.update({f"{P}{m}.lora_magnitude_vector": np.ones(8, dtype=np.float32) for m in modules})
+    src = write_adapter(tmp_path / "src", tensors, {"use_dora": True})
+    result = invoke(src, tmp_path / "out", "--portable")
+    assert result.exit_code == 0, result.stderr
+    shown = ", ".join(modules[:3])
+    text = " ".join(result.stdout.split())  # wrapped to the width
+    assert f"not portable (kept as is): dora {shown} and 2 more" in text
+    doc = json.loads(invoke(src, tmp_path / "out2", "--portable", "--json").stdout)
+    assert [k["name"] for k in doc["not_portable"]] == modules

@@ -187,6 +187,7 @@ def pissa(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         pytest.param(["{trained}", "--base", "{base}", "--verify"], id="base"),
         pytest.param(["{trained}", "--initial", "{init}", "--rank", "2"], id="rank"),
         pytest.param(["{trained}", "--dtype", "bfloat16", "--json"], id="dtype"),
+        pytest.param(["{trained}", "--initial", "{init}", "--portable", "--verify"], id="portable"),
     ],
 )
 def test_convert_is_light(args: list[str], pissa: dict[str, Path], tmp_path: Path) -> None:

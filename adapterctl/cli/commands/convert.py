@@ -81,6 +81,24 @@ def convert_cmd(
             show_default=False,
         ),
     ] = None,
+    portable: Annotated[
+        bool,
+        typer.Option(
+            "--portable",
+            help="Fold each module's scaling into B and pad all to one rank (lora_alpha = r): "
+            "what every serving engine computes as PEFT does.",
+        ),
+    ] = False,
+    peft_version: Annotated[
+        str | None,
+        typer.Option(
+            "--peft-version",
+            metavar="X.Y",
+            help="Write a config that PEFT X.Y (0.6 to 0.21) reads with the same meaning.",
+            show_default=False,
+            autocompletion=choices.peft_releases,
+        ),
+    ] = None,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Check the written files against SOURCE before renaming."),
@@ -110,6 +128,8 @@ def convert_cmd(
                 dtype=dtype,
                 rank=rank,
                 energy=energy,
+                portable=portable,
+                peft_version=peft_version,
                 verify_output=verify,
                 force=force,
                 revision=revision,

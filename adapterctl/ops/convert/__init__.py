@@ -4,6 +4,7 @@
 - `plan`: what the output holds and how each tensor is made (`Plan`, `convert_tensors`);
 - `initial`: the initial PiSSA/OLoRA/CorDA factors, saved or rebuilt from the base;
 - `lowrank`: factored SVDs and Gram matrices of low-rank deltas (rank reduction, verification);
+- `portable`: `--portable`, scalings folded into B and one padded rank (`Kept`: what it keeps);
 - `verify`: `--verify`, the written files against the source;
 - `finite`: the check that a conversion makes no new NaN or ±Inf;
 - `blas`: one BLAS thread for the small products.
@@ -20,12 +21,14 @@ from adapterctl.ops.convert.adapter import (
 )
 from adapterctl.ops.convert.initial import REBUILDABLE, irreproducible
 from adapterctl.ops.convert.plan import ModuleReport, convert_tensors, converted_config
+from adapterctl.ops.convert.portable import Kept
 from adapterctl.ops.convert.verify import Check, Verification
 
 __all__ = [
     "REBUILDABLE",
     "Check",
     "ConversionResult",
+    "Kept",
     "ModuleReport",
     "Progress",
     "Verification",

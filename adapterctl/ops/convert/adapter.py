@@ -15,6 +15,7 @@ from adapterctl.errors import AdapterFormatError, ConversionError, InvalidOption
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig, residual_init
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles, find_adapters
+from adapterctl.format.peftversions import KEYS, for_release, knows, release, release_json
 from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
@@ -33,6 +34,7 @@ from adapterctl.ops.convert.plan import (
     Plan,
     missing_from_trained,
 )
+from adapterctl.ops.convert.portable import Kept
 from adapterctl.ops.convert.verify import Verification, verify
 
 log = logging.getLogger(__name__)
@@ -64,9 +66,18 @@ class ConversionResult:
     modules: list[ModuleReport]
     warnings: list[str] = field(default_factory=list)
     verification: Verification | None = None
+    portable: bool = False
+    #: --portable: what was kept as is because no engine computes it from plain factors
+    not_portable: list[Kept] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
+        # --portable's keys only with it: every other conversion's document is unchanged
+        portable = (
+            {"portable": True, "not_portable": [k.to_dict() for k in self.not_portable]}
+            if self.portable
+            else {}
+        )
         return {
             "schema_version": SCHEMA_VERSION,
             "source": self.source,
@@ -88,6 +99,7 @@ class ConversionResult:
             "modules": [m.to_dict() for m in self.modules],
             "warnings": self.warnings,
             "verification": self.verification.to_dict() if self.verification else None,
+            **portable,
         }
 
 
@@ -164,6 +176,8 @@ def convert_adapter(
     dtype: str | None = None,
     rank: int | None = None,
     energy: float | None = None,
+    portable: bool = False,
+    peft_version: str | None = None,
     verify_output: bool = False,
     force: bool = False,
     progress: Progress | None = None,
@@ -172,10 +186,15 @@ def convert_adapter(
     token: str | None = None,
 ) -> ConversionResult:
     """Write `output`: the adapter at `source` converted; atomically, or not at all. `source`,
-    `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`)."""
+    `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`).
+    `portable`: every module's scaling folded into B and its rank padded to one R (`--rank`,
+    else the largest), `r = lora_alpha = R`, no rslora, no patterns (ops/convert/portable.py).
+    `peft_version` ("0.10"): write a config that this PEFT release reads with the same meaning."""
     from adapterctl.ops.hub import resolve
 
     code = _check_options(initial, base, init, dtype, rank, energy)
+    if peft_version is not None:
+        peft_version = release(peft_version)
     label = os.fspath(source)
     local = [p for p in (source, initial, base) if p is not None]
     preflight([output], force=force, inputs=local)  # before anything is downloaded
@@ -186,8 +205,8 @@ def convert_adapter(
         base = resolve(base, kind="base", token=token)
     files = one_adapter(source, "source")
     assert files.config_path is not None
-    nothing = (initial, base, code, rank, energy) == (None,) * 5
-    if nothing and files.format == "safetensors":
+    nothing = (initial, base, code, rank, energy, peft_version) == (None,) * 6
+    if nothing and not portable and files.format == "safetensors":
         raise ConversionError(
             "nothing to convert: the source is already safetensors",
             hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",
@@ -197,6 +216,17 @@ def convert_adapter(
     preflight([out], force=force, inputs=inputs)
     config = LoraConfig.from_file(files.config_path)
     refuse_variants(config, label, _VARIANT_HINT)
+    folded = None
+    if peft_version is not None and config.use_rslora and not knows(peft_version, "use_rslora"):
+        # rslora written in that release's terms exactly: its scaling folded into B (--portable)
+        portable, folded = (
+            True,
+            (
+                f"PEFT {peft_version} does not know rslora (first in PEFT "
+                f"{KEYS['use_rslora'].since}): each module's scaling is folded into its lora_B and "
+                "every module padded to one rank, as --portable does"
+            ),
+        )
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(OpenStore(files.weights_path, files.format))
         provider: Initial | None = None
@@ -220,13 +250,19 @@ def convert_adapter(
         ranking = None
         if rank is not None or energy is not None:  # the spectra are computed while planning
             ranking = _phase(progress, "finding ranks" if energy is not None else "reducing ranks")
-        plan = Plan(store, config, Options(provider, code, rank, energy), progress=ranking)
+        plan = Plan(
+            store, config, Options(provider, code, rank, energy, portable), progress=ranking
+        )
         missing = missing_from_trained(plan)
         if missing:
             raise ConversionError(
                 f"`{missing[0]}` is in the initial adapter but not in the trained one",
                 hint="pass the initial adapter saved right before this adapter was trained",
             )
+        if peft_version is not None:  # the config rewritten last, after every other change
+            modules = [m.report.module for m in plan.modules]
+            plan.config, notes = for_release(plan.config, peft_version, modules)
+            plan.warnings += [folded, *notes] if folded else notes
         if config.encoding_problem:
             plan.warnings.insert(
                 0,
@@ -247,6 +283,8 @@ def convert_adapter(
             bytes_out=0,
             modules=plan.reports,
             warnings=list(plan.warnings),
+            portable=portable,
+            not_portable=list(plan.not_portable),
         )
         # SOURCE's card, read before any output exists: a card that cannot be read is its error
         from adapterctl.ops.card import read_card
@@ -254,6 +292,8 @@ def convert_adapter(
         existing_card = read_card(files.directory) if files.directory is not None else None
         with atomic_directory(out, force=force, inputs=inputs) as tmp:
             result.bytes_out = _write(plan, tmp, total, progress)
+            if peft_version is not None:  # only the fields that release knows
+                (tmp / CONFIG_NAME).write_text(release_json(plan.config, peft_version))
             if existing_card is not None and files.directory is not None:
                 _write_card(existing_card, files.directory, tmp, out, plan.config, result.warnings)
             if verify_output:

@@ -45,6 +45,15 @@ from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.finite import refuse_new_nonfinite
 from adapterctl.ops.convert.initial import Factors, Initial, RebuiltInitial, SavedInitial
 from adapterctl.ops.convert.lowrank import BUDGET, Spectrum, apply, basis
+from adapterctl.ops.convert.portable import (
+    Kept,
+    common_rank,
+    folded_bias,
+    not_portable,
+    padded,
+    padded_shape,
+    portable_config,
+)
 
 #: LoRA kind -> the axis the rank runs along (A: rows, B: columns)
 _RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
@@ -62,6 +71,7 @@ class Options:
     dtype: str | None = None  # a safetensors code: F32, BF16, F16
     rank: int | None = None
     energy: float | None = None
+    portable: bool = False  # scaling folded into B, one rank for all (portable.py)
 
     @property
     def reduce(self) -> bool:
@@ -113,6 +123,7 @@ class Module:
     bias_key: str | None
     report: ModuleReport
     transforms: tuple[Any, Any] | None = None  # (to_b, to_a): (r, k) and (k, r)
+    rank: int = 0  # the rank of its factors before --portable pads them (set by the plan)
 
 
 def check_pair(
@@ -209,6 +220,8 @@ class Plan:
         self.specs = source.specs()
         self.config_in = config
         self.warnings: list[str] = []
+        #: what --portable keeps as is (no engine computes it from plain factors)
+        self.not_portable: list[Kept] = not_portable(self.specs, config) if options.portable else []
         self._cache: tuple[str, dict[str, RawTensor]] | None = None
         self._check_options(config)
         self.modules = self._modules(config)
@@ -274,6 +287,12 @@ class Plan:
             if problem is not None:
                 raise ConversionError(f"`{module}`: {problem}")
             computed = self.options.initial is not None or self.options.reduce
+            if self.options.portable and matrix_shapes(a_shape, b_shape) is None:
+                raise ConversionError(
+                    f"`{module}` is a grouped convolution's LoRA: its rank cannot be padded "
+                    "(each group holds its own slice of the rank)",
+                    hint="drop --portable",
+                )
             if computed and matrix_shapes(a_shape, b_shape) is None:
                 raise ConversionError(
                     f"`{module}` is a grouped convolution's LoRA: its delta is not one product "
@@ -342,6 +361,10 @@ class Plan:
                 if self._progress is not None:
                     self._progress(1, len(self.modules))
             out = reduced_config(out, {m.report.module: m.report.r for m in self.modules})
+        for m in self.modules:
+            m.rank = m.report.r
+        if opts.portable:
+            out = self._portable(out)
         if opts.dtype:
             for m in self.modules:
                 f = m.factors
@@ -350,6 +373,20 @@ class Plan:
                     old, new = DTYPES[f.dtype_code].display_name, DTYPES[opts.dtype].display_name
                     m.report.actions.append(f"{old}->{new}")
         return out
+
+    def _portable(self, config: LoraConfig) -> LoraConfig:
+        """Every module's scaling folded into B (a reduction already did), every module padded
+        to one rank R (--rank, else the largest), r = lora_alpha = R, no rslora, no patterns."""
+        ranks = [m.rank for m in self.modules]
+        rank = common_rank(ranks, self.options.rank, int(config.r))
+        for m in self.modules:
+            rep = m.report
+            if not self.options.reduce and m.factors.scaling != 1.0:
+                rep.actions.append(f"scaling {m.factors.scaling:g} into B")
+            if m.rank != rank:
+                rep.actions.append(f"padded {m.rank}->{rank}")
+            rep.r = rep.alpha = rank
+        return portable_config(config, rank)
 
     def _measure(self, m: Module) -> None:
         """A rank reduction's numbers, before anything is written: the spectrum of the module's
@@ -387,18 +424,21 @@ class Plan:
             if m is not None and key != m.bias_key:
                 r = (
                     m.report.r
-                    if self.options.reduce
+                    if self.options.reduce or self.options.portable
                     else shape[_RANK_AXIS[info.kind]]
                     * (2 if self.options.initial is not None else 1)
                 )
                 axis = _RANK_AXIS[info.kind]  # convolutions keep their other axes
-                new_shape = tuple(r if i == axis else d for i, d in enumerate(shape))
+                new_shape = padded_shape(shape, axis, r)
                 which = "A" if axis == 0 else "B"
                 origin = None if self.options.reduce else self._origin_factor(m, which)
+                # --portable: A is copied (or cast) and padded; B is scaled unless s is 1
+                scaled = self.options.portable and which == "B" and m.factors.scaling != 1.0
                 outputs.append(
                     self._output(
                         key, new_dtype, new_shape, self._lora(m, key), True, origin,
-                        m.factors.module, exact=not self.options.reduce and new_dtype == dtype,
+                        m.factors.module,
+                        exact=not self.options.reduce and new_dtype == dtype and not scaled,
                     )
                 )  # fmt: skip
                 continue
@@ -423,11 +463,12 @@ class Plan:
                         self._source(key), info.module,
                     )
                 )  # fmt: skip
-            elif m is not None:  # lora_B.bias
+            elif m is not None:  # lora_B.bias (scaled where the scaling is folded)
+                folded = self.options.reduce or self.options.portable
                 outputs.append(
                     self._output(
                         key, new_dtype, shape, self._lora(m, key), True, self._source(key),
-                        m.factors.module, exact=not self.options.reduce and new_dtype == dtype,
+                        m.factors.module, exact=not folded and new_dtype == dtype,
                     )
                 )  # fmt: skip
             else:  # DoRA magnitudes, modules_to_save, biases, embeddings: copied (or cast)
@@ -485,7 +526,16 @@ class Plan:
         return lambda: self.source.get(key)
 
     def _origin_factor(self, m: Module, which: str) -> Callable[[], RawTensor]:
-        return lambda: self.joined(m, which)
+        if not self.options.portable:
+            return lambda: self.joined(m, which)
+        # the joined factor padded as the output is: its NaN/Inf where the output's may be
+        axis, rank = (0 if which == "A" else 1), m.report.r
+
+        def origin() -> RawTensor:
+            t = self.joined(m, which)
+            return padded([(t, 1.0)], axis, t.dtype.code, rank)
+
+        return origin
 
     def _copy(self, key: str) -> Callable[[], RawTensor]:
         def produce() -> RawTensor:
@@ -558,6 +608,8 @@ class Plan:
 
             with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
                 self._reduce(m, out, code)
+        elif opts.portable:
+            self._fold(m, out, only)
         else:
             for key, which in ((f.a_key, "A"), (f.b_key, "B")):
                 if only is None or only == key:  # each factor in its own dtype, or --dtype
@@ -569,19 +621,44 @@ class Plan:
             out[m.bias_key] = cast(out[m.bias_key], opts.dtype)
         return out
 
+    def _fold(self, m: Module, out: dict[str, RawTensor], only: str | None) -> None:
+        """--portable without a reduction: A (joined with A0) padded with zero rows, B (joined
+        with −B0) times the scaling padded with zero columns, the bias times the scaling; each
+        written straight into its output array."""
+        f, opts, rank = m.factors, self.options, m.report.r
+        for key, which, axis in ((f.a_key, "A", 0), (f.b_key, "B", 1)):
+            if only not in (None, key):
+                continue
+            t = self.source.get(key)
+            code = opts.dtype or t.dtype.code
+            s = 1.0 if which == "A" else f.scaling
+            parts = [(t, s)]
+            if opts.initial is not None:
+                parts.append((opts.initial.factor(f, which), -s if which == "B" else 1.0))
+            out[key] = padded(parts, axis, code, rank)
+        if m.bias_key and only in (None, m.bias_key):
+            bias = self.source.get(m.bias_key)
+            out[m.bias_key] = folded_bias(bias, f.scaling, opts.dtype or bias.dtype.code)
+
     def _reduce(self, m: Module, out: dict[str, RawTensor], code: str) -> None:
         """The module's reduced factors (and its bias, scaled) into `out`: the transforms
         planning computed (`_measure`) applied to A, then to B (one side in memory at a time)."""
         f = m.factors
         assert m.transforms is not None  # measured while planning
         to_b, to_a = m.transforms
-        k = m.report.r
+        k = m.rank  # what the reduction kept (--portable pads it to report.r)
         new_a = apply(self._float_values(m, "A", checked=True), to_a, "A")
         new_b = apply(self._float_values(m, "B", checked=True), to_b, "B")
         a_shape = (k, *f.a_shape[1:])  # a convolution's factors keep their other axes
         b_shape = (f.b_shape[0], k, *f.b_shape[2:])
-        out[f.a_key] = from_float(new_a.reshape(a_shape), code)
-        out[f.b_key] = from_float(new_b.reshape(b_shape), code)
+        if m.report.r != k:  # --portable: rounded piece by piece into the padded arrays
+            f64, rank = DTYPES["F64"], m.report.r
+            a64, b64 = RawTensor(f64, a_shape, new_a.reshape(a_shape)), RawTensor(f64, b_shape, new_b.reshape(b_shape))  # fmt: skip
+            out[f.a_key] = padded([(a64, 1.0)], 0, code, rank)
+            out[f.b_key] = padded([(b64, 1.0)], 1, code, rank)
+        else:
+            out[f.a_key] = from_float(new_a.reshape(a_shape), code)
+            out[f.b_key] = from_float(new_b.reshape(b_shape), code)
         if m.bias_key:  # the scaling is now 1: the bias carries the old one
             bias = self.source.get(m.bias_key)
             code_b = self.options.dtype or bias.dtype.code  # rounded once

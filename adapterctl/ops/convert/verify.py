@@ -4,6 +4,8 @@ Each LoRA module's delta s·B·A (minus the initial s0·B0·A0) is compared with
 from the factors alone, in float64: ||difference|| / (||s·B·A|| + ||s0·B0·A0||). Every other tensor
 is compared elementwise: max |out − expected| / max |expected|. The thresholds: 1e-6 for what is
 exact, plus the rounding bound of a cast, plus what a rank reduction reported dropping.
+`--portable` output (scaling 1, every module padded to one rank) is compared the same way: deltas,
+not factors, with B's rounding after its scaling was folded in.
 
 A module whose factors were only cast (the common `--dtype` case) takes a float32 path with the same
 error and threshold (`_cast_checks`): its factors' raw bytes, read again from both files into reused
@@ -34,6 +36,7 @@ from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.initial import SavedInitial
 from adapterctl.ops.convert.lowrank import cast_grams, side_grams
+from adapterctl.ops.convert.portable import padded
 
 if TYPE_CHECKING:
     from adapterctl.ops.convert.plan import Module, Plan
@@ -115,14 +118,22 @@ def _factor_check(plan: Plan, m: Module, out: FileStore, config: LoraConfig) -> 
     element by element with the source's (NaN must meet NaN, an infinity the same infinity);
     anything else is a failure (an overflow, or a rank reduction, which refuses such inputs)."""
     f = m.factors
+    portable = plan.options.portable  # the scaling in B, 1 in the config; zero padding
     s_out = config.scaling(config.alpha_for(f.module), out.specs()[f.a_key][1][0])
-    if plan.options.reduce or not math.isclose(s_out, f.scaling, rel_tol=1e-12):
+    if plan.options.reduce or not math.isclose(
+        s_out, 1.0 if portable else f.scaling, rel_tol=1e-12
+    ):
         return Check(f.module, math.inf, EXACT)
     worst = Check(f.module, 0.0, EXACT)
-    for which in ("A", "B"):
+    for which, axis in (("A", 0), ("B", 1)):
         got = out.get(f.a_key if which == "A" else f.b_key)
-        expected = to_floats(plan.joined(m, which))
-        check = _compare(f.module, to_floats(got), _flat_chunks(expected), _rounded(plan, got))
+        joined, factor, rounded = plan.joined(m, which), 1.0, _rounded(plan, got)
+        if portable:
+            joined = padded([(joined, 1.0)], axis, joined.dtype.code, got.shape[axis])
+            if which == "B" and f.scaling != 1.0:
+                factor, rounded = f.scaling, UNIT.get(got.dtype.code, 0.0)
+        expected = _flat_chunks(to_floats(joined), factor)
+        check = _compare(f.module, to_floats(got), expected, rounded)
         worst = max(worst, check, key=lambda c: _ratio(c.error, c.threshold))
     return worst
 
@@ -300,7 +311,8 @@ def _module_check(plan: Plan, m: Module, out: FileStore, config: LoraConfig) -> 
     error = _ratio(norm(list(range(k))), denominator)
     threshold = EXACT + _ratio(m.report.dropped_norm * (1 + 1e-6), denominator)
     code = out.specs()[f.a_key][0].code
-    if (code != f.dtype_code or plan.options.reduce) and code in UNIT:
+    computed = plan.options.reduce or plan.options.portable  # factors rounded once
+    if (code != f.dtype_code or computed) and code in UNIT:
         u = UNIT[code]
         magnitude = math.sqrt(max(float((mb * ma).sum()), 0.0))  # || |s'B'| |A'| ||
         threshold += _ratio((2 * u + u * u) * magnitude, denominator)

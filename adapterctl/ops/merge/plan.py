@@ -254,6 +254,11 @@ def _plan_module(
             f"`{module}` is tied to `{key}`: its LoRA is merged into that tensor, which the "
             "input embedding shares too (as in PEFT's merged model)"
         )
+    elif base.is_tied_embedding(key):
+        plan.warnings.append(
+            f"`{module}` is the input embedding, which the output head shares (tied word "
+            "embeddings): merging its LoRA changes the output head too (as in PEFT's merged model)"
+        )
     plan.add(key, Lora(index, files.name, module, kind, a, b, magnitude, scaling, rank),
              "dora_" + kind if magnitude else kind)  # fmt: skip
     bias_key = kinds.get("lora_B.bias")
