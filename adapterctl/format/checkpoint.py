@@ -181,6 +181,19 @@ class BaseCheckpoint:
                 return tied[0]
         return None
 
+    def pieces(self, key: str) -> Iterator[bytes | memoryview]:
+        """The stored tensor `key`'s bytes in pieces of about 1 MiB cut at element boundaries
+        (a `.bin` shard's tensor, already in memory, as one piece): copied, a tensor of any size
+        is never whole in memory."""
+        shard = self._where[key]
+        if self.format == "bin":
+            yield self.read(key).buffer()
+            return
+        reader = self._reader(shard)
+        if key not in reader.tensors:
+            raise AdapterFormatError(f"`{reader.path}` lacks `{key}`, which its index names")
+        yield from reader.iter_bytes(key)
+
     def read(self, key: str) -> RawTensor:
         """The stored tensor `key` (a name the checkpoint holds)."""
         shard = self._where[key]

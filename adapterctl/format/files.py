@@ -73,6 +73,22 @@ def open_regular(path: str | os.PathLike[str], kind: str) -> BinaryIO:
         raise
 
 
+def _read_at_most(f: BinaryIO, most: int, *, first: int) -> bytes:
+    """At most `most` bytes of `f`: `first` (the size the file has, plus one) asked for at once,
+    then 64 KiB at a time should it have grown. `f.read(n)` allocates n bytes before it reads, so
+    asking for the cap itself would cost the whole cap for every small file."""
+    parts: list[bytes] = []
+    total, want = 0, first
+    while total < most:
+        piece = f.read(min(want, most - total))
+        if not piece:
+            break
+        parts.append(piece)
+        total += len(piece)
+        want = 1 << 16
+    return b"".join(parts)
+
+
 def read_small(
     path: str | os.PathLike[str],
     kind: str,
@@ -91,7 +107,7 @@ def read_small(
             raise UnreadableFileError(f"the {kind} `{label}` changed while it was being read")
         try:
             size = opened.st_size
-            data = f.read(cap + 1) if size <= cap else b""
+            data = _read_at_most(f, cap + 1, first=size + 1) if size <= cap else b""
         except OSError as e:
             raise UnreadableFileError(f"cannot read the {kind} `{label}`: {e.strerror}") from e
     if size > cap or len(data) > cap:

@@ -120,14 +120,19 @@ class SafetensorsReader:
         return np.frombuffer(data, dtype=np.dtype(t.dtype.numpy_name)).reshape(t.shape)
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 @dataclass(frozen=True)
 class TensorSource:
-    """One tensor to write: its name, dtype, shape and a callable giving its bytes when needed."""
+    """One tensor to write: its name, dtype, shape and a callable giving its bytes when needed,
+    all at once or as an iterator of pieces in order (a large tensor copied without ever being
+    whole in memory)."""
 
     name: str
     dtype: Dtype
     shape: tuple[int, ...]
-    data: Callable[[], bytes | bytearray | memoryview]
+    data: Callable[[], Buffer | Iterable[Buffer]]
 
     @property
     def nbytes(self) -> int:
@@ -177,17 +182,25 @@ def write_safetensors(
     f.write(raw)
     total = 8 + len(raw)
     for s in ordered:
-        data = memoryview(s.data()).cast("B")
-        if len(data) != s.nbytes:
+        produced = s.data()
+        pieces = (produced,) if isinstance(produced, (bytes, bytearray, memoryview)) else produced
+        written = 0
+        for piece in pieces:
+            data = memoryview(piece).cast("B")
+            written += len(data)
+            if written > s.nbytes:
+                break
+            f.write(data)
+            if progress is not None:
+                progress(len(data))
+            del data, piece  # before the next is made: one piece in memory at a time
+        if written != s.nbytes:
             raise AdapterFormatError(
-                f"tensor `{s.name}` has {len(data)} bytes, expected {s.nbytes} for "
-                f"{s.dtype.code}{list(s.shape)}"
+                f"tensor `{s.name}` has {'more than ' if written > s.nbytes else ''}{written} "
+                f"bytes, expected {s.nbytes} for {s.dtype.code}{list(s.shape)}"
             )
-        f.write(data)
-        total += len(data)
-        del data  # before the next tensor is made: one in memory at a time
-        if progress is not None:
-            progress(s.nbytes)
+        total += written
+        del produced, pieces
     return total
 
 

@@ -312,8 +312,8 @@ def test_output_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyP
             raise OSError(28, "No space left on device")
         return real(self, key)
 
-    real = stream.Merger.tensor
-    monkeypatch.setattr(stream.Merger, "tensor", failing)
+    real = stream.Merger.copied  # the tensors no adapter touches, written piece by piece
+    monkeypatch.setattr(stream.Merger, "copied", failing)
     with pytest.raises(OutputError, match="No space left"):
         _merge(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -497,3 +497,44 @@ def test_shards_split_and_sizes_parse_as_huggingface_hub_does(sizes: list[int], 
     )  # fmt: skip
     groups = split(list(state.items()), max_size)
     assert dict(zip(shard_names(len(groups)), groups, strict=True)) == theirs.filename_to_tensors
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["as-is", "cast"])
+def test_an_untouched_tensor_is_copied_in_pieces(tmp_path: Path, dtype: str | None) -> None:
+    """A 32 MiB tensor no adapter touches (an embedding, often a model's largest) goes through
+    the merge in pieces: the merge's own allocations stay a few MiB, cast or not."""
+    import json
+    import tracemalloc
+
+    import numpy as np
+
+    from tests.helpers import Q, lora_tensors, write_adapter, write_tensors
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    big = np.arange(4096 * 2048, dtype=np.float32).reshape(4096, 2048)
+    write_tensors(
+        base / "model.safetensors",
+        {"model.embed_tokens.weight": big, f"{Q}.weight": np.eye(8, dtype=np.float32)},
+    )
+    del big
+    adapter = write_adapter(tmp_path / "a", lora_tensors())
+    tracemalloc.start()
+    try:
+        result = _merge(base, adapter, tmp_path / "out", dtype=dtype)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.tensors_merged == 1
+    assert result.tensors_copied == 1
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB"
+    from adapterctl.format.tensors import SafetensorsReader
+
+    with SafetensorsReader(tmp_path / "out" / "model.safetensors") as f:
+        copied = f.array("model.embed_tokens.weight")
+    if dtype is None:
+        assert np.array_equal(copied, np.arange(4096 * 2048, dtype=np.float32).reshape(4096, 2048))
+    else:
+        assert copied.dtype == np.uint16
+        assert copied.shape == (4096, 2048)

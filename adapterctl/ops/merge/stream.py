@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -184,6 +184,7 @@ class Merger:
         self.stores = stores
         self.plan = plan
         self.code = code
+        self.headers = headers
         #: the dtype of tensors added to the base: --dtype, else the base's first float dtype
         self.added_code = code or next(
             (dt.code for dt, _ in headers.values() if dt.code in FLOAT_CODES), None
@@ -259,11 +260,24 @@ class Merger:
             )
         return from_float(w, code)
 
-    def source(self, key: str) -> Callable[[], memoryview]:
+    def source(self, key: str) -> Callable[[], memoryview | Iterator[memoryview]]:
         """What the writer calls for `key`'s bytes, when it writes it."""
         if key in self.plan.added:
             return lambda: self.added(key).buffer()
+        if not self.plan.ops.get(key):
+            return lambda: self.copied(key)
         return lambda: self.tensor(key).buffer()
+
+    def copied(self, key: str) -> Iterator[memoryview]:
+        """A tensor no adapter touches, piece by piece (cast with --dtype): memory stays one
+        piece, whatever the tensor's size (an embedding is often the largest)."""
+        dtype, _ = self.headers[key]
+        for piece in self.base.pieces(key):
+            if self.code is None:
+                yield memoryview(piece)
+                continue
+            count = len(piece) * 8 // dtype.bits
+            yield cast(RawTensor(dtype, (count,), piece), self.code).buffer()
 
     def added(self, key: str) -> RawTensor:
         """A modules_to_save tensor the base lacks, in the dtype the model is in (as the module
