@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge completions clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-memory: setup
 
 bench-inspect-many: setup
 	$(BIN)/python -m benchmarks.inspect_many
+
+bench-merge: setup
+	$(BIN)/python -m benchmarks.merge
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q

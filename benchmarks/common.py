@@ -125,23 +125,23 @@ def cached(
     build: Callable[..., Mapping[str, Any] | None],
     *args: str,
     rebuild: bool = False,
+    root: Path = OUT,
 ) -> tuple[Path, dict[str, Any]]:
     """OUT/`name` and its manifest, built once by `build(folder, *args)` in a child process (so
     that no benchmark process imports torch to build) and kept while `spec` is unchanged, or until
     `rebuild`. The manifest is `{"spec": spec, **what build returned}`. The folder is built aside
-    and renamed into place whole: an interrupted build leaves no half cache behind."""
-    folder = OUT / name
+    and renamed into place whole: an interrupted build leaves no half cache behind. `root` puts
+    the folder elsewhere than OUT (e.g. a large fixture on another disk)."""
+    folder = root / name
     manifest_path = folder / "manifest.json"
     spec = json.loads(json.dumps(spec))  # as it reads back from the manifest
     if not rebuild and manifest_path.is_file():
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         if manifest.get("spec") == spec:
             return folder, manifest
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=OUT))
-    print(
-        f"building benchmarks/out/{name} (once; cached while its spec holds) ...", file=sys.stderr
-    )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    print(f"building {_shown(folder)} (once; cached while its spec holds) ...", file=sys.stderr)
     try:
         done = subprocess.run(
             child_argv(build, str(tmp), *args),
@@ -158,6 +158,25 @@ def cached(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, manifest
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the repository root where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def require_disk(path: Path, needed: int, what: str) -> None:
+    """Stop the benchmark, before writing anything, unless the filesystem holding `path` has
+    `needed` bytes free plus 1 GB to spare (other users of the disk keep some room)."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    print(f"{_shown(path)}: {free / 1e9:.1f} GB free; {what}: {needed / 1e9:.1f} GB",
+          file=sys.stderr)  # fmt: skip
+    if free < needed + 10**9:
+        raise SystemExit(
+            f"not enough disk space under {path} for {what}: {free / 1e9:.1f} GB free, "
+            f"{needed / 1e9:.1f} GB needed plus 1 GB to spare"
+        )
 
 
 def _build_llama_170m(dest: str) -> dict[str, Any]:
