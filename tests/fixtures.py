@@ -19,21 +19,24 @@ def _quiet(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+#: the tiny Llama's config (tests that build it elsewhere, e.g. in an old PEFT's venv, use it)
+TINY_LLAMA: dict[str, int] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
 def tiny_llama(**overrides: Any) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 64,
-        "max_position_embeddings": 64,
-    }
-    cfg.update(overrides)
+    cfg: dict[str, Any] = {**TINY_LLAMA, **overrides}
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 

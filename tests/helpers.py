@@ -16,7 +16,8 @@ import pytest
 
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.dtypes import DTYPES
-from adapterctl.format.tensors import TensorSource, write_safetensors
+from adapterctl.format.rawtensor import RawTensor, to_float64
+from adapterctl.format.tensors import SafetensorsReader, TensorSource, write_safetensors
 
 P = "base_model.model."
 Q = "model.layers.0.self_attn.q_proj"
@@ -81,3 +82,24 @@ def unprivileged() -> list[str]:
     if probe.returncode != 0:
         pytest.skip("an unprivileged user cannot import this checkout")
     return drop
+
+
+def read_raw(directory: Path) -> dict[str, RawTensor]:
+    """An adapter folder's tensors, as raw tensors (no torch)."""
+    with SafetensorsReader(directory / "adapter_model.safetensors") as f:
+        return {k: RawTensor(t.dtype, t.shape, f.array(k)) for k, t in f.tensors.items()}
+
+
+def lora_deltas(directory: Path) -> dict[str, Any]:
+    """Each module's s·B·A in float64, from the files, with the per-module r and alpha its
+    config gives (patterns and rslora applied)."""
+    config = LoraConfig.from_file(directory / "adapter_config.json")
+    tensors = read_raw(directory)
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith(("lora_A.weight", "lora_embedding_A")):
+            b = tensors[key.replace("_A", "_B")]
+            module = key.removeprefix(P).rsplit(".lora_", 1)[0]
+            s = config.scaling(config.alpha_for(module), config.rank_for(module))
+            out[module] = s * (to_float64(b) @ to_float64(a))
+    return out

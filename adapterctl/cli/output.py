@@ -376,14 +376,18 @@ def render_inspect(out: Output, report: InspectReport, *, all_tensors: bool = Fa
     for i, adapter in enumerate(report.adapters):
         if i:
             out.line()
-        _render_summary(out, adapter)
-        if len(adapter.tensors) >= COMPACT_FROM and not all_tensors:
-            _render_compact(out, adapter)
-        else:
-            _render_tensors(out, adapter)
-            _render_modules(out, adapter)
-        for p in adapter.problems:
-            out.wrapped(p.message, first=f"{p.severity}: ")
+        _render_adapter(out, adapter, all_tensors)
+
+
+def _render_adapter(out: Output, adapter: AdapterReport, all_tensors: bool) -> None:
+    _render_summary(out, adapter)
+    if len(adapter.tensors) >= COMPACT_FROM and not all_tensors:
+        _render_compact(out, adapter)
+    else:
+        _render_tensors(out, adapter)
+        _render_modules(out, adapter)
+    for p in adapter.problems:
+        out.wrapped(p.message, first=f"{p.severity}: ")
 
 
 def render_inspect_engines(out: Output, r: EngineReport, *, all_tensors: bool = False) -> None:
@@ -392,14 +396,7 @@ def render_inspect_engines(out: Output, r: EngineReport, *, all_tensors: bool = 
     for i, (adapter, verdicts) in enumerate(zip(r.inspect.adapters, r.verdicts, strict=True)):
         if i:
             out.line()
-        _render_summary(out, adapter)
-        if len(adapter.tensors) >= COMPACT_FROM and not all_tensors:
-            _render_compact(out, adapter)
-        else:
-            _render_tensors(out, adapter)
-            _render_modules(out, adapter)
-        for p in adapter.problems:
-            out.wrapped(p.message, first=f"{p.severity}: ")
+        _render_adapter(out, adapter, all_tensors)
         _render_verdicts(out, verdicts)
 
 

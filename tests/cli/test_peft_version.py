@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from adapterctl.cli.main import app
 from adapterctl.format.peftversions import KEYS, knows
-from tests.helpers import Q, V, lora_tensors, write_adapter
+from tests.helpers import Q, V, lora_deltas, lora_tensors, write_adapter
 
 runner = CliRunner()
 
@@ -82,24 +82,6 @@ def test_a_feature_the_release_lacks_is_one_error_line(tmp_path: Path) -> None:
     assert written(tmp_path / "out")["lora_bias"] is True
 
 
-def _deltas(directory: Path) -> dict[str, Any]:
-    """Each module's s*B@A in float64, with the per-module r and alpha its config gives."""
-    from adapterctl.format.config import LoraConfig
-    from adapterctl.format.rawtensor import RawTensor, to_float64
-    from adapterctl.format.tensors import SafetensorsReader
-
-    config = LoraConfig.from_file(directory / "adapter_config.json")
-    with SafetensorsReader(directory / "adapter_model.safetensors") as f:
-        t = {k: to_float64(RawTensor(v.dtype, v.shape, f.array(k))) for k, v in f.tensors.items()}
-    out = {}
-    for key, a in t.items():
-        if key.endswith("lora_A.weight"):
-            module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-            s = config.scaling(config.alpha_for(module), config.rank_for(module))
-            out[module] = s * (t[key.replace("lora_A", "lora_B")] @ a)
-    return out
-
-
 def test_rslora_is_folded_for_a_release_without_it(tmp_path: Path) -> None:
     """PEFT 0.7 has no rslora; its meaning is written in 0.7's terms exactly: each module's
     alpha/sqrt(r) folded into lora_B, r = lora_alpha, as --portable does."""
@@ -111,7 +93,7 @@ def test_rslora_is_folded_for_a_release_without_it(tmp_path: Path) -> None:
     assert "use_rslora" not in config
     assert config["r"] == config["lora_alpha"]
     assert not config.get("rank_pattern")
-    before, after = _deltas(src), _deltas(tmp_path / "out")
+    before, after = lora_deltas(src), lora_deltas(tmp_path / "out")
     assert before.keys() == after.keys()
     for module, d in before.items():
         assert abs(after[module] - d).max() <= 1e-6 * abs(d).max(), module

@@ -11,20 +11,14 @@ import pytest
 
 from adapterctl.errors import AdapterctlError, ConversionError
 from adapterctl.format.config import LoraConfig
-from adapterctl.format.rawtensor import RawTensor, to_float64
-from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.convert import convert_adapter
 from tests.fixtures import residual_pair, tiny_gpt2, tiny_llama
+from tests.helpers import lora_deltas, read_raw
 
 pytestmark = pytest.mark.slow
 
 ST = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-
-
-def _read(directory: Path) -> dict[str, RawTensor]:
-    with SafetensorsReader(directory / ST) as f:
-        return {k: RawTensor(t.dtype, t.shape, f.array(k)) for k, t in f.tensors.items()}
 
 
 def _logits(model: Any) -> Any:
@@ -42,20 +36,6 @@ def _peft_load(model_fn: Any, adapter: Path) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftModel.from_pretrained(model_fn(), str(adapter)).eval()
-
-
-def _deltas(directory: Path) -> dict[str, Any]:
-    """Each module's s·B·A in float64, from the files."""
-    config = LoraConfig.from_file(directory / CONFIG)
-    tensors = _read(directory)
-    out = {}
-    for key, a in tensors.items():
-        if key.endswith(("lora_A.weight", "lora_embedding_A")):
-            b = tensors[key.replace("_A", "_B")]
-            module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-            s = config.scaling(config.alpha_for(module), config.rank_for(module))
-            out[module] = s * (to_float64(b) @ to_float64(a))
-    return out
 
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,10 +69,10 @@ def test_to_plain_lora_like_peft(case: str, tmp_path: Path) -> None:
     assert result.verification.passed
     assert result.verification.worst is not None
     assert result.verification.worst.error <= 1e-6
-    ours = _read(tmp_path / "ours")
+    ours = read_raw(tmp_path / "ours")
     config = LoraConfig.from_file(tmp_path / "ours" / CONFIG)
     if peft_dir is not None:
-        theirs = _read(peft_dir)
+        theirs = read_raw(peft_dir)
         for key, t in theirs.items():  # every factor PEFT writes, bit for bit
             assert ours[key].shape == t.shape, key
             assert ours[key].data.tobytes() == t.data.tobytes(), key
@@ -160,7 +140,7 @@ def test_base_rebuilds_the_initial_adapter(
     assert result.verification is not None
     assert result.verification.passed
     weights = {k: v.detach().double().numpy() for k, v in model_fn().state_dict().items()}
-    a, b = _deltas(tmp_path / "from_init"), _deltas(tmp_path / "from_base")
+    a, b = lora_deltas(tmp_path / "from_init"), lora_deltas(tmp_path / "from_base")
     assert set(a) == set(b)
     compared = 0
     for module in a:
@@ -237,11 +217,11 @@ def test_rank_reduction_reports_the_true_error(
     peft_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
     src = peft_adapters["llama_dora_patterns"].parent / "llama_all_linear"
-    before = _deltas(src)
+    before = lora_deltas(src)
     result = convert_adapter(src, tmp_path / "r2", rank=2, verify_output=True)
     assert result.verification is not None
     assert result.verification.passed
-    after = _deltas(tmp_path / "r2")
+    after = lora_deltas(tmp_path / "r2")
     for m in result.modules:
         full = before[m.module]
         truth = np.linalg.norm(full - after[m.module]) / np.linalg.norm(full)
@@ -350,7 +330,7 @@ def test_base_from_shards_and_a_tied_lm_head(tmp_path: Path) -> None:
     assert len(list(base.glob("model-*.safetensors"))) > 2
     convert_adapter(trained, tmp_path / "from_init", initial=init_dir)
     convert_adapter(trained, tmp_path / "from_base", base=base, init="olora")
-    a, b = _deltas(tmp_path / "from_init"), _deltas(tmp_path / "from_base")
+    a, b = lora_deltas(tmp_path / "from_init"), lora_deltas(tmp_path / "from_base")
     assert "lm_head" in a
     for module in a:
         assert np.linalg.norm(a[module] - b[module]) <= 1e-5 * np.linalg.norm(a[module]), module
@@ -408,7 +388,7 @@ def test_exact_name_patterns_do_not_capture_longer_paths(tmp_path: Path) -> None
     assert result.verification is not None
     assert result.verification.passed
     config = LoraConfig.from_file(tmp_path / "out" / CONFIG)
-    out = _read(tmp_path / "out")
+    out = read_raw(tmp_path / "out")
     for module in shapes:
         rows = out[f"{P}{module}.lora_A.weight"].shape[0]
         assert config.rank_for(module) == rows == (3 if module == "layers.0.fc" else 6), module
@@ -425,7 +405,7 @@ def test_bf16_residual_weight_rounded_once(tmp_path: Path) -> None:
     _, init_dir, trained, _ = residual_pair(
         tmp_path, "pissa", model_fn=bf16, r=4, target_modules=["q_proj", "lm_head"]
     )
-    assert any(k.endswith("lm_head.base_layer.weight") for k in _read(trained))
+    assert any(k.endswith("lm_head.base_layer.weight") for k in read_raw(trained))
     for dtype in ("float32", "bfloat16", "float16"):
         result = convert_adapter(
             trained, tmp_path / dtype, initial=init_dir, dtype=dtype, verify_output=True

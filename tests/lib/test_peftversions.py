@@ -27,6 +27,7 @@ from adapterctl.format.peftversions import (
     release_json,
 )
 from tests import peft_envs
+from tests.fixtures import TINY_LLAMA
 
 Q0 = "model.layers.0.self_attn.q_proj"
 V0 = "model.layers.0.self_attn.v_proj"
@@ -303,15 +304,7 @@ def test_nested_layer_index_before_0_20() -> None:
 # --- against old PEFT releases (slow) ----------------------------------------------------------
 
 OLD = tuple(peft_envs.ENVS)
-LLAMA = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 64,
-    "max_position_embeddings": 64,
-}
+LLAMA = TINY_LLAMA
 IDS = [[1, 5, 9, 2, 33, 7, 60, 11]]
 #: PEFT 0.21.2 configs exercising what --peft-version rewrites
 CASES: dict[str, dict[str, Any]] = {

@@ -13,11 +13,11 @@ import pytest
 
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, RawTensor, to_float64
-from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.convert import convert_adapter
 from adapterctl.ops.convert.plan import Options, Plan
 from adapterctl.ops.convert.portable import padded
 from tests.fixtures import peft_save, residual_pair, tiny_llama
+from tests.helpers import lora_deltas, read_raw
 
 ST = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -38,25 +38,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "rank_pattern": {"embed_tokens": 2},
     },
 }  # fmt: skip
-
-
-def _read(directory: Path) -> dict[str, RawTensor]:
-    with SafetensorsReader(directory / ST) as f:
-        return {k: RawTensor(t.dtype, t.shape, f.array(k)) for k, t in f.tensors.items()}
-
-
-def _deltas(directory: Path) -> dict[str, Any]:
-    """Each module's s·B·A in float64, from the files (PEFT's per-module r and alpha)."""
-    config = LoraConfig.from_file(directory / CONFIG)
-    tensors = _read(directory)
-    out = {}
-    for key, a in tensors.items():
-        if key.endswith(("lora_A.weight", "lora_embedding_A")):
-            b = tensors[key.replace("_A", "_B")]
-            module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-            s = config.scaling(config.alpha_for(module), config.rank_for(module))
-            out[module] = s * (to_float64(b) @ to_float64(a))
-    return out
 
 
 def _worst(before: dict[str, Any], after: dict[str, Any]) -> float:
@@ -85,8 +66,10 @@ def _assert_portable(directory: Path, rank: int | None = None) -> int:
     assert not config.rank_pattern
     assert not config.alpha_pattern
     ranks = {
-        k: t.shape[0] for k, t in _read(directory).items() if k.endswith(("lora_A.weight", "_A"))
-    } | {k: t.shape[1] for k, t in _read(directory).items() if k.endswith(("lora_B.weight", "_B"))}
+        k: t.shape[0] for k, t in read_raw(directory).items() if k.endswith(("lora_A.weight", "_A"))
+    } | {
+        k: t.shape[1] for k, t in read_raw(directory).items() if k.endswith(("lora_B.weight", "_B"))
+    }
     assert set(ranks.values()) == {config.r}, ranks
     if rank is not None:
         assert config.r == rank
@@ -105,7 +88,7 @@ def test_peft_computes_the_same_logits(case: str, tmp_path: Path) -> None:
     assert result.verification.passed
     assert result.verification.worst is not None
     assert result.verification.worst.error <= 1e-6
-    assert _worst(_deltas(src), _deltas(tmp_path / "out")) <= 1e-6
+    assert _worst(lora_deltas(src), lora_deltas(tmp_path / "out")) <= 1e-6
     # PEFT saves the embedding layer it targets in full (save_embedding_layers="auto"): kept
     saved = (
         [{"kind": "saved_embedding", "name": "model.embed_tokens"}] if case == "embedding" else []
@@ -132,7 +115,7 @@ def test_energy_output_made_portable(tmp_path: Path) -> None:
     for out, result in ((tmp_path / "both", both), (tmp_path / "after", after)):
         assert _assert_portable(out) == max(ranks)
         assert [m.r for m in result.modules] == [max(ranks)] * len(ranks)
-        assert _worst(_deltas(tmp_path / "energy"), _deltas(out)) <= 1e-6
+        assert _worst(lora_deltas(tmp_path / "energy"), lora_deltas(out)) <= 1e-6
         assert (_logits(tiny_llama, out) - expected).abs().max().item() <= 1e-5
 
 
@@ -148,7 +131,7 @@ def test_rank_reduces_then_pads_to_it(tmp_path: Path) -> None:
     small = [m for m in result.modules if m.r_in == 2]
     assert small
     assert all("padded 2->3" in m.actions for m in small)
-    assert _worst(_deltas(tmp_path / "reduced"), _deltas(tmp_path / "out")) <= 1e-6
+    assert _worst(lora_deltas(tmp_path / "reduced"), lora_deltas(tmp_path / "out")) <= 1e-6
     assert [m.relative_error for m in result.modules] == [m.relative_error for m in reduced.modules]
 
 
@@ -168,7 +151,7 @@ def test_with_initial_to_plain_portable_lora(tmp_path: Path) -> None:
     assert result.verification.passed
     assert _assert_portable(tmp_path / "out") == 12  # 2 x the largest rank
     assert result.method == "pissa"
-    assert _worst(_deltas(tmp_path / "plain"), _deltas(tmp_path / "out")) <= 1e-6
+    assert _worst(lora_deltas(tmp_path / "plain"), lora_deltas(tmp_path / "out")) <= 1e-6
     import torch
 
     with torch.no_grad():
@@ -187,9 +170,9 @@ def test_bfloat16_within_its_rounding(tmp_path: Path) -> None:
     assert result.verification.passed
     assert result.verification.worst is not None
     assert 1e-6 < result.verification.worst.error <= result.verification.worst.threshold
-    assert {t.dtype.code for t in _read(tmp_path / "out").values()} == {"BF16"}
+    assert {t.dtype.code for t in read_raw(tmp_path / "out").values()} == {"BF16"}
     _assert_portable(tmp_path / "out")
-    assert _worst(_deltas(src), _deltas(tmp_path / "out")) <= 2 * 2.0**-8 * 4
+    assert _worst(lora_deltas(src), lora_deltas(tmp_path / "out")) <= 2 * 2.0**-8 * 4
     # a bfloat16 source without --dtype: B rounded once to bfloat16, still verified
     convert_adapter(src, tmp_path / "bf16", dtype="bfloat16")
     half = convert_adapter(tmp_path / "bf16", tmp_path / "out16", portable=True, verify_output=True)
@@ -218,7 +201,7 @@ def test_dora_modules_to_save_and_biases_are_kept_and_named(tmp_path: Path) -> N
         f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
     }
     assert {"kind": "modules_to_save", "name": "lm_head"} in result.to_dict()["not_portable"]
-    before, after = _read(src), _read(tmp_path / "out")
+    before, after = read_raw(src), read_raw(tmp_path / "out")
     for key, t in before.items():
         if "lora_magnitude_vector" in key or "lm_head" in key:
             assert after[key].data.tobytes() == t.data.tobytes(), key
@@ -334,7 +317,7 @@ def test_convolutions_pad_and_grouped_ones_are_refused(tmp_path: Path) -> None:
     result = convert_adapter(src, tmp_path / "out", portable=True, verify_output=True)
     assert result.verification is not None
     assert result.verification.passed
-    out = _read(tmp_path / "out")
+    out = read_raw(tmp_path / "out")
     assert out[f"{P}{conv}.lora_A.weight"].shape == (4, 3, 3, 3)
     assert out[f"{P}{conv}.lora_B.weight"].shape == (5, 4, 1, 1)
     b = to_float64(out[f"{P}{conv}.lora_B.weight"])
@@ -362,7 +345,7 @@ def test_nan_and_inf_are_carried_and_verified(dtype: str | None, tmp_path: Path)
     result = convert_adapter(src, tmp_path / "out", portable=True, dtype=dtype, verify_output=True)
     assert result.verification is not None
     assert result.verification.passed
-    out = _read(tmp_path / "out")
+    out = read_raw(tmp_path / "out")
     b, a = to_float64(out[f"{P}{Q}.lora_B.weight"]), to_float64(out[f"{P}{Q}.lora_A.weight"])
     assert b.shape == (8, 4)
     assert np.isnan(b[0, 0])
