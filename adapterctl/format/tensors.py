@@ -149,7 +149,7 @@ class TensorSource:
     name: str
     dtype: Dtype
     shape: tuple[int, ...]
-    data: Callable[[], Buffer | Iterable[Piece]]
+    data: Callable[[], Buffer | Iterator[Piece]]
 
     @property
     def nbytes(self) -> int:
@@ -200,7 +200,7 @@ def write_safetensors(
     total = 8 + len(raw)
     for s in ordered:
         produced = s.data()
-        pieces = (produced,) if isinstance(produced, (bytes, bytearray, memoryview)) else produced
+        pieces = produced if isinstance(produced, Iterator) else (produced,)  # an array: one
         written = 0
         for piece in pieces:
             if isinstance(piece, FileSpan):

@@ -204,3 +204,19 @@ def test_a_span_of_another_file_is_copied_whole(
     assert np.array_equal(loaded["a.big"], big)
     assert np.array_equal(loaded["b.small"], small)
     assert sum(counted) == big.nbytes + small.nbytes
+
+
+def test_an_array_is_one_piece_and_an_iterator_is_pieces(tmp_path: Path) -> None:
+    """`data()` may give the bytes at once (bytes, a memoryview, a numpy array) or an iterator of
+    pieces; an array is never taken for pieces (iterating it would walk its rows)."""
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    f32 = DTYPES["F32"]
+    sources = [
+        TensorSource("array", f32, a.shape, lambda: a),
+        TensorSource("pieces", f32, a.shape, lambda: iter([a[:1].tobytes(), a[1:].tobytes()])),
+    ]
+    with open(tmp_path / "out.safetensors", "wb") as f:
+        write_safetensors(f, sources)
+    loaded = safetensors.numpy.load_file(str(tmp_path / "out.safetensors"))
+    assert np.array_equal(loaded["array"], a)
+    assert np.array_equal(loaded["pieces"], a)
