@@ -238,6 +238,8 @@ def _copy_span(f: BinaryIO, span: FileSpan, progress: Callable[[int], None] | No
         try:
             n = os.copy_file_range(span.fd, out, step, span.offset + done)
         except (AttributeError, OSError):  # no such call here, or not across these files
+            n = 0
+        if n == 0:  # refused, or a filesystem that says 0 instead: read it to be sure
             n = _copy_span_by_reading(out, span, done, step)
         if n <= 0:
             raise AdapterFormatError("a weights file ended while it was being copied")
