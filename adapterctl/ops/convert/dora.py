@@ -23,7 +23,7 @@ from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_f
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.lowrank import Spectrum
 from adapterctl.ops.convert.plan import Plan, reduced_config
-from adapterctl.ops.merge.rule import Kind, Step, merge_sequence
+from adapterctl.ops.merge import Kind, Step, merge_sequence
 
 if TYPE_CHECKING:
     from adapterctl.format.checkpoint import BaseCheckpoint
@@ -240,7 +240,6 @@ class DoraDeltas:
             m.a_key: from_float(np.ascontiguousarray(ta), a_dtype.code),
             m.b_key: from_float(np.ascontiguousarray(tb), b_dtype.code),
         }
-
 
 
 def dora_reports(dora: DoraDeltas, plan: Plan) -> None:
