@@ -20,7 +20,7 @@ from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops import SCHEMA_VERSION
-from adapterctl.ops.convert.dora import DoraDeltas, dora_reports
+from adapterctl.ops.convert.dora import DoraDeltas, dora_checks, dora_reports, with_checks
 from adapterctl.ops.convert.initial import (
     REBUILDABLE,
     Initial,
@@ -327,6 +327,8 @@ def convert_adapter(
                 _write_card(existing_card, files.directory, tmp, out, plan.config, result.warnings)
             if verify_output:
                 result.verification = verify(plan, tmp, _phase(progress, "verifying"))
+                if dora is not None:  # the new deltas against W_dora - W, from the base again
+                    result.verification = with_checks(result.verification, dora_checks(dora, tmp))
                 if not result.verification.passed:
                     raise VerificationFailed(result)
     return result

@@ -23,9 +23,12 @@ from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_f
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.lowrank import Spectrum
 from adapterctl.ops.convert.plan import Plan, reduced_config
+from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification
 from adapterctl.ops.merge import Kind, Step, merge_sequence
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from adapterctl.format.checkpoint import BaseCheckpoint
 
 _HINT = "pass the base model the adapter was made on"
@@ -253,3 +256,44 @@ def dora_reports(dora: DoraDeltas, plan: Plan) -> None:
         rep.energy, rep.relative_error = m.energy, m.relative_error
         full = ["full rank"] if m.rank == m.full else []
         rep.actions[:0] = ["dora->lora", f"rank {m.r_in}->{m.rank}", *full]
+
+
+def dora_checks(dora: DoraDeltas, directory: Path) -> list[Check]:
+    """`--verify` for each DoRA module: the written s'·B'·A' against W_dora - W computed again
+    from the base, ||difference|| / ||W_dora - W||; allowed: the relative error the report
+    gives, plus the rounding of the factors' dtype (||B||·||A|| <= sqrt(k)·||delta|| for SVD
+    factors), plus 1e-6."""
+    import numpy as np
+
+    from adapterctl.format.config import CONFIG_NAME
+    from adapterctl.format.layout import SAFETENSORS_NAME
+    from adapterctl.format.tensors import SafetensorsReader
+
+    config = LoraConfig.from_file(directory / CONFIG_NAME)
+    checks = []
+    with SafetensorsReader(directory / SAFETENSORS_NAME) as reader, one_blas_thread():
+        for m in dora.modules:
+            a, b = (
+                to_float64(RawTensor(info.dtype, info.shape, reader.array(key)))
+                for key, info in ((x, reader.tensors[x]) for x in (m.a_key, m.b_key))
+            )
+            k = a.shape[0]
+            s = config.scaling(config.alpha_for(m.module), config.rank_for(m.module))
+            want = dora.delta(m)
+            error = float(np.linalg.norm(s * (b @ a) - want))
+            total = float(np.linalg.norm(want))
+            rel = error / total if total else (0.0 if error == 0.0 else math.inf)
+            unit = max(UNIT.get(reader.tensors[x].dtype.code, 1.0) for x in (m.a_key, m.b_key))
+            allowed = m.relative_error + 2.5 * unit * math.sqrt(k) + EXACT
+            checks.append(Check(f"{m.module} (W_dora - W)", rel, allowed))
+    return checks
+
+
+def with_checks(v: Verification, checks: list[Check]) -> Verification:
+    """`v` with `checks` added (the worst: the largest error relative to its threshold)."""
+
+    def ratio(c: Check) -> float:
+        return c.error / c.threshold if c.threshold else math.inf
+
+    everything = [*checks, *([v.worst] if v.worst is not None else [])]
+    return Verification(v.checked + len(checks), max(everything, key=ratio, default=None))
