@@ -177,11 +177,22 @@ def test_shape_mismatch_refused(llama: tuple[Path, Path, Any], tmp_path: Path) -
         convert_adapter(llama[1], tmp_path / "out", base=wide, dora_to_lora=True)
 
 
-def test_embedding_dora_refused(tmp_path: Path) -> None:
-    config = {"r": 4, "target_modules": ["embed_tokens"], "use_dora": True}
-    base, adapter, _ = _make(tiny_llama, tmp_path, config)
-    with pytest.raises(AdapterctlError, match="DoRA embedding"):
-        convert_adapter(adapter, tmp_path / "out", base=base, dora_to_lora=True)
+def test_embedding_dora_full_rank(tmp_path: Path) -> None:
+    """DoRA on an embedding (and a Linear beside it): embedding LoRA (lora_embedding_A/B) whose
+    (vocab x dim) delta is the DoRA change; PEFT computes the DoRA model's logits."""
+    import torch
+
+    config = {"r": 4, "target_modules": ["embed_tokens", "q_proj"], "use_dora": True}
+    base, adapter, dora_logits = _make(tiny_llama, tmp_path, config)
+    out = tmp_path / "out"
+    result = convert_adapter(adapter, out, base=base, dora_to_lora=True, verify_output=True)
+    assert result.verification is not None
+    assert result.verification.passed
+    tensors, _ = read_file(out / "adapter_model.safetensors")
+    a = next(k for k in tensors if k.endswith("embed_tokens.lora_embedding_A"))
+    assert tensors[a].shape == (32, 64)  # full rank min(vocab 64, dim 32), A (k, vocab)
+    logits = _logits(tiny_llama, out)
+    assert torch.allclose(logits, dora_logits, atol=1e-5, rtol=0)
 
 
 def test_verify_checks_against_the_dora_delta(

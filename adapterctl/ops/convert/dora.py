@@ -1,4 +1,4 @@
-"""`convert --dora-to-lora`: each DoRA module's weight change W_dora - W, with W_dora exactly what
+"""`convert --dora-to-lora`: each DoRA module's (Linear, Conv1D, Embedding) weight change W_dora - W, with W_dora exactly what
 PEFT merges (ops/merge/rule.py, in float64) from that module's base weight, factored by an SVD
 into plain LoRA factors with scaling 1: B = U_k·sqrt(S_k), A = sqrt(S_k)·Vh_k (full rank, or
 --rank / --energy). `DoraDeltas` is a `TensorStore` over the source that holds these factors in
@@ -100,12 +100,6 @@ class DoraDeltas:
                 groups.setdefault(info.module, {})[info.kind] = key
         modules = []
         for name, kinds in groups.items():
-            if "lora_embedding_A" in kinds or "lora_embedding_B" in kinds:
-                raise ConversionError(
-                    f"`{name}` is a DoRA embedding: --dora-to-lora converts Linear and Conv1D "
-                    "DoRA modules only",
-                    hint="merge the adapter into the base instead (`adapterctl merge`)",
-                )
             if "lora_magnitude_vector" not in kinds:
                 raise ConversionError(
                     f"`{name}` has LoRA factors but no DoRA magnitude: not a DoRA module",
@@ -117,9 +111,11 @@ class DoraDeltas:
                     "convert lora_bias",
                     hint="merge the adapter into the base instead (`adapterctl merge`)",
                 )
-            if "lora_A" not in kinds or "lora_B" not in kinds:
+            embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
+            pair = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+            if pair[0] not in kinds or pair[1] not in kinds:
                 raise ConversionError(f"`{name}` has a DoRA magnitude but not both LoRA factors")
-            modules.append(self._module(config, name, kinds))
+            modules.append(self._module(config, name, kinds, pair))
         if not modules:
             raise ConversionError(
                 f"`{self.source.label}` has no DoRA module",
@@ -127,8 +123,12 @@ class DoraDeltas:
             )
         return modules
 
-    def _module(self, config: LoraConfig, name: str, kinds: Mapping[str, str]) -> DoraModule:
-        a_key, b_key, m_key = kinds["lora_A"], kinds["lora_B"], kinds["lora_magnitude_vector"]
+    def _module(
+        self, config: LoraConfig, name: str, kinds: Mapping[str, str], pair: tuple[str, str]
+    ) -> DoraModule:
+        """An embedding's factors are A (r, vocab), B (dim, r), its weight (vocab, dim): its
+        change is factored as the (dim, vocab) B·A it is written as."""
+        a_key, b_key, m_key = kinds[pair[0]], kinds[pair[1]], kinds["lora_magnitude_vector"]
         (_, a_shape), (_, b_shape) = self._specs_in[a_key], self._specs_in[b_key]
         _, m_shape = self._specs_in[m_key]
         if len(a_shape) != 2 or len(b_shape) != 2:
@@ -146,14 +146,18 @@ class DoraDeltas:
                 f"base `{self.base.path}` has no weight for the DoRA module `{name}`", hint=_HINT
             )
         w_shape = self._base_shape(key)
-        if w_shape == (out_dim, in_dim) and not (out_dim == in_dim and config.fan_in_fan_out):
-            kind: Kind = "linear"
+        embedding = pair[0] == "lora_embedding_A"
+        kind: Kind | None = None
+        if embedding:
+            kind = "embedding" if w_shape == (in_dim, out_dim) else None
+        elif w_shape == (out_dim, in_dim) and not (out_dim == in_dim and config.fan_in_fan_out):
+            kind = "linear"
         elif w_shape == (in_dim, out_dim):
             kind = "conv1d"
-        else:
+        if kind is None:
+            expected = [in_dim, out_dim] if embedding else [out_dim, in_dim]
             raise ConversionError(
-                f"base weight of `{name}` is {list(w_shape)}, the adapter expects "
-                f"{[out_dim, in_dim]}",
+                f"base weight of `{name}` is {list(w_shape)}, the adapter expects {expected}",
                 hint=_HINT,
             )
         r, alpha = a_shape[0], config.alpha_for(name)
