@@ -228,3 +228,36 @@ def test_verify_checks_against_the_dora_delta(
     with pytest.raises(VerificationFailed, match="W_dora - W"):
         convert_adapter(adapter, tmp_path / "out", base=base, dora_to_lora=True, verify_output=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_not_dora_refused(tmp_path: Path) -> None:
+    config = {"r": 4, "target_modules": ["q_proj"]}
+    base, adapter, _ = _make(tiny_llama, tmp_path, config)
+    with pytest.raises(AdapterctlError, match="has no DoRA module"):
+        convert_adapter(adapter, tmp_path / "out", base=base, dora_to_lora=True)
+
+
+def test_cli_json(gpt2: tuple[Path, Path, Any], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adapterctl.cli.main import app
+
+    base, adapter, _ = gpt2
+    args = [str(adapter), str(tmp_path / "out"), "--base", str(base), "--dora-to-lora"]
+    result = CliRunner().invoke(app, ["convert", *args, "--rank", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["converted_from"] == "dora"
+    assert doc["config"]["r"] == 2
+    for m in doc["modules"]:
+        assert m["actions"] == ["dora->lora", "rank 4->2"]
+        assert 0.0 < m["relative_error"] < 1.0
+        assert m["energy"] == pytest.approx(1.0 - m["relative_error"] ** 2)
+    human = CliRunner().invoke(app, ["convert", *args[:1], str(tmp_path / "h"), *args[2:]])
+    assert human.exit_code == 0, human.output
+    assert "every module: dora->lora, rank 4->32, full rank" in human.stdout
+    refused = CliRunner().invoke(
+        app, ["convert", str(adapter), str(tmp_path / "x"), "--dora-to-lora"]
+    )
+    assert refused.exit_code == 2
+    assert "--dora-to-lora needs --base" in refused.output

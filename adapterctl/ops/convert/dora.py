@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import ConversionError
-from adapterctl.format.config import LoraConfig
+from adapterctl.format.config import LoraConfig, residual_init
 from adapterctl.format.dtypes import Dtype
 from adapterctl.format.keys import classify
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_float64
@@ -98,6 +98,17 @@ class DoraDeltas:
             info = classify(key, mts)
             if info.is_lora:
                 groups.setdefault(info.module, {})[info.kind] = key
+        if residual_init(config.init_lora_weights):
+            raise ConversionError(
+                f"the adapter's init_lora_weights is {config.init_lora_weights!r}: its DoRA "
+                "modules act on a residual base, not on BASE",
+                hint="convert it to plain LoRA with --base first, then merge or convert the DoRA",
+            )
+        if not any("lora_magnitude_vector" in kinds for kinds in groups.values()):
+            raise ConversionError(
+                f"`{self.source.label}` has no DoRA module",
+                hint="--dora-to-lora takes an adapter saved with use_dora true",
+            )
         modules = []
         for name, kinds in groups.items():
             if "lora_magnitude_vector" not in kinds:
@@ -116,11 +127,6 @@ class DoraDeltas:
             if pair[0] not in kinds or pair[1] not in kinds:
                 raise ConversionError(f"`{name}` has a DoRA magnitude but not both LoRA factors")
             modules.append(self._module(config, name, kinds, pair))
-        if not modules:
-            raise ConversionError(
-                f"`{self.source.label}` has no DoRA module",
-                hint="--dora-to-lora takes an adapter saved with use_dora true",
-            )
         return modules
 
     def _module(
