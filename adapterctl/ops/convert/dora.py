@@ -1,7 +1,8 @@
 """`convert --dora-to-lora`: each DoRA module's (Linear, Conv1D, Embedding) weight change W_dora - W, with W_dora exactly what
 PEFT merges (ops/merge/rule.py, in float64) from that module's base weight, factored by an SVD
-into plain LoRA factors with scaling 1: B = U_k·sqrt(S_k), A = sqrt(S_k)·Vh_k (full rank, or
---rank / --energy). `DoraDeltas` is a `TensorStore` over the source that holds these factors in
+into plain LoRA factors with scaling 1: at full rank min(out, in) (the default) the change itself
+and an identity (B = ΔW, A = I, or B = I, A = ΔW: exact, no SVD); below it (--rank / --energy)
+B = U_k·sqrt(S_k), A = sqrt(S_k)·Vh_k from its SVD. `DoraDeltas` is a `TensorStore` over the source that holds these factors in
 place of the DoRA ones (no magnitudes): the rest of the conversion (casts, --portable, writing,
 --verify) runs on it as on any plain LoRA adapter. Its numbers (rank, kept energy, relative
 error) are computed when it is made, before anything is written; one module's arrays are in
@@ -208,6 +209,10 @@ class DoraDeltas:
         return Spectrum(values, u, vh)
 
     def _measure(self, m: DoraModule) -> None:
+        if self._energy is None and (self._rank is None or self._rank >= m.full):
+            self.delta(m)  # refused here, before anything is written, where it is not finite
+            m.rank, m.energy, m.relative_error = m.full, 1.0, 0.0
+            return
         spec = self._spectrum(m)
         if self._energy is not None:
             k = spec.rank_for_energy(self._energy)
@@ -246,7 +251,13 @@ class DoraDeltas:
     def _factors(self, m: DoraModule) -> dict[str, RawTensor]:
         import numpy as np
 
-        tb, ta = self._spectrum(m).transforms(m.rank)  # B = U_k·sqrt(S_k), A = sqrt(S_k)·Vh_k
+        if m.rank == m.full:  # exact, no SVD: the change itself beside an identity
+            d = self.delta(m)
+            out_dim, in_dim = d.shape
+            eye = np.eye(min(out_dim, in_dim))
+            tb, ta = (d, eye) if out_dim >= in_dim else (eye, d)
+        else:  # B = U_k·sqrt(S_k), A = sqrt(S_k)·Vh_k
+            tb, ta = self._spectrum(m).transforms(m.rank)
         a_dtype, _ = self._specs_in[m.a_key]
         b_dtype, _ = self._specs_in[m.b_key]
         return {
@@ -272,7 +283,7 @@ def dora_checks(dora: DoraDeltas, directory: Path) -> list[Check]:
     """`--verify` for each DoRA module: the written s'·B'·A' against W_dora - W computed again
     from the base, ||difference|| / ||W_dora - W||; allowed: the relative error the report
     gives, plus the rounding of the factors' dtype (||B||·||A|| <= sqrt(k)·||delta|| for SVD
-    factors), plus 1e-6."""
+    factors and for the change beside an identity), plus 1e-6."""
     import numpy as np
 
     from adapterctl.format.config import CONFIG_NAME
