@@ -76,7 +76,6 @@ class DoraDeltas:
         self.label = source.label
         self.source = source
         self.base = base
-        self._config_in = config
         self._rank, self._energy = rank, energy
         self._specs_in = source.specs()
         self._base_shapes: dict[str, tuple[int, ...]] | None = None
