@@ -89,6 +89,14 @@ def convert_cmd(
             "what every serving engine computes as PEFT does.",
         ),
     ] = False,
+    dora_to_lora: Annotated[
+        bool,
+        typer.Option(
+            "--dora-to-lora",
+            help="With --base: write each DoRA module's weight change as plain LoRA factors "
+            "(full rank unless --rank/--energy).",
+        ),
+    ] = False,
     peft_version: Annotated[
         str | None,
         typer.Option(
@@ -129,6 +137,7 @@ def convert_cmd(
                 rank=rank,
                 energy=energy,
                 portable=portable,
+                dora_to_lora=dora_to_lora,
                 peft_version=peft_version,
                 verify_output=verify,
                 force=force,

@@ -3,6 +3,7 @@
 - `adapter`: `convert_adapter`, one adapter rewritten in a streaming pass (the command's work);
 - `plan`: what the output holds and how each tensor is made (`Plan`, `convert_tensors`);
 - `initial`: the initial PiSSA/OLoRA/CorDA factors, saved or rebuilt from the base;
+- `dora`: `--dora-to-lora`, each DoRA module's weight change on the base as plain LoRA factors;
 - `lowrank`: factored SVDs and Gram matrices of low-rank deltas (rank reduction, verification);
 - `portable`: `--portable`, scalings folded into B and one padded rank (`Kept`: what it keeps);
 - `verify`: `--verify`, the written files against the source;

@@ -20,6 +20,7 @@ from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops import SCHEMA_VERSION
+from adapterctl.ops.convert.dora import DoraDeltas, dora_checks, dora_reports, with_checks
 from adapterctl.ops.convert.initial import (
     REBUILDABLE,
     Initial,
@@ -166,6 +167,16 @@ def _check_options(
     return CAST_TARGETS[dtype]
 
 
+def _check_dora(initial: object, base: object, init: str | None) -> None:
+    if base is None:
+        raise InvalidOptionError(
+            "--dora-to-lora needs --base: a DoRA module's weight change depends on its base weight",
+            hint="pass --base with the base model the adapter was made on",
+        )
+    if initial is not None or init is not None:
+        raise InvalidOptionError("--dora-to-lora takes neither --initial nor --init")
+
+
 def convert_adapter(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -177,6 +188,7 @@ def convert_adapter(
     rank: int | None = None,
     energy: float | None = None,
     portable: bool = False,
+    dora_to_lora: bool = False,
     peft_version: str | None = None,
     verify_output: bool = False,
     force: bool = False,
@@ -189,10 +201,14 @@ def convert_adapter(
     `initial` and `base` may be Hub repo ids (`revision`/`subfolder` apply to `source`).
     `portable`: every module's scaling folded into B and its rank padded to one R (`--rank`,
     else the largest), `r = lora_alpha = R`, no rslora, no patterns (ops/convert/portable.py).
+    `dora_to_lora`: each DoRA module's weight change on `base` written as plain LoRA factors
+    (full rank, or `rank`/`energy`), scaling 1 (ops/convert/dora.py).
     `peft_version` ("0.10"): write a config that this PEFT release reads with the same meaning."""
     from adapterctl.ops.hub import resolve
 
     code = _check_options(initial, base, init, dtype, rank, energy)
+    if dora_to_lora:
+        _check_dora(initial, base, init)
     if peft_version is not None:
         peft_version = release(peft_version)
     label = os.fspath(source)
@@ -206,7 +222,7 @@ def convert_adapter(
     files = one_adapter(source, "source")
     assert files.config_path is not None
     nothing = (initial, base, code, rank, energy, peft_version) == (None,) * 6
-    if nothing and not portable and files.format == "safetensors":
+    if nothing and not portable and not dora_to_lora and files.format == "safetensors":
         raise ConversionError(
             "nothing to convert: the source is already safetensors",
             hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",
@@ -231,6 +247,7 @@ def convert_adapter(
         store = stack.enter_context(OpenStore(files.weights_path, files.format))
         provider: Initial | None = None
         method = None
+        dora: DoraDeltas | None = None
         if initial is not None:
             init_files = one_adapter(initial, "initial adapter")
             assert init_files.config_path is not None
@@ -241,6 +258,16 @@ def convert_adapter(
             # what the pair says it was (either config may already say `true`), else null
             inits = (config.init_lora_weights, init_config.init_lora_weights)
             method = next((str(m) for m in inits if residual_init(m)), None)
+        elif dora_to_lora:
+            from adapterctl.format.checkpoint import BaseCheckpoint
+
+            assert base is not None  # _check_dora
+            phase = "finding ranks" if energy is not None else "factoring"
+            dora = DoraDeltas(
+                store, config, stack.enter_context(BaseCheckpoint(base)),
+                rank=rank, energy=energy, progress=_phase(progress, phase),
+            )  # fmt: skip
+            store, config, rank, energy, method = dora, dora.config, None, None, "dora"
         elif base is not None:
             from adapterctl.format.checkpoint import BaseCheckpoint
 
@@ -253,6 +280,8 @@ def convert_adapter(
         plan = Plan(
             store, config, Options(provider, code, rank, energy, portable), progress=ranking
         )
+        if dora is not None:
+            dora_reports(dora, plan)
         missing = missing_from_trained(plan)
         if missing:
             raise ConversionError(
@@ -298,6 +327,8 @@ def convert_adapter(
                 _write_card(existing_card, files.directory, tmp, out, plan.config, result.warnings)
             if verify_output:
                 result.verification = verify(plan, tmp, _phase(progress, "verifying"))
+                if dora is not None:  # the new deltas against W_dora - W, from the base again
+                    result.verification = with_checks(result.verification, dora_checks(dora, tmp))
                 if not result.verification.passed:
                     raise VerificationFailed(result)
     return result
