@@ -59,16 +59,21 @@ class Budget:
     the first time any of them is matched against a name (so the total is bounded by the number
     of distinct names, whatever the number of patterns)."""
 
-    __slots__ = ("_names", "left")
+    __slots__ = ("_names", "left", "spent")
 
     def __init__(self) -> None:
         self.left = BUDGET_S
+        self.spent = False  # once spent, spent for the run: a new name does not revive it
         self._names: set[str] = set()
 
     def grant(self, name: str) -> None:
         if name not in self._names:
             self._names.add(name)
-            self.left += PER_NAME_S
+            if not self.spent:
+                self.left += PER_NAME_S
+
+    def spend_all(self) -> None:
+        self.left, self.spent = 0.0, True
 
 
 class Pattern:
@@ -97,13 +102,14 @@ class Pattern:
         match_calls += 1
         budget = self._budget
         budget.grant(s)
-        if budget.left <= 0:
+        if budget.spent or budget.left <= 0:
+            budget.spend_all()
             raise self._too_slow()
         start = time.perf_counter()
         try:
             return fn(s, timeout=budget.left)
         except TimeoutError as e:
-            budget.left = 0.0
+            budget.spend_all()
             raise self._too_slow() from e
         finally:
             budget.left -= time.perf_counter() - start

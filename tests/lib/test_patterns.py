@@ -249,6 +249,20 @@ def test_the_budget_is_shared_across_fields() -> None:
         config.alpha_for("model.q_proj")
 
 
+def test_a_spent_budget_stays_spent_for_new_names() -> None:
+    """Once a pattern has spent the budget, a new name does not revive it with its PER_NAME_S:
+    a fast pattern on a name never seen is refused too (with the grant, it ran in its 1 ms)."""
+    budget = patterns.Budget()
+    budget.left = 0.05
+    slow = patterns.compile_pattern("(x|xx)+y", "rank_pattern key", "cfg", budget=budget)
+    fast = patterns.compile_pattern("q.*", "alpha_pattern key", "cfg", budget=budget)
+    with pytest.raises(ConfigError, match="takes too long"):
+        slow.match("x" * 40)
+    assert budget.spent
+    with pytest.raises(ConfigError, match="alpha_pattern key"):
+        fast.match("q_proj, a name never matched before")
+
+
 def test_the_budget_grows_with_names_not_with_patterns() -> None:
     """What the patterns of a config may spend: BUDGET_S plus PER_NAME_S for each distinct name,
     however many patterns are matched against each (500 keys x 20 names here, each name asked
