@@ -3,12 +3,11 @@ paths."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from adapterctl.errors import IncompatibleModelError
 from adapterctl.format.config import LoraConfig
-from adapterctl.format.patterns import layers_pattern_regex, modules_to_save_regex
+from adapterctl.format.patterns import layer_index, layers_pattern_regex, modules_to_save_regex
 
 #: target_modules PEFT uses when a config leaves it null, by transformers model_type.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -34,8 +33,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"],
 }
 SEQ_CLS_HEADS = ("classifier", "score")
-#: the first numbered segment of a module path (ours, not from a file: plain `re`)
-_FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 ALL_LINEAR = "all-linear"
 
 
@@ -44,19 +41,18 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
     if wanted is None or wanted == []:
         return True
     pattern = config.layers_pattern
-    match = None
+    index = None
     if not pattern:
-        # the first numbered segment is the layer index (not an expert index further in)
-        match = _FIRST_INDEX.match(key)
+        index = layer_index(key)
     else:
         for p in [pattern] if isinstance(pattern, str) else pattern:
             regex = config.regex(layers_pattern_regex(p), "`layers_pattern`", source=p)
             match = regex.match(key)
             if match:
+                index = int(match.group("idx"))
                 break
-    if match is None:
+    if index is None:
         return False
-    index = int(match.group("idx"))
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 

@@ -278,6 +278,19 @@ def layers_pattern_regex(name: str) -> str:
     return rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\."
 
 
+#: the first / last numbered segment of a module path (ours, not from a file: plain `re`)
+_FIRST_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
+_LAST_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
+
+
+def layer_index(module: str, *, first: bool = True) -> int | None:
+    """The layer index PEFT's `layers_to_transform` reads from a module path when no
+    `layers_pattern` is set: the first numbered segment (PEFT 0.20 on: not an expert index
+    further in), or the last one (`first=False`, PEFT before 0.20)."""
+    m = (_FIRST_INDEX if first else _LAST_INDEX).match(module)
+    return int(m.group(1)) if m else None
+
+
 class _Node:
     __slots__ = ("any", "chars", "keys")
 

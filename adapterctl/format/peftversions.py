@@ -36,6 +36,7 @@ from typing import Any
 
 from adapterctl.errors import ConversionError, InvalidOptionError
 from adapterctl.format.config import LoraConfig, residual_init
+from adapterctl.format.patterns import layer_index
 from adapterctl.format.variants import BY_FIELD, INERT, VARIANT
 
 RELEASES: tuple[str, ...] = tuple(f"0.{n}" for n in range(6, 22))
@@ -209,9 +210,7 @@ def _pattern_values(config: LoraConfig, version: str, module: str) -> tuple[int,
 
 
 def _layer_index(version: str, module: str) -> int | None:
-    lazy = "?" if _at_least(version, FIRST_LAYER_INDEX_SINCE) else ""
-    m = re.match(rf".*{lazy}\.[^.]*\.(\d+)\.", module)
-    return int(m.group(1)) if m else None
+    return layer_index(module, first=_at_least(version, FIRST_LAYER_INDEX_SINCE))
 
 
 # --- convert --peft-version --------------------------------------------------------------------
