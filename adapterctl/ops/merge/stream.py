@@ -37,7 +37,7 @@ from adapterctl.format.rawtensor import (
     to_float32,
     to_floats,
 )
-from adapterctl.format.tensors import FileSpan, TensorSource, write_safetensors
+from adapterctl.format.tensors import FileSpan, TensorSource, copy_stream, write_safetensors
 from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.merge.plan import (
     Lora,
@@ -300,10 +300,11 @@ def _copy_companions(base: Path, out: Path, code: str | None, dtype: str | None)
         if not src.is_file():
             continue
         with open_regular(src, "model file") as f:
-            data = f.read()
-        if name == "config.json" and code is not None:
-            data = _config_with_dtype(data, src, dtype)
-        (out / name).write_bytes(data)
+            if name == "config.json" and code is not None:
+                (out / name).write_bytes(_config_with_dtype(f.read(), src, dtype))
+            else:  # a tokenizer can be tens of MB: in pieces, as the tensors
+                with open(out / name, "wb") as dst:
+                    copy_stream(f, dst)
         copied.append(name)
     return copied
 
