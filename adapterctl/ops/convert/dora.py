@@ -1,12 +1,12 @@
-"""`convert --dora-to-lora`: each DoRA module's (Linear, Conv1D, Embedding) weight change W_dora - W, with W_dora exactly what
-PEFT merges (ops/merge/rule.py, in float64) from that module's base weight, factored by an SVD
-into plain LoRA factors with scaling 1: at full rank min(out, in) (the default) the change itself
-and an identity (B = ΔW, A = I, or B = I, A = ΔW: exact, no SVD); below it (--rank / --energy)
-B = U_k·sqrt(S_k), A = sqrt(S_k)·Vh_k from its SVD. `DoraDeltas` is a `TensorStore` over the source that holds these factors in
-place of the DoRA ones (no magnitudes): the rest of the conversion (casts, --portable, writing,
---verify) runs on it as on any plain LoRA adapter. Its numbers (rank, kept energy, relative
-error) are computed when it is made, before anything is written; one module's arrays are in
-memory at a time (each module is factored again when its tensors are written).
+"""`convert --dora-to-lora`: each DoRA module's (Linear, Conv1D, Embedding) weight change
+W_dora - W, with W_dora exactly what PEFT merges (ops/merge/rule.py, in float64) from that module's
+base weight, written as plain LoRA factors with scaling 1 by ops/convert/dense.py: exact at the
+change's full rank (the default; no SVD), or cut by an SVD to --rank / --energy. `DoraDeltas` is a
+`TensorStore` over the source that holds these factors in place of the DoRA ones (no magnitudes):
+the rest of the conversion (casts, --portable, writing, --verify) runs on it as on any plain LoRA
+adapter. Its numbers (rank, kept energy, relative error) are computed when it is made, before
+anything is written; one module's arrays are in memory at a time (each module is factored again
+when its tensors are written).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from adapterctl.format.dtypes import Dtype
 from adapterctl.format.keys import classify
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_float64
 from adapterctl.ops.convert.blas import one_blas_thread
-from adapterctl.ops.convert.lowrank import Spectrum
+from adapterctl.ops.convert.dense import Target, factor
 from adapterctl.ops.convert.plan import Plan, reduced_config
 from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification
 from adapterctl.ops.merge import Kind, Step, merge_sequence
@@ -76,7 +76,7 @@ class DoraDeltas:
         self.label = source.label
         self.source = source
         self.base = base
-        self._rank, self._energy = rank, energy
+        self._target = Target(rank=rank, energy=energy)
         self._specs_in = source.specs()
         self._base_shapes: dict[str, tuple[int, ...]] | None = None
         self.modules = self._find(config)
@@ -200,27 +200,11 @@ class DoraDeltas:
         d = merged - w
         return d if m.kind == "linear" else d.T
 
-    def _spectrum(self, m: DoraModule) -> Spectrum:
-        import numpy as np
-
-        with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
-            u, values, vh = np.linalg.svd(self.delta(m), full_matrices=False)
-        return Spectrum(values, u, vh)
-
     def _measure(self, m: DoraModule) -> None:
-        if self._energy is None and (self._rank is None or self._rank >= m.full):
-            self.delta(m)  # refused here, before anything is written, where it is not finite
-            m.rank, m.energy, m.relative_error = m.full, 1.0, 0.0
-            return
-        spec = self._spectrum(m)
-        if self._energy is not None:
-            k = spec.rank_for_energy(self._energy)
-        else:
-            k = min(self._rank, m.full) if self._rank is not None else m.full
-        kept, dropped = spec.loss(k)
-        total = math.sqrt(spec.energy)
-        m.rank, m.energy = k, kept
-        m.relative_error = dropped / total if total else 0.0
+        """The rank, kept energy and error (refused here, before anything is written, where the
+        change is not finite)."""
+        f = factor(self.delta(m), self._target)
+        m.rank, m.energy, m.relative_error = f.rank, f.energy, f.relative_error
 
     # --- the store -----------------------------------------------------------------------------
 
@@ -250,18 +234,12 @@ class DoraDeltas:
     def _factors(self, m: DoraModule) -> dict[str, RawTensor]:
         import numpy as np
 
-        if m.rank == m.full:  # exact, no SVD: the change itself beside an identity
-            d = self.delta(m)
-            out_dim, in_dim = d.shape
-            eye = np.eye(min(out_dim, in_dim))
-            tb, ta = (d, eye) if out_dim >= in_dim else (eye, d)
-        else:  # B = U_k·sqrt(S_k), A = sqrt(S_k)·Vh_k
-            tb, ta = self._spectrum(m).transforms(m.rank)
+        f = factor(self.delta(m), self._target)
         a_dtype, _ = self._specs_in[m.a_key]
         b_dtype, _ = self._specs_in[m.b_key]
         return {
-            m.a_key: from_float(np.ascontiguousarray(ta), a_dtype.code),
-            m.b_key: from_float(np.ascontiguousarray(tb), b_dtype.code),
+            m.a_key: from_float(np.ascontiguousarray(f.a), a_dtype.code),
+            m.b_key: from_float(np.ascontiguousarray(f.b), b_dtype.code),
         }
 
 
