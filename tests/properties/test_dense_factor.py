@@ -49,7 +49,7 @@ def test_randomized_error_is_near_optimal_and_reported_exactly(
     delta = _matrix(seed, (rows, cols), rank, decay, noise)
     f = factor(delta, Target(rank=k, seed=seed))
     assert f.method == "randomized"
-    assert f.rank == k and f.b.shape == (rows, k) and f.a.shape == (k, cols)
+    assert (f.rank, f.b.shape, f.a.shape) == (k, (rows, k), (k, cols))
     optimal, actual = _optimal(delta, k), _actual(delta, f)
     assert actual == pytest.approx(f.relative_error, rel=1e-6, abs=1e-7)
     # Halko et al. (10.8) with q = 4 power iterations and 10 extra columns: within a few percent
@@ -60,7 +60,8 @@ def test_randomized_error_is_near_optimal_and_reported_exactly(
 def test_the_same_seed_gives_the_same_factors_and_exact_forces_lapack() -> None:
     delta = _matrix(7, (300, 280), 30, 0.9, 1e-3)
     one, two = factor(delta, Target(rank=8, seed=3)), factor(delta, Target(rank=8, seed=3))
-    assert np.array_equal(one.b, two.b) and np.array_equal(one.a, two.a)
+    assert np.array_equal(one.b, two.b)
+    assert np.array_equal(one.a, two.a)
     lapack = factor(delta, Target(rank=8, exact=True))
     assert lapack.method == "svd"
     assert lapack.relative_error == pytest.approx(_optimal(delta, 8), rel=1e-9)
@@ -110,13 +111,15 @@ def test_ranks_at_or_above_the_support_are_exact_and_padded_above_full_is_full()
     assert (f.rank, f.capped) == (30, True)
     assert np.array_equal(f.b @ f.a, delta)
     f = factor(delta, Target(rank=2))  # below the support: the SVD of the 4 changed rows only
-    assert f.method == "svd" and f.rank == 2
+    assert (f.method, f.rank) == ("svd", 2)
     assert f.relative_error == pytest.approx(_optimal(delta, 2), rel=1e-9)
     assert not f.b[[0, 3, 4, 6, 7, 9]].any()
 
 
 def test_a_zero_change_is_one_zero_factor() -> None:
     f = factor(np.zeros((8, 5)), Target(rank=3))
-    assert f.rank == 3 and not f.b.any() and not f.a.any()
+    assert f.rank == 3
+    assert not f.b.any()
+    assert not f.a.any()
     f = factor(np.zeros((8, 5)))
     assert (f.rank, f.energy, f.relative_error) == (1, 1.0, 0.0)
