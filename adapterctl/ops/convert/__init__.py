@@ -4,6 +4,8 @@
 - `plan`: what the output holds and how each tensor is made (`Plan`, `convert_tensors`);
 - `initial`: the initial PiSSA/OLoRA/CorDA factors, saved or rebuilt from the base;
 - `dora`: `--dora-to-lora`, each DoRA module's weight change on the base as plain LoRA factors;
+- `dense`: a whole weight change (d_out x d_in) as LoRA factors: exact at its support, or cut
+  by LAPACK's or a seeded randomized SVD to a rank or an energy (`--dora-to-lora`, `extract`);
 - `lowrank`: factored SVDs and Gram matrices of low-rank deltas (rank reduction, verification);
 - `portable`: `--portable`, scalings folded into B and one padded rank (`Kept`: what it keeps);
 - `verify`: `--verify`, the written files against the source;
