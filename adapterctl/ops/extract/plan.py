@@ -92,19 +92,31 @@ def targeted(module: str, names: Sequence[str]) -> bool:
     return any(module == n or module.endswith("." + n) for n in names)
 
 
-def _sizes(what: str, key: str, base: tuple[int, ...], tuned: tuple[int, ...]) -> ConversionError:
-    module, _ = _module(key)
-    if (_leaf(module) in INPUT_EMBEDDINGS | HEADS and len(base) == len(tuned) == 2
-            and base[1] == tuned[1] and tuned[0] > base[0]):  # fmt: skip
+def _grew(key: str, base: tuple[int, ...], tuned: tuple[int, ...]) -> bool:
+    """A vocabulary that grew: an embedding or head with more rows in TUNED."""
+    leaf = _leaf(_module(key)[0])
+    return (leaf in INPUT_EMBEDDINGS | HEADS and len(base) == len(tuned) == 2
+            and base[1] == tuned[1] and tuned[0] > base[0])  # fmt: skip
+
+
+def _sizes(keys: list[str], base: dict[str, Spec], tuned: dict[str, Spec]) -> ConversionError:
+    """The first shape that differs; a grown vocabulary names both sizes and every grown
+    module for --modules-to-save."""
+    key = keys[0]
+    b, t = base[key][1], tuned[key][1]
+    grown = [k for k in keys if _grew(k, base[k][1], tuned[k][1])]
+    grown.sort(key=lambda k: _leaf(_module(k)[0]) in HEADS)  # the input embedding first
+    if grown:
+        key = grown[0]
+        b, t = base[key][1], tuned[key][1]
+        names = ",".join(dict.fromkeys(_leaf(_module(k)[0]) for k in grown))
         return ConversionError(
-            f"the vocabulary grew from {base[0]} (BASE) to {tuned[0]} (TUNED) rows in `{key}`: "
+            f"the vocabulary grew from {b[0]} (BASE) to {t[0]} (TUNED) rows in `{key}`: "
             "new rows have no base weight to change",
-            hint=f"store the grown tensors whole: --modules-to-save {_leaf(module)}"
-            + ("" if _leaf(module) in HEADS else ",lm_head"),
+            hint=f"store the grown tensors whole: --modules-to-save {names}",
         )
     return ConversionError(
-        f"`{key}` is {list(base)} in BASE and {list(tuned)} in {what}: not the same model",
-        hint=_HINT,
+        f"`{key}` is {list(b)} in BASE and {list(t)} in TUNED: not the same model", hint=_HINT
     )
 
 
@@ -158,6 +170,9 @@ def plan(
             hint="pass the base TUNED was fine-tuned from, or store such tensors whole with "
             "--modules-to-save",
         )
+    differ = [k for k, (_, s) in tuned_specs.items() if not saved(k) and base_specs[k][1] != s]
+    if differ:
+        raise _sizes(differ, base_specs, tuned_specs)
     head_jobs: dict[str, str] = {}  # tied: the input embedding's key -> the head's module
     chosen: list[tuple[str, Kind]] = []
     matched: set[str] = set()
@@ -165,9 +180,6 @@ def plan(
         module, param = _module(key)
         if saved(key):
             continue
-        base_shape = base_specs[key][1]
-        if base_shape != shape:
-            raise _sizes("TUNED", key, base_shape, shape)
         leaf = _leaf(module)
         embedding, head = leaf in INPUT_EMBEDDINGS, leaf in HEADS
         if param != "weight" or len(shape) != 2:
