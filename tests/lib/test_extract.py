@@ -129,7 +129,8 @@ def test_a_low_rank_change_is_recovered_at_its_rank(llama_exact: Pair, tmp_path:
     assert config["base_model_name_or_path"] == str(llama_exact.base)
     assert config["task_type"] == "CAUSAL_LM"
     assert sorted(config["target_modules"]) == sorted(n[:-7] for n in llama_exact.changes)
-    assert r.unchanged == 0 and r.changed_not_stored == []
+    assert r.unchanged == 0
+    assert r.changed_not_stored == []
     assert all(m.relative_error < 1e-6 and not m.capped for m in r.modules)
     assert (tmp_path / "out" / "README.md").read_text().startswith("---\n")
 
@@ -141,9 +142,11 @@ def test_a_lower_rank_reports_the_error_it_leaves(llama_noisy: Pair, tmp_path: P
         change = llama_noisy.changes[m.module + ".weight"]
         got = tensors[f"{P}{m.module}.lora_B.weight"] @ tensors[f"{P}{m.module}.lora_A.weight"]
         actual = np.linalg.norm(got - change) / np.linalg.norm(change)
-        assert m.rank == 2 and m.relative_error > 0.01
+        assert m.rank == 2
+        assert m.relative_error > 0.01
         assert actual == pytest.approx(m.relative_error, rel=1e-3)
-    assert r.verification is not None and r.verification.passed
+    assert r.verification is not None
+    assert r.verification.passed
 
 
 @pytest.mark.parametrize(
@@ -169,11 +172,13 @@ def test_gpt2_conv1d_changes_are_transposed(gpt2_noisy: Pair, tmp_path: Path) ->
     r = extract(gpt2_noisy.base, gpt2_noisy.tuned, tmp_path / "out", rank=1000)
     tensors = _read(tmp_path / "out")
     m = next(m for m in r.modules if m.module == "transformer.h.0.mlp.c_fc")
-    assert m.kind == "conv1d" and m.shape == (32, 128)  # Conv1D stores (in, out)
+    assert m.kind == "conv1d"
+    assert m.shape == (32, 128)
     b = tensors[f"{P}transformer.h.0.mlp.c_fc.lora_B.weight"]
     a = tensors[f"{P}transformer.h.0.mlp.c_fc.lora_A.weight"]
     change = gpt2_noisy.changes["transformer.h.0.mlp.c_fc.weight"]
-    assert b.shape[0] == 128 and a.shape[1] == 32
+    assert b.shape[0] == 128
+    assert a.shape[1] == 32
     np.testing.assert_allclose(b.astype(np.float64) @ a, change.T, atol=1e-6)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True
@@ -279,7 +284,7 @@ def test_verify_catches_a_planted_error(
         return replace(f, b=f.b * 1.01) if delta.shape == (16, 32) else f
 
     monkeypatch.setattr(deltas, "factor", off)
-    with pytest.raises(VerificationFailed, match="v_proj|k_proj"):
+    with pytest.raises(VerificationFailed, match=r"v_proj|k_proj"):
         extract(llama_exact.base, llama_exact.tuned, tmp_path / "out", rank=3, verify=True)
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []  # no temp sibling either
@@ -312,7 +317,8 @@ def test_a_grown_vocabulary_is_refused_naming_both_sizes(
     t = _read(tmp_path / "out")
     assert t[f"{P}model.embed_tokens.weight"].shape == (72, 32)
     assert t[f"{P}lm_head.weight"].shape == (72, 32)
-    assert r.modules == [] and r.unchanged == 14
+    assert r.modules == []
+    assert r.unchanged == 14
 
 
 def _lonely(pair: Pair, root: Path) -> Path:
@@ -364,7 +370,8 @@ def test_to_dict_shape(llama_exact: Pair, tmp_path: Path) -> None:
         "module", "kind", "shape", "rank", "method", "energy", "relative_error", "capped", "tied",
     }  # fmt: skip
     assert d["bytes"] == (tmp_path / "out" / "adapter_model.safetensors").stat().st_size
-    assert d["peak_memory"] > 0 and not math.isnan(d["seconds"])
+    assert d["peak_memory"] > 0
+    assert not math.isnan(d["seconds"])
     json.dumps(d, allow_nan=False)
 
 
