@@ -28,9 +28,12 @@ def _linear(name: str, p: Any) -> bool:
     return p.ndim == 2 and not any(s in name for s in ("embed", "wte", "wpe", "lm_head"))
 
 
-def _tune(model: Any, *, noise: float, seed: int, wte: bool = False, norm: bool = False) -> Any:
+def _tune(
+    model: Any, *, noise: float, seed: int, wte: bool = False, norm: bool = False,
+    bias: bool = False,
+) -> Any:  # fmt: skip
     """Every linear layer += 0.05·B·A (rank 3) + noise; optionally GPT-2's (tied) wte changed
-    in a few rows, and one RMSNorm; returns {param name: the change made} (float64)."""
+    in a few rows, one RMSNorm, every bias; returns {param name: the change made} (float64)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -46,6 +49,8 @@ def _tune(model: Any, *, noise: float, seed: int, wte: bool = False, norm: bool 
                 d[[1, 5, 9]] = 0.1 * torch.randn(3, p.shape[1], generator=g)
             elif norm and name == "model.layers.0.input_layernorm.weight":
                 d = 0.1 * torch.randn(p.shape, generator=g)
+            elif bias and name.endswith(".bias"):
+                d = 0.05 * torch.randn(p.shape, generator=g)
             else:
                 continue
             before = p.detach().double().clone()
@@ -89,7 +94,7 @@ def llama_noisy(tmp_path_factory: pytest.TempPathFactory) -> Pair:
 @pytest.fixture(scope="session")
 def gpt2_noisy(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     root = tmp_path_factory.mktemp("extract-gpt2")
-    return Pair(root, tiny_gpt2, noise=1e-3, seed=3, wte=True)
+    return Pair(root, tiny_gpt2, noise=1e-3, seed=3, wte=True, bias=True)
 
 
 def _read(directory: Path) -> dict[str, np.ndarray]:
@@ -153,7 +158,7 @@ def test_a_lower_rank_reports_the_error_it_leaves(llama_noisy: Pair, tmp_path: P
     ("pair", "options"),
     [
         ("llama_noisy", {"modules_to_save": ["input_layernorm"]}),
-        ("gpt2_noisy", {"targets": ["c_attn", "c_proj", "c_fc", "wte"]}),
+        ("gpt2_noisy", {"targets": ["c_attn", "c_proj", "c_fc", "wte"], "bias": "all"}),
     ],
 )
 def test_full_rank_reproduces_tuned_through_peft(
@@ -182,6 +187,13 @@ def test_gpt2_conv1d_changes_are_transposed(gpt2_noisy: Pair, tmp_path: Path) ->
     np.testing.assert_allclose(b.astype(np.float64) @ a, change.T, atol=1e-6)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True
+    assert "transformer.h.0.mlp.c_fc.bias" in r.changed_not_stored
+    assert "transformer.wte.weight" in r.changed_not_stored  # an embedding: not a default target
+    r = extract(gpt2_noisy.base, gpt2_noisy.tuned, tmp_path / "bias", rank=2, bias="all")
+    stored = _read(tmp_path / "bias")
+    assert f"{P}transformer.h.0.mlp.c_fc.base_layer.bias" in stored  # targeted: PEFT's T12 name
+    assert f"{P}transformer.h.0.ln_1.bias" in stored
+    assert not [n for n in r.changed_not_stored if n.endswith(".bias")]
 
 
 def test_tied_embeddings_are_one_change(gpt2_noisy: Pair, tmp_path: Path) -> None:
@@ -385,3 +397,58 @@ def test_no_torch_for_safetensors_checkpoints(llama_exact: Pair, tmp_path: Path)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def _rewritten(src: Path, dst: Path, edit: Any) -> Path:
+    """`src`'s tensors (any shards) as one model.safetensors in `dst`, `edit`ed; config kept."""
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir()
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    return dst
+
+
+def test_an_lm_head_equal_to_the_embedding_in_the_files_is_tied(
+    llama_exact: Pair, tmp_path: Path
+) -> None:
+    """tie_word_embeddings false, but lm_head holds the embedding's values in BASE and TUNED
+    alike: one change, written to both."""
+    rng = np.random.default_rng(0)
+    change = np.zeros((64, 32), np.float32)
+    change[[3, 7]] = rng.standard_normal((2, 32)).astype(np.float32)
+
+    def tie(t: dict[str, np.ndarray], delta: Any = None) -> None:
+        if delta is not None:
+            t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"] + delta
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+
+    base = _rewritten(llama_exact.base, tmp_path / "base", tie)
+    tuned = _rewritten(llama_exact.tuned, tmp_path / "tuned", lambda t: tie(t, change))
+    r = extract(base, tuned, tmp_path / "out", rank=2, targets=["embed_tokens"])
+    [m] = r.modules
+    assert (m.module, m.kind, m.tied, m.method) == (
+        "model.embed_tokens",
+        "embedding",
+        ("lm_head",),
+        "exact",
+    )
+    t = _read(tmp_path / "out")
+    np.testing.assert_allclose(
+        t[f"{P}lm_head.lora_B.weight"] @ t[f"{P}lm_head.lora_A.weight"], change, atol=1e-6
+    )
+    assert "lm_head.weight" not in r.changed_not_stored
+    assert len(r.changed_not_stored) == 14  # the linear layers, not targeted
+
+    def apart(t: dict[str, np.ndarray]) -> None:
+        tie(t, change)
+        t["lm_head.weight"] = t["lm_head.weight"] * 2
+
+    untied = _rewritten(llama_exact.tuned, tmp_path / "untied", apart)
+    r = extract(base, untied, tmp_path / "out2", rank=2, targets=["embed_tokens"])
+    assert [m.tied for m in r.modules] == [()]
+    assert "lm_head.weight" in r.changed_not_stored

@@ -120,11 +120,23 @@ def _sizes(keys: list[str], base: dict[str, Spec], tuned: dict[str, Spec]) -> Co
     )
 
 
+def _same_bytes(ckpt: BaseCheckpoint, one: str, other: str) -> bool:
+    pieces = ckpt.pieces(other)
+    for piece in ckpt.pieces(one):
+        if bytes(piece) != bytes(next(pieces, b"")):
+            return False
+    return next(pieces, None) is None
+
+
 def _tied(base: BaseCheckpoint, tuned: BaseCheckpoint, names: dict[str, Spec]) -> bool:
     """Whether the output head shares the input embedding: config.json says so, or the files
-    hold an input embedding and no lm_head."""
+    hold an input embedding and no lm_head, or an lm_head equal to it in both checkpoints."""
     if base.tied or tuned.tied:
         return True
+    embed = [k for k in names if k.endswith(("embed_tokens.weight", "wte.weight"))]
+    head = [k for k in names if k.endswith("lm_head.weight")]
+    if len(embed) == len(head) == 1 and names[embed[0]] == names[head[0]]:
+        return all(_same_bytes(c, embed[0], head[0]) for c in (tuned, base))
     heads = [k for k in names if _module(k)[1] == "weight" and _leaf(_module(k)[0]) in HEADS]
     embeds = [
         k for k in names if k.endswith(".weight") and _leaf(_module(k)[0]) in INPUT_EMBEDDINGS
