@@ -306,8 +306,12 @@ def test_verify_catches_a_planted_error(
 @pytest.fixture(scope="session")
 def grown(tmp_path_factory: pytest.TempPathFactory, llama_exact: Pair) -> Path:
     def run() -> Path:
+        import torch
+
         model = tiny_llama()
         model.resize_token_embeddings(72)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
         out = tmp_path_factory.mktemp("extract-grown") / "tuned"
         model.save_pretrained(str(out))
         return out
@@ -329,8 +333,8 @@ def test_a_grown_vocabulary_is_refused_naming_both_sizes(
     t = _read(tmp_path / "out")
     assert t[f"{P}model.embed_tokens.weight"].shape == (72, 32)
     assert t[f"{P}lm_head.weight"].shape == (72, 32)
-    assert r.modules == []
-    assert r.unchanged == 14
+    assert [m.module for m in r.modules] == ["model.layers.0.self_attn.q_proj"]
+    assert r.unchanged == 13
 
 
 def _lonely(pair: Pair, root: Path) -> Path:
@@ -354,11 +358,22 @@ def test_refusals_leave_an_existing_output_untouched(
     extract(llama_exact.base, llama_exact.tuned, out, rank=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     lonely = _lonely(llama_exact, tmp_path)
+
+    def shrink(t: dict[str, np.ndarray]) -> None:
+        t["model.norm.weight"] = t["model.norm.weight"][:16].copy()
+
+    other = _rewritten(llama_exact.tuned, tmp_path / "other", shrink)
     cases = [
         (grown, {}, "vocabulary grew"),
         (lonely, {}, "`model.extra.weight` is only in TUNED"),
+        (other, {}, r"`model.norm.weight` is \[32\] in BASE and \[16\] in TUNED"),
         (llama_exact.tuned, {"targets": ["nope"]}, "--target 'nope' matches no 2-D weight"),
         (llama_exact.tuned, {"rank": None}, "pass --rank N or --energy E"),
+        (
+            llama_exact.base,
+            {},
+            r"no targeted weight differs between BASE and TUNED \(14 compared\)",
+        ),
     ]
     for tuned, options, message in cases:
         kwargs: dict[str, Any] = {"rank": 2, **options}
@@ -367,7 +382,7 @@ def test_refusals_leave_an_existing_output_untouched(
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with pytest.raises(AdapterctlError, match="already exists"):
         extract(llama_exact.base, llama_exact.tuned, out, rank=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lonely", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lonely", "other", "out"]
 
 
 def test_to_dict_shape(llama_exact: Pair, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapterctl.errors import AdapterctlError, InvalidOptionError
+from adapterctl.errors import AdapterctlError, ConversionError, InvalidOptionError
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.checkpoint import BaseCheckpoint
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
@@ -162,6 +162,13 @@ def extract(
         not_stored = [
             k for k in p.compared if changed(b_ckpt, t_ckpt, k, specs[k] == tuned_specs[k])
         ]
+        if not extracted:
+            raise ConversionError(
+                f"no targeted weight differs between BASE and TUNED ({unchanged} compared): "
+                "the adapter would hold no LoRA module, which PEFT cannot load",
+                hint=(f"changed but not targeted: {', '.join(not_stored[:3])}" if not_stored
+                      else "pass the fine-tuned model as TUNED"),
+            )  # fmt: skip
         whole = [(w, code if code is not None and w.dtype.code in FLOAT_CODES else None)
                  for w in p.whole]  # fmt: skip
         modules = sorted({k.rpartition(".")[0] for k in tuned_specs})
