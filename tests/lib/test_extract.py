@@ -467,3 +467,25 @@ def test_an_lm_head_equal_to_the_embedding_in_the_files_is_tied(
     r = extract(base, untied, tmp_path / "out2", rank=2, targets=["embed_tokens"])
     assert [m.tied for m in r.modules] == [()]
     assert "lm_head.weight" in r.changed_not_stored
+
+
+def test_rank_options_reach_the_factoring(
+    llama_exact: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adapterctl.ops.extract.deltas as deltas
+    from adapterctl.ops.convert import Target
+
+    seen: list[Any] = []
+    real = deltas.factor
+
+    def spy(delta: Any, target: Any) -> Any:
+        seen.append(target)
+        return real(delta, target)
+
+    monkeypatch.setattr(deltas, "factor", spy)
+    extract(llama_exact.base, llama_exact.tuned, tmp_path / "a", rank=2, exact=True, seed=7)
+    extract(llama_exact.base, llama_exact.tuned, tmp_path / "b", energy=0.5, max_rank=4)
+    assert set(seen) == {
+        Target(rank=2, exact=True, seed=7),
+        Target(energy=0.5, max_rank=4),
+    }

@@ -1,4 +1,5 @@
-"""What `extract` writes, from the two checkpoints' headers alone (no tensor data read): BASE's and
+"""What `extract` writes, from the two checkpoints' headers (the only data read: whether an lm_head
+holds the input embedding's bytes, for tied heads): BASE's and
 TUNED's tensors matched by name whatever their shard layouts, the modules whose weight change
 becomes LoRA factors (`Job`), the tensors stored whole (`Whole`: --modules-to-save, --bias all),
 the tensors only compared (changed ones are reported), and every refusal (a tensor in one
