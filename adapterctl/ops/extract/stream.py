@@ -31,7 +31,7 @@ from adapterctl.format.rawtensor import CAST_TARGETS, FLOAT_CODES, RawTensor, ca
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.ops.convert import Target, reduced_config
 from adapterctl.ops.extract.deltas import Extracted, changed, extract_module
-from adapterctl.ops.extract.plan import Plan, Whole, plan, task_type
+from adapterctl.ops.extract.plan import Whole, plan, task_type
 from adapterctl.ops.extract.result import ExtractResult, ModuleResult, VerificationFailed
 from adapterctl.ops.extract.verify import check, factor_keys
 from adapterctl.ops.merge import peak_memory
@@ -93,9 +93,11 @@ def _target_modules(extracted: list[Extracted], names: list[str]) -> list[str]:
 
 
 def _config(
-    p: Plan, extracted: list[Extracted], base_label: str, base_dir: Path,
+    extracted: list[Extracted], base_label: str, base_dir: Path,
     modules: list[str], modules_to_save: list[str], bias: str,
 ) -> LoraConfig:  # fmt: skip
+    """Scale 1 per module: r and alpha set from the ranks by `reduced_config` (one r when all
+    are equal, else exact-name rank/alpha patterns, as `convert --rank` writes them)."""
     ranks = {m: e.rank for e in extracted for m, _, _, _ in factor_keys(e)}
     fields: dict[str, Any] = {
         "r": 8, "lora_alpha": 8, "target_modules": _target_modules(extracted, modules),
@@ -172,7 +174,7 @@ def extract(
         whole = [(w, code if code is not None and w.dtype.code in FLOAT_CODES else None)
                  for w in p.whole]  # fmt: skip
         modules = sorted({k.rpartition(".")[0] for k in tuned_specs})
-        config = _config(p, extracted, os.fspath(base), base_dir, modules, saving, bias)
+        config = _config(extracted, os.fspath(base), base_dir, modules, saving, bias)
         sources = _sources(extracted, whole, t_ckpt)
         result = ExtractResult(
             base=os.fspath(base),
