@@ -18,6 +18,8 @@ _LAZY = {
     "select_adapters": "adapterctl.ops.select",
     "AdapterctlError": "adapterctl.errors",
     "merge": "adapterctl.ops.merge",
+    "extract": "adapterctl.ops.extract",
+    "ExtractResult": "adapterctl.ops.extract",
     "MergeResult": "adapterctl.ops.merge",
 }
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from adapterctl.engine.model import AdapterModel, get_adapter_model
     from adapterctl.errors import AdapterctlError
     from adapterctl.format.config import LoraConfig
+    from adapterctl.ops.extract import ExtractResult, extract
     from adapterctl.ops.inspect import inspect_adapter
     from adapterctl.ops.merge import MergeResult, merge
     from adapterctl.ops.select import select_adapters
@@ -32,9 +35,11 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterModel",
     "AdapterctlError",
+    "ExtractResult",
     "LoraConfig",
     "MergeResult",
     "__version__",
+    "extract",
     "get_adapter_model",
     "inspect_adapter",
     "merge",

@@ -9,6 +9,7 @@ import typer
 
 from adapterctl import __version__
 from adapterctl.cli.commands.convert import convert_cmd
+from adapterctl.cli.commands.extract import extract_cmd
 from adapterctl.cli.commands.inspect import inspect_cmd
 from adapterctl.cli.commands.load import load_cmd
 from adapterctl.cli.commands.merge import merge_cmd
@@ -52,6 +53,7 @@ for _name, _command in (
     ("inspect", inspect_cmd),
     ("select", select_cmd),
     ("convert", convert_cmd),
+    ("extract", extract_cmd),
     ("load", load_cmd),
     ("merge", merge_cmd),
     ("save", save_cmd),

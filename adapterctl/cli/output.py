@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from adapterctl.engine.save import SaveReport
     from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.engines import EngineReport, Verdict
+    from adapterctl.ops.extract import ExtractResult
     from adapterctl.ops.inspect import AdapterReport, InspectReport
     from adapterctl.ops.merge import MergeResult
     from adapterctl.ops.push import PushResult
@@ -558,6 +559,43 @@ def render_conversion(out: Output, result: ConversionResult) -> None:
         name = shorten(shown(v.worst.name), room, _ellipsis())  # measured as shown
         worst = f"{name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
         out.wrapped(f"verified {v.checked} checks, worst {worst}", first="  ")
+
+
+def render_extract(out: Output, r: ExtractResult) -> None:
+    """Per module: kind, shape, rank (and whether capped), method, kept energy, error; then what
+    changed but was not stored, what was stored whole, size, time, memory, the verification."""
+    modules = sorted(r.modules, key=lambda m: natural_key(m.module))
+    rows = []
+    for m in modules:
+        kind = m.kind + (f" (+ {', '.join(m.tied)})" if m.tied else "")
+        rank = f"{m.rank} (full)" if m.capped else str(m.rank)
+        energy = f"{m.energy:.4f}"
+        rows.append(
+            [m.module, kind, _shape(m.shape), rank, m.method, energy, _num(m.relative_error)]
+        )
+    header = ["module", "kind", "shape", "r", "method", "energy", "rel. error"]
+    out.table(header, rows, "llrrlrr")
+    out.wrapped(f"{r.output} ({len(modules)} modules, {human_size(r.bytes)})", first=f"{_mark()} ")
+    if r.unchanged:
+        out.wrapped(f"unchanged (not written): {r.unchanged} modules", first="  ")
+    if r.changed_not_stored:
+        names = [shown(n) for n in r.changed_not_stored]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        out.wrapped(
+            f"changed, not stored: {', '.join(names[:3])}{more} (--modules-to-save, --bias all)",
+            first="  ",
+        )
+    if r.modules_to_save:
+        out.wrapped(f"stored whole: {len(r.modules_to_save)} tensors", first="  ")
+    out.wrapped(f"time {r.seconds:.2f} s, peak memory {human_size(r.peak_memory)}", first="  ")
+    v = r.verification
+    if v is not None and v.worst is not None:
+        room = max(16, (out.columns or 10**6) - 40)
+        name = shorten(shown(v.worst.name), room, _ellipsis())
+        worst = f"{name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
+        out.wrapped(f"verified {v.checked} checks, worst {worst}", first="  ")
+    for message in r.warnings:
+        out.warning(message)
 
 
 def render_merge(out: Output, r: MergeResult) -> None:

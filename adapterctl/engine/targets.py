@@ -7,6 +7,7 @@ from typing import Any
 
 from adapterctl.errors import IncompatibleModelError
 from adapterctl.format.config import LoraConfig
+from adapterctl.format.newconfig import CONDENSE_FROM, condense
 from adapterctl.format.patterns import layer_index, layers_pattern_regex, modules_to_save_regex
 
 #: target_modules PEFT uses when a config leaves it null, by transformers model_type.
@@ -127,30 +128,9 @@ def resolve_target_modules(config: LoraConfig, model: Any) -> Any:
     return tm
 
 
-def condense(targets: list[str], others: list[str]) -> list[str]:
-    """A minimal set of suffixes that selects `targets` and none of `others` (PEFT condenses a
-    target list of 20 or more entries this way before it stores it; docs/peft-format.md §4.3)."""
-
-    def suffixes(name: str) -> list[str]:
-        parts = name.split(".")
-        return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]  # shortest first
-
-    taken_by_others = {s for name in others for s in suffixes(name)}
-    chosen: set[str] = set()
-    for options in sorted(suffixes(name) for name in set(targets)):
-        name = options[-1]
-        if any(name == c or name.endswith("." + c) for c in chosen):
-            continue
-        for suffix in options:
-            if suffix not in taken_by_others and suffix not in chosen:
-                chosen.add(suffix)
-                break
-    return sorted(chosen) if chosen else sorted(set(targets))
-
-
 def stored_target_modules(config: LoraConfig, module_names: list[str], resolved: Any) -> Any:
     """target_modules as PEFT keeps them after injecting: all-linear expanded, long lists condensed."""
-    if not isinstance(resolved, list) or len(resolved) < 20:
+    if not isinstance(resolved, list) or len(resolved) < CONDENSE_FROM:
         return resolved
     ends = tuple("." + t for t in resolved)
     others = [n for n in module_names if n and n not in resolved and not n.endswith(ends)]

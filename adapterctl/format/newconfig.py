@@ -151,3 +151,28 @@ class NewAdapter:
         if self.base_model is not None:
             fields["base_model_name_or_path"] = self.base_model
         return fields
+
+
+#: PEFT condenses a stored target list of this many entries or more (docs/peft-format.md §4.3)
+CONDENSE_FROM = 20
+
+
+def condense(targets: list[str], others: list[str]) -> list[str]:
+    """A minimal set of suffixes that selects `targets` and none of `others` (PEFT condenses a
+    target list of 20 or more entries this way before it stores it; docs/peft-format.md §4.3)."""
+
+    def suffixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]  # shortest first
+
+    taken_by_others = {s for name in others for s in suffixes(name)}
+    chosen: set[str] = set()
+    for options in sorted(suffixes(name) for name in set(targets)):
+        name = options[-1]
+        if any(name == c or name.endswith("." + c) for c in chosen):
+            continue
+        for suffix in options:
+            if suffix not in taken_by_others and suffix not in chosen:
+                chosen.add(suffix)
+                break
+    return sorted(chosen) if chosen else sorted(set(targets))

@@ -22,23 +22,35 @@ from adapterctl.ops.convert.adapter import (
     convert_adapter,
     one_adapter,
 )
+from adapterctl.ops.convert.dense import Factored, Target, factor
 from adapterctl.ops.convert.initial import REBUILDABLE, irreproducible
-from adapterctl.ops.convert.plan import ModuleReport, convert_tensors, converted_config
+from adapterctl.ops.convert.plan import (
+    ModuleReport,
+    convert_tensors,
+    converted_config,
+    reduced_config,
+)
 from adapterctl.ops.convert.portable import Kept
-from adapterctl.ops.convert.verify import Check, Verification
+from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification
 
 __all__ = [
+    "EXACT",
     "REBUILDABLE",
+    "UNIT",
     "Check",
     "ConversionResult",
+    "Factored",
     "Kept",
     "ModuleReport",
     "Progress",
+    "Target",
     "Verification",
     "VerificationFailed",
     "convert_adapter",
     "convert_tensors",
     "converted_config",
+    "factor",
     "irreproducible",
     "one_adapter",
+    "reduced_config",
 ]

@@ -10,12 +10,14 @@
 Code outside this package imports only the names below (an import-linter contract says so).
 """
 
+from adapterctl.ops.merge.plan import CONV1D_MODEL_TYPES, model_type
 from adapterctl.ops.merge.rule import KINDS, Kind, Step, bias_sequence, delta, merge_sequence
 from adapterctl.ops.merge.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
-from adapterctl.ops.merge.stream import DTYPE_CHOICES, MergeResult, Progress, merge
+from adapterctl.ops.merge.stream import DTYPE_CHOICES, MergeResult, Progress, merge, peak_memory
 from adapterctl.ops.merge.verify import Check, Verification, VerificationFailed
 
 __all__ = [
+    "CONV1D_MODEL_TYPES",
     "DEFAULT_MAX_SHARD_SIZE",
     "DTYPE_CHOICES",
     "KINDS",
@@ -30,5 +32,7 @@ __all__ = [
     "delta",
     "merge",
     "merge_sequence",
+    "model_type",
     "parse_size",
+    "peak_memory",
 ]
