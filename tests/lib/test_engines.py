@@ -243,7 +243,8 @@ NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, An
     "vllm.patterns@0.5": (lora_tensors(r=1), {"r": 1, "use_rslora": True}, None),
     # a lora_B bias with bias="all": vllm.bias refuses it first
     "vllm.lora_bias@0.10": (
-        {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True, "bias": "all"},
+        {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)},
+        {"lora_bias": True, "bias": "all"},
         None,
     ),
     # a rank_pattern whose alpha keeps the module's scale: one scale is right
@@ -534,7 +535,8 @@ MATRIX: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "r=64": ({}, {"r": 64, "lora_alpha": 128, "target_modules": QV}),
     "r=600": ({}, {"r": 600, "lora_alpha": 1200, "target_modules": QV}),
 }  # fmt: skip
-ENGINES = ["vllm", "tgi", "lorax", "llama.cpp", "peft"]
+#: `vllm` is the newest release read; the older columns show where its rules changed
+ENGINES = ["vllm", "vllm@0.31", "vllm@0.11", "vllm@0.5", "tgi", "lorax", "llama.cpp", "peft"]
 
 
 def _cell(v: Verdict) -> str:
@@ -554,15 +556,17 @@ def test_golden_engine_matrix(tmp_path: Path, llama_base: Path, update_golden: b
                          {"default": {"task_type": "CAUSAL_LM", **cfg}})  # fmt: skip
         verdicts = judge(inspect_adapter(path), ENGINES, base).verdicts[0]
         rows.append([name, *(_cell(v) for v in verdicts)])
-        for v in verdicts:
-            plain.setdefault(v.engine, v.needs)
+        for spec, v in zip(ENGINES, verdicts, strict=True):
+            plain.setdefault(spec, v.needs)
             rules = ", ".join(f.rule for f in v.findings)
-            needs = "; ".join(v.needs) if v.needs != plain[v.engine] else ""
+            needs = "; ".join(v.needs) if v.needs != plain[spec] else ""
             if rules or needs:
                 notes.append(
-                    f"{name} / {v.engine}: {rules or '-'}" + (f" (needs {needs})" if needs else "")
+                    f"{name} / {spec}: {rules or '-'}" + (f" (needs {needs})" if needs else "")
                 )
-    width = [max(len(r[i]) for r in [["adapter", *ENGINES], *rows]) for i in range(6)]
+    width = [
+        max(len(r[i]) for r in [["adapter", *ENGINES], *rows]) for i in range(len(ENGINES) + 1)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip()
              for r in [["adapter", *ENGINES], *rows]]  # fmt: skip
     text = "\n".join([*lines, "", *notes]) + "\n"
