@@ -11,9 +11,10 @@ on disk) with
 
 The converter runs under the test environment's own Python: it needs torch, transformers,
 safetensors, numpy, pyyaml, tqdm and requests, all of which the test extras install. The slow
-oracle tests skip, naming this command, when the folder is missing. `python
-tests/llamacpp_env.py read FILE.gguf` (standard library at module level) prints a written GGUF's
-adapter keys and tensor shapes as JSON, read with the extracted gguf-py.
+oracle tests skip, naming this command, when the folder is missing. `run_many` runs the
+converter on many adapters in one subprocess (`python tests/llamacpp_env.py convert-many
+JOB.json`, standard library at module level) and reads back each GGUF it writes with the
+extracted gguf-py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 SDIST = "llama-cpp-python==0.3.36"
 VERSION = "0.3.36"
@@ -80,37 +82,75 @@ def build(sdist: Path | None = None) -> Path:
     return out
 
 
-def convert(adapter: Path, base: Path, outfile: Path) -> subprocess.CompletedProcess[str]:
-    """Run the converter on `adapter` with `--base`; its exit status and output."""
-    script = folder() / "convert_lora_to_gguf.py"
-    cmd = [sys.executable, str(script), "--base", str(base), "--outfile", str(outfile)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("NO_LOCAL_GGUF", None)  # the extracted gguf-py, not an installed one
-    return subprocess.run(
-        [*cmd, str(adapter)], capture_output=True, text=True, env=env, cwd=folder(), timeout=300
-    )
+def convert_many(job_path: str) -> None:
+    """Run the converter on each (adapter, base, outfile) of the job in this one process (the
+    imports of torch and transformers once, not per adapter); writes {adapter: {"rc": exit
+    status, "errors": its ERROR log lines and exception, "gguf": what it wrote (`_summary`)},
+    ...] (in the job's order) to the job's output."""
+    import json
+    import logging
+    import runpy
+
+    job = json.loads(Path(job_path).read_text())
+    script = str(folder() / "convert_lora_to_gguf.py")
+    sys.path.insert(0, str(folder()))
+    errors: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record.getMessage())
+
+    logging.getLogger().addHandler(Collect())
+    result = []
+    for adapter, base, outfile in job["runs"]:
+        errors.clear()
+        sys.argv = [script, "--base", base, "--outfile", outfile, adapter]
+        rc = 0
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except Exception as e:  # the converter refuses by raising, too
+            rc = 1
+            errors.append(f"{type(e).__name__}: {e}")
+        done: dict[str, Any] = {"rc": rc, "errors": list(errors)}
+        if rc == 0:
+            done["gguf"] = _summary(outfile)
+        result.append(done)
+    Path(job["output"]).write_text(json.dumps(result))
 
 
-def read(path: str) -> None:
-    """Print the GGUF's adapter keys and {tensor name: shape} as JSON (run in the env folder)."""
+def run_many(runs: list[tuple[Path, Path, Path]], work: Path) -> list[dict[str, Any]]:
+    """`convert_many` in a subprocess: per run, {"rc": exit status, "errors": [...]}."""
     import json
 
-    sys.path.insert(0, str(folder() / "gguf-py"))
-    from gguf import GGUFReader  # type: ignore[import-not-found]
+    job = work / "llamacpp-job.json"
+    out = work / "llamacpp-result.json"
+    job.write_text(json.dumps({"runs": [[str(p) for p in r] for r in runs], "output": str(out)}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("NO_LOCAL_GGUF", None)  # the extracted gguf-py, not an installed one
+    subprocess.run(
+        [sys.executable, __file__, "convert-many", str(job)],
+        check=True, capture_output=True, env=env, cwd=folder(), timeout=600,
+    )  # fmt: skip
+    result: list[dict[str, Any]] = json.loads(out.read_text())
+    return result
+
+
+def _summary(path: str) -> dict[str, Any]:
+    """A written GGUF's adapter keys and {tensor name: shape (ggml order: ne0 first)}."""
+    from gguf import GGUFReader  # type: ignore[import-not-found]  # the extracted gguf-py
 
     reader = GGUFReader(path)
-    keys = {}
-    for name, fld in reader.fields.items():
-        if name.startswith("adapter."):
-            value = fld.contents()
-            keys[name] = value if isinstance(value, (int, float, str, list)) else str(value)
+    keys = {n: f.contents() for n, f in reader.fields.items() if n.startswith("adapter.")}
     tensors = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
-    print(json.dumps({"keys": keys, "tensors": tensors}))
+    return {"keys": keys, "tensors": tensors}
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["read"]:
-        read(sys.argv[2])
+    if sys.argv[1:2] == ["convert-many"]:
+        convert_many(sys.argv[2])
     else:
         given = sys.argv[sys.argv.index("--sdist") + 1] if "--sdist" in sys.argv else None
         print(f"llama.cpp converter: {build(Path(given) if given else None)}", flush=True)
