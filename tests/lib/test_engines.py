@@ -89,8 +89,8 @@ TRIGGERS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, 
     "vllm.bias@0.10": (
         "vllm@0.10", {**lora_tensors(), f"{P}{Q}.bias": _vec(8)}, {"bias": "lora_only"}, None
     ),
-    "vllm.lora_bias@0.10": (
-        "vllm@0.10", {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True},
+    "vllm.bias@0.6": (
+        "vllm@0.6", {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True},
         None,
     ),
     "vllm.features": ("vllm", lora_tensors(), {"alora_invocation_tokens": [1, 2]}, None),
@@ -241,12 +241,6 @@ NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, An
     "vllm.features": (lora_tensors(), {"init_lora_weights": "gaussian"}, None),
     # rsLoRA at r=1: alpha / r is alpha / sqrt(r)
     "vllm.patterns@0.5": (lora_tensors(r=1), {"r": 1, "use_rslora": True}, None),
-    # a lora_B bias with bias="all": vllm.bias refuses it first
-    "vllm.lora_bias@0.10": (
-        {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)},
-        {"lora_bias": True, "bias": "all"},
-        None,
-    ),
     # a rank_pattern whose alpha keeps the module's scale: one scale is right
     "vllm.patterns@0.31": (
         {**lora_tensors(), **lora_tensors(V, r=2)},
@@ -481,7 +475,7 @@ RANGES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None,
                    {"modules_to_save": ["score"]}, None,
                    {"0.5": ["vllm.tensors"], "0.30": ["vllm.modules_to_save"], "0.31": []}),
     "lora_bias": ({**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True},
-                  None, {"0.5": ["vllm.tensors"], "0.10": ["vllm.lora_bias"],
+                  None, {"0.5": ["vllm.tensors"], "0.10": ["vllm.bias"],
                          "0.11": ["vllm.tensors"], "0.32": ["vllm.features", "vllm.tensors"]}),
     "pissa": (lora_tensors(), {"init_lora_weights": "pissa"}, None,
               {"0.31": [], "0.32": ["vllm.features"]}),

@@ -8,7 +8,8 @@ sdist on PyPI (`python -m tests.engine_sources vllm` re-reads them):
 - `vllm/lora/utils.py`: `parse_fine_tuned_lora_name` (which tensor names load),
   `is_base_embeddding_weights` (0.12-0.17; `is_base_embedding_weights` from 0.18);
 - `vllm/lora/models.py` (0.4-0.12) / `vllm/lora/lora_model.py` (0.13-0.34): `from_lora_tensors`
-  (the scale of 0.4-0.5, the copies skipped from 0.12, biases without --enable-lora-bias);
+  (the scale of 0.4-0.5, the copies skipped from 0.12), `activate_adapter` (0.6-0.10: bias
+  tensors refused without --enable-lora-bias);
 - `vllm/lora/layers/vocal_parallel_embedding.py` (`vocab_parallel_embedding.py` from 0.29):
   the embedding LoRA's rows (base vocab + extra vocab up to 0.11, the base vocab from 0.12).
 
@@ -138,15 +139,18 @@ def _features(f: Facts) -> str | None:
     return f"does not support {', '.join(found)}" if found else None
 
 
-def _lora_bias_dropped(f: Facts) -> str | None:
-    """models.py (0.6-0.10): a bias tensor of an adapter whose config says bias="none" (PEFT's
-    lora_bias) is dropped ("Adapter bias cannot be used ... without --enable-lora-bias")."""
-    if f.config.bias not in (None, "none"):
-        return None  # vllm.bias refuses it first
-    found = [n for n, k in f.extra_tensors() if k == "lora_B.bias"]
-    if not found:
+def _bias_needs_flag(f: Facts) -> str | None:
+    """0.6-0.10: `bias` other than "none" (validate_legal, 0.7-) and any bias tensor, PEFT's
+    lora_B bias included (activate_adapter, "Adapter bias cannot be used for ... without
+    --enable-lora-bias"), are refused unless vLLM runs with --enable-lora-bias."""
+    found = [n for n, k in f.extra_tensors() if k in ("bias", "lora_B.bias")]
+    if f.config.bias in (None, "none") and not found:
         return None
-    return f"drops {len(found)} lora_B bias(es) without --enable-lora-bias: {some(found)}"
+    what = f"bias={f.config.bias!r}" if f.config.bias not in (None, "none") else "lora_B biases"
+    return (
+        f"refuses {what} unless served with --enable-lora-bias (what it then computes is not "
+        f"checked){': ' + some(found) if found else ''}"
+    )
 
 
 def _needs(f: Facts, version: str) -> list[str]:
@@ -178,13 +182,11 @@ VLLM = EngineTable(
              f"{_PH}@v0.6.6-v0.34.0 _validate_features", ("0.6", "0.34")),
         Rule("vllm.rslora", "error", feature("use_rslora", "does not yet support RSLoRA"),
              f"{_PH}@v0.6.6 _validate_features", ("0.6", "0.6")),
-        Rule("vllm.bias", "error",
-             feature("bias", "refuses bias={value!r} unless served with --enable-lora-bias"),
-             f"{_PH}@v0.6.6-v0.10.2 validate_legal (bias_enabled)", ("0.6", "0.10")),
+        Rule("vllm.bias", "error", _bias_needs_flag,
+             f"{_PH}@v0.7.3-v0.10.2 validate_legal, vllm/lora/models.py@v0.6.6-v0.10.2 "
+             "activate_adapter (bias_enabled)", ("0.6", "0.10")),
         Rule("vllm.bias", "error", feature("bias", "does not support bias={value!r}"),
              f"{_PH}@v0.11.2-v0.34.0 validate_legal", ("0.11", "0.34")),
-        Rule("vllm.lora_bias", "warning", _lora_bias_dropped,
-             "vllm/lora/models.py@v0.6.6-v0.10.2 (bias_enabled)", ("0.6", "0.10")),
         Rule("vllm.features", "error", _features,
              f"{_PH}@v0.32.0-v0.34.0 _validate_features", ("0.32", "0.34")),
         Rule("vllm.max_rank", "error", _rank("0.4"), f"{_CONFIG} max_lora_rank choices",
