@@ -150,6 +150,12 @@ TRIGGERS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, 
         None,
     ),
     "tgi.partial_layers": ("tgi", lora_tensors(), {}, {**LLAMA_BASE, "num_hidden_layers": 2}),
+    "tgi.module_paths": (
+        "tgi", lora_tensors("transformer.h.0.mlp.c_fc"), {"target_modules": ["c_fc"]}, None
+    ),
+    "lorax.architecture": (
+        "lorax", lora_tensors(), {}, {**LLAMA_BASE, "model_type": "gpt_neox"}
+    ),
     "tgi.tensors": (
         "tgi",
         {**lora_tensors(), f"{P}{Q}.lora_magnitude_vector": _vec(8)},
@@ -276,6 +282,17 @@ NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, An
         LLAMA_BASE,
     ),
     "llama.cpp.architecture": (lora_tensors(), {}, LLAMA_BASE),
+    "llama.cpp.architecture@unknown": (
+        lora_tensors(),
+        {},
+        {**LLAMA_BASE, "architectures": ["GPT2LMHeadModel"]},
+    ),
+    "tgi.module_paths": (
+        lora_tensors("model.layers.0.mlp.down_proj"),
+        {"target_modules": ["down_proj"]},
+        None,
+    ),
+    "lorax.architecture": (lora_tensors(), {}, {**LLAMA_BASE, "model_type": "phi3"}),
     # PEFT's copy of the base's own embedding: vLLM skips it from 0.12, and computes the same
     "vllm.tensors": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE),
     "vllm.tensors@0.30": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE),
@@ -455,6 +472,19 @@ def test_read_base_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{nope")
     with pytest.raises(InvalidOptionError, match=r"not a model's config\.json"):
         read_base_config(tmp_path)
+
+
+def test_lorax_layer_types_follow_the_base_model_class(tmp_path: Path) -> None:
+    """With --base, the layer types are the base's model class's (GPT-2: c_attn; Mixtral:
+    attention only); without it, Llama's."""
+    gpt2 = write_adapter(tmp_path / "gpt2", lora_tensors("transformer.h.0.attn.c_attn"),
+                         {"target_modules": ["c_attn"]})  # fmt: skip
+    assert "lorax.layer_types" in _rules(gpt2, "lorax")
+    assert _rules(gpt2, "lorax", {"model_type": "gpt2", "n_layer": 1}) == []
+    mlp = write_adapter(tmp_path / "mlp", lora_tensors("model.layers.0.mlp.down_proj"),
+                        {"target_modules": ["down_proj"]})  # fmt: skip
+    assert _rules(mlp, "lorax", LLAMA_BASE) == []
+    assert _rules(mlp, "lorax", {**LLAMA_BASE, "model_type": "mixtral"}) == ["lorax.layer_types"]
 
 
 # --- where vLLM's behaviour changed between releases ----------------------------------------
