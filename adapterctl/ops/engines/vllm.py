@@ -166,7 +166,6 @@ def _needs(f: Facts, version: str) -> list[str]:
 
 
 _PH = "vllm/lora/peft_helper.py"
-_CONFIG = "vllm/config.py@v0.4.3-v0.10.2, vllm/config/lora.py@v0.11.2-v0.34.0"
 _SCALE_0_4 = "vllm/lora/lora.py@v0.4.3-v0.5.5 LoRALayerWeights: lora_alpha / config r"
 
 VLLM = EngineTable(
@@ -189,11 +188,14 @@ VLLM = EngineTable(
              f"{_PH}@v0.11.2-v0.34.0 validate_legal", ("0.11", "0.34")),
         Rule("vllm.features", "error", _features,
              f"{_PH}@v0.32.0-v0.34.0 _validate_features", ("0.32", "0.34")),
-        Rule("vllm.max_rank", "error", _rank("0.4"), f"{_CONFIG} max_lora_rank choices",
+        Rule("vllm.max_rank", "error", _rank("0.4"), "vllm/config.py@v0.4.3 LoRAConfig possible_max_ranks",
              ("0.4", "0.4")),
-        Rule("vllm.max_rank", "error", _rank("0.5"), f"{_CONFIG} max_lora_rank choices",
+        Rule("vllm.max_rank", "error", _rank("0.5"),
+             "vllm/config.py@v0.5.5-v0.7.3 LoRAConfig possible_max_ranks",
              ("0.5", "0.7")),
-        Rule("vllm.max_rank", "error", _rank("0.8"), f"{_CONFIG} max_lora_rank choices",
+        Rule("vllm.max_rank", "error", _rank("0.8"),
+             "vllm/config.py@v0.8.5-v0.10.2 possible_max_ranks, vllm/config/lora.py"
+             "@v0.11.2-v0.34.0 MaxLoRARanks",
              ("0.8", "0.34")),
         Rule("vllm.tensors", "error", _tensors(skip_copies=False),
              "vllm/lora/utils.py@v0.4.3-v0.5.5 parse_fine_tuned_lora_name", ("0.4", "0.5")),
