@@ -180,3 +180,11 @@ def test_vllm_defaults_to_the_newest_release_and_takes_one(patterned: Path) -> N
     assert (new["version"], new["same_as_peft"], new["findings"]) == ("0.34", True, [])
     assert (old["version"], old["same_as_peft"]) == ("0.31", False)
     assert [f["rule"] for f in old["findings"]] == ["vllm.patterns"]
+
+
+def test_engine_completion_offers_each_vllm_release() -> None:
+    from adapterctl.cli.choices import engines
+
+    offered = engines()
+    assert {"vllm", "vllm@0.4", "vllm@0.31", "vllm@0.34", "peft@0.10"} <= set(offered)
+    assert "vllm@0.3" not in offered
