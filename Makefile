@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge completions clean llamacpp-env
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ unit: setup
 	$(BIN)/python -m pytest
 
 test: lint unit
+
+# llama.cpp's LoRA converter (from llama-cpp-python's sdist) for tests/lib/test_llamacpp_oracle.py
+llamacpp-env: setup
+	$(BIN)/python -m tests.llamacpp_env
 
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/properties -q

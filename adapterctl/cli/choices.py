@@ -78,11 +78,12 @@ def embedding_choices() -> list[str]:
 
 
 def engines() -> list[str]:
-    """--engine of `inspect`: the serving engines, PEFT, and PEFT of each older release."""
+    """--engine of `inspect`: the engines, each vLLM release with rules, each older PEFT."""
     from adapterctl.format.peftversions import RELEASES
-    from adapterctl.ops.engines import ENGINES
+    from adapterctl.ops.engines import ENGINES, TABLES
 
-    return [*ENGINES, *(f"peft@{release}" for release in RELEASES)]
+    vllm = [f"vllm@{release}" for release in TABLES["vllm"].releases]
+    return [*ENGINES, *vllm, *(f"peft@{release}" for release in RELEASES)]
 
 
 def peft_releases() -> list[str]:

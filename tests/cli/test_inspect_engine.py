@@ -32,7 +32,7 @@ def patterned(tmp_path: Path) -> Path:
 
 
 def test_the_verdict_table_follows_the_report(patterned: Path) -> None:
-    result = invoke("inspect", patterned, "--engine", "vllm", "-e", "llama.cpp", "-e", "peft")
+    result = invoke("inspect", patterned, "--engine", "vllm@0.11", "-e", "llama.cpp", "-e", "peft")
     assert result.exit_code == 0, result.output
     plain_report = invoke("inspect", patterned).stdout
     assert result.stdout.startswith(plain_report)  # the report as without --engine, then:
@@ -46,7 +46,7 @@ def test_the_verdict_table_follows_the_report(patterned: Path) -> None:
 
 
 def test_json_engines_per_adapter(patterned: Path) -> None:
-    result = invoke("inspect", patterned, "--json", "-e", "vllm", "-e", "tgi")
+    result = invoke("inspect", patterned, "--json", "-e", "vllm@0.11", "-e", "tgi")
     assert result.exit_code == 0
     (adapter,) = json.loads(result.stdout)["adapters"]
     vllm, tgi = adapter["engines"]
@@ -77,25 +77,25 @@ def test_without_engine_the_document_is_unchanged(plain: Path) -> None:
 
 
 def test_check_fails_when_an_engine_would_not_serve_it(plain: Path, patterned: Path) -> None:
-    assert invoke("inspect", plain, "-e", "vllm", "-e", "llama.cpp", "--check").exit_code == 0
+    assert invoke("inspect", plain, "-e", "vllm@0.11", "-e", "llama.cpp", "--check").exit_code == 0
     assert invoke("inspect", patterned, "-e", "llama.cpp", "--check").exit_code == 0
-    failed = invoke("inspect", patterned, "-e", "llama.cpp", "-e", "vllm", "--check")
+    failed = invoke("inspect", patterned, "-e", "llama.cpp", "-e", "vllm@0.11", "--check")
     assert failed.exit_code == 1
     assert failed.stderr.startswith(
         "error: adapter `default` fails the check: vllm 0.11 computes something else than PEFT"
     )
-    as_json = invoke("inspect", patterned, "-e", "vllm", "--check", "--json")
+    as_json = invoke("inspect", patterned, "-e", "vllm@0.11", "--check", "--json")
     assert as_json.exit_code == 1
     assert json.loads(as_json.stderr)["error"]["type"] == "CheckFailed"
     # without --check the same verdicts exit 0: the report is the answer
-    assert invoke("inspect", patterned, "-e", "vllm").exit_code == 0
+    assert invoke("inspect", patterned, "-e", "vllm@0.11").exit_code == 0
 
 
 def test_check_fails_when_an_engine_refuses_it(tmp_path: Path) -> None:
     tensors = {**lora_tensors(), f"{P}{Q}.lora_magnitude_vector": lora_tensors()[
         f"{P}{Q}.lora_B.weight"][:, 0].copy()}  # fmt: skip
     path = write_adapter(tmp_path / "dora", tensors, {"use_dora": True})
-    result = invoke("inspect", path, "-e", "vllm", "--check")
+    result = invoke("inspect", path, "-e", "vllm@0.11", "--check")
     assert result.exit_code == 1
     assert "vllm 0.11 does not load: does not support DoRA" in result.stderr
     assert invoke("inspect", path, "-e", "peft", "--check").exit_code == 0
@@ -169,3 +169,22 @@ def test_an_older_peft_release(plain: Path) -> None:
     assert any(line.split()[:4] == ["peft", "0.10", "no", "no"] for line in lines)
     assert any(line.split()[:4] == ["peft", "0.14", "yes", "yes"] for line in lines)
     assert "PEFT 0.10 raises TypeError" in result.stderr
+
+
+def test_vllm_defaults_to_the_newest_release_and_takes_one(patterned: Path) -> None:
+    """vLLM 0.32 and later scale each module as PEFT does; `vllm@X.Y[.Z]` picks a release."""
+    doc = json.loads(
+        invoke("inspect", patterned, "--json", "-e", "vllm", "-e", "vllm@0.31.0").stdout
+    )
+    new, old = doc["adapters"][0]["engines"]
+    assert (new["version"], new["same_as_peft"], new["findings"]) == ("0.34", True, [])
+    assert (old["version"], old["same_as_peft"]) == ("0.31", False)
+    assert [f["rule"] for f in old["findings"]] == ["vllm.patterns"]
+
+
+def test_engine_completion_offers_each_vllm_release() -> None:
+    from adapterctl.cli.choices import engines
+
+    offered = engines()
+    assert {"vllm", "vllm@0.4", "vllm@0.31", "vllm@0.34", "peft@0.10"} <= set(offered)
+    assert "vllm@0.3" not in offered

@@ -65,6 +65,13 @@ HEAD = "lm_head"
 TRIGGERS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, Any] | None]] = {
     "vllm.modules_to_save": (
         "vllm",
+        {**lora_tensors(), f"{P}lm_head.weight": np.zeros((16, 8), np.float32)},
+        {"modules_to_save": ["lm_head"]},
+        None,
+    ),
+    # up to 0.30 even a classifier's head
+    "vllm.modules_to_save@0.30": (
+        "vllm@0.30",
         {**lora_tensors(), f"{P}score.weight": np.zeros((2, 8), np.float32)},
         {"modules_to_save": ["score"]},
         None,
@@ -75,15 +82,47 @@ TRIGGERS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, 
         {"use_dora": True},
         None,
     ),
+    "vllm.rslora@0.6": ("vllm@0.6", lora_tensors(), {"use_rslora": True}, None),
     "vllm.bias": (
         "vllm", {**lora_tensors(), f"{P}{Q}.bias": _vec(8)}, {"bias": "lora_only"}, None
     ),
+    "vllm.bias@0.10": (
+        "vllm@0.10", {**lora_tensors(), f"{P}{Q}.bias": _vec(8)}, {"bias": "lora_only"}, None
+    ),
+    "vllm.bias@0.6": (
+        "vllm@0.6", {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True},
+        None,
+    ),
+    "vllm.features": ("vllm", lora_tensors(), {"alora_invocation_tokens": [1, 2]}, None),
     "vllm.max_rank": ("vllm", lora_tensors(r=600), {"r": 600}, None),
+    "vllm.max_rank@0.4": ("vllm@0.4", lora_tensors(r=100), {"r": 100}, None),
+    "vllm.max_rank@0.7": ("vllm@0.7", lora_tensors(r=300), {"r": 300}, None),
     "vllm.tensors": (
         "vllm", {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True}, None
     ),
+    # 0.4-0.5 have no config checks: a DoRA magnitude is an unsupported tensor name
+    "vllm.tensors@0.5": (
+        "vllm@0.5",
+        {**lora_tensors(), f"{P}{Q}.lora_magnitude_vector": _vec(8)},
+        {"use_dora": True},
+        None,
+    ),
+    "vllm.tensors@0.30": (
+        "vllm@0.30", {**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True},
+        None,
+    ),
     "vllm.vocab": (
         "vllm",
+        {
+            **lora_tensors(),
+            f"{P}{EMB}.lora_embedding_A": np.zeros((4, 17), np.float32),
+            f"{P}{EMB}.lora_embedding_B": np.zeros((8, 4), np.float32),
+        },
+        {"target_modules": ["q_proj", "embed_tokens"]},
+        LLAMA_BASE,
+    ),
+    "vllm.vocab@0.11": (
+        "vllm@0.11",
         {
             **lora_tensors(),
             f"{P}{EMB}.lora_embedding_A": np.zeros((4, 600), np.float32),
@@ -92,8 +131,10 @@ TRIGGERS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, 
         {"target_modules": ["q_proj", "embed_tokens"]},
         LLAMA_BASE,
     ),
-    "vllm.patterns": (
-        "vllm",
+    # rsLoRA: 0.4-0.5 scale by alpha / r
+    "vllm.patterns@0.5": ("vllm@0.5", lora_tensors(), {"use_rslora": True}, None),
+    "vllm.patterns@0.31": (
+        "vllm@0.31",
         {**lora_tensors(), **lora_tensors(V, r=2)},
         {"target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2}},
         None,
@@ -109,6 +150,12 @@ TRIGGERS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, 
         None,
     ),
     "tgi.partial_layers": ("tgi", lora_tensors(), {}, {**LLAMA_BASE, "num_hidden_layers": 2}),
+    "tgi.module_paths": (
+        "tgi", lora_tensors("transformer.h.0.mlp.c_fc"), {"target_modules": ["c_fc"]}, None
+    ),
+    "lorax.architecture": (
+        "lorax", lora_tensors(), {}, {**LLAMA_BASE, "model_type": "gpt_neox"}
+    ),
     "tgi.tensors": (
         "tgi",
         {**lora_tensors(), f"{P}{Q}.lora_magnitude_vector": _vec(8)},
@@ -148,6 +195,9 @@ TRIGGERS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, 
     "llama.cpp.architecture": (
         "llama.cpp", lora_tensors(), {}, {"num_hidden_layers": 1, "vocab_size": 16}
     ),
+    "llama.cpp.architecture@unknown": (
+        "llama.cpp", lora_tensors(), {}, {**LLAMA_BASE, "architectures": ["FooForCausalLM"]}
+    ),
     "llama.cpp.scale": ("llama.cpp", lora_tensors(), {"use_rslora": True}, None),
     "peft.file": (
         "peft", {k.removeprefix(P): v for k, v in lora_tensors().items()}, {}, None
@@ -168,11 +218,18 @@ EMB_CONFIG = {"target_modules": ["q_proj", "embed_tokens"]}
 for _engine in ("vllm", "tgi", "lorax", "llama.cpp"):
     TRIGGERS[f"{_engine}.resized_embeddings"] = (_engine, _embedding_copy(16), EMB_CONFIG,
                                                   {**LLAMA_BASE, "vocab_size": 12})  # fmt: skip
+# up to 0.11, vLLM refuses PEFT's copy of the embedding itself (skipped from 0.12)
+for _version in ("0.10", "0.11"):
+    TRIGGERS[f"vllm.tensors@{_version}"] = (f"vllm@{_version}", _embedding_copy(16), EMB_CONFIG,
+                                            LLAMA_BASE)  # fmt: skip
 
 #: the same adapter with the one thing that triggers the rule taken away (or a near miss)
 NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any] | None]] = {
     "vllm.max_rank": (lora_tensors(r=512), {"r": 512}, None),
-    "vllm.vocab": (
+    "vllm.max_rank@0.4": (lora_tensors(r=64), {"r": 64}, None),
+    "vllm.max_rank@0.7": (lora_tensors(r=256), {"r": 256}, None),
+    "vllm.vocab": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE),
+    "vllm.vocab@0.11": (
         {
             **lora_tensors(),
             f"{P}{EMB}.lora_embedding_A": np.zeros((4, 16 + 512), np.float32),
@@ -181,8 +238,17 @@ NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, An
         {"target_modules": ["q_proj", "embed_tokens"]},
         LLAMA_BASE,
     ),
+    # from 0.31 a classifier's head may be saved
+    "vllm.modules_to_save": (
+        {**lora_tensors(), f"{P}score.weight": np.zeros((2, 8), np.float32)},
+        {"modules_to_save": ["score"]},
+        None,
+    ),
+    "vllm.features": (lora_tensors(), {"init_lora_weights": "gaussian"}, None),
+    # rsLoRA at r=1: alpha / r is alpha / sqrt(r)
+    "vllm.patterns@0.5": (lora_tensors(r=1), {"r": 1, "use_rslora": True}, None),
     # a rank_pattern whose alpha keeps the module's scale: one scale is right
-    "vllm.patterns": (
+    "vllm.patterns@0.31": (
         {**lora_tensors(), **lora_tensors(V, r=2)},
         {
             "target_modules": ["q_proj", "v_proj"],
@@ -216,8 +282,20 @@ NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, An
         LLAMA_BASE,
     ),
     "llama.cpp.architecture": (lora_tensors(), {}, LLAMA_BASE),
-    # PEFT's copy of the base's own embedding: vLLM skips it, and so it computes the same
+    "llama.cpp.architecture@unknown": (
+        lora_tensors(),
+        {},
+        {**LLAMA_BASE, "architectures": ["GPT2LMHeadModel"]},
+    ),
+    "tgi.module_paths": (
+        lora_tensors("model.layers.0.mlp.down_proj"),
+        {"target_modules": ["down_proj"]},
+        None,
+    ),
+    "lorax.architecture": (lora_tensors(), {}, {**LLAMA_BASE, "model_type": "phi3"}),
+    # PEFT's copy of the base's own embedding: vLLM skips it from 0.12, and computes the same
     "vllm.tensors": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE),
+    "vllm.tensors@0.30": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE),
     "vllm.resized_embeddings": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE),
     "llama.cpp.resized_embeddings": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE),
     # a rank_pattern alone: lora_alpha / each tensor's own rank is PEFT's scale
@@ -229,14 +307,26 @@ NEAR_MISSES: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, An
 }
 
 
+def _id(case: str) -> str:
+    """A TRIGGERS key (`vllm.tensors@0.30`) -> the rule id."""
+    return case.split("@")[0]
+
+
 def test_every_rule_has_a_trigger() -> None:
+    """Every rule, and every release range of a ranged rule, has a case that triggers it."""
+    for table in TABLES.values():
+        for rule in table.rules:
+            versions = [parse_engine(TRIGGERS[c][0])[1] for c in TRIGGERS if _id(c) == rule.id]
+            assert any(rule.applies(v) for v in versions), (rule.id, rule.releases)
     ids = {r.id for t in TABLES.values() for r in t.rules} | {"peft.file"}
-    assert ids == set(TRIGGERS)
+    assert ids == {_id(c) for c in TRIGGERS}
+    assert set(NEAR_MISSES) <= set(TRIGGERS)
 
 
-@pytest.mark.parametrize("rule", sorted(TRIGGERS))
-def test_rule_triggers(tmp_path: Path, rule: str) -> None:
-    engine, tensors, config, base = TRIGGERS[rule]
+@pytest.mark.parametrize("case", sorted(TRIGGERS))
+def test_rule_triggers(tmp_path: Path, case: str) -> None:
+    engine, tensors, config, base = TRIGGERS[case]
+    rule = _id(case)
     path = write_adapter(tmp_path / "a", tensors, config)
     verdict = _verdict(path, engine, base)
     assert rule in [f.rule for f in verdict.findings]
@@ -249,12 +339,12 @@ def test_rule_triggers(tmp_path: Path, rule: str) -> None:
         assert verdict.loads
 
 
-@pytest.mark.parametrize("rule", sorted(TRIGGERS))
-def test_rule_does_not_trigger(tmp_path: Path, plain: Path, rule: str) -> None:
-    engine = TRIGGERS[rule][0]
+@pytest.mark.parametrize("case", sorted(TRIGGERS))
+def test_rule_does_not_trigger(tmp_path: Path, plain: Path, case: str) -> None:
+    engine, rule = TRIGGERS[case][0], _id(case)
     assert rule not in _rules(plain, engine, LLAMA_BASE)
-    if rule in NEAR_MISSES:
-        tensors, config, base = NEAR_MISSES[rule]
+    if case in NEAR_MISSES:
+        tensors, config, base = NEAR_MISSES[case]
         path = write_adapter(tmp_path / "near", tensors, config)
         assert rule not in _rules(path, engine, base)
 
@@ -275,6 +365,16 @@ def test_vllm_needs_the_smallest_max_lora_rank_that_fits(tmp_path: Path) -> None
     assert needs(300) == ("--enable-lora", "--max-lora-rank 320")
     assert needs(600) == ()  # refused: no --max-lora-rank fits
 
+    def needs_at(r: int, version: str) -> tuple[str, ...]:
+        path = write_adapter(tmp_path / f"r{r}-{version}", lora_tensors(r=r), {"r": r})
+        return _verdict(path, f"vllm@{version}").needs
+
+    assert needs_at(64, "0.4") == ("--enable-lora", "--max-lora-rank 64")
+    assert needs_at(100, "0.4") == ()  # 64 is 0.4's largest
+    assert needs_at(100, "0.5") == ("--enable-lora", "--max-lora-rank 128")
+    assert needs_at(300, "0.7") == ()  # 256 up to 0.7; 320 and 512 from 0.8
+    assert needs_at(300, "0.8") == ("--enable-lora", "--max-lora-rank 320")
+
 
 def test_vllm_needs_the_larger_extra_vocabulary(tmp_path: Path) -> None:
     tensors = {
@@ -283,9 +383,11 @@ def test_vllm_needs_the_larger_extra_vocabulary(tmp_path: Path) -> None:
         f"{P}{EMB}.lora_embedding_B": np.zeros((8, 4), np.float32),
     }
     path = write_adapter(tmp_path / "a", tensors, {"target_modules": ["q_proj", "embed_tokens"]})
-    v = _verdict(path, "vllm", LLAMA_BASE)
+    v = _verdict(path, "vllm@0.11", LLAMA_BASE)
     assert v.needs == ("--enable-lora", "--lora-extra-vocab-size 512")
-    assert _verdict(path, "vllm").needs == ("--enable-lora",)  # without --base: not known
+    assert _verdict(path, "vllm@0.11").needs == ("--enable-lora",)  # without --base: not known
+    # from 0.12 there is no extra vocabulary: the base's rows only
+    assert _rules(path, "vllm@0.12", LLAMA_BASE) == ["vllm.vocab"]
 
 
 def test_vllm_rank_is_the_largest_stored_rank_not_r(tmp_path: Path) -> None:
@@ -324,8 +426,15 @@ def test_parse_engine() -> None:
     assert parse_engine(f"tgi@{TABLES['tgi'].version}") == ("tgi", TABLES["tgi"].version)
     with pytest.raises(InvalidOptionError, match="unknown engine `trt`"):
         parse_engine("trt")
-    with pytest.raises(InvalidOptionError, match=r"no rules for vllm 0\.4"):
-        parse_engine("vllm@0.4")
+    with pytest.raises(InvalidOptionError, match=r"no rules for vllm 0\.3") as caught:
+        parse_engine("vllm@0.3")
+    assert caught.value.hint == "vllm's rules cover releases 0.4 to 0.34"
+    assert parse_engine("vllm") == ("vllm", "0.34")  # the newest release read
+    assert parse_engine("vllm@0.8") == parse_engine("vllm@0.8.5") == ("vllm", "0.8")
+    with pytest.raises(InvalidOptionError, match=r"no rules for vllm 0\.35"):
+        parse_engine("vllm@0.35")
+    with pytest.raises(InvalidOptionError, match=r"no rules for llama\.cpp 0b03ada"):
+        parse_engine("llama.cpp@0b03ada")
 
 
 def test_other_peft_releases_come_from_peftversions(tmp_path: Path, plain: Path) -> None:
@@ -365,6 +474,70 @@ def test_read_base_config(tmp_path: Path) -> None:
         read_base_config(tmp_path)
 
 
+def test_lorax_layer_types_follow_the_base_model_class(tmp_path: Path) -> None:
+    """With --base, the layer types are the base's model class's (GPT-2: c_attn; Mixtral:
+    attention only); without it, Llama's."""
+    gpt2 = write_adapter(tmp_path / "gpt2", lora_tensors("transformer.h.0.attn.c_attn"),
+                         {"target_modules": ["c_attn"]})  # fmt: skip
+    assert "lorax.layer_types" in _rules(gpt2, "lorax")
+    assert _rules(gpt2, "lorax", {"model_type": "gpt2", "n_layer": 1}) == []
+    mlp = write_adapter(tmp_path / "mlp", lora_tensors("model.layers.0.mlp.down_proj"),
+                        {"target_modules": ["down_proj"]})  # fmt: skip
+    assert _rules(mlp, "lorax", LLAMA_BASE) == []
+    assert _rules(mlp, "lorax", {**LLAMA_BASE, "model_type": "mixtral"}) == ["lorax.layer_types"]
+
+
+# --- where vLLM's behaviour changed between releases ----------------------------------------
+
+#: case -> (tensors, config, base, {vLLM release: the rules that fire there})
+RANGES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None,
+                        dict[str, list[str]]]] = {
+    "rslora": (lora_tensors(), {"use_rslora": True}, None,
+               {"0.5": ["vllm.patterns"], "0.6": ["vllm.rslora"], "0.7": []}),
+    "patterns": ({**lora_tensors(), **lora_tensors(V, r=2)},
+                 {"target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2}}, None,
+                 {"0.4": ["vllm.patterns"], "0.31": ["vllm.patterns"], "0.32": []}),
+    "embedding copy": (_embedding_copy(16), EMB_CONFIG, LLAMA_BASE,
+                       {"0.4": ["vllm.tensors"], "0.11": ["vllm.tensors"], "0.12": []}),
+    "dora": ({**lora_tensors(), f"{P}{Q}.lora_magnitude_vector": _vec(8)}, {"use_dora": True},
+             None, {"0.5": ["vllm.tensors"], "0.6": ["vllm.dora"], "0.34": ["vllm.dora"]}),
+    "score head": ({**lora_tensors(), f"{P}score.weight": np.zeros((2, 8), np.float32)},
+                   {"modules_to_save": ["score"]}, None,
+                   {"0.5": ["vllm.tensors"], "0.30": ["vllm.modules_to_save"], "0.31": []}),
+    "lora_bias": ({**lora_tensors(), f"{P}{Q}.lora_B.bias": _vec(8)}, {"lora_bias": True},
+                  None, {"0.5": ["vllm.tensors"], "0.10": ["vllm.bias"],
+                         "0.11": ["vllm.tensors"], "0.32": ["vllm.features", "vllm.tensors"]}),
+    "pissa": (lora_tensors(), {"init_lora_weights": "pissa"}, None,
+              {"0.31": [], "0.32": ["vllm.features"]}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(RANGES))
+def test_vllm_rules_follow_the_release_ranges(tmp_path: Path, case: str) -> None:
+    tensors, config, base, expected = RANGES[case]
+    path = write_adapter(tmp_path / "a", tensors, config)
+    found = {v: sorted(_rules(path, f"vllm@{v}", base)) for v in expected}
+    assert found == expected
+
+
+def test_vllm_bias_messages_name_the_release_behaviour(tmp_path: Path) -> None:
+    path = write_adapter(tmp_path / "a", {**lora_tensors(), f"{P}{Q}.bias": _vec(8)},
+                         {"bias": "lora_only"})  # fmt: skip
+    (old,) = _verdict(path, "vllm@0.10").findings
+    (new,) = _verdict(path, "vllm@0.11").findings
+    assert "unless served with --enable-lora-bias" in old.message
+    assert new.message == "does not support bias='lora_only'"
+    assert (old.rule, new.rule) == ("vllm.bias", "vllm.bias")
+
+
+def test_every_vllm_release_has_one_rule_of_each_ranged_id() -> None:
+    """The ranges of one rule id do not overlap (no release gets two max_rank rules)."""
+    table = TABLES["vllm"]
+    for version in table.releases:
+        ids = [r.id for r in table.rules_for(version)]
+        assert len(ids) == len(set(ids)), (version, ids)
+
+
 # --- the golden matrix: PEFT-made adapters x engines ------------------------------------------
 
 QV = ["q_proj", "v_proj"]
@@ -386,7 +559,8 @@ MATRIX: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "r=64": ({}, {"r": 64, "lora_alpha": 128, "target_modules": QV}),
     "r=600": ({}, {"r": 600, "lora_alpha": 1200, "target_modules": QV}),
 }  # fmt: skip
-ENGINES = ["vllm", "tgi", "lorax", "llama.cpp", "peft"]
+#: `vllm` is the newest release read; the older columns show where its rules changed
+ENGINES = ["vllm", "vllm@0.31", "vllm@0.11", "vllm@0.5", "tgi", "lorax", "llama.cpp", "peft"]
 
 
 def _cell(v: Verdict) -> str:
@@ -406,15 +580,17 @@ def test_golden_engine_matrix(tmp_path: Path, llama_base: Path, update_golden: b
                          {"default": {"task_type": "CAUSAL_LM", **cfg}})  # fmt: skip
         verdicts = judge(inspect_adapter(path), ENGINES, base).verdicts[0]
         rows.append([name, *(_cell(v) for v in verdicts)])
-        for v in verdicts:
-            plain.setdefault(v.engine, v.needs)
+        for spec, v in zip(ENGINES, verdicts, strict=True):
+            plain.setdefault(spec, v.needs)
             rules = ", ".join(f.rule for f in v.findings)
-            needs = "; ".join(v.needs) if v.needs != plain[v.engine] else ""
+            needs = "; ".join(v.needs) if v.needs != plain[spec] else ""
             if rules or needs:
                 notes.append(
-                    f"{name} / {v.engine}: {rules or '-'}" + (f" (needs {needs})" if needs else "")
+                    f"{name} / {spec}: {rules or '-'}" + (f" (needs {needs})" if needs else "")
                 )
-    width = [max(len(r[i]) for r in [["adapter", *ENGINES], *rows]) for i in range(6)]
+    width = [
+        max(len(r[i]) for r in [["adapter", *ENGINES], *rows]) for i in range(len(ENGINES) + 1)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip()
              for r in [["adapter", *ENGINES], *rows]]  # fmt: skip
     text = "\n".join([*lines, "", *notes]) + "\n"
