@@ -244,7 +244,11 @@ def convert_adapter(
     files = one_adapter(source, "source")
     assert files.config_path is not None
     nothing = (initial, base, code, rank, energy, peft_version) == (None,) * 6
-    if nothing and not (portable or dora_to_lora or embeddings_to_lora) and files.format == "safetensors":
+    if (
+        nothing
+        and not (portable or dora_to_lora or embeddings_to_lora)
+        and files.format == "safetensors"
+    ):
         raise ConversionError(
             "nothing to convert: the source is already safetensors",
             hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",

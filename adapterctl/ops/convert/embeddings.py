@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from adapterctl.errors import ConversionError
 from adapterctl.format.config import LoraConfig, reload_drift
 from adapterctl.format.dtypes import Dtype
-from adapterctl.format.keys import classify, module_matches, stored_key
+from adapterctl.format.keys import classify, stored_key
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, numel, to_float64
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Factored, Target, factor
@@ -126,7 +126,7 @@ class EmbeddingDeltas(DerivedStore):
                 progress(1, len(self.modules))
         owner = {k: m.module for m in self.modules for k in (m.a_key, m.b_key)}
         self.derive(self._new_specs(), owner)
-        self.config = new_config(config, self.modules, self._specs_in)
+        self.config = new_config(config, self.modules, list(self._specs_in))
 
     # --- planning ------------------------------------------------------------------------------
 
@@ -155,7 +155,9 @@ class EmbeddingDeltas(DerivedStore):
     def _base_shape(self, module: str) -> tuple[int, ...]:
         key = self.base.find(module)
         if key is None:
-            raise ConversionError(f"base `{self.base.path}` has no weight for `{module}`", hint=_HINT)
+            raise ConversionError(
+                f"base `{self.base.path}` has no weight for `{module}`", hint=_HINT
+            )
         if self._base_shapes is None:  # the headers, read once
             self._base_shapes = {name: tuple(shape) for name, _, _, shape in self.base.tensors()}
         return self._base_shapes[key]
@@ -334,8 +336,8 @@ def _indices(value: Any, module: str) -> list[int] | None:
 
 
 def new_config(
-    config: LoraConfig, modules: list[EmbeddingModule], specs: Specs
-) -> LoraConfig:  # fmt: skip
+    config: LoraConfig, modules: list[EmbeddingModule], keys: Iterable[str]
+) -> LoraConfig:
     """The config with each converted module a LoRA target (full path) of rank r = alpha =
     its rank (anchored patterns, first), out of modules_to_save; no trainable_token_indices."""
     converted = {m.module for m in modules}
@@ -344,8 +346,8 @@ def new_config(
     for name in config.modules_to_save or []:
         hits = {
             info.module
-            for info in (classify(k, [name]) for k in specs)
-            if info.kind == "modules_to_save" and module_matches(name, info.module)
+            for info in (classify(k, [name]) for k in keys)
+            if info.kind == "modules_to_save"
         }
         if hits and hits <= copied:
             continue
