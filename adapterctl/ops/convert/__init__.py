@@ -4,6 +4,8 @@
 - `plan`: what the output holds and how each tensor is made (`Plan`, `convert_tensors`);
 - `initial`: the initial PiSSA/OLoRA/CorDA factors, saved or rebuilt from the base;
 - `dora`: `--dora-to-lora`, each DoRA module's weight change on the base as plain LoRA factors;
+- `embeddings`: `--embeddings-to-lora`, full embedding copies and trainable tokens as LoRA factors;
+- `derived`: the store in which those two hold their new factors, one module at a time;
 - `lowrank`: factored SVDs and Gram matrices of low-rank deltas (rank reduction, verification);
 - `portable`: `--portable`, scalings folded into B and one padded rank (`Kept`: what it keeps);
 - `verify`: `--verify`, the written files against the source;
