@@ -69,12 +69,14 @@ LLAMA_SAVE = {"r": 4, "target_modules": ["q_proj", "v_proj"], "modules_to_save":
 LLAMA_TOKENS = {"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": TOKENS}
 GPT2_TOKENS = {"r": 4, "target_modules": ["c_attn"], "trainable_token_indices": TOKENS}
 GPT2_SAVE = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte"]}
+GPT2_BOTH = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte", "lm_head"]}
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 CONFIGS = {
     "llama_save": ("llama", LLAMA_SAVE),
     "llama_tokens": ("llama", LLAMA_TOKENS),
     "gpt2_tokens": ("gpt2", GPT2_TOKENS),
     "gpt2_save": ("gpt2", GPT2_SAVE),
+    "gpt2_both_save": ("gpt2", GPT2_BOTH),
 }
 
 
@@ -113,6 +115,7 @@ def test_peft_computes_the_original_adapter(
         "llama_tokens": {"model.embed_tokens"},  # Llama's lm_head is not tied
         "gpt2_tokens": {"transformer.wte", "lm_head"},  # tied: PEFT replaces lm_head's rows too
         "gpt2_save": {"transformer.wte"},  # a copy: the tied lm_head keeps the base's weight
+        "gpt2_both_save": {"transformer.wte", "lm_head"},  # two copies, untied, each its change
     }[name]
     assert set(converted) == expected
     for module, rep in converted.items():

@@ -458,8 +458,7 @@ def embedding_reports(deltas: EmbeddingDeltas, plan: Plan) -> None:
         assert found is not None  # every converted module is a LoRA module of the plan
         rep = found.report
         full = ["full rank"] if m.rank == m.full else []
-        what = {"modules_to_save": "modules_to_save", "trainable tokens": "trainable tokens"}
-        origin = what.get(m.origin, "tied to the input embedding's tokens")
+        origin = "tied trainable tokens" if m.origin == "tied" else m.origin
         found.report = EmbeddingReport(
             rep.module,
             [
