@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from adapterctl.format.checkpoint import BaseCheckpoint
 
 _HINT = "pass the base model the adapter was made on"
+#: values compared at a time (float64: 32 MiB a piece)
+_PIECE = 1 << 22
 #: input embeddings (nn.Embedding) and output layers (nn.Linear) by their module names
 INPUT_NAMES = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "shared"})
 OUTPUT_NAMES = frozenset({"lm_head", "embed_out"})
@@ -241,30 +243,41 @@ class EmbeddingDeltas(DerivedStore):
     def change(self, m: EmbeddingModule) -> tuple[Any, Any]:
         """The rows the change touches (indices into the weight's rows) and the change on them
         ((rows, dim), float64): copy - base, or the new token rows (in the base weight's dtype,
-        as PEFT casts them) - the base rows."""
+        as PEFT casts them) - the base rows. Compared in pieces of rows: besides the two stored
+        tensors only the changed rows and one piece are in memory as floats."""
         import numpy as np
 
         got = self.source.get(m.key_in)
-        new = to_float64(got).reshape(-1, m.dim)
-        if not np.isfinite(new).all():
-            raise ConversionError(
-                f"`{self.source.label}`: `{m.key_in}` holds NaN or infinite values: its weight "
-                "change cannot be factored"
-            )
         w_raw = self.base.weight("lm_head" if m.origin == "tied" else m.module)
-        w = to_float64(w_raw).reshape(m.vocab, m.dim)
-        if not np.isfinite(w).all():
-            raise ConversionError(f"base weight of `{m.module}` holds values that are not finite")
-        if m.indices is None:
-            diff = new - w
-            rows = np.flatnonzero((diff != 0).any(axis=1))
-            return rows, diff[rows]
-        if got.dtype.code != w_raw.dtype.code:  # PEFT: `delta.to(weight)` before the copy
-            new = to_float64(from_float(new, w_raw.dtype.code)).reshape(-1, m.dim)
-        idx = np.asarray(m.indices)
-        diff = new - w[idx]
-        keep = (diff != 0).any(axis=1)
-        return idx[keep], diff[keep]
+        copy, weight = _rows(got, m.dim), _rows(w_raw, m.dim)
+        mine, theirs = f"`{self.source.label}`: `{m.key_in}`", f"base weight of `{m.module}`"
+        if m.indices is not None:
+            new = copy(slice(None))
+            if got.dtype.code != w_raw.dtype.code:  # PEFT: `delta.to(weight)` before the copy
+                new = to_float64(from_float(new, w_raw.dtype.code)).reshape(-1, m.dim)
+            idx = np.asarray(m.indices)
+            diff = self._finite(new, mine) - self._finite(weight(idx), theirs)
+            keep = (diff != 0).any(axis=1)
+            return idx[keep], diff[keep]
+        rows, blocks = [], []
+        step = max(1, _PIECE // m.dim)
+        for start in range(0, m.vocab, step):
+            part = slice(start, min(start + step, m.vocab))
+            diff = self._finite(copy(part), mine) - self._finite(weight(part), theirs)
+            changed = np.flatnonzero((diff != 0).any(axis=1))
+            rows.append(changed + start)
+            blocks.append(diff[changed])
+        return np.concatenate(rows), np.concatenate(blocks)
+
+    @staticmethod
+    def _finite(values: Any, what: str) -> Any:
+        import numpy as np
+
+        if not np.isfinite(values).all():
+            raise ConversionError(
+                f"{what} holds NaN or infinite values: the weight change cannot be factored"
+            )
+        return values
 
     def _factored(self, m: EmbeddingModule) -> tuple[Any, Any, Factored, int]:
         """Factors of the (vocab, dim) change: B (vocab, k), A (k, dim), the `Factored` and the
@@ -315,6 +328,16 @@ class EmbeddingDeltas(DerivedStore):
             m.a_key: from_float(np.ascontiguousarray(a), m.dtype.code),
             m.b_key: from_float(np.ascontiguousarray(b), m.dtype.code),
         }
+
+
+def _rows(t: RawTensor, dim: int) -> Callable[[Any], Any]:
+    """Rows of a stored (vocab, dim) tensor as float64, by a slice or an index array."""
+
+    def rows(which: Any) -> Any:
+        part = t.data.reshape(-1, dim)[which]
+        return to_float64(RawTensor(t.dtype, tuple(part.shape), part))
+
+    return rows
 
 
 def _bits(code: str) -> int:
@@ -497,10 +520,7 @@ def embedding_checks(deltas: EmbeddingDeltas, directory: Path) -> list[Check]:
             k = a.shape[0]
             s = config.scaling(config.alpha_for(m.module), config.rank_for(m.module))
             rows, block = deltas.change(m)
-            got = s * (b @ a)
-            error = math.sqrt(
-                float(((got[rows] - block) ** 2).sum()) + _rest(got, rows)
-            )  # the change is zero off `rows`
+            error = math.sqrt(_off_by(s, b, a, rows, block))
             total = float(np.linalg.norm(block))
             rel = error / total if total else (0.0 if error == 0.0 else math.inf)
             unit = max(UNIT.get(reader.tensors[x].dtype.code, 1.0) for x in (m.a_key, m.b_key))
@@ -509,10 +529,19 @@ def embedding_checks(deltas: EmbeddingDeltas, directory: Path) -> list[Check]:
     return checks
 
 
-def _rest(got: Any, rows: Any) -> float:
-    """||got||² off `rows`."""
+def _off_by(s: float, b: Any, a: Any, rows: Any, block: Any) -> float:
+    """||s·B·A - change||² where the change is `block` on `rows` and zero elsewhere; the
+    product is made in pieces of rows (never the whole vocab x dim matrix)."""
     import numpy as np
 
-    mask = np.ones(got.shape[0], dtype=bool)
-    mask[rows] = False
-    return float((got[mask] ** 2).sum())
+    where = np.full(len(b), -1)
+    where[rows] = np.arange(len(rows))
+    total = 0.0
+    step = max(1, _PIECE // max(1, a.shape[1]))
+    for start in range(0, len(b), step):
+        got = s * (b[start : start + step] @ a)
+        at = where[start : start + step]
+        changed = at >= 0
+        got[changed] -= block[at[changed]]
+        total += float((got**2).sum())
+    return total
