@@ -244,10 +244,15 @@ def test_refusals(cases: dict[str, Case], tmp_path: Path) -> None:
     plain = _make(tiny_llama, tmp_path / "plain", {"r": 4, "target_modules": ["q_proj"]})
     with pytest.raises(AdapterctlError, match="nothing for --embeddings-to-lora"):
         convert_adapter(plain[1], tmp_path / "d", base=plain[0], embeddings_to_lora=True)
+    # tied GPT-2 with a LoRA on lm_head: the tied tokens' change cannot join those factors
+    config = {"r": 4, "target_modules": ["c_attn", "lm_head"], "trainable_token_indices": TOKENS}
+    both = _make(tiny_gpt2, tmp_path / "both", config)
+    with pytest.raises(AdapterctlError, match="`lm_head` already has LoRA factors"):
+        convert_adapter(both[1], tmp_path / "f", base=both[0], embeddings_to_lora=True)
     # without the option, trainable tokens stay what convert refuses to compute
     with pytest.raises(AdapterctlError, match="trainable tokens"):
         convert_adapter(cases["llama_tokens"][1], tmp_path / "e", dtype="bfloat16")
-    assert not any((tmp_path / x).exists() for x in "abcde")
+    assert not any((tmp_path / x).exists() for x in "abcdef")
 
 
 def test_verify_checks_against_copy_minus_base(

@@ -53,6 +53,7 @@ INPUT_NAMES = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "
 OUTPUT_NAMES = frozenset({"lm_head", "embed_out"})
 
 Origin = Literal["modules_to_save", "trainable tokens", "tied"]
+_ORIGIN = {"modules_to_save": "modules_to_save copy", "trainable tokens": "trainable tokens", "tied": "tied trainable tokens"}  # fmt: skip
 
 
 @dataclass
@@ -152,7 +153,15 @@ class EmbeddingDeltas(DerivedStore):
                 '["embed_tokens", "lm_head"] or with trainable_token_indices',
             )
         tied = self._tied(modules)
-        return modules + ([tied] if tied is not None else [])
+        modules += [tied] if tied is not None else []
+        for m in modules:
+            if m.a_key in self._specs_in or m.b_key in self._specs_in:
+                raise ConversionError(
+                    f"`{m.module}` already has LoRA factors: the change of its "
+                    f"{_ORIGIN[m.origin]} cannot be added to them",
+                    hint="merge the adapter into the base instead (`adapterctl merge`)",
+                )
+        return modules
 
     def _base_shape(self, module: str) -> tuple[int, ...]:
         key = self.base.find(module)
