@@ -6,6 +6,7 @@ reported, a 32k vocabulary, the refusals."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ LLAMA_SAVE = {"r": 4, "target_modules": ["q_proj", "v_proj"], "modules_to_save":
 LLAMA_TOKENS = {"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": TOKENS}
 GPT2_TOKENS = {"r": 4, "target_modules": ["c_attn"], "trainable_token_indices": TOKENS}
 GPT2_SAVE = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte"]}
+#: a regex target_modules gains the module as an alternative; a list with layers_to_transform its
+#: full path (an exact name is targeted whatever the layers)
+LLAMA_REGEX = {"r": 4, "target_modules": r".*\.q_proj", "modules_to_save": ["lm_head"]}
+LLAMA_LAYERS = {"r": 4, "target_modules": ["q_proj"], "layers_to_transform": [1], "trainable_token_indices": {"embed_tokens": TOKENS}}  # fmt: skip
 GPT2_BOTH = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte", "lm_head"]}
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 CONFIGS = {
@@ -77,6 +82,8 @@ CONFIGS = {
     "gpt2_tokens": ("gpt2", GPT2_TOKENS),
     "gpt2_save": ("gpt2", GPT2_SAVE),
     "gpt2_both_save": ("gpt2", GPT2_BOTH),
+    "llama_regex_save": ("llama", LLAMA_REGEX),
+    "llama_layers_tokens": ("llama", LLAMA_LAYERS),
 }
 
 
@@ -116,15 +123,18 @@ def test_peft_computes_the_original_adapter(
         "gpt2_tokens": {"transformer.wte", "lm_head"},  # tied: PEFT replaces lm_head's rows too
         "gpt2_save": {"transformer.wte"},  # a copy: the tied lm_head keeps the base's weight
         "gpt2_both_save": {"transformer.wte", "lm_head"},  # two copies, untied, each its change
+        "llama_regex_save": {"lm_head"},
+        "llama_layers_tokens": {"model.embed_tokens"},
     }[name]
     assert set(converted) == expected
     for module, rep in converted.items():
-        rows = len(ROWS) if name.endswith("save") else len(TOKENS)
+        rows = len(ROWS) if "save" in name else len(TOKENS)
         doc = rep.to_dict()
         assert doc["rows_changed"] == rows
         assert rep.r == rep.alpha == rows  # exact at the changed rows, scaling 1
         assert rep.relative_error == 0.0
-        assert module in config["target_modules"]
+        targets = config["target_modules"]
+        assert module in targets if isinstance(targets, list) else re.fullmatch(targets, module)
         assert doc["bytes_after"] > 0
         kind = "lora_embedding_A" if module != "lm_head" else "lora_A.weight"
         assert f"base_model.model.{module}.{kind}" in tensors
