@@ -322,3 +322,22 @@ def test_cli(cases: dict[str, Case], tmp_path: Path) -> None:
     )
     assert refused.exit_code == 2
     assert "--embeddings-to-lora needs --base" in refused.output
+
+
+def test_not_finite_copy_refused(cases: dict[str, Case], tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    base, adapter, _ = cases["llama_save"]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = "base_model.model.lm_head.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key][40, 2] = np.nan  # a row training did not change
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterctlError, match=r"lm_head\.weight` holds NaN or infinite"):
+        convert_adapter(bad, tmp_path / "out", base=base, embeddings_to_lora=True)
+    assert not (tmp_path / "out").exists()
