@@ -24,13 +24,12 @@ written; one module's arrays are in memory at a time.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from adapterctl.errors import ConversionError
-from adapterctl.format.config import LoraConfig, reload_drift
+from adapterctl.format.config import LoraConfig
 from adapterctl.format.dtypes import Dtype
 from adapterctl.format.keys import classify, stored_key
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, numel, to_float64
@@ -38,6 +37,7 @@ from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Factored, Target, factor
 from adapterctl.ops.convert.derived import DerivedStore, Specs
 from adapterctl.ops.convert.plan import ModuleReport, Plan
+from adapterctl.ops.convert.targeted import targeted_config
 from adapterctl.ops.convert.verify import EXACT, UNIT, Check
 
 if TYPE_CHECKING:
@@ -129,7 +129,10 @@ class EmbeddingDeltas(DerivedStore):
                 progress(1, len(self.modules))
         owner = {k: m.module for m in self.modules for k in (m.a_key, m.b_key)}
         self.derive(self._new_specs(), owner)
-        self.config = new_config(config, self.modules, list(self._specs_in))
+        ranks = {m.module: m.rank for m in self.modules}
+        copied = {m.module for m in self.modules if m.origin == "modules_to_save"}
+        tokens = any(m.origin != "modules_to_save" for m in self.modules)
+        self.config = targeted_config(config, ranks, copied, list(self._specs_in), tokens=tokens)
 
     # --- planning ------------------------------------------------------------------------------
 
@@ -365,100 +368,6 @@ def _indices(value: Any, module: str) -> list[int] | None:
             if module == name or module.endswith("." + name):
                 return [int(i) for i in indices]
     return None
-
-
-def new_config(
-    config: LoraConfig, modules: list[EmbeddingModule], keys: Iterable[str]
-) -> LoraConfig:
-    """The config with each converted module a LoRA target (full path) of rank r = alpha =
-    its rank (anchored patterns, first), out of modules_to_save; no trainable_token_indices."""
-    converted = {m.module for m in modules}
-    copied = {m.module for m in modules if m.origin == "modules_to_save"}
-    kept_mts = []
-    for name in config.modules_to_save or []:
-        hits = {
-            info.module
-            for info in (classify(k, [name]) for k in keys)
-            if info.kind == "modules_to_save"
-        }
-        if hits and hits <= copied:
-            continue
-        if hits & copied:
-            raise ConversionError(
-                f"modules_to_save entry {name!r} saves {', '.join(sorted(hits))}: converting "
-                f"{', '.join(sorted(hits & copied))} alone would leave the entry half true",
-                hint="convert the adapter without --embeddings-to-lora",
-            )
-        kept_mts.append(name)
-    changes: dict[str, Any] = {
-        "target_modules": _targets(config, sorted(converted)),
-        "modules_to_save": kept_mts or None,
-    }
-    if any(m.origin != "modules_to_save" for m in modules):
-        changes["trainable_token_indices"] = None
-    _refuse_excluded(config, converted)
-    out = config.replace(**changes)
-    rank_pattern, alpha_pattern = {}, {}
-    for m in sorted(modules, key=lambda x: x.module):
-        # scaling alpha/r, or alpha/sqrt(r) with rslora: 1 either way
-        alpha = math.sqrt(m.rank) if config.use_rslora else float(m.rank)
-        if out.rank_for(m.module) != m.rank or out.scaling(out.alpha_for(m.module), m.rank) != 1:
-            key = "^" + re.escape(m.module)
-            rank_pattern[key], alpha_pattern[key] = m.rank, (alpha if alpha % 1 else int(alpha))
-    if rank_pattern:
-        out = out.replace(
-            rank_pattern={**rank_pattern, **(config.rank_pattern or {})},
-            alpha_pattern={**alpha_pattern, **(config.alpha_pattern or {})},
-        )
-    wrong = [
-        m.module
-        for m in modules
-        if out.rank_for(m.module) != m.rank or out.scaling(out.alpha_for(m.module), m.rank) != 1
-    ]
-    drift = reload_drift(out, sorted(converted))
-    if wrong or drift:
-        raise ConversionError(
-            "the config's rank_pattern/alpha_pattern keys also match "
-            f"{', '.join(wrong) or drift[0]}: the new modules' ranks cannot be written",
-            hint="convert the adapter without --embeddings-to-lora",
-        )
-    return out
-
-
-def _targets(config: LoraConfig, paths: list[str]) -> Any:
-    tm = config.target_modules
-    if tm is None:
-        if config.target_parameters is None:
-            raise ConversionError(
-                "the config names no target_modules (PEFT picks its defaults for the model "
-                "type): the converted modules cannot be added to them",
-                hint="write the adapter's target_modules into its config first",
-            )
-        return paths
-    if isinstance(tm, str):
-        if tm == "all-linear":
-            raise ConversionError(
-                'target_modules is "all-linear": the converted modules cannot be added to it',
-                hint="write the adapter's targets as a list first",
-            )
-        return f"(?:{tm})|" + "|".join(re.escape(p) for p in paths)
-    return sorted(set(tm) | set(paths))
-
-
-def _refuse_excluded(config: LoraConfig, modules: set[str]) -> None:
-    ex = config.exclude_modules
-    if not ex:
-        return
-    for module in sorted(modules):
-        if (
-            re.fullmatch(ex, module)
-            if isinstance(ex, str)
-            else any(module == e or module.endswith("." + e) for e in ex)
-        ):
-            raise ConversionError(
-                f"exclude_modules excludes `{module}`: it cannot become a LoRA target",
-                hint="remove it from exclude_modules first",
-            )
 
 
 # --- reports and checks -----------------------------------------------------------------------
