@@ -74,6 +74,8 @@ GPT2_SAVE = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte"]}
 #: full path (an exact name is targeted whatever the layers)
 LLAMA_REGEX = {"r": 4, "target_modules": r".*\.q_proj", "modules_to_save": ["lm_head"]}
 LLAMA_LAYERS = {"r": 4, "target_modules": ["q_proj"], "layers_to_transform": [1], "trainable_token_indices": {"embed_tokens": TOKENS}}  # fmt: skip
+#: rslora: alpha = sqrt(r) for scaling 1; the config's own patterns stay, after the new ones
+LLAMA_RSLORA = {"r": 4, "target_modules": ["q_proj", "v_proj"], "use_rslora": True, "rank_pattern": {"v_proj": 2}, "trainable_token_indices": TOKENS}  # fmt: skip
 GPT2_BOTH = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte", "lm_head"]}
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 CONFIGS = {
@@ -84,6 +86,7 @@ CONFIGS = {
     "gpt2_both_save": ("gpt2", GPT2_BOTH),
     "llama_regex_save": ("llama", LLAMA_REGEX),
     "llama_layers_tokens": ("llama", LLAMA_LAYERS),
+    "llama_rslora_tokens": ("llama", LLAMA_RSLORA),
 }
 
 
@@ -125,13 +128,15 @@ def test_peft_computes_the_original_adapter(
         "gpt2_both_save": {"transformer.wte", "lm_head"},  # two copies, untied, each its change
         "llama_regex_save": {"lm_head"},
         "llama_layers_tokens": {"model.embed_tokens"},
+        "llama_rslora_tokens": {"model.embed_tokens"},
     }[name]
     assert set(converted) == expected
     for module, rep in converted.items():
         rows = len(ROWS) if "save" in name else len(TOKENS)
         doc = rep.to_dict()
         assert doc["rows_changed"] == rows
-        assert rep.r == rep.alpha == rows  # exact at the changed rows, scaling 1
+        assert rep.r == rows  # exact at the changed rows
+        assert rep.alpha == (rows**0.5 if "rslora" in name else rows)  # scaling 1
         assert rep.relative_error == 0.0
         targets = config["target_modules"]
         assert module in targets if isinstance(targets, list) else re.fullmatch(targets, module)
