@@ -97,6 +97,14 @@ def convert_cmd(
             "(full rank unless --rank/--energy).",
         ),
     ] = False,
+    embeddings_to_lora: Annotated[
+        bool,
+        typer.Option(
+            "--embeddings-to-lora",
+            help="With --base: write full embed_tokens/lm_head copies (modules_to_save) and "
+            "trainable tokens as LoRA of their change (exact unless --rank/--energy).",
+        ),
+    ] = False,
     peft_version: Annotated[
         str | None,
         typer.Option(
@@ -138,6 +146,7 @@ def convert_cmd(
                 energy=energy,
                 portable=portable,
                 dora_to_lora=dora_to_lora,
+                embeddings_to_lora=embeddings_to_lora,
                 peft_version=peft_version,
                 verify_output=verify,
                 force=force,

@@ -6,6 +6,9 @@
 - `dora`: `--dora-to-lora`, each DoRA module's weight change on the base as plain LoRA factors;
 - `dense`: a whole weight change (d_out x d_in) as LoRA factors: exact at its support, or cut
   by LAPACK's or a seeded randomized SVD to a rank or an energy (`--dora-to-lora`, `extract`);
+- `embeddings`: `--embeddings-to-lora`, full embedding copies and trainable tokens as LoRA factors;
+- `derived`: the store in which those two hold their new factors, one module at a time;
+- `targeted`: the config in which modules saved whole become LoRA targets of scaling 1;
 - `lowrank`: factored SVDs and Gram matrices of low-rank deltas (rank reduction, verification);
 - `portable`: `--portable`, scalings folded into B and one padded rank (`Kept`: what it keeps);
 - `verify`: `--verify`, the written files against the source;

@@ -21,6 +21,7 @@ from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.convert.dora import DoraDeltas, dora_checks, dora_reports, with_checks
+from adapterctl.ops.convert.embeddings import EmbeddingDeltas, embedding_checks, embedding_reports
 from adapterctl.ops.convert.initial import (
     REBUILDABLE,
     Initial,
@@ -177,6 +178,21 @@ def _check_dora(initial: object, base: object, init: str | None) -> None:
         raise InvalidOptionError("--dora-to-lora takes neither --initial nor --init")
 
 
+def _check_embeddings(initial: object, base: object, init: str | None, dora: bool) -> None:
+    if base is None:
+        raise InvalidOptionError(
+            "--embeddings-to-lora needs --base: a copy's change is copy - base weight",
+            hint="pass --base with the base model the adapter was made on",
+        )
+    if initial is not None or init is not None:
+        raise InvalidOptionError("--embeddings-to-lora takes neither --initial nor --init")
+    if dora:
+        raise InvalidOptionError(
+            "pass --embeddings-to-lora or --dora-to-lora, not both",
+            hint="convert with one, then convert its output with the other",
+        )
+
+
 def convert_adapter(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -189,6 +205,7 @@ def convert_adapter(
     energy: float | None = None,
     portable: bool = False,
     dora_to_lora: bool = False,
+    embeddings_to_lora: bool = False,
     peft_version: str | None = None,
     verify_output: bool = False,
     force: bool = False,
@@ -203,12 +220,17 @@ def convert_adapter(
     else the largest), `r = lora_alpha = R`, no rslora, no patterns (ops/convert/portable.py).
     `dora_to_lora`: each DoRA module's weight change on `base` written as plain LoRA factors
     (full rank, or `rank`/`energy`), scaling 1 (ops/convert/dora.py).
+    `embeddings_to_lora`: full embedding / lm_head copies in modules_to_save and trainable-token
+    deltas written as LoRA factors of their change on `base` (exact at the changed rows, or
+    `rank`/`energy`), scaling 1 (ops/convert/embeddings.py).
     `peft_version` ("0.10"): write a config that this PEFT release reads with the same meaning."""
     from adapterctl.ops.hub import resolve
 
     code = _check_options(initial, base, init, dtype, rank, energy)
     if dora_to_lora:
         _check_dora(initial, base, init)
+    if embeddings_to_lora:
+        _check_embeddings(initial, base, init, dora_to_lora)
     if peft_version is not None:
         peft_version = release(peft_version)
     label = os.fspath(source)
@@ -222,7 +244,11 @@ def convert_adapter(
     files = one_adapter(source, "source")
     assert files.config_path is not None
     nothing = (initial, base, code, rank, energy, peft_version) == (None,) * 6
-    if nothing and not portable and not dora_to_lora and files.format == "safetensors":
+    if (
+        nothing
+        and not (portable or dora_to_lora or embeddings_to_lora)
+        and files.format == "safetensors"
+    ):
         raise ConversionError(
             "nothing to convert: the source is already safetensors",
             hint="pass --initial/--base (to plain LoRA), --dtype, --rank or --energy",
@@ -231,7 +257,9 @@ def convert_adapter(
     inputs = [*local, *(p for p in (source, initial, base) if p is not None)]  # Hub: the cache
     preflight([out], force=force, inputs=inputs)
     config = LoraConfig.from_file(files.config_path)
-    refuse_variants(config, label, _VARIANT_HINT)
+    # trainable tokens are what --embeddings-to-lora converts
+    tokens = config.replace(trainable_token_indices=None) if embeddings_to_lora else config
+    refuse_variants(tokens, label, _VARIANT_HINT)
     folded = None
     if peft_version is not None and config.use_rslora and not knows(peft_version, "use_rslora"):
         # rslora written in that release's terms exactly: its scaling folded into B (--portable)
@@ -248,6 +276,7 @@ def convert_adapter(
         provider: Initial | None = None
         method = None
         dora: DoraDeltas | None = None
+        embeddings: EmbeddingDeltas | None = None
         if initial is not None:
             init_files = one_adapter(initial, "initial adapter")
             assert init_files.config_path is not None
@@ -268,6 +297,17 @@ def convert_adapter(
                 rank=rank, energy=energy, progress=_phase(progress, phase),
             )  # fmt: skip
             store, config, rank, energy, method = dora, dora.config, None, None, "dora"
+        elif embeddings_to_lora:
+            from adapterctl.format.checkpoint import BaseCheckpoint
+
+            assert base is not None  # _check_embeddings
+            phase = "finding ranks" if energy is not None else "factoring"
+            embeddings = EmbeddingDeltas(
+                store, config, stack.enter_context(BaseCheckpoint(base)),
+                rank=rank, energy=energy, out_dtype=code, progress=_phase(progress, phase),
+            )  # fmt: skip
+            store, config, rank, energy = embeddings, embeddings.config, None, None
+            method = "embeddings"
         elif base is not None:
             from adapterctl.format.checkpoint import BaseCheckpoint
 
@@ -282,6 +322,8 @@ def convert_adapter(
         )
         if dora is not None:
             dora_reports(dora, plan)
+        if embeddings is not None:
+            embedding_reports(embeddings, plan)
         missing = missing_from_trained(plan)
         if missing:
             raise ConversionError(
@@ -329,6 +371,9 @@ def convert_adapter(
                 result.verification = verify(plan, tmp, _phase(progress, "verifying"))
                 if dora is not None:  # the new deltas against W_dora - W, from the base again
                     result.verification = with_checks(result.verification, dora_checks(dora, tmp))
+                if embeddings is not None:  # the new deltas against copy - base, read again
+                    checks = embedding_checks(embeddings, tmp)
+                    result.verification = with_checks(result.verification, checks)
                 if not result.verification.passed:
                     raise VerificationFailed(result)
     return result

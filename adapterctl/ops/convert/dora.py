@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import ConversionError
 from adapterctl.format.config import LoraConfig, residual_init
-from adapterctl.format.dtypes import Dtype
 from adapterctl.format.keys import classify
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_float64
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Target, factor
+from adapterctl.ops.convert.derived import DerivedStore, Specs
 from adapterctl.ops.convert.plan import Plan, reduced_config
 from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification
 from adapterctl.ops.merge import Kind, Step, merge_sequence
@@ -59,7 +59,7 @@ def _norm(x: Any, axis: int) -> Any:
     return np.linalg.norm(x, axis=axis)
 
 
-class DoraDeltas:
+class DoraDeltas(DerivedStore):
     """The source adapter with every DoRA module's factors replaced by the factors of its weight
     change (a `TensorStore`; `config` is the plain-LoRA config that goes with it)."""
 
@@ -73,19 +73,18 @@ class DoraDeltas:
         energy: float | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.label = source.label
-        self.source = source
+        super().__init__(source)
         self.base = base
         self._target = Target(rank=rank, energy=energy)
         self._specs_in = source.specs()
         self._base_shapes: dict[str, tuple[int, ...]] | None = None
         self.modules = self._find(config)
         self._by_key = {k: m for m in self.modules for k in (m.a_key, m.b_key)}
-        self._cache: tuple[str, dict[str, RawTensor]] | None = None
         for m in self.modules:  # the numbers, before anything is written
             self._measure(m)
             if progress is not None:
                 progress(1, len(self.modules))
+        self.derive(self._new_specs(), {k: m.module for k, m in self._by_key.items()})
         ranks = {m.module: m.rank for m in self.modules}
         self.config = reduced_config(config.replace(use_dora=False), ranks)
 
@@ -208,8 +207,8 @@ class DoraDeltas:
 
     # --- the store -----------------------------------------------------------------------------
 
-    def specs(self) -> dict[str, tuple[Dtype, tuple[int, ...]]]:
-        out: dict[str, tuple[Dtype, tuple[int, ...]]] = {}
+    def _new_specs(self) -> Specs:
+        out: Specs = {}
         dropped = {m.m_key for m in self.modules}
         for key, (dtype, shape) in self._specs_in.items():
             m = self._by_key.get(key)
@@ -223,17 +222,10 @@ class DoraDeltas:
                 out[key] = (dtype, (shape[0], m.rank))
         return out
 
-    def get(self, key: str) -> RawTensor:
-        m = self._by_key.get(key)
-        if m is None:
-            return self.source.get(key)
-        if self._cache is None or self._cache[0] != m.module:
-            self._cache = (m.module, self._factors(m))
-        return self._cache[1][key]
-
-    def _factors(self, m: DoraModule) -> dict[str, RawTensor]:
+    def make(self, module: str) -> dict[str, RawTensor]:
         import numpy as np
 
+        m = next(x for x in self.modules if x.module == module)
         f = factor(self.delta(m), self._target)
         a_dtype, _ = self._specs_in[m.a_key]
         b_dtype, _ = self._specs_in[m.b_key]
