@@ -19,12 +19,15 @@ _LAZY = {
     "AdapterctlError": "adapterctl.errors",
     "merge": "adapterctl.ops.merge",
     "MergeResult": "adapterctl.ops.merge",
+    "combine": "adapterctl.ops.combine",
+    "CombineResult": "adapterctl.ops.combine",
 }
 
 if TYPE_CHECKING:
     from adapterctl.engine.model import AdapterModel, get_adapter_model
     from adapterctl.errors import AdapterctlError
     from adapterctl.format.config import LoraConfig
+    from adapterctl.ops.combine import CombineResult, combine
     from adapterctl.ops.inspect import inspect_adapter
     from adapterctl.ops.merge import MergeResult, merge
     from adapterctl.ops.select import select_adapters
@@ -32,9 +35,11 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterModel",
     "AdapterctlError",
+    "CombineResult",
     "LoraConfig",
     "MergeResult",
     "__version__",
+    "combine",
     "get_adapter_model",
     "inspect_adapter",
     "merge",

@@ -21,7 +21,13 @@ from adapterctl.ops.convert.adapter import (
     one_adapter,
 )
 from adapterctl.ops.convert.initial import REBUILDABLE, irreproducible
-from adapterctl.ops.convert.plan import ModuleReport, convert_tensors, converted_config
+from adapterctl.ops.convert.lowrank import Spectrum, spectrum
+from adapterctl.ops.convert.plan import (
+    ModuleReport,
+    convert_tensors,
+    converted_config,
+    reduced_config,
+)
 from adapterctl.ops.convert.portable import Kept
 from adapterctl.ops.convert.verify import Check, Verification
 
@@ -32,6 +38,7 @@ __all__ = [
     "Kept",
     "ModuleReport",
     "Progress",
+    "Spectrum",
     "Verification",
     "VerificationFailed",
     "convert_adapter",
@@ -39,4 +46,6 @@ __all__ = [
     "converted_config",
     "irreproducible",
     "one_adapter",
+    "reduced_config",
+    "spectrum",
 ]
