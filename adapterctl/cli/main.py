@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from adapterctl import __version__
+from adapterctl.cli.commands.combine import combine_cmd
 from adapterctl.cli.commands.convert import convert_cmd
 from adapterctl.cli.commands.inspect import inspect_cmd
 from adapterctl.cli.commands.load import load_cmd
@@ -54,6 +55,7 @@ for _name, _command in (
     ("convert", convert_cmd),
     ("load", load_cmd),
     ("merge", merge_cmd),
+    ("combine", combine_cmd),
     ("save", save_cmd),
     ("push", push_cmd),
 ):  # every command's --json flag is its `json_` parameter (options.JsonOpt)
