@@ -89,12 +89,12 @@ def combine_module(plan: Plan, m: ModulePlan) -> Combined:
     options = plan.options
     if method.endswith("_svd"):
         deltas = [delta(plan, p) for p in m.parts]
-        delta = task_vector_op(
+        total = task_vector_op(
             method, deltas, [p.weight for p in m.parts], density=options.density,
             sign_method=options.sign_method, rngs=rngs(plan, m, "delta"),
         )  # fmt: skip
         del deltas
-        u, values, vh = np.linalg.svd(delta, full_matrices=False)
+        u, values, vh = np.linalg.svd(total, full_matrices=False)
         spec = Spectrum(values, u, vh)
         tb, ta = spec.transforms(m.rank)
         kept, dropped = spec.loss(m.rank)
