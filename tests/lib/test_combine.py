@@ -22,8 +22,9 @@ from adapterctl.errors import (
     InvalidOptionError,
     UnsupportedVariantError,
 )
+from adapterctl.format.rawtensor import to_float64
 from tests.fixtures import peft_save, tiny_gpt2, tiny_llama
-from tests.helpers import P, Q, V, lora_deltas, lora_tensors, write_adapter
+from tests.helpers import P, Q, V, lora_deltas, lora_tensors, read_raw, write_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +118,9 @@ def _rel(x: Any, y: Any) -> float:
 def _weighted_sum(folder: Path, weights: list[float]) -> dict[str, Any]:
     sources = [lora_deltas(folder), lora_deltas(folder / "b")]
     modules = sorted({m for d in sources for m in d})
-    return {m: sum(w * d[m] for w, d in zip(weights, sources) if m in d) for m in modules}
+    return {
+        m: sum(w * d[m] for w, d in zip(weights, sources, strict=True) if m in d) for m in modules
+    }
 
 
 # --- against PEFT, where PEFT is right --------------------------------------------------------
@@ -134,7 +137,8 @@ def test_cat_gives_peft_deltas_exactly(pair: Path, tmp_path: Path) -> None:
     assert all(_rel(ours[m], exact[m]) < 1e-6 for m in exact)
     up = next(m for m in result.modules if m.module.endswith("up_proj"))
     assert (up.ranks_in, up.rank_out) == ((4,), 4)  # only `b` targets it: a narrower cat
-    assert result.verification is not None and result.verification.passed
+    assert result.verification is not None
+    assert result.verification.passed
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["use_rslora"] is False
     assert config["target_modules"] == sorted([*TARGETS, "up_proj"])
@@ -163,9 +167,6 @@ def test_linear_gives_peft_factors(pair: Path, tmp_path: Path) -> None:
 
 
 def _factors(folder: Path) -> dict[str, tuple[Any, Any]]:
-    from tests.helpers import read_raw
-
-    from adapterctl.format.rawtensor import to_float64
 
     raw = read_raw(folder)
     return {
@@ -209,7 +210,9 @@ def test_svd_is_the_truncation_peft_computes(pair: Path, tmp_path: Path) -> None
     exact = _weighted_sum(pair, WEIGHTS)
     for r in result.modules:
         m = r.module
-        assert r.rank_out == 3 and r.energy is not None and 0 < r.energy < 1
+        assert r.rank_out == 3
+        assert r.energy is not None
+        assert 0 < r.energy < 1
         # the best rank-3 approximation: exactly the energy it reports is kept
         values = np.linalg.svd(exact[m], compute_uv=False)
         assert r.energy == pytest.approx((values[:3] ** 2).sum() / (values**2).sum(), rel=1e-9)
@@ -279,7 +282,8 @@ def test_mixed_ranks_alphas_rslora_patterns_are_right(
 ) -> None:
     rank = {"rank": 12} if method == "svd" else {}  # at least the sum's rank: exact
     result = _ours(mixed, tmp_path / "out", method, verify=True, **rank)
-    assert result.verification is not None and result.verification.passed
+    assert result.verification is not None
+    assert result.verification.passed
     exact = _weighted_sum(mixed, WEIGHTS)
     expected = _logits(_applied(exact))
 
@@ -401,9 +405,6 @@ def test_modules_to_save_one_source_carried_several_refused(
     result = adapterctl.combine([a, s1], tmp_path / "out", weights=[1, 1], method="cat")
     assert result.carried == [f"{P}lm_head.weight"]
     assert any("carried over" in w for w in result.warnings)
-    from tests.helpers import read_raw
-
-    from adapterctl.format.rawtensor import to_float64
 
     np.testing.assert_array_equal(
         to_float64(read_raw(tmp_path / "out")[f"{P}lm_head.weight"]), head[f"{P}lm_head.weight"]
