@@ -601,7 +601,9 @@ def render_combine(out: Output, r: CombineResult) -> None:
     header = ["module", "r", *(["energy"] if cut else []), *(["rel. error"] if checked else [])]
     rows = []
     for m in modules:
-        row = [m.module, f"{'+'.join(str(k) for k in m.ranks_in)} -> {m.rank_out}"]
+        ranks = m.ranks_in
+        summed = f"{len(ranks)} x {ranks[0]}" if len(set(ranks)) == 1 and len(ranks) > 2 else None
+        row = [m.module, f"{summed or '+'.join(str(k) for k in ranks)} -> {m.rank_out}"]
         row += [f"{m.energy:.4f}" if m.energy is not None else "-"] if cut else []
         row += [_num(m.error)] if checked else []
         rows.append(row)

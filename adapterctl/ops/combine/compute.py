@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from adapterctl.format.rawtensor import to_float64
 from adapterctl.ops.combine.methods import task_vector_op
 from adapterctl.ops.combine.plan import ModulePlan, Part, Plan
-from adapterctl.ops.convert import Spectrum, spectrum
+from adapterctl.ops.convert import Spectrum, one_blas_thread, spectrum
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,6 +76,13 @@ def weighted_sum_factors(plan: Plan, m: ModulePlan) -> tuple[Array, Array]:
 
 
 def combine_module(plan: Plan, m: ModulePlan) -> Combined:
+    """One BLAS thread: these products are far too small to share between cores (ops.convert's
+    `one_blas_thread`)."""
+    with one_blas_thread():
+        return _combine(plan, m)
+
+
+def _combine(plan: Plan, m: ModulePlan) -> Combined:
     import numpy as np
 
     method = plan.method

@@ -21,7 +21,7 @@ from adapterctl.format.tensors import SafetensorsReader
 from adapterctl.ops.combine.compute import Combined, combine_module, delta, factors, rngs
 from adapterctl.ops.combine.methods import task_vector_op
 from adapterctl.ops.combine.plan import ModulePlan, Plan
-from adapterctl.ops.convert import Check, Verification
+from adapterctl.ops.convert import Check, Verification, one_blas_thread
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,7 +68,7 @@ def verify(
 
     checks: dict[str, Check] = {}
     unit = _UNIT.get(plan.dtype.code, 2.0**-24)
-    with SafetensorsReader(directory / SAFETENSORS_NAME) as reader:
+    with SafetensorsReader(directory / SAFETENSORS_NAME) as reader, one_blas_thread():
         out = FileStore(reader)
         for m in plan.modules:
             combined = None if plan.method == "cat" else combine_module(plan, m)

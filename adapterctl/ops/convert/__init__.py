@@ -20,6 +20,7 @@ from adapterctl.ops.convert.adapter import (
     convert_adapter,
     one_adapter,
 )
+from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.initial import REBUILDABLE, irreproducible
 from adapterctl.ops.convert.lowrank import Spectrum, spectrum
 from adapterctl.ops.convert.plan import (
@@ -46,6 +47,7 @@ __all__ = [
     "converted_config",
     "irreproducible",
     "one_adapter",
+    "one_blas_thread",
     "reduced_config",
     "spectrum",
 ]
