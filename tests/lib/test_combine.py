@@ -40,13 +40,13 @@ def _quiet(fn: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder with two Llama adapters, `default` (root) and `b`, equal r and alpha; `b` also
-    targets up_proj (a module only one source has)."""
+    """One folder with two Llama adapters, `default` (root) and `b`, equal r and alpha, on
+    Linear layers and the embedding (Embedding LoRA); `b` also targets up_proj (a module only one
+    source has)."""
     root = tmp_path_factory.mktemp("combine") / "pair"
-    cfg = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
-    return peft_save(
-        tiny_llama, root, {"default": cfg, "b": {**cfg, "target_modules": [*TARGETS, "up_proj"]}}
-    )
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": [*TARGETS, "embed_tokens"]}
+    b = {**cfg, "target_modules": [*TARGETS, "embed_tokens", "up_proj"]}
+    return peft_save(tiny_llama, root, {"default": cfg, "b": b})
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +98,10 @@ def _peft_factors(model: Any, name: str = "c") -> dict[str, tuple[Any, Any, floa
             a = module.lora_A[name].weight.detach().double().numpy()
             b = module.lora_B[name].weight.detach().double().numpy()
             out[path] = (a, b, module.scaling[name])
+        elif hasattr(module, "lora_embedding_A") and name in module.lora_embedding_A:
+            a = module.lora_embedding_A[name].detach().double().numpy()
+            b = module.lora_embedding_B[name].detach().double().numpy()
+            out[path] = (a, b, module.scaling[name])
     return out
 
 
@@ -141,7 +145,8 @@ def test_cat_gives_peft_deltas_exactly(pair: Path, tmp_path: Path) -> None:
     assert result.verification.passed
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["use_rslora"] is False
-    assert config["target_modules"] == sorted([*TARGETS, "up_proj"])
+    assert config["target_modules"] == sorted([*TARGETS, "embed_tokens", "up_proj"])
+    assert "model.embed_tokens" in ours  # Embedding LoRA, as lora_embedding_A/B
 
 
 def test_cat_on_gpt2_conv1d_gives_peft_deltas(gpt2_pair: Path, tmp_path: Path) -> None:
@@ -167,15 +172,14 @@ def test_linear_gives_peft_factors(pair: Path, tmp_path: Path) -> None:
 
 
 def _factors(folder: Path) -> dict[str, tuple[Any, Any]]:
-
     raw = read_raw(folder)
     return {
-        k.removeprefix(P).removesuffix(".lora_A.weight"): (
+        k.removeprefix(P).split(".lora_")[0]: (
             to_float64(t),
-            to_float64(raw[k.replace("lora_A", "lora_B")]),
+            to_float64(raw[k.replace("_A", "_B")]),
         )
         for k, t in raw.items()
-        if k.endswith("lora_A.weight")
+        if k.endswith(("lora_A.weight", "lora_embedding_A"))
     }
 
 
