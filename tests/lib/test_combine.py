@@ -147,6 +147,10 @@ def test_cat_gives_peft_deltas_exactly(pair: Path, tmp_path: Path) -> None:
     assert config["use_rslora"] is False
     assert config["target_modules"] == sorted([*TARGETS, "embed_tokens", "up_proj"])
     assert "model.embed_tokens" in ours  # Embedding LoRA, as lora_embedding_A/B
+    # PEFT saved the embedding's own weight beside it (save_embedding_layers): one copy carried
+    assert result.carried == [f"{P}model.embed_tokens.base_layer.weight"]
+    copied = read_raw(tmp_path / "out")[result.carried[0]]
+    assert bytes(copied.buffer()) == bytes(read_raw(pair)[result.carried[0]].buffer())
 
 
 def test_cat_on_gpt2_conv1d_gives_peft_deltas(gpt2_pair: Path, tmp_path: Path) -> None:
@@ -417,6 +421,15 @@ def test_modules_to_save_one_source_carried_several_refused(
     assert config["modules_to_save"] == ["lm_head"]
     with pytest.raises(ConversionError, match="modules_to_save"):
         adapterctl.combine([s1, s2], tmp_path / "out2", weights=[1, 1], method="cat")
+
+
+def test_saved_base_weights_that_differ_are_refused(tmp_path: Path) -> None:
+    key = f"{P}model.embed_tokens.base_layer.weight"
+    one = write_adapter(tmp_path / "one", {**lora_tensors(), key: np.zeros((4, 8), np.float32)})
+    two = write_adapter(tmp_path / "two", {**lora_tensors(V), key: np.ones((4, 8), np.float32)})
+    with pytest.raises(ConversionError, match="different copies of a base weight"):
+        adapterctl.combine([one, two], tmp_path / "out", weights=[1, 1], method="cat")
+    assert not (tmp_path / "out").exists()
 
 
 def test_verify_catches_a_wrong_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

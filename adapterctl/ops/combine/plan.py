@@ -137,6 +137,7 @@ class Plan:
         self.svd_rank = options.rank or max(m.rank for s in sources for m in s.modules.values())
         self.modules = [self._module(name) for name in self._names()]
         self.carried = self._carried()
+        self.base_copies = self._base_copies()
         self.dtype = self._dtype()
         self.config = self._config()
         for message in self.warnings:
@@ -213,6 +214,29 @@ class Plan:
             "are carried over as they are: only that source has them"
         )
         return s
+
+    def _base_copies(self) -> dict[str, Source]:
+        """Saved copies of base weights (`save_embedding_layers`) -> the source whose copy is
+        written: the same bytes in every source that has one (the base's own weight, or one
+        resized embedding), else refused."""
+        out: dict[str, Source] = {}
+        for s in self.sources:
+            for key in s.base_copies:
+                if key not in out:
+                    out[key] = s
+                elif bytes(out[key].store.get(key).buffer()) != bytes(s.store.get(key).buffer()):
+                    raise ConversionError(
+                        f"`{key}` differs between `{out[key].label}` and `{s.label}`: they saved "
+                        "different copies of a base weight (a resized or trained embedding), "
+                        "which cannot be combined",
+                        hint="combine adapters saved on the same base weights",
+                    )
+        if out:
+            self.warnings.append(
+                f"{len(out)} saved copies of base weights (PEFT's save_embedding_layers: "
+                f"{', '.join(sorted(out))}) are carried over as they are"
+            )
+        return out
 
     def _dtype(self) -> Dtype:
         codes = {d.code for s in self.sources for m in s.modules.values() for d in m.dtypes}

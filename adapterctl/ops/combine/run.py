@@ -19,7 +19,7 @@ from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.combine.compute import Combined, combine_module
 from adapterctl.ops.combine.plan import ModulePlan, Plan, check_options
-from adapterctl.ops.combine.sources import find_source, identity, open_source
+from adapterctl.ops.combine.sources import Source, find_source, identity, open_source
 from adapterctl.ops.combine.verify import verify as verify_written
 from adapterctl.ops.convert import Verification
 
@@ -182,7 +182,7 @@ def combine(
             dtype=plan.dtype.code,
             config=plan.config,
             modules=list(reports.values()),
-            carried=list(plan.carried.saved) if plan.carried is not None else [],
+            carried=sorted(_carried(plan)),
             warnings=list(plan.warnings),
         )
         with atomic_directory(Path(output), force=force, inputs=inputs) as tmp:
@@ -202,6 +202,19 @@ def _phase(progress: Progress | None, phase: str) -> Callable[[int, int], None] 
     if progress is None:
         return None
     return lambda n, total: progress(n, total, phase)
+
+
+def _carried(plan: Plan) -> dict[str, Source]:
+    """What is copied as it is (key -> the source it comes from): modules_to_save tensors of
+    the one source that has them, saved copies of base weights."""
+    out = dict(plan.base_copies)
+    if plan.carried is not None:
+        out.update(dict.fromkeys(plan.carried.saved, plan.carried))
+    return out
+
+
+def _copied(source: Source, key: str) -> Callable[[], Any]:
+    return lambda: source.store.get(key).buffer()
 
 
 def _write(
@@ -233,16 +246,9 @@ def _write(
         return TensorSource(a_key if side == "A" else b_key, plan.dtype, shape, data)
 
     outputs = [factor(m, side) for m in plan.modules for side in ("A", "B")]
-    if plan.carried is not None:
-        store = plan.carried.store
-        specs = store.specs()
-
-        def copied(key: str) -> Callable[[], Any]:
-            return lambda: store.get(key).buffer()
-
-        for key in plan.carried.saved:
-            dtype, shape = specs[key]
-            outputs.append(TensorSource(key, dtype, shape, copied(key)))
+    for key, source in _carried(plan).items():
+        dtype, shape = source.store.specs()[key]
+        outputs.append(TensorSource(key, dtype, shape, _copied(source, key)))
     total = sum(o.dtype.bits * numel(o.shape) // 8 for o in outputs)
 
     def advance(n: int) -> None:

@@ -54,6 +54,9 @@ class Source:
     modules: dict[str, SourceModule] = field(default_factory=dict)
     #: keys of modules_to_save tensors (carried over when only this source has them)
     saved: list[str] = field(default_factory=list)
+    #: keys of saved copies of base weights (PEFT's `save_embedding_layers`: an embedding's
+    #: `base_layer.weight`), carried over when every source that has one has the same
+    base_copies: list[str] = field(default_factory=list)
 
 
 def find_source(spec: str | os.PathLike[str], token: str | None = None) -> AdapterFiles:
@@ -120,6 +123,9 @@ def open_source(files: AdapterFiles, label: str, stack: contextlib.ExitStack) ->
             continue
         if info.kind in ("lora_B", "lora_embedding_B"):
             continue  # with its A
+        if info.kind in ("embedding", "base_layer"):
+            source.base_copies.append(key)
+            continue
         if info.kind not in _PAIRS or info.depth:
             raise UnsupportedVariantError(
                 f"`{label}`: `{key}` is {_what(info.kind, info.depth)}, which combine cannot "
