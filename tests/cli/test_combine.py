@@ -167,3 +167,18 @@ def test_json_error(sources: tuple[Path, Path], tmp_path: Path) -> None:
     assert "--dora-to-lora" in error["hint"]
     assert result.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_help_and_a_combine_stay_light(sources: tuple[Path, Path], tmp_path: Path) -> None:
+    """`combine --help` imports nothing heavy; an svd combine with --verify only numpy (no torch,
+    transformers, safetensors or peft)."""
+    from tests.perf.test_startup import assert_light, heavy_in, run_cli
+
+    assert_light(*run_cli("combine", "--help"))
+    a, b = sources
+    out = tmp_path / "out"
+    args = ("--weights", "1,1", "--method", "svd", "--verify", "--json")
+    proc, modules = run_cli("combine", str(a), str(b), str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    assert [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"] == []
+    assert json.loads(proc.stdout)["verification"]["passed"] is True
