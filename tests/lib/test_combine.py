@@ -310,11 +310,23 @@ def test_mixed_ranks_alphas_rslora_patterns_are_right(
     assert _rel(wrong - base, expected - base) > 0.05
 
 
-def test_one_source_at_weight_one_reproduces_itself(mixed: Path, tmp_path: Path) -> None:
-    source = lora_deltas(mixed / "b")
+@pytest.mark.parametrize(
+    ("fixture", "name"),
+    [
+        ("mixed", "default"),  # rslora
+        ("mixed", "b"),  # rank and alpha patterns
+        ("pair", "b"),  # Embedding LoRA, a saved base weight
+        ("gpt2_pair", "b"),  # Conv1D (fan_in_fan_out)
+    ],
+)
+def test_one_source_at_weight_one_reproduces_itself(
+    request: pytest.FixtureRequest, tmp_path: Path, fixture: str, name: str
+) -> None:
+    folder = request.getfixturevalue(fixture)
+    source = lora_deltas(folder / name if name != "default" else folder)
     for method in ("cat", "linear", "svd"):
         out = tmp_path / method
-        adapterctl.combine([mixed / "b"], out, weights=[1.0], method=method, verify=True)
+        adapterctl.combine([folder / name], out, weights=[1.0], method=method, verify=True)
         got = lora_deltas(out)
         assert sorted(got) == sorted(source)
         for m in source:
