@@ -333,6 +333,24 @@ def test_one_source_at_weight_one_reproduces_itself(
             assert _rel(got[m], source[m]) < 1e-6, (method, m)
 
 
+def test_targets_a_regex_cannot_name_are_named_in_full(tmp_path: Path) -> None:
+    """A source that targets by regex or by layer: the output names each module it holds (and
+    nothing more); plain lists are joined as they are."""
+    a = write_adapter(tmp_path / "a", None, {"target_modules": ".*q_proj"})
+    b = write_adapter(tmp_path / "b", lora_tensors(V), {"target_modules": ["v_proj"]})
+    c = write_adapter(
+        tmp_path / "c", lora_tensors(V), {"target_modules": ["v_proj"], "layers_to_transform": [0]}
+    )
+    result = adapterctl.combine([a, b], tmp_path / "ab", weights=[1, 1], method="cat")
+    assert result.config.target_modules == [Q, V]
+    result = adapterctl.combine([b, c], tmp_path / "bc", weights=[1, 1], method="cat")
+    assert result.config.target_modules == [V]
+    assert result.config.layers_to_transform is None
+    plain = write_adapter(tmp_path / "plain", None, {"target_modules": ["q_proj"]})
+    result = adapterctl.combine([plain, b], tmp_path / "lists", weights=[1, 1], method="cat")
+    assert result.config.target_modules == ["q_proj", "v_proj"]
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
