@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge completions clean llamacpp-env
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-combine completions clean llamacpp-env
 
 setup: $(STAMP)
 
@@ -66,6 +66,9 @@ bench-inspect-many: setup
 
 bench-merge: setup
 	$(BIN)/python -m benchmarks.merge
+
+bench-combine: setup
+	$(BIN)/python -m benchmarks.combine
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q

@@ -21,12 +21,15 @@ _LAZY = {
     "extract": "adapterctl.ops.extract",
     "ExtractResult": "adapterctl.ops.extract",
     "MergeResult": "adapterctl.ops.merge",
+    "combine": "adapterctl.ops.combine",
+    "CombineResult": "adapterctl.ops.combine",
 }
 
 if TYPE_CHECKING:
     from adapterctl.engine.model import AdapterModel, get_adapter_model
     from adapterctl.errors import AdapterctlError
     from adapterctl.format.config import LoraConfig
+    from adapterctl.ops.combine import CombineResult, combine
     from adapterctl.ops.extract import ExtractResult, extract
     from adapterctl.ops.inspect import inspect_adapter
     from adapterctl.ops.merge import MergeResult, merge
@@ -35,10 +38,12 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterModel",
     "AdapterctlError",
+    "CombineResult",
     "ExtractResult",
     "LoraConfig",
     "MergeResult",
     "__version__",
+    "combine",
     "extract",
     "get_adapter_model",
     "inspect_adapter",

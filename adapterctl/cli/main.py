@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from adapterctl import __version__
+from adapterctl.cli.commands.combine import combine_cmd
 from adapterctl.cli.commands.convert import convert_cmd
 from adapterctl.cli.commands.extract import extract_cmd
 from adapterctl.cli.commands.inspect import inspect_cmd
@@ -56,6 +57,7 @@ for _name, _command in (
     ("extract", extract_cmd),
     ("load", load_cmd),
     ("merge", merge_cmd),
+    ("combine", combine_cmd),
     ("save", save_cmd),
     ("push", push_cmd),
 ):  # every command's --json flag is its `json_` parameter (options.JsonOpt)

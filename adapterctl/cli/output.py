@@ -44,6 +44,7 @@ from adapterctl.ops.checks import human_size
 if TYPE_CHECKING:
     from adapterctl.engine.load import LoadReport
     from adapterctl.engine.save import SaveReport
+    from adapterctl.ops.combine import CombineResult
     from adapterctl.ops.convert import ConversionResult
     from adapterctl.ops.engines import EngineReport, Verdict
     from adapterctl.ops.extract import ExtractResult
@@ -627,6 +628,32 @@ def render_merge(out: Output, r: MergeResult) -> None:
     out.key_values(rows, indent="  ", fit=True)
     for message in r.warnings:
         out.warning(message)
+
+
+def render_combine(out: Output, r: CombineResult) -> None:
+    """Per module: the rank in -> out (the energy kept and the error with svd / --verify); then
+    what was written and the verification."""
+    modules = sorted(r.modules, key=lambda m: natural_key(m.module))
+    cut = any(m.energy is not None for m in modules)
+    checked = any(m.error is not None for m in modules)
+    header = ["module", "r", *(["energy"] if cut else []), *(["rel. error"] if checked else [])]
+    rows = []
+    for m in modules:
+        ranks = m.ranks_in
+        summed = f"{len(ranks)} x {ranks[0]}" if len(set(ranks)) == 1 and len(ranks) > 2 else None
+        row = [m.module, f"{summed or '+'.join(str(k) for k in ranks)} -> {m.rank_out}"]
+        row += [f"{m.energy:.4f}" if m.energy is not None else "-"] if cut else []
+        row += [_num(m.error)] if checked else []
+        rows.append(row)
+    out.table(header, rows, "l" + "r" * (len(header) - 1))
+    what = f"{r.method}, {len(r.sources)} sources, {len(modules)} modules"
+    out.wrapped(f"{r.output} ({what}, {human_size(r.bytes_out)})", first=f"{_mark()} ")
+    v = r.verification
+    if v is not None and v.worst is not None:
+        room = max(16, (out.columns or 10**6) - 40)
+        name = shorten(shown(v.worst.name), room, _ellipsis())
+        worst = f"{name} {v.worst.error:.2g} (allowed {v.worst.threshold:.2g})"
+        out.wrapped(f"verified {v.checked} modules, worst {worst}", first="  ")
 
 
 def render_push(out: Output, result: PushResult) -> None:

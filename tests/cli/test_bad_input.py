@@ -25,7 +25,7 @@ from tests.helpers import Q, lora_tensors, raw_safetensors, write_adapter
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
 F32_4 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
-READERS = ("inspect", "select", "convert", "load", "push", "merge")
+READERS = ("inspect", "select", "convert", "load", "push", "merge", "combine")
 
 
 def _weights(data: bytes) -> Callable[[Path], Path]:
@@ -265,7 +265,11 @@ CASES |= {
         exit_code=2,
     ),
     "output is a symlink": Case(
-        _same, "is a symlink", ("select", "convert", "merge"), output="link", names="link"
+        _same,
+        "is a symlink",
+        ("select", "convert", "merge", "combine"),
+        output="link",
+        names="link",
     ),
     "mismatched PiSSA pair": Case(
         _same, "differ in `r`", ("convert",), ("--initial", "{tmp}/other-init"), names="source"
@@ -284,6 +288,7 @@ def _argv(command: str, src: Path, tmp: Path, case: Case) -> list[str]:
         "load": ["load", str(tmp / "base"), str(src), "--device", "cpu"],
         "push": ["push", str(src), "alice/x", "--base-model", "org/m", "--dry-run"],
         "merge": ["merge", str(tmp / "base"), str(src), out],
+        "combine": ["combine", str(src), out, "--weights", "1", "--method", "cat"],
     }[command] + extra
 
 

@@ -25,8 +25,10 @@ from adapterctl.ops.convert.adapter import (
     convert_adapter,
     one_adapter,
 )
+from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Factored, Target, factor
 from adapterctl.ops.convert.initial import REBUILDABLE, irreproducible
+from adapterctl.ops.convert.lowrank import Spectrum, spectrum
 from adapterctl.ops.convert.plan import (
     ModuleReport,
     convert_tensors,
@@ -46,6 +48,7 @@ __all__ = [
     "Kept",
     "ModuleReport",
     "Progress",
+    "Spectrum",
     "Target",
     "Verification",
     "VerificationFailed",
@@ -55,5 +58,7 @@ __all__ = [
     "factor",
     "irreproducible",
     "one_adapter",
+    "one_blas_thread",
     "reduced_config",
+    "spectrum",
 ]

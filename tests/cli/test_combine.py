@@ -1,0 +1,184 @@
+"""`adapterctl combine` from the command line: the report, --json, DIR/NAME sources, warnings,
+refusals (one error line and a hint, nothing written, an existing output untouched)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from adapterctl.cli.main import app
+from tests.helpers import P, Q, V, lora_deltas, lora_tensors, write_adapter
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path) -> Any:
+    return runner.invoke(app, ["combine", *[str(a) for a in args]], prog_name="adapterctl")
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> tuple[Path, Path]:
+    """`a` (q_proj, r 4, alpha 8) and, in a multi-adapter folder, `multi/b` (q_proj and v_proj,
+    r 2, rslora) with the root adapter `multi` beside it."""
+    a = write_adapter(tmp_path / "a")
+    multi = write_adapter(tmp_path / "multi", lora_tensors(V), {"target_modules": ["v_proj"]})
+    rng = np.random.default_rng(7)
+    tensors = {
+        **{
+            k: rng.standard_normal(v.shape).astype(np.float32)
+            for k, v in lora_tensors(Q, r=2).items()
+        },
+        **lora_tensors(V, r=2),
+    }
+    write_adapter(
+        multi / "b",
+        tensors,
+        {"r": 2, "lora_alpha": 3, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
+    )
+    return a, multi / "b"
+
+
+def test_human_report(sources: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = sources
+    out = tmp_path / "out"
+    result = invoke(a, b, out, "--weights", "1,-0.5", "--method", "cat", "--verify")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["module", "r", "rel.", "error"]
+    assert lines[1].split()[:4] == [Q, "4+2", "->", "6"]
+    assert lines[2].split()[:4] == [V, "2", "->", "2"]
+    assert lines[3].startswith(f"✓ {out} (cat, 2 sources, 2 modules, ")
+    assert lines[4].startswith("  verified 2 modules, worst ")
+    assert result.stderr == ""
+
+
+def test_json_document(sources: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = sources
+    out = tmp_path / "out"
+    result = invoke(a, b, out, "--weights", "1,2", "--method", "svd", "--rank", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema_version"] == 1
+    assert doc["sources"] == [str(a), str(b)]
+    assert (doc["method"], doc["weights"], doc["seed"], doc["dtype"]) == (
+        "svd",
+        [1.0, 2.0],
+        0,
+        "F32",
+    )
+    assert doc["config"]["r"] == doc["config"]["lora_alpha"] == 3
+    assert doc["config"]["use_rslora"] is False
+    assert doc["config"]["target_modules"] == ["q_proj", "v_proj"]
+    assert [m["module"] for m in doc["modules"]] == [Q, V]
+    q = doc["modules"][0]
+    assert (q["ranks_in"], q["rank_out"]) == ([4, 2], 3)
+    assert 0 < q["energy"] < 1
+    assert doc["verification"] is None
+    assert doc["bytes_out"] == (out / "adapter_model.safetensors").stat().st_size
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (3, 3, {})
+
+
+def test_root_adapter_of_a_multi_adapter_folder_as_dir_default(
+    sources: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = sources
+    out = tmp_path / "out"
+    result = invoke(b.parent / "default", a, out, "--weights", "2,1", "--method", "cat")
+    assert result.exit_code == 0, result.stderr
+    got = lora_deltas(out)
+    root, first = lora_deltas(b.parent), lora_deltas(a)
+    np.testing.assert_allclose(got[V], 2 * root[V], rtol=1e-6)
+    np.testing.assert_allclose(got[Q], first[Q], rtol=1e-6)
+
+
+def test_a_multi_adapter_folder_itself_is_refused(
+    sources: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = sources
+    result = invoke(b.parent, a, tmp_path / "out", "--weights", "1,1", "--method", "cat")
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: source ")
+    assert "holds 2 adapters" in lines[0]
+    assert lines[1].startswith("hint: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_names_that_differ_are_a_warning(tmp_path: Path) -> None:
+    a = write_adapter(tmp_path / "a", None, {"base_model_name_or_path": "org/one"})
+    b = write_adapter(tmp_path / "b", None, {"base_model_name_or_path": "org/two"})
+    result = invoke(a, b, tmp_path / "out", "--weights", "1,1", "--method", "linear", "--json")
+    assert result.exit_code == 0, result.stderr
+    warning = json.loads(result.stderr.splitlines()[0])["warning"]["message"]
+    assert "different base models" in warning
+    assert "`org/one`" in warning
+    assert "`org/two`" in warning
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--weights", "1", "--method", "cat"], 2, "error: 1 weight for 2 sources"),
+        (["--weights", "1,x", "--method", "cat"], 2, "is not a comma-separated list"),
+        (["--weights", "1,1", "--method", "ties"], 2, "error: --method ties needs --density"),
+        (
+            ["--weights", "1,1", "--method", "dare_ties", "--density", "0"],
+            2,
+            "error: --density must be a fraction in (0, 1], not 0.0",
+        ),
+        (
+            ["--weights", "1,1", "--method", "linear"],
+            1,
+            "error: --method linear combines the A's and the B's separately",
+        ),
+    ],
+)
+def test_refusals(
+    sources: tuple[Path, Path], tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    a, b = sources
+    existing = write_adapter(tmp_path / "existing")
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    result = invoke(a, b, existing, "--force", *args)
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+
+
+def test_json_error(sources: tuple[Path, Path], tmp_path: Path) -> None:
+    a, _ = sources
+    dora = write_adapter(
+        tmp_path / "dora",
+        {**lora_tensors(), f"{P}{Q}.lora_magnitude_vector": np.ones(8, np.float32)},
+        {"use_dora": True},
+    )
+    result = invoke(a, dora, tmp_path / "out", "--weights", "1,1", "--method", "cat", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stderr.splitlines()[-1])["error"]
+    assert error["type"] == "UnsupportedVariantError"
+    assert "DoRA" in error["message"]
+    assert "--dora-to-lora" in error["hint"]
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_and_a_combine_stay_light(sources: tuple[Path, Path], tmp_path: Path) -> None:
+    """`combine --help` imports nothing heavy; an svd combine with --verify only numpy (no torch,
+    transformers, safetensors or peft)."""
+    from tests.perf.test_startup import assert_light, heavy_in, run_cli
+
+    assert_light(*run_cli("combine", "--help"))
+    a, b = sources
+    out = tmp_path / "out"
+    args = ("--weights", "1,1", "--method", "svd", "--verify", "--json")
+    proc, modules = run_cli("combine", str(a), str(b), str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    assert [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"] == []
+    assert json.loads(proc.stdout)["verification"]["passed"] is True
