@@ -13,11 +13,11 @@ from adapterctl.cli.output import Output, render_combine
 def _weights(text: str) -> list[float]:
     try:
         return [float(w) for w in text.split(",")]
-    except ValueError:
+    except ValueError as e:
         raise typer.BadParameter(
             f"{text!r} is not a comma-separated list of numbers (e.g. 1,0.5)",
             param_hint="'--weights'",
-        ) from None
+        ) from e
 
 
 def combine_cmd(
