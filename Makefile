@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge completions clean
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-extract completions clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,10 @@ bench-inspect-many: setup
 
 bench-merge: setup
 	$(BIN)/python -m benchmarks.merge
+
+# installs mergekit into its own cached environment (benchmarks/out/mergekit-env) on first use
+bench-extract: setup
+	$(BIN)/python -m benchmarks.extract
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q
