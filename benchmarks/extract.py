@@ -18,7 +18,8 @@ Measured in fresh children, interleaved (`--runs` rounds, the order alternating)
 Each engine's first output is then read back with safetensors: its delta s * B @ A per module
 (s from the config's lora_alpha / r, rank_pattern and alpha_pattern) against TUNED - BASE, as the
 relative Frobenius error per module and overall; the error against the true rank-16 delta is
-reported too. Goals (issue #15): wall time <= 0.5x mergekit's, peak RSS <= 0.2x, error no worse.
+reported too. Goals (issue #15): wall time <= 0.5x mergekit's, peak RSS <= 0.2x, error no worse
+(within 0.1 %: see LIMITS).
 
 Until the `extract` command exists, the adapterctl side is skipped with a message and mergekit is
 measured alone. Run with `make bench-extract` (or `.venv/bin/python -m benchmarks.extract
@@ -83,7 +84,9 @@ QUICK = {
     },
 }
 ENGINES = ("adapterctl", "mergekit")
-LIMITS = {"wall": 0.5, "rss": 0.2, "error": 1.0}
+#: error: "no worse" than mergekit's, whose exact SVD reaches the best rank-16 error (Eckart-Young),
+#: with 0.1 % for rounding and a randomized range finder's slack
+LIMITS = {"wall": 0.5, "rss": 0.2, "error": 1.001}
 
 # -- the fixture -------------------------------------------------------------------------------
 
@@ -223,7 +226,7 @@ def adapterctl_extract_missing() -> str | None:
     if done.returncode == 0:
         return None
     last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [""]
-    return f"`adapterctl extract --help` exited {done.returncode}: {last[0].strip(' │')}"
+    return f"`adapterctl extract --help` exited {done.returncode}: {last[0].strip(' │.')}"
 
 
 def engine_argv(engine: str, base: Path, tuned: Path, out: Path) -> list[str]:
@@ -296,7 +299,8 @@ def report(
         ],
     )
     for engine, e in errors.items():
-        extra = f"; other tensors: {', '.join(e['other_tensors'][:3])}" if e["other_tensors"] else ""
+        others = e["other_tensors"]
+        extra = f"; other tensors: {', '.join(others[:3])}" if others else ""
         problems = f"; PROBLEMS: {'; '.join(e['problems'][:3])}" if e["problems"] else ""
         print(
             f"{engine}: {e['modules']} modules; worst {e['worst_module']} "
