@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-combine completions clean llamacpp-env
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-combine bench-extract completions clean llamacpp-env
 
 setup: $(STAMP)
 
@@ -69,6 +69,10 @@ bench-merge: setup
 
 bench-combine: setup
 	$(BIN)/python -m benchmarks.combine
+
+# installs mergekit into its own cached environment (benchmarks/out/mergekit-env) on first use
+bench-extract: setup
+	$(BIN)/python -m benchmarks.extract
 
 completions: setup
 	$(BIN)/python -m pytest tests/test_repo_meta.py --update-golden -q
