@@ -182,3 +182,39 @@ def test_help_and_a_combine_stay_light(sources: tuple[Path, Path], tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     assert [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"] == []
     assert json.loads(proc.stdout)["verification"]["passed"] is True
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "found"),
+    [
+        (np.float32, np.nan, "2 NaN (of 32 values)"),
+        (np.float16, np.inf, "2 +Inf (of 32 values)"),
+        (np.float32, -np.inf, "2 -Inf (of 32 values)"),
+    ],
+    ids=["nan", "f16-inf", "neg-inf"],
+)
+def test_a_nonfinite_factor_is_refused_before_anything_is_written(
+    sources: tuple[Path, Path], tmp_path: Path, dtype: Any, value: float, found: str
+) -> None:
+    """One NaN or ±Inf in a factor would make the combined module meaningless (cat would carry
+    it into the output): one error line naming the source and the tensor, nothing written."""
+    a, _ = sources
+    tensors = {k: v.astype(dtype) for k, v in lora_tensors(V).items()}
+    bad_key = f"{P}{V}.lora_B.weight"
+    tensors[bad_key][3, 1] = tensors[bad_key][5, 0] = value
+    bad = write_adapter(tmp_path / "bad", tensors, {"target_modules": ["v_proj"]})
+    existing = write_adapter(tmp_path / "existing")
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    for method in ("cat", "svd"):
+        result = invoke(a, bad, existing, "--force", "--weights", "1,1", "--method", method)
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.splitlines()
+        assert (
+            lines[0] == f"error: `{bad}`: `{bad_key}` holds {found}: its module cannot be combined"
+        )
+        assert lines[1].startswith("hint: nothing was written")
+        assert len(lines) == 2
+        assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    tensors[bad_key][3, 1] = tensors[bad_key][5, 0] = 0.5
+    fine = write_adapter(tmp_path / "fine", tensors, {"target_modules": ["v_proj"]})
+    assert invoke(a, fine, tmp_path / "out", "--weights", "1,1", "--method", "cat").exit_code == 0

@@ -19,7 +19,13 @@ from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.ops import SCHEMA_VERSION
 from adapterctl.ops.combine.compute import Combined, combine_module
 from adapterctl.ops.combine.plan import ModulePlan, Plan, check_options
-from adapterctl.ops.combine.sources import Source, find_source, identity, open_source
+from adapterctl.ops.combine.sources import (
+    Source,
+    find_source,
+    identity,
+    open_source,
+    refuse_nonfinite,
+)
 from adapterctl.ops.combine.verify import verify as verify_written
 from adapterctl.ops.convert import Verification
 
@@ -163,6 +169,8 @@ def combine(
         _distinct(files, labels)
         opened = [open_source(f, label, stack) for f, label in zip(files, labels, strict=True)]
         plan = Plan(opened, options)
+        for source in opened:
+            refuse_nonfinite(source)
         inputs = [*local, *(f.directory or f.weights_path for f in files)]
         preflight([output], force=force, inputs=inputs)
         reports = {
