@@ -317,3 +317,20 @@ def test_new_card_text_writes_what_card_text_writes() -> None:
             )
             assert new_card_text(config, body) == card_text(config, body)
             assert new_card_text(config, body, "org/x") == card_text(config, body, None, "org/x")
+
+
+def test_usage_line_reads_sources_then_output(tmp_path: Path) -> None:
+    """Usage names SOURCE (repeated) then OUTPUT, in Typer's braces for required arguments as
+    every command's usage does; one path alone is a usage error naming SOURCE."""
+    result = runner.invoke(app, ["combine", "--help"], prog_name="adapterctl")
+    assert result.exit_code == 0
+    assert (
+        result.stdout.splitlines()[0] == "Usage: adapterctl combine [OPTIONS] {SOURCE}... {OUTPUT}"
+    )
+    listed = result.stdout.split("Arguments:\n", 1)[1].split("\n\n", 1)[0]
+    names = [ln.split()[0] for ln in listed.splitlines() if not ln.startswith("   ")]
+    assert names == ["SOURCE", "OUTPUT"]
+    alone = invoke(tmp_path / "out", "--weights", "1", "--method", "cat")
+    assert alone.exit_code == 2
+    assert "Missing argument 'SOURCE'" in alone.stderr
+    assert not (tmp_path / "out").exists()
