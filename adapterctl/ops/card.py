@@ -303,15 +303,16 @@ def card_text(
 
 def new_card_text(
     config: LoraConfig,
-    text: str,
+    text: str | None = None,
     base_model: str | None = None,
     *,
     adapters: dict[str, LoraConfig] | None = None,
 ) -> str:
-    """A new card whose body is `text` (Markdown without front matter, `\\n` line ends): what
-    `card_text(config, text, base_model, adapters=adapters)` writes, without huggingface_hub
-    (the front matter in its ModelCard's field order), for a command that needs no other part
-    of it. Every untrusted string in `text` must have gone through `inert`."""
+    """A new card whose body is `text` (Markdown without front matter, `\\n` line ends; None:
+    the default body): what `card_text(config, text, base_model, adapters=adapters)` writes,
+    without huggingface_hub (the front matter in its ModelCard's field order), for a command
+    that needs no other part of it. Every untrusted string in `text` must have gone through
+    `inert`."""
     import yaml
 
     base = base_model or hub_id(config.base_model_name_or_path)
@@ -324,7 +325,8 @@ def new_card_text(
     front = yaml.safe_dump(
         {k: v for k, v in fields.items() if v is not None}, allow_unicode=True, sort_keys=False
     ).strip()
-    body = _with_facts(text, facts_block(adapters or {"default": config}))
+    body = text if text is not None else _default_text(base)
+    body = _with_facts(body, facts_block(adapters or {"default": config}))
     return _with_framework(f"---\n{front}\n---\n{body}")
 
 

@@ -316,6 +316,7 @@ def test_new_card_text_writes_what_card_text_writes() -> None:
                 r=4, target_modules=["q_proj"], base_model_name_or_path=base, task_type=task
             )
             assert new_card_text(config, body) == card_text(config, body)
+            assert new_card_text(config) == card_text(config, None)  # extract's card
             assert new_card_text(config, body, "org/x") == card_text(config, body, None, "org/x")
 
 
