@@ -293,25 +293,62 @@ def card_text(
         hub_id(b) for b in ([old_base] if isinstance(old_base, str) else old_base)
     ):
         data.base_model = None  # a local path means nothing on the Hub
-    tags = set(data.tags or []) | set(model_tags or []) | {"lora", "transformers"}
-    tags = {t for t in tags if not _local_base_tag(str(t), base)}
-    if base:
-        tags.add(f"base_model:adapter:{base}")
-    data.tags = sorted(tags)
+    data.tags = _tags({*(data.tags or []), *(model_tags or [])}, base)
     pipeline = PIPELINE_TAGS.get(config.task_type or "")
     if pipeline and not getattr(data, "pipeline_tag", None):
         data.pipeline_tag = pipeline
     card.text = _with_facts(card.text, facts_block(adapters or {"default": config}))
-    text = str(card)
-    if _FRAMEWORK not in text:
-        from adapterctl.format.config import PEFT_VERSION
-        from adapterctl.version import __version__
+    return _with_framework(str(card))
 
-        text = (
-            text.rstrip("\n")
-            + f"\n\n{_FRAMEWORK}\n\n- PEFT {PEFT_VERSION} (format)\n- adapterctl {__version__}\n"
-        )
-    return text
+
+def new_card_text(
+    config: LoraConfig,
+    text: str | None = None,
+    base_model: str | None = None,
+    *,
+    adapters: dict[str, LoraConfig] | None = None,
+) -> str:
+    """A new card whose body is `text` (Markdown without front matter, `\\n` line ends; None:
+    the default body): what `card_text(config, text, base_model, adapters=adapters)` writes,
+    without huggingface_hub (the front matter in its ModelCard's field order), for a command
+    that needs no other part of it. Every untrusted string in `text` must have gone through
+    `inert`."""
+    import yaml
+
+    base = base_model or hub_id(config.base_model_name_or_path)
+    fields = {
+        "library_name": "peft",
+        "base_model": base,
+        "pipeline_tag": PIPELINE_TAGS.get(config.task_type or ""),
+        "tags": _tags(set(), base),
+    }
+    front = yaml.safe_dump(
+        {k: v for k, v in fields.items() if v is not None}, allow_unicode=True, sort_keys=False
+    ).strip()
+    body = text if text is not None else _default_text(base)
+    body = _with_facts(body, facts_block(adapters or {"default": config}))
+    return _with_framework(f"---\n{front}\n---\n{body}")
+
+
+def _tags(tags: set[str], base: str | None) -> list[str]:
+    """A card's tags: `tags` (those it had, the model's) with PEFT's own, none naming a local
+    path or another base, and the base's adapter tag."""
+    tags = {t for t in tags | {"lora", "transformers"} if not _local_base_tag(str(t), base)}
+    if base:
+        tags.add(f"base_model:adapter:{base}")
+    return sorted(tags)
+
+
+def _with_framework(text: str) -> str:
+    if _FRAMEWORK in text:
+        return text
+    from adapterctl.format.config import PEFT_VERSION
+    from adapterctl.version import __version__
+
+    return (
+        text.rstrip("\n")
+        + f"\n\n{_FRAMEWORK}\n\n- PEFT {PEFT_VERSION} (format)\n- adapterctl {__version__}\n"
+    )
 
 
 def _stated(existing: str) -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import P, write_adapter
+from tests.helpers import P, write_adapter, write_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "model.layers.0.self_attn.q_proj_é✓×\u202e"
@@ -45,6 +45,11 @@ def adapter(tmp_path: Path) -> Path:
     }
     src = write_adapter(tmp_path / "src", tensors, {"target_modules": ["q_proj_é✓×\u202e"]})
     (src / "README.md").write_text("# café ✓ → …\n", encoding="utf-8")
+    weight = rng.standard_normal((8, 8)).astype(np.float32)
+    for name, change in (("base", 0.0), ("tuned", 0.5)):  # checkpoints for extract
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
+        write_tensors(tmp_path / name / "model.safetensors", {f"{NAME}.weight": weight + change})
     return src
 
 
@@ -61,9 +66,19 @@ COMMANDS = [
     pytest.param(["convert", "src", "out", "--dtype", "bfloat16", "--verify"], id="convert"),
     pytest.param(["convert", "src", "out", "--rank", "2", "--json"], id="convert-json"),
     pytest.param(["push", "src", "alice/x", "--dry-run", "--base-model", "a/b"], id="push"),
+    pytest.param(["combine", "src", "out", "--weights", "1", "--method", "cat"], id="combine"),
+    pytest.param(
+        ["combine", "src", "out", "--weights", "2", "--method", "svd", "--json"], id="combine-json"
+    ),
+    pytest.param(["extract", "base", "tuned", "out", "--rank", "1"], id="extract"),
+    pytest.param(["extract", "base", "tuned", "out", "--rank", "1", "--json"], id="extract-json"),
     pytest.param(["--help"], id="help"),
     pytest.param(["inspect", "--help"], id="inspect-help"),
+    pytest.param(["combine", "--help"], id="combine-help"),
+    pytest.param(["extract", "--help"], id="extract-help"),
 ]
+#: the commands that report the adapter's (non-ASCII) module names
+NAMING = ("inspect", "convert", "combine", "extract")
 
 
 @pytest.mark.parametrize("env", ENCODINGS)
@@ -77,11 +92,11 @@ def test_every_command_on_an_ascii_terminal(
         return
     if "--json" in args:
         doc = json.loads(proc.stdout)  # \u escapes: the same document
-        if args[0] in ("inspect", "convert"):
+        if args[0] in NAMING:
             assert NAME in json.dumps(doc, ensure_ascii=False)
-    elif args[0] in ("inspect", "convert"):
+    elif args[0] in NAMING:
         assert "\\xe9" in proc.stdout  # untrusted non-ASCII text escaped, not dropped
-    if args[0] in ("select", "convert") and "--json" not in args:
+    if args[0] in ("select", "convert", "combine", "extract") and "--json" not in args:
         assert "\nok " in "\n" + proc.stdout  # the ASCII spelling of the check mark
 
 
@@ -112,6 +127,10 @@ def test_errors_and_warnings_on_an_ascii_terminal(
         pytest.param(["inspect", "alice/adapter", "--json"], id="inspect-json"),
         pytest.param(["select", "alice/adapter", "out", "-a", "default"], id="select"),
         pytest.param(["convert", "alice/adapter", "out", "--dtype", "float16"], id="convert"),
+        pytest.param(
+            ["combine", "alice/adapter", "out", "--weights", "1", "--method", "cat"], id="combine"
+        ),
+        pytest.param(["extract", "alice/base", "alice/tuned", "out", "--rank", "1"], id="extract"),
     ],
 )
 @pytest.mark.parametrize("offline", ["0", "1"])

@@ -121,6 +121,8 @@ def test_python_m_adapterctl_version() -> None:
         pytest.param(["inspect", "--help"], id="inspect-help"),
         pytest.param(["select", "--help"], id="select-help"),
         pytest.param(["merge", "--help"], id="merge-help"),
+        pytest.param(["combine", "--help"], id="combine-help"),
+        pytest.param(["extract", "--help"], id="extract-help"),
     ],
 )
 def test_help_and_version_are_light(args: list[str]) -> None:
@@ -218,3 +220,56 @@ def test_merge_is_light(pissa: dict[str, Path], tmp_path: Path) -> None:
     assert not heavy, f"heavy modules imported: {heavy}"
     assert json.loads(proc.stdout)["modules"] == {"linear": 2}
     assert (out / "model.safetensors").is_file()
+
+
+def test_combine_is_light(adapter_dir: Path, tmp_path: Path) -> None:
+    """combine computes with numpy and writes its card without huggingface_hub: no torch,
+    transformers or the rest."""
+    import shutil
+
+    other = shutil.copytree(adapter_dir, tmp_path / "other")  # the same bytes, another adapter
+    out = tmp_path / "out"
+    args = ("--weights", "1,-0.5", "--method", "svd", "--rank", "2", "--verify", "--json")
+    proc, modules = run_cli("combine", str(adapter_dir), str(other), str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    heavy = [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"]
+    assert not heavy, f"heavy modules imported: {heavy}"
+    assert json.loads(proc.stdout)["verification"]["passed"] is True
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: peft\n")
+
+
+def _checkpoint(directory: Path, change: float) -> Path:
+    """A one-layer Llama-shaped safetensors checkpoint (config.json and model.safetensors),
+    written with the project's format layer; `change` is added to q_proj's first row."""
+    directory.mkdir()
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
+
+    def weight(step: float, first_row: float) -> bytes:
+        values = [step * ((7 * i) % 13 - 6) for i in range(64)]
+        values[:8] = [v + first_row for v in values[:8]]
+        return struct.pack("<64f", *values)
+
+    layer = "model.layers.0.self_attn"
+    sources = [
+        TensorSource(f"{layer}.q_proj.weight", DTYPES["F32"], (8, 8), lambda: weight(0.1, change)),
+        TensorSource(f"{layer}.v_proj.weight", DTYPES["F32"], (8, 8), lambda: weight(0.2, 0.0)),
+    ]
+    with open(directory / "model.safetensors", "wb") as f:
+        write_safetensors(f, sources)
+    return directory
+
+
+def test_extract_is_light(tmp_path: Path) -> None:
+    """extract of safetensors checkpoints streams with numpy and writes its card without
+    huggingface_hub: no torch, transformers or the rest."""
+    base, tuned = _checkpoint(tmp_path / "base", 0.0), _checkpoint(tmp_path / "tuned", 0.5)
+    out = tmp_path / "out"
+    proc, modules = run_cli("extract", str(base), str(tuned), str(out), "--rank", "1", "--verify")
+    assert proc.returncode == 0, proc.stderr
+    heavy = [m for m in heavy_in(modules) if m.split(".")[0] != "numpy"]
+    assert not heavy, f"heavy modules imported: {heavy}"
+    assert "model.layers.0.self_attn.q_proj" in proc.stdout
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: peft\n")

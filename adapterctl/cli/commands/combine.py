@@ -21,13 +21,20 @@ def _weights(text: str) -> list[float]:
 
 
 def combine_cmd(
-    paths: Annotated[
+    sources: Annotated[
         list[str],
         typer.Argument(
-            metavar="SOURCE...OUTPUT",
-            help="The adapters to combine (a directory, DIR/NAME for an adapter of a "
-            "multi-adapter directory, a weights file or a Hub repo id), then the directory to "
-            "write (must not exist unless --force).",
+            metavar="SOURCE",
+            help="The adapters to combine: a directory, DIR/NAME for an adapter of a "
+            "multi-adapter directory, a weights file or a Hub repo id.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        str,
+        typer.Argument(
+            metavar="OUTPUT",
+            help="The directory to write (must not exist unless --force).",
             show_default=False,
         ),
     ],
@@ -94,20 +101,14 @@ def combine_cmd(
     its rank cut) for any mix of ranks, alphas, rank/alpha patterns and rslora, where PEFT
     applies only one scaling. torch is not imported for safetensors sources.
     """
-    from adapterctl.errors import InvalidOptionError
     from adapterctl.ops.combine import VerificationFailed, combine
 
-    if len(paths) < 2:
-        raise InvalidOptionError(
-            "combine needs at least one SOURCE and the OUTPUT",
-            hint="adapterctl combine SOURCE [SOURCE ...] OUTPUT --weights W1,...",
-        )
     out = Output(json_)
     try:
         with out.progress("combining") as advance:
             result = combine(
-                paths[:-1],
-                paths[-1],
+                sources,
+                output,
                 weights=_weights(weights),
                 method=method,
                 density=density,

@@ -6,6 +6,7 @@
 - `plan`: the options, every module's sources, ranks and shapes, the output config;
 - `compute`: each module's combined factors (cat, svd, the factor-wise and delta-wise methods);
 - `verify`: `--verify`, the written factors against a float64 recomputation;
+- `card`: the output's model card (base model, method, sources and weights);
 - `run`: `combine` itself and its result.
 
 Code outside this package imports only the names below (an import-linter contract says so).

@@ -13,13 +13,20 @@ from typing import Any, Protocol
 from adapterctl.errors import ConversionError, InvalidOptionError
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
-from adapterctl.format.layout import SAFETENSORS_NAME, AdapterFiles
+from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles
 from adapterctl.format.rawtensor import from_float, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.ops import SCHEMA_VERSION
+from adapterctl.ops.combine.card import combine_card
 from adapterctl.ops.combine.compute import Combined, combine_module
 from adapterctl.ops.combine.plan import ModulePlan, Plan, check_options
-from adapterctl.ops.combine.sources import Source, find_source, identity, open_source
+from adapterctl.ops.combine.sources import (
+    Source,
+    find_source,
+    identity,
+    open_source,
+    refuse_nonfinite,
+)
 from adapterctl.ops.combine.verify import verify as verify_written
 from adapterctl.ops.convert import Verification
 
@@ -163,6 +170,8 @@ def combine(
         _distinct(files, labels)
         opened = [open_source(f, label, stack) for f, label in zip(files, labels, strict=True)]
         plan = Plan(opened, options)
+        for source in opened:
+            refuse_nonfinite(source)
         inputs = [*local, *(f.directory or f.weights_path for f in files)]
         preflight([output], force=force, inputs=inputs)
         reports = {
@@ -188,6 +197,8 @@ def combine(
         with atomic_directory(Path(output), force=force, inputs=inputs) as tmp:
             result.bytes_out = _write(plan, tmp, reports, progress)
             (tmp / CONFIG_NAME).write_text(plan.config.to_json())
+            card = combine_card(plan, labels, method)
+            (tmp / README_NAME).write_bytes(card.encode("utf-8"))
             if verify:
                 step = _phase(progress, "verifying")
                 result.verification, checks = verify_written(plan, tmp, step)

@@ -17,7 +17,8 @@ from adapterctl.format.dtypes import Dtype
 from adapterctl.format.factors import pair_problem
 from adapterctl.format.keys import classify
 from adapterctl.format.layout import AdapterFiles, find_adapters, pick_adapters
-from adapterctl.format.rawtensor import OpenStore, TensorStore
+from adapterctl.format.nonfinite import NONFINITE_CODES, count_nonfinite, has_nonfinite
+from adapterctl.format.rawtensor import OpenStore, TensorStore, numel
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops.convert import one_adapter
 
@@ -158,6 +159,26 @@ def open_source(files: AdapterFiles, label: str, stack: contextlib.ExitStack) ->
     if not source.modules:
         raise AdapterFormatError(f"`{label}` holds no LoRA factors to combine")
     return source
+
+
+def refuse_nonfinite(source: Source) -> None:
+    """Refuse NaN and ±Inf in the source's factors (a sum, a pruning or an SVD of them is no
+    number), found on the bits one tensor at a time (format.nonfinite: `has_nonfinite` at memory
+    speed, counted only where there are some), before anything is written."""
+    for m in source.modules.values():
+        for key, dtype in zip((m.a_key, m.b_key), m.dtypes, strict=True):
+            if dtype.code not in NONFINITE_CODES:
+                continue
+            t = source.store.get(key)
+            if not has_nonfinite(t):
+                continue
+            found = count_nonfinite(t.buffer(), dtype.code)
+            raise ConversionError(
+                f"`{source.label}`: `{key}` holds {found.describe()} (of {numel(t.shape):,} "
+                "values): its module cannot be combined",
+                hint="nothing was written; `adapterctl inspect --check` lists every tensor "
+                "holding NaN or Inf",
+            )
 
 
 def _what(kind: str, depth: int) -> str:

@@ -198,9 +198,9 @@ def extract(
                     progress=None if progress is None else lambda n: progress(n, total, "writing"),
                 )  # fmt: skip
             (tmp / CONFIG_NAME).write_text(config.to_json())
-            from adapterctl.ops.card import card_text
+            from adapterctl.ops.card import new_card_text
 
-            (tmp / README_NAME).write_bytes(card_text(config, None).encode("utf-8"))
+            (tmp / README_NAME).write_bytes(new_card_text(config).encode("utf-8"))
             if verify:
                 step = None if progress is None else (lambda n, t: progress(n, t, "verifying"))
                 result.verification = check(tmp, b_ckpt, t_ckpt, extracted, whole, step)
