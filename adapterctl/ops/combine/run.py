@@ -16,7 +16,7 @@ from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles
 from adapterctl.format.rawtensor import from_float, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
-from adapterctl.ops import SCHEMA_VERSION
+from adapterctl.ops import SCHEMA_VERSION, failure_message
 from adapterctl.ops.combine.card import combine_card
 from adapterctl.ops.combine.compute import Combined, combine_module
 from adapterctl.ops.combine.plan import ModulePlan, Plan, check_options
@@ -115,13 +115,8 @@ class VerificationFailed(ConversionError):
 
     def __init__(self, result: CombineResult) -> None:
         worst = result.verification.worst if result.verification else None
-        detail = (
-            f": `{worst.name}` off by {worst.error:.3g} (allowed {worst.threshold:.3g})"
-            if worst
-            else ""
-        )
         super().__init__(
-            "verification failed" + detail,
+            failure_message(worst),
             hint="the output was not written; report this with the sources' `inspect --json`",
         )
         self.result = result

@@ -19,7 +19,7 @@ from adapterctl.format.peftversions import KEYS, for_release, knows, release, re
 from adapterctl.format.rawtensor import CAST_TARGETS, OpenStore, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.format.variants import refuse_variants
-from adapterctl.ops import SCHEMA_VERSION
+from adapterctl.ops import SCHEMA_VERSION, failure_message
 from adapterctl.ops.convert.dora import DoraDeltas, dora_checks, dora_reports, with_checks
 from adapterctl.ops.convert.embeddings import EmbeddingDeltas, embedding_checks, embedding_reports
 from adapterctl.ops.convert.initial import (
@@ -110,13 +110,8 @@ class VerificationFailed(ConversionError):
 
     def __init__(self, result: ConversionResult) -> None:
         worst = result.verification.worst if result.verification else None
-        detail = (
-            f": `{worst.name}` off by {worst.error:.3g} (allowed {worst.threshold:.3g})"
-            if worst
-            else ""
-        )
         super().__init__(
-            "verification failed" + detail,
+            failure_message(worst),
             hint="the output was not written; report this with the adapter's `inspect --json`",
         )
         self.result = result

@@ -7,9 +7,14 @@ for a module's factors one after the other)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from adapterctl.format.dtypes import Dtype
 from adapterctl.format.rawtensor import RawTensor, TensorStore
+from adapterctl.ops.convert.dense import Target
+
+if TYPE_CHECKING:
+    from adapterctl.format.checkpoint import BaseCheckpoint
 
 Specs = dict[str, tuple[Dtype, tuple[int, ...]]]
 
@@ -46,3 +51,21 @@ class DerivedStore:
         if self._cache is None or self._cache[0] != module:
             self._cache = (module, self.make(module))
         return self._cache[1][key]
+
+
+class OnBase(DerivedStore):
+    """A `DerivedStore` whose tensors are made from the source and a base checkpoint's weights,
+    each change factored at one `Target` (the source's own specs kept as `specs_in`)."""
+
+    def __init__(self, source: TensorStore, base: BaseCheckpoint, target: Target) -> None:
+        super().__init__(source)
+        self.base = base
+        self.target = target
+        self.specs_in: Specs = dict(source.specs())
+        self._base_shapes: dict[str, tuple[int, ...]] | None = None
+
+    def base_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of the base's tensor `key` (the base's headers are read once)."""
+        if self._base_shapes is None:
+            self._base_shapes = {name: tuple(shape) for name, _, _, shape in self.base.tensors()}
+        return self._base_shapes[key]

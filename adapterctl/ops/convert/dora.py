@@ -22,7 +22,7 @@ from adapterctl.format.keys import classify
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, to_float64
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Target, factor
-from adapterctl.ops.convert.derived import DerivedStore, Specs
+from adapterctl.ops.convert.derived import OnBase, Specs
 from adapterctl.ops.convert.plan import Plan, reduced_config
 from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification
 from adapterctl.ops.merge import Kind, Step, merge_sequence
@@ -59,7 +59,7 @@ def _norm(x: Any, axis: int) -> Any:
     return np.linalg.norm(x, axis=axis)
 
 
-class DoraDeltas(DerivedStore):
+class DoraDeltas(OnBase):
     """The source adapter with every DoRA module's factors replaced by the factors of its weight
     change (a `TensorStore`; `config` is the plain-LoRA config that goes with it)."""
 
@@ -73,11 +73,7 @@ class DoraDeltas(DerivedStore):
         energy: float | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        super().__init__(source)
-        self.base = base
-        self._target = Target(rank=rank, energy=energy)
-        self._specs_in = source.specs()
-        self._base_shapes: dict[str, tuple[int, ...]] | None = None
+        super().__init__(source, base, Target(rank=rank, energy=energy))
         self.modules = self._find(config)
         self._by_key = {k: m for m in self.modules for k in (m.a_key, m.b_key)}
         for m in self.modules:  # the numbers, before anything is written
@@ -93,7 +89,7 @@ class DoraDeltas(DerivedStore):
     def _find(self, config: LoraConfig) -> list[DoraModule]:
         mts = config.modules_to_save or []
         groups: dict[str, dict[str, str]] = {}
-        for key in self._specs_in:
+        for key in self.specs_in:
             info = classify(key, mts)
             if info.is_lora:
                 groups.setdefault(info.module, {})[info.kind] = key
@@ -134,8 +130,8 @@ class DoraDeltas(DerivedStore):
         """An embedding's factors are A (r, vocab), B (dim, r), its weight (vocab, dim): its
         change is factored as the (dim, vocab) B·A it is written as."""
         a_key, b_key, m_key = kinds[pair[0]], kinds[pair[1]], kinds["lora_magnitude_vector"]
-        (_, a_shape), (_, b_shape) = self._specs_in[a_key], self._specs_in[b_key]
-        _, m_shape = self._specs_in[m_key]
+        (_, a_shape), (_, b_shape) = self.specs_in[a_key], self.specs_in[b_key]
+        _, m_shape = self.specs_in[m_key]
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise ConversionError(
                 f"`{name}` is a convolution's DoRA: --dora-to-lora converts Linear and Conv1D only"
@@ -150,7 +146,7 @@ class DoraDeltas(DerivedStore):
             raise ConversionError(
                 f"base `{self.base.path}` has no weight for the DoRA module `{name}`", hint=_HINT
             )
-        w_shape = self._base_shape(key)
+        w_shape = self.base_shape(key)
         embedding = pair[0] == "lora_embedding_A"
         kind: Kind | None = None
         if embedding:
@@ -170,11 +166,6 @@ class DoraDeltas(DerivedStore):
             name, a_key, b_key, m_key, kind, config.scaling(alpha, r), r, alpha,
             min(out_dim, in_dim),
         )  # fmt: skip
-
-    def _base_shape(self, key: str) -> tuple[int, ...]:
-        if self._base_shapes is None:  # the headers, read once
-            self._base_shapes = {name: tuple(shape) for name, _, _, shape in self.base.tensors()}
-        return self._base_shapes[key]
 
     def delta(self, m: DoraModule) -> Any:
         """W_dora - W (float64, (out, in)): the merge rule on the base weight in float64, the
@@ -202,7 +193,7 @@ class DoraDeltas(DerivedStore):
     def _measure(self, m: DoraModule) -> None:
         """The rank, kept energy and error (refused here, before anything is written, where the
         change is not finite)."""
-        f = factor(self.delta(m), self._target)
+        f = factor(self.delta(m), self.target)
         m.rank, m.energy, m.relative_error = f.rank, f.energy, f.relative_error
 
     # --- the store -----------------------------------------------------------------------------
@@ -210,7 +201,7 @@ class DoraDeltas(DerivedStore):
     def _new_specs(self) -> Specs:
         out: Specs = {}
         dropped = {m.m_key for m in self.modules}
-        for key, (dtype, shape) in self._specs_in.items():
+        for key, (dtype, shape) in self.specs_in.items():
             m = self._by_key.get(key)
             if key in dropped:
                 continue
@@ -226,9 +217,9 @@ class DoraDeltas(DerivedStore):
         import numpy as np
 
         m = next(x for x in self.modules if x.module == module)
-        f = factor(self.delta(m), self._target)
-        a_dtype, _ = self._specs_in[m.a_key]
-        b_dtype, _ = self._specs_in[m.b_key]
+        f = factor(self.delta(m), self.target)
+        a_dtype, _ = self.specs_in[m.a_key]
+        b_dtype, _ = self.specs_in[m.b_key]
         return {
             m.a_key: from_float(np.ascontiguousarray(f.a), a_dtype.code),
             m.b_key: from_float(np.ascontiguousarray(f.b), b_dtype.code),

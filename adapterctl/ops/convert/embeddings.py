@@ -35,7 +35,7 @@ from adapterctl.format.keys import classify, stored_key
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, numel, to_float64
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Factored, Target, factor
-from adapterctl.ops.convert.derived import DerivedStore, Specs
+from adapterctl.ops.convert.derived import OnBase, Specs
 from adapterctl.ops.convert.plan import ModuleReport, Plan
 from adapterctl.ops.convert.targeted import targeted_config
 from adapterctl.ops.convert.verify import EXACT, UNIT, Check
@@ -102,7 +102,7 @@ def _kind(module: str) -> Literal["embedding", "linear"] | None:
     return "linear" if last in OUTPUT_NAMES else None
 
 
-class EmbeddingDeltas(DerivedStore):
+class EmbeddingDeltas(OnBase):
     """The source adapter with each embedding copy and trainable-token delta replaced by the LoRA
     factors of its weight change (a `TensorStore`; `config` goes with it)."""
 
@@ -117,11 +117,7 @@ class EmbeddingDeltas(DerivedStore):
         out_dtype: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        super().__init__(source)
-        self.base = base
-        self._target = Target(rank=rank, energy=energy)
-        self._specs_in = source.specs()
-        self._base_shapes: dict[str, tuple[int, ...]] | None = None
+        super().__init__(source, base, Target(rank=rank, energy=energy))
         self.modules = self._find(config)
         for m in self.modules:  # the numbers, before anything is written
             self._measure(m, out_dtype)
@@ -132,7 +128,7 @@ class EmbeddingDeltas(DerivedStore):
         ranks = {m.module: m.rank for m in self.modules}
         copied = {m.module for m in self.modules if m.origin == "modules_to_save"}
         tokens = any(m.origin != "modules_to_save" for m in self.modules)
-        self.config = targeted_config(config, ranks, copied, list(self._specs_in), tokens=tokens)
+        self.config = targeted_config(config, ranks, copied, list(self.specs_in), tokens=tokens)
 
     # --- planning ------------------------------------------------------------------------------
 
@@ -140,7 +136,7 @@ class EmbeddingDeltas(DerivedStore):
         mts = config.modules_to_save or []
         copies: dict[str, dict[str, str]] = {}
         deltas: dict[str, str] = {}
-        for key in self._specs_in:
+        for key in self.specs_in:
             info = classify(key, mts)
             if info.kind == "modules_to_save" and _kind(info.module) is not None:
                 copies.setdefault(info.module, {})[info.param] = key
@@ -158,7 +154,7 @@ class EmbeddingDeltas(DerivedStore):
         tied = self._tied(modules)
         modules += [tied] if tied is not None else []
         for m in modules:
-            if m.a_key in self._specs_in or m.b_key in self._specs_in:
+            if m.a_key in self.specs_in or m.b_key in self.specs_in:
                 raise ConversionError(
                     f"`{m.module}` already has LoRA factors: the change of its "
                     f"{_ORIGIN[m.origin]} cannot be added to them",
@@ -166,18 +162,16 @@ class EmbeddingDeltas(DerivedStore):
                 )
         return modules
 
-    def _base_shape(self, module: str) -> tuple[int, ...]:
+    def _module_shape(self, module: str) -> tuple[int, ...]:
         key = self.base.find(module)
         if key is None:
             raise ConversionError(
                 f"base `{self.base.path}` has no weight for `{module}`", hint=_HINT
             )
-        if self._base_shapes is None:  # the headers, read once
-            self._base_shapes = {name: tuple(shape) for name, _, _, shape in self.base.tensors()}
-        return self._base_shapes[key]
+        return self.base_shape(key)
 
     def _check_shape(self, module: str, vocab: int, dim: int) -> None:
-        shape = self._base_shape(module)
+        shape = self._module_shape(module)
         if len(shape) != 2 or shape[1] != dim:
             raise ConversionError(
                 f"base weight of `{module}` is {list(shape)}, the adapter's is [{vocab}, {dim}]",
@@ -201,7 +195,7 @@ class EmbeddingDeltas(DerivedStore):
                 hint="convert the adapter without --embeddings-to-lora",
             )
         key = params["weight"]
-        dtype, shape = self._specs_in[key]
+        dtype, shape = self.specs_in[key]
         if len(shape) != 2:
             raise ConversionError(f"`{module}`'s saved weight is {list(shape)}, not a matrix")
         kind = _kind(module)
@@ -210,7 +204,7 @@ class EmbeddingDeltas(DerivedStore):
         return EmbeddingModule(module, kind, "modules_to_save", key, dtype, shape[0], shape[1])
 
     def _tokens(self, config: LoraConfig, module: str, key: str) -> EmbeddingModule:
-        dtype, shape = self._specs_in[key]
+        dtype, shape = self.specs_in[key]
         indices = _indices(config.trainable_token_indices, module)
         if indices is None:
             raise ConversionError(
@@ -227,7 +221,7 @@ class EmbeddingDeltas(DerivedStore):
                 f"`{module}`: trainable_token_indices lists a token twice: PEFT's result then "
                 "depends on the order its copy runs in"
             )
-        vocab = self._base_shape(module)[0]
+        vocab = self._module_shape(module)[0]
         bad = [i for i in indices if not 0 <= i < vocab]
         if bad:
             raise ConversionError(
@@ -297,7 +291,7 @@ class EmbeddingDeltas(DerivedStore):
         import numpy as np
 
         rows, block = self.change(m)
-        f = factor(block, self._target)
+        f = factor(block, self.target)
         b = np.zeros((m.vocab, f.rank))
         b[rows] = f.b
         return b, f.a, f, len(rows)
@@ -306,7 +300,7 @@ class EmbeddingDeltas(DerivedStore):
         _, _, f, rows = self._factored(m)
         m.rows, m.rank, m.energy, m.relative_error = rows, f.rank, f.energy, f.relative_error
         if m.origin != "tied":
-            m.bytes_in = numel(self._specs_in[m.key_in][1]) * m.dtype.bits // 8
+            m.bytes_in = numel(self.specs_in[m.key_in][1]) * m.dtype.bits // 8
         bits = m.dtype.bits if out_dtype is None else _bits(out_dtype)
         a_shape, b_shape = m.shapes(m.rank)
         m.bytes_out = (numel(a_shape) + numel(b_shape)) * bits // 8
@@ -319,7 +313,7 @@ class EmbeddingDeltas(DerivedStore):
         for m in self.modules:
             made.setdefault(m.key_in, []).append(m)
         out: Specs = {}
-        for key, spec in self._specs_in.items():
+        for key, spec in self.specs_in.items():
             if key not in made:
                 out[key] = spec
                 continue

@@ -8,7 +8,7 @@ from typing import Any
 
 from adapterctl.errors import ConversionError
 from adapterctl.format.config import LoraConfig
-from adapterctl.ops import SCHEMA_VERSION
+from adapterctl.ops import SCHEMA_VERSION, failure_message
 from adapterctl.ops.convert import Verification
 
 
@@ -89,13 +89,8 @@ class VerificationFailed(ConversionError):
 
     def __init__(self, result: ExtractResult) -> None:
         worst = result.verification.worst if result.verification else None
-        detail = (
-            f": `{worst.name}` off by {worst.error:.3g} (allowed {worst.threshold:.3g})"
-            if worst
-            else ""
-        )
         super().__init__(
-            "verification failed" + detail,
+            failure_message(worst),
             hint="the output was not written; report this with the command line you ran",
         )
         self.result = result

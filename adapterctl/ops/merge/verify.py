@@ -12,6 +12,7 @@ from adapterctl.errors import AdapterctlError
 from adapterctl.format.checkpoint import BaseCheckpoint
 from adapterctl.format.rawtensor import RawTensor, TensorStore, cast, to_float64, to_floats
 from adapterctl.format.tensors import SafetensorsReader
+from adapterctl.ops import failure_message
 from adapterctl.ops.merge.plan import Lora, LoraBias, Plan, Replace
 
 if TYPE_CHECKING:
@@ -64,13 +65,8 @@ class VerificationFailed(AdapterctlError):
 
     def __init__(self, verification: Verification) -> None:
         worst = verification.worst
-        detail = (
-            f": `{worst.name}` off by {worst.error:.3g} (allowed {worst.threshold:.3g})"
-            if worst is not None
-            else ""
-        )
         super().__init__(
-            "verification failed" + detail,
+            failure_message(worst),
             hint="the output was not written; report this with the adapter's `inspect --json`",
         )
         self.verification = verification
