@@ -489,3 +489,38 @@ def test_rank_options_reach_the_factoring(
         Target(rank=2, exact=True, seed=7),
         Target(energy=0.5, max_rank=4),
     }
+
+
+def test_portable_pads_every_module_to_one_rank_with_the_same_change(
+    llama_noisy: Pair, tmp_path: Path
+) -> None:
+    """--energy gives each module its own rank (patterns); --portable writes the same B·A at
+    the largest rank R with r = lora_alpha = R and no patterns, which every engine scales as
+    PEFT does."""
+    from adapterctl.ops.engines import judge
+    from adapterctl.ops.inspect import inspect_adapter
+
+    kw: dict[str, Any] = {"energy": 0.9999, "max_rank": 20, "verify": True}
+    engines = ["vllm@0.11", "tgi", "lorax", "llama.cpp"]
+    mixed = extract(llama_noisy.base, llama_noisy.tuned, tmp_path / "mixed", **kw)
+    one = extract(llama_noisy.base, llama_noisy.tuned, tmp_path / "one", portable=True, **kw)
+    top = max(m.rank for m in mixed.modules)
+    assert len({m.rank for m in mixed.modules}) > 1
+    assert {m.rank for m in one.modules} == {top}
+    config = json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (top, top)
+    assert not config["rank_pattern"]
+    assert not config["alpha_pattern"]
+    a, b = _read(tmp_path / "mixed"), _read(tmp_path / "one")
+    for key in a:
+        if key.endswith("lora_B.weight"):
+            a_key = key.replace("lora_B", "lora_A")
+            assert b[key].shape[1] == top
+            np.testing.assert_array_equal(b[key] @ b[a_key], a[key] @ a[a_key])
+    report = {
+        path: [v.same_as_peft for v in judge(inspect_adapter(tmp_path / path), engines).verdicts[0]]
+        for path in ("mixed", "one")
+    }
+    # scale 1 everywhere is one scaling for vLLM too, and LoRAX pads the ranks; TGI stacks the
+    # modules' factors (one rank) and llama.cpp scales by the global alpha over each tensor's rank
+    assert report == {"mixed": [True, False, True, False], "one": [True, True, True, True]}

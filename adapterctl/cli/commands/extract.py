@@ -90,6 +90,14 @@ def extract_cmd(
     seed: Annotated[
         int, typer.Option("--seed", metavar="S", help="The randomized SVD's seed.")
     ] = 0,
+    portable: Annotated[
+        bool,
+        typer.Option(
+            "--portable",
+            help="One rank for every module (zero-padded to the largest), r = lora_alpha, no "
+            "patterns: what vLLM, TGI, LoRAX and llama.cpp scale as PEFT does.",
+        ),
+    ] = False,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Check the written factors against TUNED - BASE first."),
@@ -122,6 +130,7 @@ def extract_cmd(
                 dtype=dtype,
                 exact=exact,
                 seed=seed,
+                portable=portable,
                 verify=verify,
                 force=force,
                 token=token,

@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -124,6 +125,7 @@ def extract(
     dtype: str | None = None,
     exact: bool = False,
     seed: int = 0,
+    portable: bool = False,
     verify: bool = False,
     force: bool = False,
     token: str | None = None,
@@ -132,7 +134,9 @@ def extract(
     """Write `output`: the plain LoRA adapter (scale 1 per module) whose change best approximates
     TUNED - BASE on the targeted modules' weights, at `rank` (a module's full rank at most) or
     the smallest rank keeping the fraction `energy` of each change (`max_rank` at most);
-    atomically, or not at all. `base`/`tuned` may be Hub repo ids."""
+    `portable`: every module zero-padded to the largest rank R, `r = lora_alpha = R` and no
+    patterns (what every serving engine scales as PEFT does); atomically, or not at all.
+    `base`/`tuned` may be Hub repo ids."""
     from adapterctl.ops.hub import is_local_path, resolve
 
     started = time.perf_counter()
@@ -171,6 +175,9 @@ def extract(
                 hint=(f"changed but not targeted: {', '.join(not_stored[:3])}" if not_stored
                       else "pass the fine-tuned model as TUNED"),
             )  # fmt: skip
+        if portable:
+            one = max(e.rank for e in extracted)
+            extracted = [_padded(e, one) for e in extracted]
         whole = [(w, code if code is not None and w.dtype.code in FLOAT_CODES else None)
                  for w in p.whole]  # fmt: skip
         modules = sorted({k.rpartition(".")[0] for k in tuned_specs})
@@ -234,6 +241,22 @@ def _sources(
         dtype = w.dtype if code is None else DTYPES[code]
         out.append(TensorSource(w.stored, dtype, w.shape, _whole(tuned, w.key, code)))
     return out
+
+
+def _padded(e: Extracted, rank: int) -> Extracted:
+    """`e` at `rank` (>= its own): zero columns of B and zero rows of A, the same B·A."""
+    import numpy as np
+
+    if e.rank == rank:
+        return e
+    (d_out, k), (_, d_in) = e.b.shape, e.a.shape
+    b = np.zeros((d_out, rank), dtype=e.b.data.dtype)
+    a = np.zeros((rank, d_in), dtype=e.a.data.dtype)
+    b[:, :k], a[:k] = e.b.data.reshape(d_out, k), e.a.data.reshape(k, d_in)
+    return replace(
+        e, b=RawTensor(e.b.dtype, (d_out, rank), b), a=RawTensor(e.a.dtype, (rank, d_in), a),
+        rank=rank,
+    )  # fmt: skip
 
 
 def _held(name: str, t: RawTensor) -> TensorSource:
