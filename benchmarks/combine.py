@@ -28,6 +28,7 @@ from benchmarks.common import (
     LINEAR,
     LLAMA_170M,
     OUT,
+    TOY_LLAMA,
     Figures,
     Row,
     Target,
@@ -47,14 +48,7 @@ N = 8
 FULL = {"llama": LLAMA_170M, "seed": 0, "adapters": N, "r": 16, "lora_alpha": 32, "lora_std": 0.02}
 QUICK = {
     **FULL,
-    "llama": {
-        "hidden_size": 256,
-        "intermediate_size": 704,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "vocab_size": 4000,
-    },
+    "llama": TOY_LLAMA,
 }
 WEIGHTS = [round(1.0 / (i + 1), 4) for i in range(N)]
 METHODS = {"cat": [], "svd": ["--rank", "32"]}

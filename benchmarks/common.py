@@ -46,6 +46,15 @@ LLAMA_170M = {
     "num_key_value_heads": 16,
     "vocab_size": 32000,
 }
+#: the same Llama at toy sizes, for every benchmark's `--quick` smoke run
+TOY_LLAMA = {
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 4000,
+}
 LLAMA_170M_DIR = OUT / "llama-170m"  # its weights, built once by `llama_170m()`
 #: Llama's seven linear layers.
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -407,3 +416,27 @@ def write_results(name: str, goals: Sequence[Target], **payload: Any) -> Path:
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"\nwrote {path.relative_to(ROOT)}")
     return path
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Each tensor of a transformers checkpoint folder -> the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    single = folder / "model.safetensors"
+    with safe_open(str(single), framework="np") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def warm_page_cache(*folders: Path) -> None:
+    """Read every file once, so that no engine meets a cold disk (in chunks: this process stays
+    small)."""
+    for folder in folders:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 20):
+                        pass

@@ -43,6 +43,7 @@ from benchmarks.common import (
     LINEAR,
     LLAMA_170M,
     OUT,
+    TOY_LLAMA,
     Figures,
     Row,
     Target,
@@ -56,9 +57,10 @@ from benchmarks.common import (
     run_child,
     run_measured,
     side_by_side,
+    tensor_files,
+    warm_page_cache,
     write_results,
 )
-from benchmarks.merge import _tensor_files, warm_page_cache
 
 RANK = 16
 #: the full run: the 168M Llama (seed 0) and a rank-16 change plus noise on every linear layer
@@ -74,14 +76,7 @@ FULL = {
 #: `--quick`: the same at toy sizes
 QUICK = {
     **FULL,
-    "llama": {
-        "hidden_size": 256,
-        "intermediate_size": 704,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "vocab_size": 4000,
-    },
+    "llama": TOY_LLAMA,
 }
 ENGINES = ("adapterctl", "mergekit")
 #: error: "no worse" than mergekit's (the excess of their ratio over 1), whose exact SVD reaches the
@@ -155,7 +150,7 @@ def delta_error(adapter: str, fixture: str) -> dict[str, Any]:
 
     folder, root = Path(adapter), Path(fixture)
     config = LoraConfig.from_file(folder / "adapter_config.json")
-    base_files, tuned_files = _tensor_files(root / "base"), _tensor_files(root / "tuned")
+    base_files, tuned_files = tensor_files(root / "base"), tensor_files(root / "tuned")
     per_module: dict[str, dict[str, float]] = {}
     sums = {"diff_tuned": 0.0, "norm_tuned": 0.0, "diff_true": 0.0, "norm_true": 0.0}
     problems: list[str] = []

@@ -36,6 +36,7 @@ from benchmarks.common import (
     LINEAR,
     LLAMA_170M,
     OUT,
+    TOY_LLAMA,
     Figures,
     Row,
     Target,
@@ -49,6 +50,8 @@ from benchmarks.common import (
     require_disk,
     run_measured,
     side_by_side,
+    tensor_files,
+    warm_page_cache,
     write_results,
 )
 
@@ -67,14 +70,7 @@ FULL = {
 #: `--quick`: the same layout at toy sizes
 QUICK = {
     **FULL,
-    "llama": {
-        "hidden_size": 256,
-        "intermediate_size": 704,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "vocab_size": 4000,
-    },
+    "llama": TOY_LLAMA,
     "shard_bytes": 2 * 10**6,
     "r": 16,
     "lora_alpha": 32,
@@ -277,19 +273,6 @@ def floor_deltas(adapter: str) -> dict[str, int]:
 # -- checks --------------------------------------------------------------------------------------
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    """Each tensor of a transformers checkpoint folder -> the safetensors file holding it."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    from safetensors import safe_open
-
-    single = folder / "model.safetensors"
-    with safe_open(str(single), framework="np") as f:
-        return dict.fromkeys(f.keys(), single)
-
-
 def compare(ours: Path, peft: Path, base: Path) -> dict[str, Any]:
     """adapterctl's merged checkpoint against PEFT's, tensor by tensor (one pair in memory at a
     time): names on one side only, the largest relative difference max|a - p| / max|p|, and how
@@ -297,7 +280,7 @@ def compare(ours: Path, peft: Path, base: Path) -> dict[str, Any]:
     import numpy as np
     from safetensors import safe_open
 
-    a_files, p_files, b_files = _tensor_files(ours), _tensor_files(peft), _tensor_files(base)
+    a_files, p_files, b_files = tensor_files(ours), tensor_files(peft), tensor_files(base)
     worst, worst_name, untouched, identical = 0.0, "", 0, 0
     for name in sorted(a_files.keys() & p_files.keys()):
         with safe_open(str(a_files[name]), "np") as fa, safe_open(str(p_files[name]), "np") as fp:
@@ -319,17 +302,6 @@ def compare(ours: Path, peft: Path, base: Path) -> dict[str, Any]:
         "untouched": untouched,
         "untouched_identical": identical,
     }
-
-
-def warm_page_cache(*folders: Path) -> None:
-    """Read every file once, so that no engine meets a cold disk (in chunks: this process stays
-    small)."""
-    for folder in folders:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    while fh.read(1 << 20):
-                        pass
 
 
 # -- the runs ------------------------------------------------------------------------------------
