@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-combine completions clean llamacpp-env
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-combine completions clean llamacpp-env vllm-env
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ test: lint
 # llama.cpp's LoRA converter (from llama-cpp-python's sdist) for tests/lib/test_llamacpp_oracle.py
 llamacpp-env: setup
 	$(BIN)/python -m tests.llamacpp_env
+
+# vLLM 0.34's own LoRA loading code, in a side venv (about 3 min, 1.8 GB, so not part of `test`),
+# for tests/lib/test_vllm_oracle.py
+vllm-env: setup
+	$(BIN)/python -m tests.vllm_env
 
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/properties -q
