@@ -40,10 +40,11 @@ test: lint
 llamacpp-env: setup
 	$(BIN)/python -m tests.llamacpp_env
 
-# vLLM 0.34's own LoRA loading code, in a side venv (about 3 min, 1.8 GB, so not part of `test`),
-# for tests/lib/test_vllm_oracle.py
+# vLLM's own LoRA loading code (0.34.0 and 0.11.2) for tests/lib/test_vllm_oracle.py, in side
+# venvs: about 3 min and 1.8 GB each, so not part of `test`
 vllm-env: setup
-	$(BIN)/python -m tests.vllm_env
+	$(BIN)/python -m tests.vllm_env --version 0.34.0
+	$(BIN)/python -m tests.vllm_env --version 0.11.2
 
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/properties -q
