@@ -41,7 +41,7 @@ llamacpp-env: setup
 	$(BIN)/python -m tests.llamacpp_env
 
 # vLLM's own LoRA loading code (0.34.0 and 0.11.2) for tests/lib/test_vllm_oracle.py, in side
-# venvs: about 3 min and 1.8 GB each, so not part of `test`
+# venvs: 1.5-2.5 min and about 2 GB each, so not part of `test`
 vllm-env: setup
 	$(BIN)/python -m tests.vllm_env --version 0.34.0
 	$(BIN)/python -m tests.vllm_env --version 0.11.2

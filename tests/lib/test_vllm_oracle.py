@@ -76,9 +76,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
 
 @pytest.fixture(scope="session", params=vllm_env.VERSIONS)
 def oracle(
-    request: pytest.FixtureRequest,
-    adapters: dict[str, tuple[Path, dict[str, Any]]],
-    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, dict[str, tuple[Verdict, dict[str, Any]]]]:
     """(the release; every case: our verdict for it with the base's config, vLLM's result); and
     for each case whose needs raise `--max-lora-rank`, `NAME (one lower)`: vLLM at the choice
@@ -89,6 +87,7 @@ def oracle(
             f"vLLM {version}'s side environment is not built: "
             f".venv/bin/python -m tests.vllm_env --version {version}"
         )
+    adapters: dict[str, tuple[Path, dict[str, Any]]] = request.getfixturevalue("adapters")
     minor = version.rsplit(".", 1)[0]
     verdicts: dict[str, Verdict] = {}
     jobs: dict[str, dict[str, Any]] = {}
