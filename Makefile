@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-combine bench-extract completions clean llamacpp-env
+.PHONY: setup demo test lint unit fuzz bench bench-load bench-save bench-convert bench-convert-8b bench-memory bench-inspect-many bench-merge bench-combine bench-extract completions clean llamacpp-env vllm-env
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ test: lint
 # llama.cpp's LoRA converter (from llama-cpp-python's sdist) for tests/lib/test_llamacpp_oracle.py
 llamacpp-env: setup
 	$(BIN)/python -m tests.llamacpp_env
+
+# vLLM's own LoRA loading code (0.34.0 and 0.11.2) for tests/lib/test_vllm_oracle.py, in side
+# venvs: 1.5-2.5 min and about 2 GB each, so not part of `test`
+vllm-env: setup
+	$(BIN)/python -m tests.vllm_env --version 0.34.0
+	$(BIN)/python -m tests.vllm_env --version 0.11.2
 
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/properties -q

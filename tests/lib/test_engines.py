@@ -218,6 +218,8 @@ EMB_CONFIG = {"target_modules": ["q_proj", "embed_tokens"]}
 for _engine in ("vllm", "tgi", "lorax", "llama.cpp"):
     TRIGGERS[f"{_engine}.resized_embeddings"] = (_engine, _embedding_copy(16), EMB_CONFIG,
                                                   {**LLAMA_BASE, "vocab_size": 12})  # fmt: skip
+# from 0.12, an embedding LoRA narrower than the base's vocabulary is refused too
+TRIGGERS["vllm.vocab@0.12"] = ("vllm@0.12", _embedding_copy(12), EMB_CONFIG, LLAMA_BASE)
 # up to 0.11, vLLM refuses PEFT's copy of the embedding itself (skipped from 0.12)
 for _version in ("0.10", "0.11"):
     TRIGGERS[f"vllm.tensors@{_version}"] = (f"vllm@{_version}", _embedding_copy(16), EMB_CONFIG,

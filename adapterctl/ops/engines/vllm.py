@@ -100,8 +100,18 @@ def _tensors(
 
 
 def _vocab(version: str) -> Check:
+    """Up to 0.11 an embedding LoRA's rows fit the base's vocabulary plus the extra one; from
+    0.12 every embedding LoRA has exactly the base's rows (lora_model.py from_lora_tensors: "The
+    embedding LoRA size(...) must be consistent with the base model's vocabulary size")."""
+
     def check(f: Facts) -> str | None:
         vocab, rows, extra = f.vocab_size(), embedding_rows(f), _extra_vocab(version)
+        fewer = [(n, r) for n, r in _embedding_widths(f) if vocab is not None and r < vocab]
+        if fewer and not extra and rows <= (vocab or 0):
+            return (
+                f"embedding LoRA has {min(r for _, r in fewer)} token rows, fewer than the "
+                f"base's vocab_size {vocab} (it needs them equal): {some([n for n, _ in fewer])}"
+            )
         if vocab is None or rows <= vocab + extra:
             return None
         room = f"the base's vocab_size {vocab}" + (
@@ -110,6 +120,15 @@ def _vocab(version: str) -> Check:
         return f"embedding LoRA has {rows} token rows, more than {room}"
 
     return check
+
+
+def _embedding_widths(f: Facts) -> list[tuple[str, int]]:
+    """Each embedding LoRA's lora_embedding_A name and token rows."""
+    return [
+        (t.name, t.shape[1])
+        for t, (_, k, _) in zip(f.tensors, f.kinds, strict=True)
+        if k == "lora_embedding_A" and len(t.shape) == 2
+    ]
 
 
 def _modules_to_save(allowed: tuple[str, ...]) -> Check:
@@ -223,7 +242,9 @@ VLLM = EngineTable(
              ("0.4", "0.11")),
         Rule("vllm.vocab", "error", _vocab("0.12"),
              "vllm/lora/layers/vocal_parallel_embedding.py@v0.12.0-v0.28.0 "
-             "(vocab_parallel_embedding.py@v0.29.0-v0.34.0): org_vocab_size rows (--base)",
+             "(vocab_parallel_embedding.py@v0.29.0-v0.34.0): org_vocab_size rows; "
+             "vllm/lora/models.py@v0.12.0 (lora_model.py@v0.13.0-v0.34.0) from_lora_tensors: "
+             "exactly model_vocab_size rows (--base)",
              ("0.12", "0.34")),
         Rule("vllm.resized_embeddings", "warning", resized,
              "vllm/lora/utils.py@v0.12.0-v0.34.0 is_base_embedding_weights: skipped (--base)",
