@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from adapterctl.errors import ConversionError
 from adapterctl.format.rawtensor import to_float64
 from adapterctl.ops.combine.methods import task_vector_op
 from adapterctl.ops.combine.plan import ModulePlan, Part, Plan
@@ -77,9 +78,28 @@ def weighted_sum_factors(plan: Plan, m: ModulePlan) -> tuple[Array, Array]:
 
 def combine_module(plan: Plan, m: ModulePlan) -> Combined:
     """One BLAS thread: these products are far too small to share between cores (ops.convert's
-    `one_blas_thread`)."""
-    with one_blas_thread():
-        return _combine(plan, m)
+    `one_blas_thread`). Refused where the weights and scalings overflow float64."""
+    import numpy as np
+
+    with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
+        c = _combine(plan, m)
+    if not (np.isfinite(c.a).all() and np.isfinite(c.b).all()):
+        raise overflow(m.module, "float64")
+    return c
+
+
+def overflow(module: str, dtype: str) -> ConversionError:
+    """The refusal of a module whose combined factors do not fit `dtype`."""
+    return ConversionError(
+        f"`{module}`: the combined factors overflow {dtype} (the weights times the sources' "
+        "scalings are too large)",
+        hint="use smaller --weights"
+        + (
+            ""
+            if dtype == "float64"
+            else ", or float32 sources (`adapterctl convert --dtype float32`)"
+        ),
+    )
 
 
 def _combine(plan: Plan, m: ModulePlan) -> Combined:
@@ -91,6 +111,8 @@ def _combine(plan: Plan, m: ModulePlan) -> Combined:
         return Combined(a, b, None, None)
     if method == "svd":
         b, a = weighted_sum_factors(plan, m)
+        if not (np.isfinite(b).all() and np.isfinite(a).all()):
+            return Combined(a, b, None, None)  # refused by combine_module, before any SVD
         b2, a2, kept, dropped = spectrum(b, a, 1.0).truncate(m.rank, b, a)
         return Combined(a2, b2, kept, dropped)
     options = plan.options
@@ -101,6 +123,8 @@ def _combine(plan: Plan, m: ModulePlan) -> Combined:
             sign_method=options.sign_method, rngs=rngs(plan, m, "delta"),
         )  # fmt: skip
         del deltas
+        if not np.isfinite(total).all():
+            return Combined(total, total, None, None)  # refused by combine_module
         u, values, vh = np.linalg.svd(total, full_matrices=False)
         spec = Spectrum(values, u, vh)
         tb, ta = spec.transforms(m.rank)

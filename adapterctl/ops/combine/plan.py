@@ -134,7 +134,12 @@ class Plan:
                 f"(--method {options.method} needs two sources or more)"
             )
         self._check_sources()
-        self.svd_rank = options.rank or max(m.rank for s in sources for m in s.modules.values())
+        # PEFT's default: the largest r or rank_pattern value of any source's config
+        # (model.py, _check_add_weighted_adapter: max(adapter_ranks) with rank_pattern values)
+        self.svd_rank = options.rank or max(
+            max([int(s.config.r or 1), *(int(v) for v in (s.config.rank_pattern or {}).values())])
+            for s in sources
+        )
         self.modules = [self._module(name) for name in self._names()]
         self.carried = self._carried()
         self.base_copies = self._base_copies()
@@ -157,7 +162,7 @@ class Plan:
             self.warnings.append(
                 "the sources name different base models ("
                 + ", ".join(f"`{b}`" for b in sorted(bases))
-                + f"); the output's config names `{first.config.base_model_name_or_path}`"
+                + "); the output's config and card name none"
             )
 
     def _names(self) -> list[str]:
@@ -254,7 +259,9 @@ class Plan:
     def _config(self) -> LoraConfig:
         first = self.sources[0].config
         saved = self.carried.config.modules_to_save if self.carried is not None else None
+        bases = {s.config.base_model_name_or_path for s in self.sources} - {None}
         config = first.replace(
+            base_model_name_or_path=bases.pop() if len(bases) == 1 else None,
             target_modules=self._target_modules(),
             modules_to_save=saved,
             **dict.fromkeys(_TARGETING),

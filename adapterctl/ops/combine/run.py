@@ -14,11 +14,12 @@ from adapterctl.errors import ConversionError, InvalidOptionError
 from adapterctl.format.atomic import atomic_directory, preflight
 from adapterctl.format.config import CONFIG_NAME, LoraConfig
 from adapterctl.format.layout import README_NAME, SAFETENSORS_NAME, AdapterFiles
+from adapterctl.format.nonfinite import NONFINITE_CODES, has_nonfinite
 from adapterctl.format.rawtensor import from_float, numel
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.ops import SCHEMA_VERSION, failure_message
 from adapterctl.ops.combine.card import combine_card
-from adapterctl.ops.combine.compute import Combined, combine_module
+from adapterctl.ops.combine.compute import Combined, combine_module, overflow
 from adapterctl.ops.combine.plan import ModulePlan, Plan, check_options
 from adapterctl.ops.combine.sources import (
     Source,
@@ -247,7 +248,10 @@ def _write(
         def data() -> Any:
             c = combined(m)
             values = c.a if side == "A" else c.b
-            return from_float(np.ascontiguousarray(values), code).buffer()
+            out = from_float(np.ascontiguousarray(values), code)
+            if code in NONFINITE_CODES and has_nonfinite(out):
+                raise overflow(m.module, plan.dtype.display_name)
+            return out.buffer()
 
         return TensorSource(a_key if side == "A" else b_key, plan.dtype, shape, data)
 

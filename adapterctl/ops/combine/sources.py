@@ -18,7 +18,7 @@ from adapterctl.format.factors import pair_problem
 from adapterctl.format.keys import classify
 from adapterctl.format.layout import AdapterFiles, find_adapters, pick_adapters
 from adapterctl.format.nonfinite import NONFINITE_CODES, count_nonfinite, has_nonfinite
-from adapterctl.format.rawtensor import OpenStore, TensorStore, numel
+from adapterctl.format.rawtensor import FLOAT_CODES, OpenStore, TensorStore, numel
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops.convert import one_adapter
 
@@ -138,6 +138,13 @@ def open_source(files: AdapterFiles, label: str, stack: contextlib.ExitStack) ->
         if b_key not in specs:
             raise AdapterFormatError(f"`{label}`: `{key}` has no `{b_key}` beside it")
         b_dtype, b_shape = specs[b_key]
+        for k, d in ((key, dtype), (b_key, b_dtype)):
+            if d.code not in FLOAT_CODES:
+                raise AdapterFormatError(
+                    f"`{label}`: `{k}` is {d.code}: LoRA factors are floating-point numbers",
+                    hint=f"factors are one of {', '.join(FLOAT_CODES)}; this file is not a "
+                    "LoRA adapter PEFT wrote",
+                )
         if len(shape) != 2:
             raise UnsupportedVariantError(
                 f"`{label}`: `{info.module}` is a convolution's LoRA ({list(shape)}), which "
