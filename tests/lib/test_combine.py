@@ -474,3 +474,55 @@ def test_verify_catches_a_wrong_reference(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(VerificationFailed):
         adapterctl.combine([a, b], tmp_path / "out", weights=[1, 1], method="cat", verify=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "weights", "config", "dtype"),
+    [
+        ("cat", [1e39, 1], {}, np.float32),  # fits float64, not the float32 output
+        ("cat", [6e4, 1], {}, np.float16),
+        ("svd", [1e300, 1], {"lora_alpha": 1e300}, np.float32),  # overflows float64 too
+        ("ties_svd", [1e300, 1], {"lora_alpha": 1e300}, np.float32),
+        ("linear", [1e300, 1], {"lora_alpha": 1e300}, np.float32),
+    ],
+)
+def test_factors_that_overflow_are_refused_not_written(
+    tmp_path: Path, method: str, weights: list[float], config: dict[str, Any], dtype: Any
+) -> None:
+    t = {k: v.astype(dtype) for k, v in lora_tensors().items()}
+    a = _plain(tmp_path, "a", config, tensors=t)
+    b = _plain(tmp_path, "b", tensors=t)
+    density = 0.5 if method == "ties_svd" else None
+    with pytest.raises(ConversionError, match=r"`.*q_proj`: the combined factors overflow"):
+        adapterctl.combine(
+            [a, b], tmp_path / "out", weights=weights, method=method, density=density
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_factors_that_are_not_floats_are_refused_naming_them(tmp_path: Path) -> None:
+    t = lora_tensors()
+    t = {k: (v * 10).astype(np.int64) if "lora_A" in k else v for k, v in t.items()}
+    a, b = _plain(tmp_path, "a", tensors=t), _plain(tmp_path, "b")
+    with pytest.raises(AdapterctlError, match=r"lora_A.weight` is I64: LoRA factors are") as e:
+        adapterctl.combine([a, b], tmp_path / "out", weights=[1, 1], method="cat")
+    assert e.value.hint
+
+
+def test_svd_rank_defaults_to_the_largest_rank_any_config_gives_as_peft(tmp_path: Path) -> None:
+    """PEFT's svd_rank default is the largest r or rank_pattern value of the sources' configs,
+    not the largest rank actually stored: r=4 with q_proj at rank 2 gives rank 4 (exact here)."""
+    t = lora_tensors(r=2)
+    cfg = {"r": 4, "rank_pattern": {"q_proj": 2}}
+    a, b = _plain(tmp_path, "a", cfg, tensors=t), _plain(tmp_path, "b", cfg, tensors=t)
+    result = adapterctl.combine([a, b], tmp_path / "out", weights=[1, -0.5], method="svd")
+    assert [m.rank_out for m in result.modules] == [4]
+    assert result.modules[0].energy == pytest.approx(1.0)
+
+
+def test_the_config_names_the_base_the_sources_agree_on(tmp_path: Path) -> None:
+    a = _plain(tmp_path, "a")  # names no base
+    b = _plain(tmp_path, "b", {"base_model_name_or_path": "org/base"})
+    adapterctl.combine([a, b], tmp_path / "out", weights=[1, 1], method="cat")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/base"

@@ -80,7 +80,8 @@ def combine_cmd(
         typer.Option(
             "--rank",
             metavar="N",
-            help="svd methods: the output rank (default: the largest source rank).",
+            help="svd methods: the output rank (default: the largest r or rank_pattern value "
+            "of the sources, as PEFT).",
             show_default=False,
         ),
     ] = None,

@@ -139,10 +139,12 @@ def _spectrum(x: Array, target: Target, total: float, support: int) -> tuple[Spe
         width = min(k + OVERSAMPLE, support)
         if small or width > RANDOMIZED_BELOW * support:
             return _lapack(x), k, "svd"
-        return _randomized(x, width, target.seed), k, "randomized"
+        with one_blas_thread():  # thin products: threads only wait on each other
+            return _randomized(x, width, target.seed), k, "randomized"
     width = min(2 * OVERSAMPLE, support)  # an energy target: widen until the cut is reached
     while not small and width <= RANDOMIZED_BELOW * support:
-        spec = _randomized(x, width, target.seed)
+        with one_blas_thread():
+            spec = _randomized(x, width, target.seed)
         cut = _cut(spec.values, total, target, full)
         if cut is not None and cut + OVERSAMPLE <= width:
             return spec, cut, "randomized"
@@ -166,10 +168,10 @@ def factor(delta: Array, target: Target = Target()) -> Factored:
         k = max(1, support if wanted is None else wanted)
         b, a = _exact(delta, rows, cols, k)
         return Factored(b, a, support, full, 1.0, 0.0, "exact", capped)
-    block = delta[np.ix_(rows, cols)]
-    total = float((block**2).sum())
-    with one_blas_thread():
-        spec, k, method = _spectrum(block, target, total, support)
+    d_full = len(rows) == d_out and len(cols) == d_in
+    block = delta if d_full else delta[np.ix_(rows, cols)]  # no copy of a dense change
+    total = float(np.einsum("ij,ij->", block, block))  # no temporary the size of the change
+    spec, k, method = _spectrum(block, target, total, support)
     k = max(1, k)
     tb, ta = spec.transforms(k)
     b, a = np.zeros((d_out, k)), np.zeros((k, d_in))
