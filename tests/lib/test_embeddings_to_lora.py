@@ -401,3 +401,34 @@ def test_copy_and_token_delta_of_one_module_refused(cases: dict[str, Case], tmp_
     with pytest.raises(AdapterctlError, match=r"both a modules_to_save copy and trainable-token deltas for `model\.embed_tokens`"):  # fmt: skip
         convert_adapter(bad, tmp_path / "out", base=base, embeddings_to_lora=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("exclude", "problem"),
+    [
+        ("(", '`exclude_modules` "\\(" is not a valid regular expression'),
+        ("(.*.*){1,32000}[bc]", "`exclude_modules` .* takes too long to match"),
+        (r".*embed_tokens", r"exclude_modules excludes `model\.embed_tokens`"),
+        (["embed_tokens"], r"exclude_modules excludes `model\.embed_tokens`"),
+    ],
+)
+def test_exclude_modules_matched_within_the_budget(
+    exclude: Any, problem: str, cases: dict[str, Case], tmp_path: Path
+) -> None:
+    """The config's exclude_modules regex goes through the bounded matcher: a malformed or
+    catastrophic one is a ConfigError (not re.error, not a hang); one excluding a converted
+    module is refused."""
+    import shutil
+    import time
+
+    base, adapter, _ = cases["llama_save"]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["exclude_modules"] = exclude
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    start = time.monotonic()
+    with pytest.raises(AdapterctlError, match=problem):
+        convert_adapter(bad, tmp_path / "out", base=base, embeddings_to_lora=True)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
