@@ -57,18 +57,10 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def _in_list(names: Any, key: str) -> bool:
-    return key in names or any(key.endswith("." + n) for n in names)
-
-
 def is_excluded(config: LoraConfig, key: str) -> bool:
     """exclude_modules, and anything inside a modules_to_save module."""
-    exclude = config.exclude_modules
-    if exclude:
-        if isinstance(exclude, str) and config.regex(exclude, "`exclude_modules`").fullmatch(key):
-            return True
-        if not isinstance(exclude, str) and _in_list(exclude, key):
-            return True
+    if config.in_exclude_modules(key):
+        return True
     return any(
         config.regex(modules_to_save_regex(m), "`modules_to_save` entry", source=m).match(key)
         for m in config.modules_to_save or []

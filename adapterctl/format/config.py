@@ -343,6 +343,17 @@ class LoraConfig:
         the budget its config's patterns share for the run (adapterctl.format.patterns)."""
         return self._patterns.get(regex, field, source=source)
 
+    def in_exclude_modules(self, module: str) -> bool:
+        """Whether `exclude_modules` excludes module path `module` (PEFT's rule: a string is a
+        regex matched in full, within the config's pattern budget; a list names modules by their
+        path or its last dotted parts)."""
+        exclude = self.exclude_modules
+        if not exclude:
+            return False
+        if isinstance(exclude, str):
+            return self.regex(exclude, "`exclude_modules`").fullmatch(module) is not None
+        return module in exclude or any(module.endswith("." + e) for e in exclude)
+
     def matching_patterns(self, field: str, module: str) -> list[str]:
         """The keys of `rank_pattern` / `alpha_pattern` that match `module`, in file order."""
         # each module is looked up once per config: every caller asks again per module

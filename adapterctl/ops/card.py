@@ -26,6 +26,9 @@ from adapterctl.format.layout import README_NAME, read_readme
 from adapterctl.ops.checks import target_summary
 
 _FRAMEWORK = "### Framework versions"
+#: the framework heading counts only as a whole line (a label or config value in the text, inert
+#: but possibly holding the same words, never splits the card)
+_FRAMEWORK_LINE = re.compile("^" + re.escape(_FRAMEWORK) + r"[ \t]*\r?$", re.MULTILINE)
 #: the Hub's pipeline tag for each PEFT task type
 PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",
@@ -246,9 +249,10 @@ def _with_facts(body: str, block: str) -> str:
     body = _OLD_FACTS.sub(".", body, count=1)
     if _FACTS.search(body):
         return _FACTS.sub(lambda _: block, body, count=1)
-    if _FRAMEWORK in body:
-        head, _, tail = body.partition(_FRAMEWORK)
-        return f"{head.rstrip()}\n\n{block}\n{_FRAMEWORK}{tail}"
+    heading = _FRAMEWORK_LINE.search(body)
+    if heading is not None:
+        head, tail = body[: heading.start()], body[heading.start() :]
+        return f"{head.rstrip()}\n\n{block}\n{tail}"
     return f"{body.rstrip()}\n\n{block}"
 
 
@@ -340,7 +344,7 @@ def _tags(tags: set[str], base: str | None) -> list[str]:
 
 
 def _with_framework(text: str) -> str:
-    if _FRAMEWORK in text:
+    if _FRAMEWORK_LINE.search(text):
         return text
     from adapterctl.format.config import PEFT_VERSION
     from adapterctl.version import __version__

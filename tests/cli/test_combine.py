@@ -4,6 +4,7 @@ refusals (one error line and a hint, nothing written, an existing output untouch
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,35 @@ def test_a_hostile_source_name_stays_inert_in_the_card(tmp_path: Path) -> None:
     assert html.count("<a href") == 1  # the base model's own link
     assert '<a href="https://huggingface.co/org/base">' in html
     assert "<img" not in html
+
+
+def test_a_source_named_like_the_framework_heading_splits_nothing(tmp_path: Path) -> None:
+    """A source path holding "### Framework versions": the card finds the heading as a whole line
+    only, so the facts are not spliced into the name's code span, and the name makes no heading
+    or link."""
+    from markdown_it import MarkdownIt
+
+    from adapterctl.ops.card import inert
+
+    a = write_adapter(tmp_path / "a", None, {"base_model_name_or_path": "org/base"})
+    b = write_adapter(
+        tmp_path / "src" / "### Framework versions [x](http://evil)",
+        None,
+        {"base_model_name_or_path": "org/base"},
+    )
+    out = tmp_path / "out"
+    result = invoke(a, b, out, "--weights", "1,1", "--method", "cat")
+    assert result.exit_code == 0, result.stderr
+    card = (out / "README.md").read_text()
+    assert f"- {inert(str(b))} with weight 1.0\n" in card
+    lines = card.splitlines()
+    assert lines.count("### Framework versions") == 1
+    facts = lines.index("<!-- adapterctl: adapter facts (rewritten on every save, convert and push) -->")  # fmt: skip
+    assert facts < lines.index("### Framework versions")
+    html = MarkdownIt("commonmark").render(card)
+    assert html.count("<h3>") == 1
+    assert re.search(r'href="[^"]*evil', html) is None
+    assert html.count("<a href") == 1  # the base model's own link
 
 
 def test_new_card_text_writes_what_card_text_writes() -> None:

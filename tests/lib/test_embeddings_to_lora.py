@@ -346,3 +346,89 @@ def test_not_finite_copy_refused(cases: dict[str, Case], tmp_path: Path) -> None
     with pytest.raises(AdapterctlError, match=r"lm_head\.weight` holds NaN or infinite"):
         convert_adapter(bad, tmp_path / "out", base=base, embeddings_to_lora=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("indices", "problem"),
+    [
+        (["a", 3, 21], "not a list of integers"),
+        ([7, 3, 1.7], "not a list of integers"),
+        ([7, True, 21], "not a list of integers"),
+        ({"embed_tokens": 5}, r"trainable_token_indices\['embed_tokens'\] is 5"),
+        ({"embed_tokens": [[1], 3, 21]}, "not a list of integers"),
+        ({"embed_tokens": [7, 3, 21], "lm_head": ["x"]}, r"\['lm_head'\]"),
+        ("7", "is str, not a list or a dict"),
+        ([7, 3, 64], "token index 64 is outside the base's 64 rows"),
+        ([7, -1, 21], "token index -1 is outside the base's 64 rows"),
+    ],
+)
+def test_untrusted_token_indices_refused(
+    indices: Any, problem: str, cases: dict[str, Case], tmp_path: Path
+) -> None:
+    """The config's trainable_token_indices: anything but lists of in-range integers is a clear
+    refusal (no ValueError / TypeError, no silent truncation of 1.7)."""
+    import shutil
+
+    base, adapter, _ = cases["llama_tokens"]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = indices
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterctlError, match=problem):
+        convert_adapter(bad, tmp_path / "out", base=base, embeddings_to_lora=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_copy_and_token_delta_of_one_module_refused(cases: dict[str, Case], tmp_path: Path) -> None:
+    """embed_tokens both copied whole (modules_to_save) and with a trainable-token delta: two
+    conversions would write the same keys; refused by name."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    base, adapter, _ = cases["llama_save"]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    tensors[key] = np.ones((len(TOKENS), 32), dtype=np.float32)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = TOKENS
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterctlError, match=r"both a modules_to_save copy and trainable-token deltas for `model\.embed_tokens`"):  # fmt: skip
+        convert_adapter(bad, tmp_path / "out", base=base, embeddings_to_lora=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("exclude", "problem"),
+    [
+        ("(", '`exclude_modules` "\\(" is not a valid regular expression'),
+        ("(.*.*){1,32000}[bc]", "`exclude_modules` .* takes too long to match"),
+        (r".*embed_tokens", r"exclude_modules excludes `model\.embed_tokens`"),
+        (["embed_tokens"], r"exclude_modules excludes `model\.embed_tokens`"),
+    ],
+)
+def test_exclude_modules_matched_within_the_budget(
+    exclude: Any, problem: str, cases: dict[str, Case], tmp_path: Path
+) -> None:
+    """The config's exclude_modules regex goes through the bounded matcher: a malformed or
+    catastrophic one is a ConfigError (not re.error, not a hang); one excluding a converted
+    module is refused."""
+    import shutil
+    import time
+
+    base, adapter, _ = cases["llama_save"]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["exclude_modules"] = exclude
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    start = time.monotonic()
+    with pytest.raises(AdapterctlError, match=problem):
+        convert_adapter(bad, tmp_path / "out", base=base, embeddings_to_lora=True)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()

@@ -600,3 +600,39 @@ def test_golden_engine_matrix(tmp_path: Path, llama_base: Path, update_golden: b
     if update_golden:
         golden.write_text(text)
     assert text == golden.read_text()
+
+
+def test_huge_layer_counts_are_counted_not_built(tmp_path: Path) -> None:
+    """partial_types compares counts: a base's num_hidden_layers of 10**12, or a 9-digit layer
+    index in the file, is judged at once (no set of that many layers)."""
+    import time
+
+    start = time.monotonic()
+    base = {**LLAMA_BASE, "num_hidden_layers": 10**12}
+    assert "tgi.partial_layers" in _rules(write_adapter(tmp_path / "a"), "tgi", base)
+    far = Q.replace("layers.0", "layers.999999999")
+    path = write_adapter(tmp_path / "b", {**lora_tensors(), **lora_tensors(far)})
+    assert "tgi.partial_layers" in _rules(path, "tgi")
+    assert time.monotonic() - start < 5
+
+
+def test_a_layer_index_of_thousands_of_digits_is_no_layer_index(tmp_path: Path) -> None:
+    """A 5000-digit index (beyond int()'s digit limit) is not read as a layer index: the
+    adapter is judged, no ValueError; the module counts as outside the layers."""
+    far = Q.replace("0", "1" * 5000, 1)
+    path = write_adapter(tmp_path / "a", {**lora_tensors(), **lora_tensors(far)})
+    (adapter,) = inspect_adapter(path).adapters
+    facts = facts_of(adapter, None)
+    assert facts is not None
+    assert facts.layer_types() == {"q_proj": {0, None}}
+    assert facts.num_layers() == 1
+    assert "tgi.partial_layers" not in _rules(path, "tgi")
+
+
+@pytest.mark.parametrize("archs", [[{}], [["LlamaForCausalLM"]], [None]])
+def test_llama_cpp_architecture_of_a_hostile_base_is_none(archs: list[Any]) -> None:
+    from adapterctl.ops.engines.llamacpp import architecture
+
+    assert architecture({"architectures": archs}) is None
+    assert architecture({"text_config": {"architectures": archs}}) is None
+    assert architecture({"architectures": archs, "text_config": {"architectures": archs}}) is None

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from adapterctl.errors import ConversionError
+from adapterctl.errors import ConfigError, ConversionError
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.dtypes import Dtype
 from adapterctl.format.keys import classify, stored_key
@@ -143,6 +143,14 @@ class EmbeddingDeltas(OnBase):
             elif info.kind == "trainable_tokens_delta":
                 deltas[info.module] = key
         modules = [self._copy(name, params) for name, params in copies.items()]
+        both = sorted(set(copies) & set(deltas))
+        if both:
+            raise ConversionError(
+                f"`{self.source.label}` holds both a modules_to_save copy and trainable-token "
+                f"deltas for `{both[0]}`: which one PEFT applies is unclear, so neither is "
+                "converted",
+                hint="convert the adapter without --embeddings-to-lora",
+            )
         modules += [self._tokens(config, name, key) for name, key in deltas.items()]
         if not modules:
             raise ConversionError(
@@ -354,14 +362,33 @@ def _bits(code: str) -> int:
 
 def _indices(value: Any, module: str) -> list[int] | None:
     """The token indices the config gives `module`: a list applies to the input embedding, a
-    dict to the modules whose path ends with one of its keys (PEFT's rule)."""
+    dict to the modules whose path ends with one of its keys (PEFT's rule). The config is
+    untrusted: anything but a list of integers (or a dict of such lists) is refused."""
     if isinstance(value, list):
-        return [int(i) for i in value] if _kind(module) != "linear" else None
+        return _int_list(value, "trainable_token_indices") if _kind(module) != "linear" else None
     if isinstance(value, dict):
-        for name, indices in value.items():
+        lists = {n: _int_list(v, f"trainable_token_indices[{n!r}]") for n, v in value.items()}
+        for name, indices in lists.items():
             if module == name or module.endswith("." + name):
-                return [int(i) for i in indices]
+                return indices
+        return None
+    if value is not None:
+        raise ConfigError(
+            f"trainable_token_indices is {type(value).__name__}, not a list or a dict of lists",
+            hint=_INDICES_HINT,
+        )
     return None
+
+
+_INDICES_HINT = 'trainable_token_indices is a list of token ids, or a dict {"module": [ids]}'
+
+
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    ):
+        raise ConfigError(f"{what} is {value!r:.80}, not a list of integers", hint=_INDICES_HINT)
+    return value
 
 
 # --- reports and checks -----------------------------------------------------------------------

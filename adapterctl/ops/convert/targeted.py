@@ -103,15 +103,8 @@ def _targets(config: LoraConfig, paths: list[str]) -> Any:
 
 
 def _refuse_excluded(config: LoraConfig, modules: set[str]) -> None:
-    ex = config.exclude_modules
-    if not ex:
-        return
     for module in sorted(modules):
-        if (
-            re.fullmatch(ex, module)
-            if isinstance(ex, str)
-            else any(module == e or module.endswith("." + e) for e in ex)
-        ):
+        if config.in_exclude_modules(module):
             raise ConversionError(
                 f"exclude_modules excludes `{module}`: it cannot become a LoRA target",
                 hint="remove it from exclude_modules first",

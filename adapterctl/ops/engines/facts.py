@@ -14,7 +14,8 @@ from adapterctl.ops.checks import ModuleEntry, TensorEntry
 
 #: the factor kinds every engine reads; anything else is a full tensor, a bias, a magnitude...
 FACTOR_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+#: a layer index of up to 9 digits (a longer one, from an untrusted file, is no layer index)
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d{1,9})\.")
 
 
 @dataclass(frozen=True)
@@ -192,10 +193,13 @@ def partial_types(supported: frozenset[str]) -> Check:
         n = f.num_layers()
         if n is None:
             return None
+        # counted, not compared with set(range(n)): n comes from untrusted files
         partial = sorted(
             t
             for t, layers in f.layer_types().items()
-            if t in supported and t != "lm_head" and set(range(n)) - layers
+            if t in supported
+            and t != "lm_head"
+            and sum(1 for i in layers if i is not None and 0 <= i < n) < n
         )
         if not partial:
             return None

@@ -44,7 +44,7 @@ def architecture(base: dict[str, Any]) -> str | None:
         arch = archs[0]
     elif isinstance(base.get("ssm_cfg"), dict):
         arch = str(base["ssm_cfg"].get("layer", "Mamba")) + "ForCausalLM"
-    if arch in _TOP_LEVEL:
+    if isinstance(arch, str) and arch in _TOP_LEVEL:
         return str(arch)
     text = base.get("text_config")
     if isinstance(text, dict) and isinstance(text.get("architectures"), list):
