@@ -288,7 +288,11 @@ def layer_index(module: str, *, first: bool = True) -> int | None:
     `layers_pattern` is set: the first numbered segment (PEFT 0.20 on: not an expert index
     further in), or the last one (`first=False`, PEFT before 0.20)."""
     m = (_FIRST_INDEX if first else _LAST_INDEX).match(module)
-    return int(m.group(1)) if m else None
+    if m is None:
+        return None
+    digits = m.group(1).lstrip("0") or "0"
+    # a file's index of thousands of digits is past int()'s limit: beyond any layer a list names
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 class _Node:

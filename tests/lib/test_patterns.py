@@ -319,3 +319,14 @@ def test_keys_made_to_branch_run_out_of_steps(monkeypatch: pytest.MonkeyPatch) -
         [config.rank_for(name) for name in names]
     assert _cpu_s() - start < 5
     assert e.value.hint is not None
+
+
+def test_a_layer_index_of_thousands_of_digits_is_no_layer_a_list_names() -> None:
+    """A file's module path is untrusted: an index past int()'s 4300-digit limit is a number
+    beyond every layer, not a ValueError (exit 3)."""
+    from adapterctl.format.patterns import layer_index
+
+    assert layer_index("model.layers.0012.self_attn.q_proj") == 12
+    huge = f"model.layers.{'9' * 5000}.self_attn.q_proj"
+    assert layer_index(huge) == 10**18
+    assert layer_index(huge, first=False) == 10**18
