@@ -163,18 +163,18 @@ def _config_tie(ckpt: BaseCheckpoint) -> bool | None:
 
 
 def _tied(base: BaseCheckpoint, tuned: BaseCheckpoint, names: dict[str, Spec]) -> bool:
-    """Whether the output head shares the input embedding: config.json says so (an explicit
-    false wins), else the files hold one input embedding and no output head, or an lm_head equal
-    to it in both checkpoints."""
+    """Whether the output head shares the input embedding: config.json says so, or an lm_head
+    equal to it in both checkpoints, or (only where config.json does not say: an explicit false
+    wins) the files hold one input embedding and no output head."""
     said = {_config_tie(base), _config_tie(tuned)}
-    if True in said or False in said:
-        return True in said
+    if True in said:
+        return True
     embed = [k for k in names if k.endswith(TIED_EMBEDDINGS)]
     head = [k for k in names if k.endswith("lm_head.weight")]
     if len(embed) == len(head) == 1 and names[embed[0]] == names[head[0]]:
         return all(_same_bytes(c, embed[0], head[0]) for c in (tuned, base))
     heads = [k for k in names if _module(k)[1] == "weight" and _leaf(_module(k)[0]) in HEADS]
-    return not heads and len(embed) == 1
+    return False not in said and not heads and len(embed) == 1
 
 
 def _head_module(names: dict[str, Spec], embedding: str) -> str:
