@@ -614,10 +614,12 @@ def test_an_explicit_untied_config_wins_over_a_missing_head(tmp_path: Path) -> N
     tensors = {"embed_tokens.weight": e, "layers.0.q.weight": _W}
     untied = _ckpt(tmp_path / "u", tensors, {"tie_word_embeddings": False})
     p = _plan(untied, untied, ["embed_tokens"])
-    assert not p.tied and [j.heads for j in p.jobs] == [()]
+    assert not p.tied
+    assert [j.heads for j in p.jobs] == [()]
     silent = _ckpt(tmp_path / "s", tensors, {})
     p = _plan(silent, silent, ["embed_tokens"])
-    assert p.tied and [j.heads for j in p.jobs] == [("lm_head",)]
+    assert p.tied
+    assert [j.heads for j in p.jobs] == [("lm_head",)]
 
 
 def test_several_tied_embeddings_and_idle_targets_are_refused(tmp_path: Path) -> None:
