@@ -8,10 +8,12 @@ checkpoint only, shapes that differ, a vocabulary that grew).
 Targets: by default every linear layer (a 2-D `.weight` of a module that is not an embedding or an
 output head); `--target NAME` matches module paths as PEFT matches a target_modules list (the path,
 or a path ending in `.NAME`) and may name embeddings (embedding LoRA) and output heads (linear
-LoRA). A model whose output head shares the input embedding (tie_word_embeddings, or an lm_head
-absent from the files) has ONE weight change for both: targeting either writes both from one
-factoring (`Job.heads`).
-"""
+LoRA); Conv1D only for transformers' Conv1D modules of a Conv1D model type (`CONV1D_MODULES`).
+A model whose output head shares the input embedding (tie_word_embeddings, an lm_head equal to it,
+or, where config.json does not say, an lm_head absent from the files) has ONE weight change for
+both: targeting either writes both from one factoring (`Job.heads`); several input embeddings
+that would share one head, and a --target left with no module to write, are refused. --bias all
+tensors are named once the modules whose weight changed are known (`placed`)."""
 
 from __future__ import annotations
 
@@ -109,11 +111,6 @@ def _leaf(module: str) -> str:
 def targeted(module: str, names: Sequence[str]) -> bool:
     """PEFT's rule for a target_modules list: the path, or a path ending in `.NAME`."""
     return any(module == n or module.endswith("." + n) for n in names)
-
-
-def targeted_any(modules: Sequence[str], name: str) -> bool:
-    """Whether target_modules entry `name` matches one of `modules`."""
-    return any(targeted(m, [name]) for m in modules)
 
 
 def _grew(key: str, base: tuple[int, ...], tuned: tuple[int, ...]) -> bool:
@@ -272,7 +269,7 @@ def plan(
         heads = (head_jobs[key],) if key in head_jobs else ()
         out.jobs.append(Job(module, key, kind, shape, code or _factor_code(dtype), heads))
     lora = [j.module for j in out.jobs] + [h for j in out.jobs for h in j.heads]
-    idle = [t for t in targets if not targeted_any(lora, t)]
+    idle = [t for t in targets if not any(targeted(m, [t]) for m in lora)]
     if idle:
         raise InvalidOptionError(
             f"--target {idle[0]!r} names only an output head tied to the input embedding, "
