@@ -24,7 +24,7 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_TIED_EMBEDDINGS = (
+TIED_EMBEDDINGS = (
     "embed_tokens.weight",
     "wte.weight",
     "word_embeddings.weight",
@@ -99,7 +99,7 @@ class BaseCheckpoint:
 
     def is_tied_embedding(self, key: str) -> bool:
         """Whether `key` is the input embedding that a tied output head shares."""
-        return self.tied and key.endswith(_TIED_EMBEDDINGS)
+        return self.tied and key.endswith(TIED_EMBEDDINGS)
 
     def _reader(self, shard: str) -> SafetensorsReader:
         if shard not in self._readers:
@@ -176,7 +176,7 @@ class BaseCheckpoint:
         if len(candidates) == 1:
             return candidates[0]
         if param == "weight" and module.rsplit(".", 1)[-1] == "lm_head" and self.tied:
-            tied = [k for k in self._where if k.endswith(_TIED_EMBEDDINGS)]
+            tied = [k for k in self._where if k.endswith(TIED_EMBEDDINGS)]
             if len(tied) == 1:
                 return tied[0]
         return None

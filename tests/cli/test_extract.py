@@ -135,6 +135,7 @@ def test_refusals(models: tuple[Path, Path, Path], tmp_path: Path) -> None:
         ([base, tuned, out, "--force"], 2, "pass --rank N or --energy E"),
         ([base, tuned, out, "--rank", "2", "--energy", "0.9", "--force"], 2, "one of them"),
         ([base, tuned, out, "--rank", "2", "--bias", "some", "--force"], 2, "--bias"),
+        ([base, tuned, out, "--rank", "2", "--seed", "-1", "--force"], 2, "--seed must be"),
         ([base, tuned, out, "--rank", "2"], 1, "already exists"),
     ]
     for args, code, message in cases:

@@ -524,3 +524,165 @@ def test_portable_pads_every_module_to_one_rank_with_the_same_change(
     # scale 1 everywhere is one scaling for vLLM too, and LoRAX pads the ranks; TGI stacks the
     # modules' factors (one rank) and llama.cpp scales by the global alpha over each tensor's rank
     assert report == {"mixed": [True, False, True, False], "one": [True, True, True, True]}
+
+
+def _ckpt(root: Path, tensors: dict[str, Any], config: dict[str, Any]) -> Path:
+    """A tiny synthetic checkpoint: `tensors` name -> float array, or (dtype code, raw bytes,
+    shape) for other dtypes."""
+    from adapterctl.format.dtypes import DTYPES
+    from adapterctl.format.tensors import TensorSource, write_safetensors
+
+    root.mkdir(parents=True)
+    sources = []
+    for name, v in tensors.items():
+        if isinstance(v, tuple):
+            code, raw, shape = v
+        else:
+            code, raw, shape = "F32", np.asarray(v, np.float32).tobytes(), np.shape(v)
+        sources.append(TensorSource(name, DTYPES[code], tuple(shape), lambda raw=raw: raw))
+    with open(root / "model.safetensors", "wb") as f:
+        write_safetensors(f, sources)
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+_W = np.random.default_rng(1).standard_normal((8, 8))
+_CAUSAL = {"architectures": ["XForCausalLM"]}
+
+
+def _plan(base: Path, tuned: Path, targets: list[str]) -> Any:
+    from adapterctl.format.checkpoint import BaseCheckpoint
+    from adapterctl.ops.extract.plan import plan
+
+    with BaseCheckpoint(base) as b, BaseCheckpoint(tuned) as t:
+        return plan(b, t, targets=targets, modules_to_save=[], bias="none", code=None)
+
+
+def test_bias_all_of_a_module_whose_weight_did_not_change_is_stored_plain(
+    tmp_path: Path,
+) -> None:
+    """PEFT loads `<module>.base_layer.bias` only for a LoRA module: q's weight is unchanged
+    (no LoRA), so its changed bias goes under `q.bias` as PEFT's bias="all" saves it."""
+    base = {"m.q.weight": _W, "m.q.bias": np.zeros(8), "m.k.weight": _W, "m.k.bias": np.zeros(8)}
+    tuned = {"m.q.weight": _W, "m.q.bias": np.ones(8), "m.k.weight": _W + 1, "m.k.bias": np.ones(8)}
+    r = extract(
+        _ckpt(tmp_path / "b", base, _CAUSAL),
+        _ckpt(tmp_path / "t", tuned, _CAUSAL),
+        tmp_path / "out",
+        rank=1,
+        bias="all",
+    )
+    assert sorted(r.modules_to_save) == [f"{P}m.k.base_layer.bias", f"{P}m.q.bias"]
+    t = _read(tmp_path / "out")
+    np.testing.assert_array_equal(t[f"{P}m.q.bias"], np.ones(8))
+    assert [m.module for m in r.modules] == ["m.k"]
+
+
+def test_only_transformers_conv1d_modules_are_conv1d(tmp_path: Path) -> None:
+    """GPT-2's task heads (score, classifier, qa_outputs, summary) are nn.Linear."""
+    rng = np.random.default_rng(2)
+    names = {
+        "h.0.attn.c_attn.weight": (8, 24),
+        "h.0.mlp.c_fc.weight": (8, 32),
+        "score.weight": (2, 8),
+        "multiple_choice_head.summary.weight": (1, 8),
+    }
+    tensors = {k: rng.standard_normal(s) for k, s in names.items()}
+    base = _ckpt(tmp_path / "b", tensors, {"model_type": "gpt2"})
+    kinds = {j.module: (j.kind, j.out_in) for j in _plan(base, base, []).jobs}
+    assert kinds == {
+        "h.0.attn.c_attn": ("conv1d", (24, 8)),
+        "h.0.mlp.c_fc": ("conv1d", (32, 8)),
+        "score": ("linear", (2, 8)),
+        "multiple_choice_head.summary": ("linear", (1, 8)),
+    }
+
+
+def test_tied_heads_follow_the_one_tied_embedding_list(tmp_path: Path) -> None:
+    """word_embeddings ties as embed_tokens does: targeting lm_head writes it from the
+    embedding's change."""
+    e = np.random.default_rng(3).standard_normal((10, 8))
+    cfg = {"tie_word_embeddings": True}
+    base = _ckpt(tmp_path / "b", {"t.word_embeddings.weight": e, "lm_head.weight": e}, cfg)
+    tuned = _ckpt(tmp_path / "t", {"t.word_embeddings.weight": e + 1, "lm_head.weight": e + 1}, cfg)
+    [job] = _plan(base, tuned, ["lm_head"]).jobs
+    assert (job.module, job.kind, job.heads) == ("t.word_embeddings", "embedding", ("lm_head",))
+
+
+def test_an_explicit_untied_config_wins_over_a_missing_head(tmp_path: Path) -> None:
+    e = np.random.default_rng(4).standard_normal((10, 8))
+    tensors = {"embed_tokens.weight": e, "layers.0.q.weight": _W}
+    untied = _ckpt(tmp_path / "u", tensors, {"tie_word_embeddings": False})
+    p = _plan(untied, untied, ["embed_tokens"])
+    assert not p.tied
+    assert [j.heads for j in p.jobs] == [()]
+    silent = _ckpt(tmp_path / "s", tensors, {})
+    p = _plan(silent, silent, ["embed_tokens"])
+    assert p.tied
+    assert [j.heads for j in p.jobs] == [("lm_head",)]
+
+
+def test_several_tied_embeddings_and_idle_targets_are_refused(tmp_path: Path) -> None:
+    from adapterctl.errors import ConversionError, InvalidOptionError
+
+    e = np.random.default_rng(5).standard_normal((10, 8))
+    cfg = {"tie_word_embeddings": True}
+    two = {"enc.embed_tokens.weight": e, "dec.embed_tokens.weight": e, "x.q.weight": _W}
+    base = _ckpt(tmp_path / "b", two, cfg)
+    with pytest.raises(ConversionError, match="2 input embeddings") as err:
+        _plan(base, base, ["embed_tokens"])
+    assert "--target dec.embed_tokens" in (err.value.hint or "")  # a path, in file order
+    assert [j.heads for j in _plan(base, base, ["enc.embed_tokens"]).jobs] == [("lm_head",)]
+    # a tied lm_head with no input embedding to take its change from
+    head = _ckpt(tmp_path / "h", {"lm_head.weight": e, "x.q.weight": _W}, cfg)
+    with pytest.raises(InvalidOptionError, match="--target 'lm_head'"):
+        _plan(head, head, ["lm_head", "q"])
+
+
+def test_a_negative_seed_is_refused(tmp_path: Path) -> None:
+    from adapterctl.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="--seed"):
+        extract(tmp_path / "b", tmp_path / "t", tmp_path / "out", rank=2, seed=-1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_float_tensors_in_differing_dtypes_are_changed(tmp_path: Path) -> None:
+    """Compared tensors whose dtypes differ and are not both float (F4, integers) are reported
+    as changed rather than crashing; a non-float weight's refusal names its checkpoint."""
+    ids = np.arange(4, dtype=np.int32)
+    base = {
+        "m.q.weight": _W,
+        "m.ids": ("I32", ids.tobytes(), (4,)),
+        "m.packed": ("F4", bytes(4), (8,)),
+    }
+    tuned = {
+        "m.q.weight": _W + 1,
+        "m.ids": ("I64", ids.astype(np.int64).tobytes(), (4,)),
+        "m.packed": np.zeros(8),
+    }
+    r = extract(
+        _ckpt(tmp_path / "b", base, {}), _ckpt(tmp_path / "t", tuned, {}), tmp_path / "o", rank=1
+    )
+    assert sorted(r.changed_not_stored) == ["m.ids", "m.packed"]
+    from adapterctl.errors import ConversionError
+
+    quantized = {**base, "m.q.weight": ("I8", bytes(64), (8, 8))}
+    with pytest.raises(ConversionError, match=r"`m.q.weight` is \S+ in BASE: not a float"):
+        _plan(_ckpt(tmp_path / "qb", quantized, {}), tmp_path / "t", [])
+
+
+def test_verify_off_by_in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row-piece error equals the whole-matrix one, a tied head's transposed too."""
+    from adapterctl.ops.extract import verify
+
+    monkeypatch.setattr(verify, "_PIECE", 10)  # pieces of one or two rows
+    rng = np.random.default_rng(6)
+    b, a, want = (
+        rng.standard_normal((7, 2)),
+        rng.standard_normal((2, 5)),
+        rng.standard_normal((7, 5)),
+    )
+    whole = np.linalg.norm(0.5 * b @ a - want) ** 2
+    assert verify._off_by(0.5, b, a, want, False) == pytest.approx(whole)
+    assert verify._off_by(0.5, b, a, want.T, True) == pytest.approx(whole)

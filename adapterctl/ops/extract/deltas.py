@@ -11,7 +11,7 @@ from typing import Any
 
 from adapterctl.errors import ConversionError
 from adapterctl.format.checkpoint import BaseCheckpoint
-from adapterctl.format.rawtensor import RawTensor, from_float, to_float64
+from adapterctl.format.rawtensor import FLOAT_CODES, RawTensor, from_float, to_float64
 from adapterctl.ops.convert import Factored, Target, factor
 from adapterctl.ops.extract.plan import Job
 
@@ -60,19 +60,18 @@ def extract_module(
     return Extracted(job, b, a, replace(f, b=None, a=None), f.rank)
 
 
-def changed(base: BaseCheckpoint, tuned: BaseCheckpoint, key: str, same_dtype: bool) -> bool:
-    """Whether TUNED's `key` differs from BASE's: its bytes in pieces (one dtype), else values."""
+def changed(base: BaseCheckpoint, tuned: BaseCheckpoint, key: str, codes: tuple[str, str]) -> bool:
+    """Whether TUNED's `key` differs from BASE's (`codes`: its dtype in each): its bytes in
+    pieces (one dtype), else its values (floats), else changed."""
     import numpy as np
 
-    if same_dtype:
+    if codes[0] == codes[1]:
         tuned_pieces = tuned.pieces(key)
         for piece in base.pieces(key):
             other = next(tuned_pieces, None)
             if other is None or bytes(piece) != bytes(other):
                 return True
         return next(tuned_pieces, None) is not None
-    try:
-        before, after = to_float64(base.read(key)), to_float64(tuned.read(key))
-    except ConversionError:
-        return True  # integer buffers of different dtypes
-    return not np.array_equal(before, after)
+    if not all(c in FLOAT_CODES for c in codes):
+        return True  # integer or sub-byte tensors of different dtypes: not the same tensor
+    return not np.array_equal(to_float64(base.read(key)), to_float64(tuned.read(key)))

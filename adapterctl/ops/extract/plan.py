@@ -8,20 +8,24 @@ checkpoint only, shapes that differ, a vocabulary that grew).
 Targets: by default every linear layer (a 2-D `.weight` of a module that is not an embedding or an
 output head); `--target NAME` matches module paths as PEFT matches a target_modules list (the path,
 or a path ending in `.NAME`) and may name embeddings (embedding LoRA) and output heads (linear
-LoRA). A model whose output head shares the input embedding (tie_word_embeddings, or an lm_head
-absent from the files) has ONE weight change for both: targeting either writes both from one
-factoring (`Job.heads`).
-"""
+LoRA); Conv1D only for transformers' Conv1D modules of a Conv1D model type (`CONV1D_MODULES`).
+A model whose output head shares the input embedding (tie_word_embeddings, an lm_head equal to it,
+or, where config.json does not say, an lm_head absent from the files) has ONE weight change for
+both: targeting either writes both from one factoring (`Job.heads`); several input embeddings
+that would share one head, and a --target left with no module to write, are refused. --bias all
+tensors are named once the modules whose weight changed are known (`placed`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from adapterctl.errors import ConversionError, InvalidOptionError
-from adapterctl.format.checkpoint import BaseCheckpoint
+from adapterctl.errors import AdapterctlError, ConversionError, InvalidOptionError
+from adapterctl.format.checkpoint import TIED_EMBEDDINGS, BaseCheckpoint
 from adapterctl.format.dtypes import Dtype
+from adapterctl.format.files import read_small
 from adapterctl.format.keys import PREFIX, module_matches
 from adapterctl.format.rawtensor import FLOAT_CODES
 from adapterctl.ops.merge import CONV1D_MODEL_TYPES, Kind, model_type
@@ -35,6 +39,9 @@ INPUT_EMBEDDINGS = frozenset(
 )  # fmt: skip
 #: output heads: a linear LoRA when targeted, never a default target
 HEADS = frozenset({"lm_head", "embed_out"})
+#: the modules transformers builds as Conv1D in a Conv1D model type (GPT-2's task heads
+#: `score`, `classifier`, `qa_outputs`, `summary` are nn.Linear)
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 _HINT = "pass the base model TUNED was fine-tuned from"
 
 Spec = tuple[Dtype, tuple[int, ...]]
@@ -68,6 +75,19 @@ class Whole:
     key: str
     dtype: Dtype
     shape: tuple[int, ...]
+    bias_of: str | None = None  # --bias all: its module (`placed` names it once factored)
+
+
+def placed(whole: Sequence[Whole], lora: set[str]) -> list[Whole]:
+    """`whole` as PEFT loads it once the LoRA modules are known (those whose weight changed):
+    a --bias all tensor of a LoRA module under `<module>.base_layer.bias`, any other under its
+    plain name (PEFT's bias="all" on an untargeted module)."""
+    return [
+        replace(w, stored=f"{PREFIX}{w.bias_of}.base_layer.{w.key.rpartition('.')[2]}")
+        if w.bias_of is not None and w.bias_of in lora
+        else w
+        for w in whole
+    ]
 
 
 @dataclass
@@ -129,20 +149,29 @@ def _same_bytes(ckpt: BaseCheckpoint, one: str, other: str) -> bool:
     return next(pieces, None) is None
 
 
+def _config_tie(ckpt: BaseCheckpoint) -> bool | None:
+    """config.json's tie_word_embeddings, None where it does not say."""
+    try:
+        config: Any = json.loads(read_small(ckpt.path / "config.json", "model config"))
+    except (AdapterctlError, ValueError, RecursionError):
+        return None
+    said = config.get("tie_word_embeddings") if isinstance(config, dict) else None
+    return said if isinstance(said, bool) else None
+
+
 def _tied(base: BaseCheckpoint, tuned: BaseCheckpoint, names: dict[str, Spec]) -> bool:
-    """Whether the output head shares the input embedding: config.json says so, or the files
-    hold an input embedding and no lm_head, or an lm_head equal to it in both checkpoints."""
-    if base.tied or tuned.tied:
+    """Whether the output head shares the input embedding: config.json says so, or an lm_head
+    equal to it in both checkpoints, or (only where config.json does not say: an explicit false
+    wins) the files hold one input embedding and no output head."""
+    said = {_config_tie(base), _config_tie(tuned)}
+    if True in said:
         return True
-    embed = [k for k in names if k.endswith(("embed_tokens.weight", "wte.weight"))]
+    embed = [k for k in names if k.endswith(TIED_EMBEDDINGS)]
     head = [k for k in names if k.endswith("lm_head.weight")]
     if len(embed) == len(head) == 1 and names[embed[0]] == names[head[0]]:
         return all(_same_bytes(c, embed[0], head[0]) for c in (tuned, base))
     heads = [k for k in names if _module(k)[1] == "weight" and _leaf(_module(k)[0]) in HEADS]
-    embeds = [
-        k for k in names if k.endswith(".weight") and _leaf(_module(k)[0]) in INPUT_EMBEDDINGS
-    ]
-    return not heads and any(_leaf(_module(k)[0]) in ("embed_tokens", "wte") for k in embeds)
+    return False not in said and not heads and len(embed) == 1
 
 
 def _head_module(names: dict[str, Spec], embedding: str) -> str:
@@ -200,7 +229,7 @@ def plan(
         if targets:
             hit = [t for t in targets if targeted(module, [t])]
             matched.update(hit)
-            if out.tied and embedding and leaf in ("embed_tokens", "wte"):
+            if out.tied and key.endswith(TIED_EMBEDDINGS):
                 head_name = _head_module(tuned_specs, module)
                 also = [t for t in targets if targeted(head_name, [t])]
                 matched.update(also)
@@ -214,10 +243,11 @@ def plan(
             continue
         if head and out.tied:
             continue  # written from the input embedding's change
-        if dtype.code not in FLOAT_CODES or base_specs[key][0].code not in FLOAT_CODES:
-            raise ConversionError(f"`{key}` is {dtype.display_name}: not a float weight")
+        for where, (d, _) in (("TUNED", (dtype, shape)), ("BASE", base_specs[key])):
+            if d.code not in FLOAT_CODES:
+                raise ConversionError(f"`{key}` is {d.display_name} in {where}: not a float weight")
         kind: Kind = "embedding" if embedding else (
-            "conv1d" if out.conv1d and not head else "linear"
+            "conv1d" if out.conv1d and leaf in CONV1D_MODULES else "linear"
         )  # fmt: skip
         chosen.append((key, kind))
     unmatched = [t for t in targets if t not in matched]
@@ -226,18 +256,33 @@ def plan(
             f"--target {unmatched[0]!r} matches no 2-D weight of TUNED",
             hint="name modules as PEFT's target_modules does: q_proj, mlp.down_proj, lm_head",
         )
+    if len(head_jobs) > 1:
+        raise ConversionError(
+            f"the tied output head would get the change of {len(head_jobs)} input embeddings "
+            f"(`{'`, `'.join(list(head_jobs)[:2])}`)",
+            hint="target one input embedding by its path, e.g. --target "
+            + _module(next(iter(head_jobs)))[0],
+        )
     for key, kind in chosen:
         dtype, shape = tuned_specs[key]
         module, _ = _module(key)
         heads = (head_jobs[key],) if key in head_jobs else ()
         out.jobs.append(Job(module, key, kind, shape, code or _factor_code(dtype), heads))
-    lora = {j.module for j in out.jobs} | {h for j in out.jobs for h in j.heads}
+    lora = [j.module for j in out.jobs] + [h for j in out.jobs for h in j.heads]
+    idle = [t for t in targets if not any(targeted(m, [t]) for m in lora)]
+    if idle:
+        raise InvalidOptionError(
+            f"--target {idle[0]!r} names only an output head tied to the input embedding, "
+            "whose change is written from the embedding's",
+            hint="target the input embedding (e.g. embed_tokens), or store the head whole "
+            "with --modules-to-save",
+        )
     done = {j.key for j in out.jobs} | {f"{h}.weight" for j in out.jobs for h in j.heads}
     for key, (dtype, shape) in tuned_specs.items():
         module, param = _module(key)
         if saved(key) or (bias == "all" and param == "bias"):
-            wrapped = module + ".base_layer" if module in lora and not saved(key) else module
-            out.whole.append(Whole(f"{PREFIX}{wrapped}.{param}", key, dtype, shape))
+            of = None if saved(key) else module
+            out.whole.append(Whole(f"{PREFIX}{module}.{param}", key, dtype, shape, of))
         elif key not in done:
             out.compared.append(key)
     return out

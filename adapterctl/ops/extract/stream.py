@@ -32,7 +32,7 @@ from adapterctl.format.rawtensor import CAST_TARGETS, FLOAT_CODES, RawTensor, ca
 from adapterctl.format.tensors import TensorSource, write_safetensors
 from adapterctl.ops.convert import Target, reduced_config
 from adapterctl.ops.extract.deltas import Extracted, changed, extract_module
-from adapterctl.ops.extract.plan import Whole, plan, task_type
+from adapterctl.ops.extract.plan import Whole, placed, plan, task_type
 from adapterctl.ops.extract.result import ExtractResult, ModuleResult, VerificationFailed
 from adapterctl.ops.extract.verify import check, factor_keys
 from adapterctl.ops.merge import peak_memory
@@ -49,7 +49,12 @@ class Progress(Protocol):
 
 
 def _check_options(
-    rank: int | None, energy: float | None, max_rank: int | None, bias: str, dtype: str | None
+    rank: int | None,
+    energy: float | None,
+    max_rank: int | None,
+    bias: str,
+    dtype: str | None,
+    seed: int,
 ) -> str | None:
     if (rank is None) == (energy is None):
         raise InvalidOptionError(
@@ -66,6 +71,8 @@ def _check_options(
         raise InvalidOptionError(
             "--max-rank takes a rank of at least 1, with --energy", hint="--rank N sets one rank"
         )
+    if seed < 0:
+        raise InvalidOptionError(f"--seed must be at least 0, not {seed}")
     if bias not in BIAS_CHOICES:
         raise InvalidOptionError(f"--bias must be none or all, not {bias[:40]!r}")
     if dtype is None:
@@ -140,7 +147,7 @@ def extract(
     from adapterctl.ops.hub import is_local_path, resolve
 
     started = time.perf_counter()
-    code = _check_options(rank, energy, max_rank, bias, dtype)
+    code = _check_options(rank, energy, max_rank, bias, dtype, seed)
     target = Target(rank=rank, energy=energy, max_rank=max_rank, exact=exact, seed=seed)
     names, saving = split_targets(targets), split_targets(modules_to_save)
     local = [p for p in (base, tuned) if isinstance(p, os.PathLike) or is_local_path(str(p))]
@@ -166,7 +173,9 @@ def extract(
         specs = {n: d for n, _, d, _ in b_ckpt.tensors()}
         tuned_specs = {n: d for n, _, d, _ in t_ckpt.tensors()}
         not_stored = [
-            k for k in p.compared if changed(b_ckpt, t_ckpt, k, specs[k] == tuned_specs[k])
+            k
+            for k in p.compared
+            if changed(b_ckpt, t_ckpt, k, (specs[k].code, tuned_specs[k].code))
         ]
         if not extracted:
             raise ConversionError(
@@ -178,6 +187,8 @@ def extract(
         if portable:
             one = max(e.rank for e in extracted)
             extracted = [_padded(e, one) for e in extracted]
+        lora = {e.job.module for e in extracted} | {h for e in extracted for h in e.job.heads}
+        p.whole = placed(p.whole, lora)
         whole = [(w, code if code is not None and w.dtype.code in FLOAT_CODES else None)
                  for w in p.whole]  # fmt: skip
         modules = sorted({k.rpartition(".")[0] for k in tuned_specs})
