@@ -36,7 +36,7 @@ from adapterctl.ops.convert.plan import (
     reduced_config,
 )
 from adapterctl.ops.convert.portable import Kept
-from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification
+from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification, factored_allowance
 
 __all__ = [
     "EXACT",
@@ -56,6 +56,7 @@ __all__ = [
     "convert_tensors",
     "converted_config",
     "factor",
+    "factored_allowance",
     "irreproducible",
     "one_adapter",
     "one_blas_thread",

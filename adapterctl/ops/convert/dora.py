@@ -24,7 +24,7 @@ from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Target, factor
 from adapterctl.ops.convert.derived import OnBase, Specs
 from adapterctl.ops.convert.plan import Plan, reduced_config
-from adapterctl.ops.convert.verify import EXACT, UNIT, Check, Verification
+from adapterctl.ops.convert.verify import Check, Verification, factored_allowance
 from adapterctl.ops.merge import Kind, Step, merge_sequence
 
 if TYPE_CHECKING:
@@ -264,8 +264,8 @@ def dora_checks(dora: DoraDeltas, directory: Path) -> list[Check]:
             error = float(np.linalg.norm(s * (b @ a) - want))
             total = float(np.linalg.norm(want))
             rel = error / total if total else (0.0 if error == 0.0 else math.inf)
-            unit = max(UNIT.get(reader.tensors[x].dtype.code, 1.0) for x in (m.a_key, m.b_key))
-            allowed = m.relative_error + 2.5 * unit * math.sqrt(k) + EXACT
+            codes = (reader.tensors[x].dtype.code for x in (m.a_key, m.b_key))
+            allowed = factored_allowance(m.relative_error, codes, k)
             checks.append(Check(f"{m.module} (W_dora - W)", rel, allowed))
     return checks
 

@@ -38,7 +38,7 @@ from adapterctl.ops.convert.dense import Factored, Target, factor
 from adapterctl.ops.convert.derived import OnBase, Specs
 from adapterctl.ops.convert.plan import ModuleReport, Plan
 from adapterctl.ops.convert.targeted import targeted_config
-from adapterctl.ops.convert.verify import EXACT, UNIT, Check
+from adapterctl.ops.convert.verify import Check, factored_allowance
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -462,8 +462,8 @@ def embedding_checks(deltas: EmbeddingDeltas, directory: Path) -> list[Check]:
             error = math.sqrt(_off_by(s, b, a, rows, block))
             total = float(np.linalg.norm(block))
             rel = error / total if total else (0.0 if error == 0.0 else math.inf)
-            unit = max(UNIT.get(reader.tensors[x].dtype.code, 1.0) for x in (m.a_key, m.b_key))
-            allowed = m.relative_error + 2.5 * unit * math.sqrt(k) + EXACT
+            codes = (reader.tensors[x].dtype.code for x in (m.a_key, m.b_key))
+            allowed = factored_allowance(m.relative_error, codes, k)
             checks.append(Check(f"{m.module} (LoRA of the {m.origin} change)", rel, allowed))
     return checks
 

@@ -15,7 +15,7 @@ buffers, are checked piece by piece, two modules at a time on two cores.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,14 @@ if TYPE_CHECKING:
 EXACT = 1e-6
 #: unit roundoff of each float dtype
 UNIT = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
+
+
+def factored_allowance(cut_error: float, codes: Iterable[str], rank: int) -> float:
+    """What `--verify` allows a change written as rank-`rank` factors in dtypes `codes`: the
+    relative error the rank cut reported, plus the factors' rounding (||B||·||A|| <= sqrt(k)·
+    ||ΔW|| for SVD factors and for a change beside an identity or one-hot), plus 1e-6."""
+    unit = max((UNIT.get(c, 1.0) for c in codes), default=1.0)
+    return cut_error + 2.5 * unit * math.sqrt(rank) + EXACT
 
 
 @dataclass(frozen=True)

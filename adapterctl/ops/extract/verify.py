@@ -17,7 +17,7 @@ from adapterctl.format.keys import stored_key
 from adapterctl.format.layout import SAFETENSORS_NAME
 from adapterctl.format.rawtensor import RawTensor, cast, to_float64
 from adapterctl.format.tensors import SafetensorsReader
-from adapterctl.ops.convert import EXACT, UNIT, Check, Verification
+from adapterctl.ops.convert import Check, Verification, factored_allowance
 from adapterctl.ops.extract.deltas import Extracted, delta
 from adapterctl.ops.extract.plan import Whole
 
@@ -78,8 +78,7 @@ def check(
                 error = math.sqrt(_off_by(s, np.asarray(b), np.asarray(a), want, transposed))
                 rel = error / norm if norm else (0.0 if error == 0.0 else math.inf)
                 k = np.asarray(a).shape[0]
-                unit = max(UNIT.get(b_code, 1.0), UNIT.get(a_code, 1.0))
-                allowed = e.factored.relative_error + 2.5 * unit * math.sqrt(k) + EXACT
+                allowed = factored_allowance(e.factored.relative_error, (b_code, a_code), k)
                 checks.append(Check(f"{module} (TUNED - BASE)", rel, allowed))
             del want
             if progress is not None:
