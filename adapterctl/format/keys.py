@@ -30,10 +30,12 @@ TOKENS_SUFFIX = "token_adapter.trainable_tokens_delta"
 FULL_KINDS = ("bias", "modules_to_save", "embedding", "base_layer")
 #: Module names PEFT treats as embeddings when deciding what to save (save_embedding_layers).
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
-#: Common input/output embedding names of transformers models (what get_input_embeddings returns).
-_KNOWN_EMBEDDING_MODULES = frozenset(
-    {"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared"}
-)
+#: The vocabulary-sized input embeddings of transformers models, by module name (what
+#: get_input_embeddings returns): the one list every command reads.
+TOKEN_EMBEDDINGS = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "shared"})
+#: The output layers that map to the vocabulary (get_output_embeddings).
+OUTPUT_HEADS = frozenset({"lm_head", "embed_out"})
+_KNOWN_EMBEDDING_MODULES = TOKEN_EMBEDDINGS | OUTPUT_HEADS
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from adapterctl.errors import ConfigError, ConversionError
 from adapterctl.format.config import LoraConfig
 from adapterctl.format.dtypes import Dtype
-from adapterctl.format.keys import classify, stored_key
+from adapterctl.format.keys import OUTPUT_HEADS, TOKEN_EMBEDDINGS, classify, stored_key
 from adapterctl.format.rawtensor import RawTensor, TensorStore, from_float, numel, to_float64
 from adapterctl.ops.convert.blas import one_blas_thread
 from adapterctl.ops.convert.dense import Factored, Target, factor
@@ -49,8 +49,8 @@ _HINT = "pass the base model the adapter was made on"
 #: values compared at a time (float64: 32 MiB a piece)
 _PIECE = 1 << 22
 #: input embeddings (nn.Embedding) and output layers (nn.Linear) by their module names
-INPUT_NAMES = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "shared"})
-OUTPUT_NAMES = frozenset({"lm_head", "embed_out"})
+INPUT_NAMES = TOKEN_EMBEDDINGS
+OUTPUT_NAMES = OUTPUT_HEADS
 
 Origin = Literal["modules_to_save", "trainable tokens", "tied"]
 _ORIGIN = {"modules_to_save": "modules_to_save copy", "trainable tokens": "trainable tokens", "tied": "tied trainable tokens"}  # fmt: skip

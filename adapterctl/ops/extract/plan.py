@@ -26,19 +26,16 @@ from adapterctl.errors import AdapterctlError, ConversionError, InvalidOptionErr
 from adapterctl.format.checkpoint import TIED_EMBEDDINGS, BaseCheckpoint
 from adapterctl.format.dtypes import Dtype
 from adapterctl.format.files import read_small
-from adapterctl.format.keys import PREFIX, module_matches
+from adapterctl.format.keys import OUTPUT_HEADS, PREFIX, TOKEN_EMBEDDINGS, module_matches
 from adapterctl.format.rawtensor import FLOAT_CODES
 from adapterctl.ops.merge import CONV1D_MODEL_TYPES, Kind, model_type
 
 #: input embeddings (nn.Embedding): an embedding LoRA when targeted, never a default target
-INPUT_EMBEDDINGS = frozenset(
-    {
-        "embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "shared",
-        "position_embeddings", "token_type_embeddings", "embed_positions",
-    }
-)  # fmt: skip
+INPUT_EMBEDDINGS = TOKEN_EMBEDDINGS | {
+    "wpe", "position_embeddings", "token_type_embeddings", "embed_positions",
+}  # fmt: skip
 #: output heads: a linear LoRA when targeted, never a default target
-HEADS = frozenset({"lm_head", "embed_out"})
+HEADS = OUTPUT_HEADS
 #: the modules transformers builds as Conv1D in a Conv1D model type (GPT-2's task heads
 #: `score`, `classifier`, `qa_outputs`, `summary` are nn.Linear)
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
