@@ -24,6 +24,7 @@ from adapterctl.errors import ConversionError
 from adapterctl.format.rawtensor import to_float64
 from adapterctl.ops.combine.methods import task_vector_op
 from adapterctl.ops.combine.plan import ModulePlan, Part, Plan
+from adapterctl.ops.combine.sources import finite_factor
 from adapterctl.ops.convert import Spectrum, one_blas_thread, spectrum
 
 if TYPE_CHECKING:
@@ -54,8 +55,10 @@ def rngs(plan: Plan, m: ModulePlan, side: str) -> list[Any]:
 
 
 def factors(plan: Plan, part: Part) -> tuple[Array, Array]:
-    store = plan.sources[part.index].store
-    return to_float64(store.get(part.module.a_key)), to_float64(store.get(part.module.b_key))
+    """One source's A and B of a module, in float64 (refused where not finite)."""
+    source = plan.sources[part.index]
+    a, b = (finite_factor(source, k) for k in (part.module.a_key, part.module.b_key))
+    return to_float64(a), to_float64(b)
 
 
 def delta(plan: Plan, part: Part) -> Array:

@@ -26,7 +26,6 @@ from adapterctl.ops.combine.sources import (
     find_source,
     identity,
     open_source,
-    refuse_nonfinite,
 )
 from adapterctl.ops.combine.verify import verify as verify_written
 from adapterctl.ops.convert import Verification
@@ -166,8 +165,6 @@ def combine(
         _distinct(files, labels)
         opened = [open_source(f, label, stack) for f, label in zip(files, labels, strict=True)]
         plan = Plan(opened, options)
-        for source in opened:
-            refuse_nonfinite(source)
         inputs = [*local, *(f.directory or f.weights_path for f in files)]
         preflight([output], force=force, inputs=inputs)
         reports = {

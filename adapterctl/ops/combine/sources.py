@@ -18,7 +18,7 @@ from adapterctl.format.factors import pair_problem
 from adapterctl.format.keys import classify
 from adapterctl.format.layout import AdapterFiles, find_adapters, pick_adapters
 from adapterctl.format.nonfinite import NONFINITE_CODES, count_nonfinite, has_nonfinite
-from adapterctl.format.rawtensor import FLOAT_CODES, OpenStore, TensorStore, numel
+from adapterctl.format.rawtensor import FLOAT_CODES, OpenStore, RawTensor, TensorStore, numel
 from adapterctl.format.variants import refuse_variants
 from adapterctl.ops.convert import one_adapter
 
@@ -168,24 +168,21 @@ def open_source(files: AdapterFiles, label: str, stack: contextlib.ExitStack) ->
     return source
 
 
-def refuse_nonfinite(source: Source) -> None:
-    """Refuse NaN and ±Inf in the source's factors (a sum, a pruning or an SVD of them is no
-    number), found on the bits one tensor at a time (format.nonfinite: `has_nonfinite` at memory
-    speed, counted only where there are some), before anything is written."""
-    for m in source.modules.values():
-        for key, dtype in zip((m.a_key, m.b_key), m.dtypes, strict=True):
-            if dtype.code not in NONFINITE_CODES:
-                continue
-            t = source.store.get(key)
-            if not has_nonfinite(t):
-                continue
-            found = count_nonfinite(t.buffer(), dtype.code)
-            raise ConversionError(
-                f"`{source.label}`: `{key}` holds {found.describe()} (of {numel(t.shape):,} "
-                "values): its module cannot be combined",
-                hint="nothing was written; `adapterctl inspect --check` lists every tensor "
-                "holding NaN or Inf",
-            )
+def finite_factor(source: Source, key: str) -> RawTensor:
+    """`key` of `source`, refused where it holds NaN or ±Inf (a sum, a pruning or an SVD of it is
+    no number): found on the bits as the factor is read for combining (format.nonfinite:
+    `has_nonfinite` at memory speed, counted only where there are some), so the sources are read
+    once; the output is still in its temporary folder then, so nothing is written."""
+    t = source.store.get(key)
+    if t.dtype.code not in NONFINITE_CODES or not has_nonfinite(t):
+        return t
+    found = count_nonfinite(t.buffer(), t.dtype.code)
+    raise ConversionError(
+        f"`{source.label}`: `{key}` holds {found.describe()} (of {numel(t.shape):,} "
+        "values): its module cannot be combined",
+        hint="nothing was written; `adapterctl inspect --check` lists every tensor "
+        "holding NaN or Inf",
+    )
 
 
 def _what(kind: str, depth: int) -> str:
