@@ -207,6 +207,19 @@ class Output:
         pieces (jsonstream: a generator in it is an array made as it is written)."""
         _emit_json(document)
 
+    @contextlib.contextmanager
+    def failure_document(
+        self, kind: type[BaseException], document: Callable[[Any], Any]
+    ) -> Iterator[None]:
+        """Under --json, the document of a `kind` failure (what failed: the `--verify` report)
+        before the error line the error boundary writes; the error itself goes on."""
+        try:
+            yield
+        except kind as e:
+            if self.json_mode:
+                self.json(document(e))
+            raise
+
     def line(self, text: str = "") -> None:
         """A plain line of the result on stdout (untrusted parts made visible)."""
         _line(text)

@@ -105,24 +105,22 @@ def combine_cmd(
     from adapterctl.ops.combine import VerificationFailed, combine
 
     out = Output(json_)
-    try:
-        with out.progress("combining") as advance:
-            result = combine(
-                sources,
-                output,
-                weights=_weights(weights),
-                method=method,
-                density=density,
-                majority_sign_method=majority_sign_method,
-                rank=rank,
-                seed=seed,
-                verify=verify,
-                force=force,
-                progress=advance,
-                token=token,
-            )
-    except VerificationFailed as e:
-        if out.json_mode:  # what failed, then the error
-            out.json(e.result.to_dict())
-        raise
+    with (
+        out.failure_document(VerificationFailed, lambda e: e.result.to_dict()),
+        out.progress("combining") as advance,
+    ):
+        result = combine(
+            sources,
+            output,
+            weights=_weights(weights),
+            method=method,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            rank=rank,
+            seed=seed,
+            verify=verify,
+            force=force,
+            progress=advance,
+            token=token,
+        )
     out.result(result, render_combine)

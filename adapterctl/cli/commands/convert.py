@@ -133,30 +133,28 @@ def convert_cmd(
     from adapterctl.ops.convert import VerificationFailed, convert_adapter
 
     out = Output(json_)
-    try:
-        with out.progress("converting") as advance:
-            result = convert_adapter(
-                source,
-                output_dir,
-                initial=initial,
-                base=base,
-                init=init,
-                dtype=dtype,
-                rank=rank,
-                energy=energy,
-                portable=portable,
-                dora_to_lora=dora_to_lora,
-                embeddings_to_lora=embeddings_to_lora,
-                peft_version=peft_version,
-                verify_output=verify,
-                force=force,
-                revision=revision,
-                subfolder=subfolder,
-                token=token,
-                progress=advance,
-            )
-    except VerificationFailed as e:
-        if out.json_mode:  # the document of what failed, then the error
-            out.json(e.result.to_dict())
-        raise
+    with (
+        out.failure_document(VerificationFailed, lambda e: e.result.to_dict()),
+        out.progress("converting") as advance,
+    ):
+        result = convert_adapter(
+            source,
+            output_dir,
+            initial=initial,
+            base=base,
+            init=init,
+            dtype=dtype,
+            rank=rank,
+            energy=energy,
+            portable=portable,
+            dora_to_lora=dora_to_lora,
+            embeddings_to_lora=embeddings_to_lora,
+            peft_version=peft_version,
+            verify_output=verify,
+            force=force,
+            revision=revision,
+            subfolder=subfolder,
+            token=token,
+            progress=advance,
+        )
     out.result(result, render_conversion)

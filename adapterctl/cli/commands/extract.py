@@ -115,29 +115,27 @@ def extract_cmd(
     from adapterctl.ops.extract import VerificationFailed, extract
 
     out = Output(json_)
-    try:
-        with out.progress("extracting") as advance:
-            result = extract(
-                base,
-                tuned,
-                output_dir,
-                rank=rank,
-                energy=energy,
-                max_rank=max_rank,
-                targets=targets or (),
-                modules_to_save=modules_to_save or (),
-                bias=bias,
-                dtype=dtype,
-                exact=exact,
-                seed=seed,
-                portable=portable,
-                verify=verify,
-                force=force,
-                token=token,
-                progress=advance,
-            )
-    except VerificationFailed as e:
-        if out.json_mode:  # the document of what failed, then the error
-            out.json(e.result.to_dict())
-        raise
+    with (
+        out.failure_document(VerificationFailed, lambda e: e.result.to_dict()),
+        out.progress("extracting") as advance,
+    ):
+        result = extract(
+            base,
+            tuned,
+            output_dir,
+            rank=rank,
+            energy=energy,
+            max_rank=max_rank,
+            targets=targets or (),
+            modules_to_save=modules_to_save or (),
+            bias=bias,
+            dtype=dtype,
+            exact=exact,
+            seed=seed,
+            portable=portable,
+            verify=verify,
+            force=force,
+            token=token,
+            progress=advance,
+        )
     out.result(result, render_extract)

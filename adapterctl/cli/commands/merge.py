@@ -86,25 +86,25 @@ def merge_cmd(
     from adapterctl.ops.merge import VerificationFailed, merge
 
     out = Output(json_)
-    try:
-        with out.progress("merging") as advance:
-            result = merge(
-                base,
-                adapter,
-                output_dir,
-                adapter_names=adapter_names or None,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                verify=verify,
-                force=force,
-                revision=revision,
-                subfolder=subfolder,
-                token=token,
-                base_revision=base_revision,
-                progress=advance,
-            )
-    except VerificationFailed as e:
-        if out.json_mode:  # what failed, then the error
-            out.json({"verification": e.verification.to_dict()})
-        raise
+    with (
+        out.failure_document(
+            VerificationFailed, lambda e: {"verification": e.verification.to_dict()}
+        ),
+        out.progress("merging") as advance,
+    ):
+        result = merge(
+            base,
+            adapter,
+            output_dir,
+            adapter_names=adapter_names or None,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            verify=verify,
+            force=force,
+            revision=revision,
+            subfolder=subfolder,
+            token=token,
+            base_revision=base_revision,
+            progress=advance,
+        )
     out.result(result, render_merge)
