@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterctl.ops.convert.blas import one_blas_thread
-from adapterctl.ops.convert.lowrank import Spectrum
+from adapterctl.ops.convert.lowrank import Spectrum, energy_rank
 
 Array = Any
 
@@ -117,16 +117,13 @@ def _wanted(target: Target, full: int) -> int | None:
 
 def _cut(values: Array, total: float, target: Target, full: int) -> int | None:
     """The rank an energy target keeps from these singular values (None: they do not reach it)."""
-    import numpy as np
-
     assert target.energy is not None
     cap = min(target.max_rank or full, full)
     if total == 0.0:
         return 1
-    kept = np.cumsum(values**2) / total
-    reached = np.flatnonzero(kept >= target.energy * (1 - 1e-12))
-    if len(reached):
-        return int(min(reached[0] + 1, cap))
+    found = energy_rank(values, total, target.energy)
+    if found is not None:
+        return min(found, cap)
     return cap if len(values) >= cap else None
 
 

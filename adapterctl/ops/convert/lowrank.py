@@ -121,6 +121,17 @@ def basis(x: Array, side: str) -> tuple[Array, Array]:
     return vt[keep].T, values[keep]
 
 
+def energy_rank(values: Array, total: float, fraction: float) -> int | None:
+    """The smallest rank whose singular values (descending) keep `fraction` of `total` (the
+    squared norm of the whole change, 1e-12 relative slack for rounding); None where these
+    values do not reach it (a randomized SVD's leading values only)."""
+    import numpy as np
+
+    kept = np.cumsum(values**2) / total
+    first = int(np.searchsorted(kept, fraction * (1 - 1e-12)))
+    return first + 1 if first < len(values) else None
+
+
 @dataclass(frozen=True)
 class Spectrum:
     """s·B·A = (B·to_b)·diag(values)·(to_a·A): the singular values, descending, and the small
@@ -136,14 +147,10 @@ class Spectrum:
 
     def rank_for_energy(self, fraction: float) -> int:
         """The smallest rank that keeps `fraction` of the energy (at least 1)."""
-        import numpy as np
-
-        total = self.energy
-        if total == 0.0 or not len(self.values):
+        if self.energy == 0.0 or not len(self.values):
             return 1
-        kept = np.cumsum(self.values**2) / total
-        first = int(np.searchsorted(kept, fraction * (1 - 1e-12)))
-        return min(first + 1, len(self.values))
+        found = energy_rank(self.values, self.energy, fraction)
+        return len(self.values) if found is None else found
 
     def transforms(self, k: int) -> tuple[Array, Array]:
         """(r, k) and (k, r): B·tb and ta·A are the rank-k B', A' (scaling 1, exactly k wide:
